@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
-command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium fonts-dejavu-core)
 command -v dnsmasq  >/dev/null 2>&1 || need_apt+=(dnsmasq-base)
 command -v swaks    >/dev/null 2>&1 || need_apt+=(swaks)
 command -v curl     >/dev/null 2>&1 || need_apt+=(curl)

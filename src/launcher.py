@@ -1,0 +1,247 @@
+"""Start, stop and report a whole PennCloud cluster on this machine.
+
+`./run_all.sh` sets up `.venv` and then runs `python -m src.launcher`:
+
+    start   start every process of the config that is not running, wait until
+            each one prints READY, print the URLs (idempotent: after a crash it
+            starts only what is missing)
+    stop    SIGTERM every process (SIGKILL after a grace period)
+    status  one line per process: <name> <pid|-> <host:port> <up|down>
+
+Files (under the data dir: ./data, or $PENNCLOUD_DATA, or --data):
+    run/<name>.pid    the pid of a running process
+    log/<name>.log    its stdout and stderr (READY lines included)
+    <name>/           its own data
+
+A process counts as running when its pid file names a live process whose
+command line carries `--id <name>` (so a recycled pid is not mistaken for it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+from src.config import Config, ConfigError, load_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+START_TIMEOUT_S = 60.0
+STOP_GRACE_S = 8.0
+
+
+@dataclass(frozen=True)
+class ProcessSpec:
+    name: str
+    module: str
+    host: str
+    port: int  # 0: the process has no listening port (the relay worker)
+
+    @property
+    def addr(self) -> str:
+        return f"{self.host}:{self.port}" if self.port else "-"
+
+
+def process_specs(cfg: Config) -> list[ProcessSpec]:
+    """Every process of the cluster, in start order (storage first, LB last)."""
+    specs = [ProcessSpec(cfg.master.id, "master", cfg.master.host, cfg.master.port)]
+    specs += [ProcessSpec(n.id, "kvserver", n.host, n.port) for n in cfg.kvservers]
+    specs += [ProcessSpec(n.id, "httpserver", n.host, n.port) for n in cfg.frontends]
+    specs.append(ProcessSpec(cfg.mail.smtp.id, "smtp", cfg.mail.smtp.host, cfg.mail.smtp.port))
+    specs.append(ProcessSpec(cfg.mail.pop3.id, "smtp", cfg.mail.pop3.host, cfg.mail.pop3.port))
+    specs.append(ProcessSpec(cfg.mail.relay_id, "smtp", cfg.mail.smtp.host, 0))
+    specs.append(ProcessSpec(cfg.lb.node.id, "lb", cfg.lb.node.host, cfg.lb.node.port))
+    return specs
+
+
+def module_exists(module: str) -> bool:
+    return os.path.exists(os.path.join(REPO, module, "__main__.py"))
+
+
+class Launcher:
+    def __init__(self, cfg: Config, config_path: str, out=sys.stdout):
+        self.cfg = cfg
+        self.config_path = os.path.abspath(config_path)
+        self.out = out
+        self.run_dir = os.path.join(cfg.data_dir, "run")
+        self.log_dir = os.path.join(cfg.data_dir, "log")
+
+    def say(self, text: str) -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    # -- pid files --------------------------------------------------------------
+
+    def pid_path(self, spec: ProcessSpec) -> str:
+        return os.path.join(self.run_dir, f"{spec.name}.pid")
+
+    def log_path(self, spec: ProcessSpec) -> str:
+        return os.path.join(self.log_dir, f"{spec.name}.log")
+
+    def running_pid(self, spec: ProcessSpec) -> int | None:
+        try:
+            with open(self.pid_path(spec)) as f:
+                pid = int(f.read().strip())
+        except (OSError, ValueError):
+            return None
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            return None
+        if b"--id" in argv and spec.name.encode() in argv:
+            return pid
+        return None
+
+    def answers(self, spec: ProcessSpec) -> bool:
+        if not spec.port:
+            return self.running_pid(spec) is not None
+        try:
+            with socket.create_connection((spec.host, spec.port), timeout=1.0):
+                return True
+        except OSError:
+            return False
+
+    # -- commands ----------------------------------------------------------------
+
+    def start(self) -> int:
+        os.makedirs(self.run_dir, exist_ok=True)
+        os.makedirs(self.log_dir, exist_ok=True)
+        failures = 0
+        for spec in process_specs(self.cfg):
+            if not module_exists(spec.module):
+                self.say(f"  {spec.name:<8} not built yet ({spec.module}/ has no __main__.py), skipped")
+                continue
+            pid = self.running_pid(spec)
+            if pid is not None:
+                self.say(f"  {spec.name:<8} already running (pid {pid}) on {spec.addr}")
+                continue
+            if not self.launch(spec):
+                failures += 1
+        self.report()
+        return 1 if failures else 0
+
+    def launch(self, spec: ProcessSpec) -> bool:
+        log_path = self.log_path(spec)
+        with open(log_path, "ab") as log:
+            offset = log.tell()
+            env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=REPO)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", spec.module, "--config", self.config_path, "--id", spec.name,
+                 "--data", self.cfg.data_dir],
+                cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                start_new_session=True)
+        with open(self.pid_path(spec), "w") as f:
+            f.write(f"{proc.pid}\n")
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                self.say(f"  {spec.name:<8} FAILED to start (exit {proc.returncode}); last lines of {log_path}:")
+                self.say(self.tail(log_path, offset))
+                return False
+            if self.printed_ready(log_path, offset):
+                self.say(f"  {spec.name:<8} started (pid {proc.pid}) on {spec.addr}")
+                return True
+            time.sleep(0.05)
+        self.say(f"  {spec.name:<8} did not become ready within {START_TIMEOUT_S:.0f}s; see {log_path}")
+        return False
+
+    @staticmethod
+    def printed_ready(log_path: str, offset: int) -> bool:
+        with open(log_path, "rb") as f:
+            f.seek(offset)
+            return any(line.startswith(b"READY") for line in f.read().splitlines())
+
+    @staticmethod
+    def tail(log_path: str, offset: int, lines: int = 15) -> str:
+        with open(log_path, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode("utf-8", "replace").splitlines()
+        return "\n".join("      " + line for line in text[-lines:])
+
+    def stop(self) -> int:
+        pids = {}
+        for spec in reversed(process_specs(self.cfg)):
+            pid = self.running_pid(spec)
+            if pid is not None:
+                os.kill(pid, signal.SIGTERM)
+                pids[spec] = pid
+        deadline = time.monotonic() + STOP_GRACE_S
+        while pids and time.monotonic() < deadline:
+            for spec in [s for s in pids if self.running_pid(s) is None]:
+                self.say(f"  {spec.name:<8} stopped")
+                del pids[spec]
+            time.sleep(0.05)
+        for spec, pid in pids.items():
+            try:
+                os.kill(pid, signal.SIGKILL)
+                self.say(f"  {spec.name:<8} killed (did not stop within {STOP_GRACE_S:.0f}s)")
+            except ProcessLookupError:
+                self.say(f"  {spec.name:<8} stopped")
+        for spec in process_specs(self.cfg):
+            try:
+                os.unlink(self.pid_path(spec))
+            except FileNotFoundError:
+                pass
+        return 0
+
+    def status(self) -> int:
+        for spec in process_specs(self.cfg):
+            pid = self.running_pid(spec)
+            up = pid is not None and self.answers(spec)
+            self.say(f"{spec.name} {pid if pid is not None else '-'} {spec.addr} {'up' if up else 'down'}")
+        return 0
+
+    def report(self) -> None:
+        cfg = self.cfg
+        self.say("")
+        self.say(f"PennCloud ({self.config_path})")
+        self.say(f"  web:        http://{cfg.lb.node.host}:{cfg.lb.node.port}/   "
+                 f"(frontends: {', '.join(f'http://{n.addr}/' for n in cfg.frontends)})")
+        self.say(f"  KV store:   nc {cfg.master.host} {cfg.master.port}  (master: MAP, NODES); "
+                 f"tablet servers on {', '.join(n.addr for n in cfg.kvservers)}")
+        if cfg.http.admin_password:
+            self.say("  admin:      user 'admin', password as set in the config (http.admin_password)")
+        else:
+            pw_file = os.path.join(cfg.data_dir, "admin.password")
+            try:
+                with open(pw_file) as f:
+                    self.say(f"  admin:      user 'admin', password {f.read().strip()}   (in {pw_file})")
+            except OSError:
+                self.say(f"  admin:      user 'admin', password in {pw_file} once a frontend has started")
+        self.say(f"  mail:       addresses are <user>@{cfg.mail.domain}")
+        self.say(f"  Thunderbird: incoming POP3 {cfg.mail.pop3.host} port {cfg.mail.pop3.port}, "
+                 f"outgoing SMTP {cfg.mail.smtp.host} port {cfg.mail.smtp.port}, no SSL, normal password,")
+        self.say("              username = your PennCloud username")
+        self.say(f"  logs:       {self.log_dir}/<name>.log     status: ./run_all.sh status")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="run_all.sh", description=__doc__.split("\n")[0])
+    p.add_argument("command", nargs="?", default="start", choices=("start", "stop", "status", "restart"))
+    p.add_argument("--config", default=os.path.join(REPO, "configs", "local.toml"))
+    p.add_argument("--data", default=None, help="data directory (default: the config's, or $PENNCLOUD_DATA)")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.data or os.environ.get("PENNCLOUD_DATA") or None)
+    except ConfigError as e:
+        sys.stderr.write(f"run_all.sh: {e}\n")
+        return 2
+    launcher = Launcher(cfg, args.config)
+    if args.command == "start":
+        return launcher.start()
+    if args.command == "stop":
+        return launcher.stop()
+    if args.command == "restart":
+        launcher.stop()
+        return launcher.start()
+    return launcher.status()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
