@@ -1,0 +1,146 @@
+"""Building and reading RFC 5322 messages: the few pieces PennCloud writes itself.
+
+Shared by the SMTP server (the `Received:` trace header), the relay (delivery
+status notifications, RFC 3464, for mail that could not be delivered), the
+mail store (the summary of a message's headers kept in a folder index) and
+the webmail (which builds whole messages with `email.message.EmailMessage`
+and can reuse `new_message_id` and `summarize`).
+
+Messages are bytes with CRLF line endings everywhere: that is what SMTP
+carries, what POP3 returns and what the store keeps. Nothing here does I/O;
+the current time is an argument wherever it matters, so tests are repeatable.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import os
+from dataclasses import dataclass
+from email import policy
+from email.header import decode_header, make_header
+from email.parser import BytesHeaderParser
+
+# Only this much of a message is parsed for its summary: headers are at the
+# top, and a message whose header block is larger is summarised from this part.
+MAX_HEADER_SCAN = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What a folder listing shows of a message, taken from its headers."""
+
+    sender: str = ""
+    to: str = ""
+    subject: str = ""
+    date: str = ""
+    message_id: str = ""
+
+
+def header_block(raw: bytes, limit: int = MAX_HEADER_SCAN) -> bytes:
+    """The header section of `raw` (up to and including the blank line), at most `limit` bytes."""
+    head = raw[:limit]
+    for sep in (b"\r\n\r\n", b"\n\n"):
+        i = head.find(sep)
+        if i >= 0:
+            return head[: i + len(sep)]
+    return head
+
+
+def _text(value) -> str:
+    """A header value as readable text: RFC 2047 words decoded, folding removed."""
+    if value is None:
+        return ""
+    try:
+        s = str(make_header(decode_header(str(value))))
+    except (ValueError, LookupError, UnicodeError):
+        s = str(value)
+    return " ".join(s.split())[:1000]
+
+
+def summarize(raw: bytes) -> Summary:
+    """The From, To, Subject, Date and Message-ID of a message, decoded for display."""
+    msg = BytesHeaderParser(policy=policy.compat32).parsebytes(header_block(raw))
+    return Summary(sender=_text(msg.get("From")), to=_text(msg.get("To")), subject=_text(msg.get("Subject")),
+                   date=_text(msg.get("Date")), message_id=_text(msg.get("Message-ID")))
+
+
+def new_message_id(domain: str) -> str:
+    """A fresh `<...@domain>` Message-ID."""
+    return f"<{os.urandom(12).hex()}@{domain}>"
+
+
+def format_date(now: float) -> str:
+    """An RFC 5322 date for the unix time `now` (UTC)."""
+    return email.utils.formatdate(now, usegmt=True)
+
+
+def received_header(*, helo: str, peer_ip: str, by_host: str, protocol: str, msg_id: str,
+                    recipient: str | None, now: float) -> bytes:
+    """The `Received:` trace line (RFC 5321 section 4.4) an SMTP server prepends.
+
+    `protocol` is "SMTP", "ESMTP" or "ESMTPA" (authenticated, RFC 3848).
+    `recipient` is named only when the message has exactly one (privacy).
+    """
+    helo = _safe(helo) or "unknown"
+    parts = f"Received: from {helo} ([{_safe(peer_ip)}])\r\n\tby {by_host} (PennCloud) with {protocol} id {msg_id}"
+    if recipient:
+        parts += f"\r\n\tfor <{_safe(recipient)}>"
+    return (parts + f";\r\n\t{format_date(now)}\r\n").encode("ascii", "replace")
+
+
+def _safe(s: str) -> str:
+    """Printable ASCII only, so a client cannot inject header lines through HELO."""
+    return "".join(c for c in s if 0x21 <= ord(c) <= 0x7E and c not in "<>;()[]")[:255]
+
+
+@dataclass(frozen=True)
+class FailedRecipient:
+    address: str
+    status: str  # enhanced status code, e.g. "5.1.1"
+    diagnostic: str  # the remote server's reply, e.g. "550 5.1.1 no such user"
+
+
+def bounce(*, domain: str, to: str, original: bytes, failed: list[FailedRecipient], now: float,
+           reason: str) -> bytes:
+    """A delivery status notification (RFC 3464) telling `to` that `failed` did not get `original`.
+
+    A `multipart/report; report-type=delivery-status` with three parts: a text
+    for people, the machine-readable `message/delivery-status`, and the
+    original's headers (`text/rfc822-headers`), never its body.
+    """
+    boundary = "=_bounce_" + os.urandom(8).hex()
+    human = (
+        "This is the mail system at " + domain + ".\r\n\r\n"
+        "Your message could not be delivered to one or more recipients.\r\n"
+        + reason + "\r\n\r\n"
+        + "".join(f"<{f.address}>: {f.diagnostic}\r\n" for f in failed)
+    )
+    status = f"Reporting-MTA: dns; {domain}\r\nArrival-Date: {format_date(now)}\r\n"
+    for f in failed:
+        status += (f"\r\nFinal-Recipient: rfc822; {f.address}\r\nAction: failed\r\nStatus: {f.status}\r\n"
+                   f"Diagnostic-Code: smtp; {' '.join(f.diagnostic.split())}\r\n")
+    headers = header_block(original).rstrip(b"\r\n") + b"\r\n"
+    out = (
+        f"From: Mail Delivery System <mailer-daemon@{domain}>\r\n"
+        f"To: <{to}>\r\n"
+        f"Subject: Undelivered Mail Returned to Sender\r\n"
+        f"Date: {format_date(now)}\r\n"
+        f"Message-ID: {new_message_id(domain)}\r\n"
+        f"Auto-Submitted: auto-replied\r\n"
+        f"MIME-Version: 1.0\r\n"
+        f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"\r\n'
+        f"\r\n"
+        f"This is a MIME-encapsulated message.\r\n"
+        f"\r\n--{boundary}\r\n"
+        f"Content-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Description: Notification\r\n\r\n"
+        f"{human}"
+        f"\r\n--{boundary}\r\n"
+        f"Content-Type: message/delivery-status\r\n"
+        f"Content-Description: Delivery report\r\n\r\n"
+        f"{status}"
+        f"\r\n--{boundary}\r\n"
+        f"Content-Type: text/rfc822-headers\r\n"
+        f"Content-Description: Undelivered message headers\r\n\r\n"
+    ).encode("utf-8", "replace")
+    return out + headers + f"\r\n--{boundary}--\r\n".encode()

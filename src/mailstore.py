@@ -1,0 +1,341 @@
+"""Mailboxes and the outgoing-mail queue, kept in the KV store.
+
+Shared by the SMTP server (delivers), the POP3 server (lists, reads, deletes),
+the relay worker (the queue) and the webmail (everything). Layout, one line
+per row (docs/mail.md explains it at length):
+
+    mbox/<user>/<folder>   folder index: one column per message, named by its id;
+                           the value is the message's metadata as JSON
+    mmsg/<user>/<id>       the message's exact bytes, in chunks: columns
+                           "00000000", "00000001", ... of at most chunk_bytes each
+    mailq                  the relay queue: one column per queued message (its
+                           envelope, schedule and lease as JSON)
+    mqmsg/<qid>            a queued message's bytes, chunked like mmsg rows
+
+Invariants, and why they hold after a crash at any point:
+
+- A message is visible only through its index cell, and the index cell is
+  written after every chunk of its body. A crash mid-delivery leaves at worst
+  an orphan body row that nothing refers to, never half a message.
+- One cell per message in the index, so concurrent deliveries to one mailbox
+  never overwrite each other (no read-modify-write of a shared list).
+- Message ids are `<16 hex digits of nanoseconds><8 random hex>`: they sort
+  by arrival, are unique, and never change (POP3 UIDL hands them out as the
+  message's unique id, for ever). A delivery given an explicit id writes its
+  index cell with PUTNX, so doing it twice (a retry after a lost reply, a
+  relay worker that died after delivering a bounce) stores it once.
+- Deleting removes the index cell first, then the body row; moving writes the
+  new index cell before removing the old one (a crash in between shows the
+  message in both folders, never in neither).
+- Queue items are claimed with CPUT on their cell (a lease with an owner and
+  an expiry), so two workers never deliver the same item at the same time,
+  and an item whose worker died is claimed again once the lease runs out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterator
+
+from src import mailfmt
+from src.accounts import InvalidUsername, normalize_username
+from src.kv import KV, Exists, Mismatch, NotFound
+
+FOLDERS = ("Inbox", "Sent")
+FOLDER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _-]{0,63}$")
+DEFAULT_CHUNK_BYTES = 1024 * 1024
+QUEUE_ROW = b"mailq"
+_CAS_TRIES = 16
+
+
+class MailStoreError(Exception):
+    """A mail-store request that cannot be done; str() is a message for people."""
+
+
+class NoSuchMessage(MailStoreError):
+    pass
+
+
+class BadFolder(MailStoreError):
+    pass
+
+
+@dataclass(frozen=True)
+class MessageInfo:
+    """One message as a folder index knows it (no body)."""
+
+    id: str
+    folder: str
+    sender: str
+    to: str
+    subject: str
+    date: str  # the Date header, as written by the sender
+    message_id: str
+    size: int  # bytes of the stored message
+    read: bool
+    received: float  # unix time the store got it
+    chunks: int = 0
+
+
+@dataclass(frozen=True)
+class QueueItem:
+    """A message waiting for the relay: envelope, schedule and lease."""
+
+    id: str
+    owner: str  # the local user who sent it (bounces go to their Inbox)
+    mail_from: str
+    rcpts: tuple[str, ...]  # recipients not yet delivered nor bounced
+    size: int
+    chunks: int
+    created: float
+    next_at: float  # not to be tried before this unix time
+    attempts: int = 0
+    lease_owner: str = ""
+    lease_until: float = 0.0
+    last_error: str = ""
+    stored: bytes = field(default=b"", compare=False, repr=False)  # the cell's bytes, for CPUT
+
+    def encode(self) -> bytes:
+        d = {"owner": self.owner, "from": self.mail_from, "rcpts": list(self.rcpts), "size": self.size,
+             "chunks": self.chunks, "created": self.created, "next_at": self.next_at,
+             "attempts": self.attempts, "lease_owner": self.lease_owner, "lease_until": self.lease_until,
+             "last_error": self.last_error}
+        return json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, qid: str, value: bytes) -> "QueueItem":
+        d = json.loads(value)
+        return cls(id=qid, owner=d["owner"], mail_from=d["from"], rcpts=tuple(d["rcpts"]), size=d["size"],
+                   chunks=d["chunks"], created=d["created"], next_at=d["next_at"], attempts=d["attempts"],
+                   lease_owner=d["lease_owner"], lease_until=d["lease_until"], last_error=d["last_error"],
+                   stored=value)
+
+
+def _chunk_col(i: int) -> bytes:
+    return b"%08d" % i
+
+
+def check_folder(folder: str) -> str:
+    if not isinstance(folder, str) or not FOLDER_RE.match(folder):
+        raise BadFolder(f"not a folder name: {folder!r}")
+    return folder
+
+
+def _check_user(user: str) -> str:
+    """Only canonical usernames name mailboxes (so no '/' or '..' can reach a row name)."""
+    try:
+        if normalize_username(user) == user:
+            return user
+    except (InvalidUsername, AttributeError):
+        pass
+    raise MailStoreError(f"not a canonical username: {user!r}")
+
+
+def _check_id(msg_id: str) -> str:
+    if not isinstance(msg_id, str) or not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", msg_id):
+        raise NoSuchMessage(f"no such message: {msg_id!r}")
+    return msg_id
+
+
+class MailStore:
+    """Mail operations over any `KV` (the cluster client, or MemoryKV in tests)."""
+
+    def __init__(self, kv: KV, chunk_bytes: int = DEFAULT_CHUNK_BYTES, clock: Callable[[], float] = time.time):
+        if chunk_bytes < 1:
+            raise ValueError("chunk_bytes must be positive")
+        self.kv = kv
+        self.chunk_bytes = chunk_bytes
+        self.clock = clock
+
+    # -- ids and rows ----------------------------------------------------------
+
+    def new_id(self) -> str:
+        """A fresh message id: sorts by time, unique, safe as a POP3 UIDL."""
+        return "%016x%s" % (int(self.clock() * 1e9), os.urandom(4).hex())
+
+    @staticmethod
+    def _index_row(user: str, folder: str) -> bytes:
+        return f"mbox/{_check_user(user)}/{check_folder(folder)}".encode()
+
+    @staticmethod
+    def _body_row(user: str, msg_id: str) -> bytes:
+        return f"mmsg/{_check_user(user)}/{msg_id}".encode()
+
+    def _write_chunks(self, row: bytes, raw: bytes) -> int:
+        n = 0
+        for off in range(0, len(raw), self.chunk_bytes):
+            self.kv.put(row, _chunk_col(n), raw[off: off + self.chunk_bytes])
+            n += 1
+        return n
+
+    def _read_chunks(self, row: bytes, chunks: int) -> Iterator[bytes]:
+        for i in range(chunks):
+            yield self.kv.get(row, _chunk_col(i))
+
+    # -- mailboxes -------------------------------------------------------------
+
+    def deliver(self, user: str, folder: str, raw: bytes, *, msg_id: str | None = None,
+                read: bool = False) -> str:
+        """Store `raw` (exact bytes) as a new message in `user`'s `folder`; returns its id.
+
+        Durable when it returns. With an explicit `msg_id` it is idempotent:
+        delivering the same id again stores nothing new.
+        """
+        msg_id = _check_id(msg_id) if msg_id else self.new_id()
+        body_row = self._body_row(user, msg_id)
+        chunks = self._write_chunks(body_row, raw)
+        s = mailfmt.summarize(raw)
+        meta = {"from": s.sender, "to": s.to, "subject": s.subject, "date": s.date, "mid": s.message_id,
+                "size": len(raw), "chunks": chunks, "read": read, "t": self.clock()}
+        try:
+            self.kv.putnx(self._index_row(user, folder), msg_id.encode(), _json(meta))
+        except Exists:
+            pass  # delivered before (a retry): the first copy stands
+        return msg_id
+
+    def _meta(self, user: str, folder: str, msg_id: str) -> tuple[bytes, dict]:
+        try:
+            value = self.kv.get(self._index_row(user, folder), _check_id(msg_id).encode())
+        except NotFound:
+            raise NoSuchMessage(f"no message {msg_id} in {folder}") from None
+        return value, json.loads(value)
+
+    @staticmethod
+    def _info(folder: str, msg_id: str, m: dict) -> MessageInfo:
+        return MessageInfo(id=msg_id, folder=folder, sender=m["from"], to=m["to"], subject=m["subject"],
+                           date=m["date"], message_id=m["mid"], size=m["size"], read=m["read"],
+                           received=m["t"], chunks=m["chunks"])
+
+    def list(self, user: str, folder: str) -> list[MessageInfo]:
+        """Every message in the folder, newest first."""
+        row = self._index_row(user, folder)
+        out = []
+        for col in reversed(self.kv.cols(row)):
+            try:
+                value = self.kv.get(row, col)
+            except NotFound:
+                continue  # deleted while we listed
+            out.append(self._info(folder, col.decode(), json.loads(value)))
+        return out
+
+    def info(self, user: str, folder: str, msg_id: str) -> MessageInfo:
+        return self._info(folder, msg_id, self._meta(user, folder, msg_id)[1])
+
+    def iter_raw(self, user: str, folder: str, msg_id: str) -> Iterator[bytes]:
+        """The message's exact bytes, one chunk at a time (for big messages)."""
+        m = self._meta(user, folder, msg_id)[1]
+        return self._read_chunks(self._body_row(user, msg_id), m["chunks"])
+
+    def get_raw(self, user: str, folder: str, msg_id: str) -> bytes:
+        """The message's exact bytes, as received."""
+        return b"".join(self.iter_raw(user, folder, msg_id))
+
+    def mark_read(self, user: str, folder: str, msg_id: str, read: bool = True) -> None:
+        row = self._index_row(user, folder)
+        for _ in range(_CAS_TRIES):
+            old, m = self._meta(user, folder, msg_id)
+            if m["read"] == read:
+                return
+            m["read"] = read
+            try:
+                self.kv.cput(row, msg_id.encode(), old, _json(m))
+                return
+            except Mismatch:
+                continue
+            except NotFound:
+                raise NoSuchMessage(f"no message {msg_id} in {folder}") from None
+        raise MailStoreError("the message keeps changing; try again")
+
+    def delete(self, user: str, folder: str, msg_id: str) -> None:
+        """Remove the message for good (index cell first, then its body)."""
+        try:
+            self.kv.delete(self._index_row(user, folder), _check_id(msg_id).encode())
+        except NotFound:
+            raise NoSuchMessage(f"no message {msg_id} in {folder}") from None
+        try:
+            self.kv.delrow(self._body_row(user, msg_id))
+        except NotFound:
+            pass
+
+    def move(self, user: str, src: str, dst: str, msg_id: str) -> None:
+        """Move a message between folders; its id and bytes stay the same."""
+        value, _ = self._meta(user, src, msg_id)
+        try:
+            self.kv.putnx(self._index_row(user, dst), msg_id.encode(), value)
+        except Exists:
+            pass
+        try:
+            self.kv.delete(self._index_row(user, src), msg_id.encode())
+        except NotFound:
+            pass
+
+    # -- the relay queue ---------------------------------------------------------
+
+    @staticmethod
+    def _queue_body_row(qid: str) -> bytes:
+        return f"mqmsg/{qid}".encode()
+
+    def enqueue_outgoing(self, owner: str, mail_from: str, rcpts: list[str], raw: bytes) -> str:
+        """Queue `raw` for the relay to `rcpts` (other domains); durable on return."""
+        if not rcpts:
+            raise ValueError("no recipients")
+        qid = self.new_id()
+        chunks = self._write_chunks(self._queue_body_row(qid), raw)
+        now = self.clock()
+        item = QueueItem(id=qid, owner=owner, mail_from=mail_from, rcpts=tuple(rcpts), size=len(raw),
+                         chunks=chunks, created=now, next_at=now)
+        self.kv.putnx(QUEUE_ROW, qid.encode(), item.encode())
+        return qid
+
+    def queue(self) -> list[QueueItem]:
+        """Every queued item, oldest first."""
+        out = []
+        for col in self.kv.cols(QUEUE_ROW):
+            try:
+                out.append(QueueItem.decode(col.decode(), self.kv.get(QUEUE_ROW, col)))
+            except NotFound:
+                continue
+        return out
+
+    def claim(self, item: QueueItem, worker: str, lease_s: float) -> QueueItem | None:
+        """Take the item's lease for `lease_s` seconds; None if someone else changed it first."""
+        new = replace(item, lease_owner=worker, lease_until=self.clock() + lease_s)
+        return self._swap(item, new)
+
+    def _swap(self, item: QueueItem, new: QueueItem) -> QueueItem | None:
+        value = new.encode()
+        try:
+            self.kv.cput(QUEUE_ROW, item.id.encode(), item.stored, value)
+        except (Mismatch, NotFound):
+            return None
+        return replace(new, stored=value)
+
+    def retry_at(self, item: QueueItem, rcpts: list[str], next_at: float, error: str) -> QueueItem | None:
+        """Keep `rcpts` queued for another attempt at `next_at`, releasing the lease."""
+        new = replace(item, rcpts=tuple(rcpts), next_at=next_at, attempts=item.attempts + 1,
+                      lease_owner="", lease_until=0.0, last_error=error[:500])
+        return self._swap(item, new)
+
+    def queue_raw(self, item: QueueItem) -> bytes:
+        return b"".join(self._read_chunks(self._queue_body_row(item.id), item.chunks))
+
+    def done(self, item: QueueItem) -> None:
+        """Remove a finished item (delivered or bounced), index cell first."""
+        try:
+            if self.kv.get(QUEUE_ROW, item.id.encode()) != item.stored:
+                return  # someone else holds it now; they will finish it
+            self.kv.delete(QUEUE_ROW, item.id.encode())
+        except NotFound:
+            pass
+        try:
+            self.kv.delrow(self._queue_body_row(item.id))
+        except NotFound:
+            pass
+
+
+def _json(d: dict) -> bytes:
+    return json.dumps(d, sort_keys=True, separators=(",", ":")).encode()

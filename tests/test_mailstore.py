@@ -1,0 +1,168 @@
+"""The mail store over MemoryKV: delivery, listing, chunking, crash invariants, the relay queue."""
+
+import threading
+
+import pytest
+
+from src.kv import MemoryKV
+from src.mailfmt import FailedRecipient, bounce, summarize
+from src.mailstore import MailStore, MailStoreError, NoSuchMessage
+
+MSG = (b"From: Alice <alice@example.org>\r\nTo: bob@penncloud.local\r\n"
+       b"Subject: =?utf-8?q?caf=C3=A9?= time\r\nDate: Sun, 22 Nov 2026 10:00:00 +0000\r\n"
+       b"Message-ID: <1@example.org>\r\n\r\nHello Bob\r\n.. dotted\r\n")
+
+
+class Clock:
+    def __init__(self, t=1_700_000_000.0):
+        self.t = t
+
+    def __call__(self):
+        self.t += 0.001
+        return self.t
+
+
+@pytest.fixture
+def store():
+    return MailStore(MemoryKV(), chunk_bytes=16, clock=Clock())
+
+
+def test_deliver_list_get_exact_bytes(store):
+    mid = store.deliver("bob", "Inbox", MSG)
+    [info] = store.list("bob", "Inbox")
+    assert info.id == mid and info.size == len(MSG) and not info.read
+    assert info.sender == "Alice <alice@example.org>" and info.subject == "café time"
+    assert info.message_id == "<1@example.org>" and info.to == "bob@penncloud.local"
+    assert info.chunks == -(-len(MSG) // 16)
+    assert store.get_raw("bob", "Inbox", mid) == MSG
+    assert b"".join(store.iter_raw("bob", "Inbox", mid)) == MSG
+    assert store.list("bob", "Sent") == [] and store.list("alice", "Inbox") == []
+
+
+def test_newest_first_and_ids_sort_by_time(store):
+    ids = [store.deliver("bob", "Inbox", MSG + b"%d\r\n" % i) for i in range(5)]
+    assert ids == sorted(ids)
+    assert [m.id for m in store.list("bob", "Inbox")] == ids[::-1]
+
+
+def test_empty_and_big_messages(store):
+    e = store.deliver("bob", "Inbox", b"")
+    assert store.get_raw("bob", "Inbox", e) == b"" and store.info("bob", "Inbox", e).size == 0
+    big = bytes(range(256)) * 40
+    b = store.deliver("bob", "Inbox", big)
+    assert store.get_raw("bob", "Inbox", b) == big
+
+
+def test_mark_read_delete_move(store):
+    mid = store.deliver("bob", "Inbox", MSG)
+    store.mark_read("bob", "Inbox", mid)
+    assert store.info("bob", "Inbox", mid).read
+    store.mark_read("bob", "Inbox", mid, False)
+    assert not store.info("bob", "Inbox", mid).read
+    store.move("bob", "Inbox", "Sent", mid)
+    assert store.list("bob", "Inbox") == []
+    assert store.get_raw("bob", "Sent", mid) == MSG
+    store.delete("bob", "Sent", mid)
+    assert store.list("bob", "Sent") == []
+    assert store.kv.cols(f"mmsg/bob/{mid}") == []  # the body is gone too
+    with pytest.raises(NoSuchMessage):
+        store.get_raw("bob", "Sent", mid)
+    with pytest.raises(NoSuchMessage):
+        store.delete("bob", "Sent", mid)
+    with pytest.raises(NoSuchMessage):
+        store.mark_read("bob", "Inbox", "../x")
+
+
+def test_bad_names_refused(store):
+    with pytest.raises(MailStoreError):
+        store.deliver("../bob", "Inbox", MSG)
+    with pytest.raises(MailStoreError):
+        store.deliver("Bob", "Inbox", MSG)
+    with pytest.raises(MailStoreError):
+        store.deliver("bob", "In/box", MSG)
+
+
+def test_explicit_id_is_idempotent(store):
+    a = store.deliver("bob", "Inbox", MSG, msg_id="bounce-1")
+    b = store.deliver("bob", "Inbox", MSG, msg_id="bounce-1")
+    assert a == b == "bounce-1" and len(store.list("bob", "Inbox")) == 1
+
+
+class CrashAfter(MemoryKV):
+    """A store that dies (raises) after `n` successful writes: a crash mid-delivery."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.left = n
+
+    def _tick(self):
+        if self.left == 0:
+            raise ConnectionError("crash")
+        self.left -= 1
+
+    def put(self, *a):
+        self._tick()
+        super().put(*a)
+
+    def putnx(self, *a):
+        self._tick()
+        super().putnx(*a)
+
+
+@pytest.mark.parametrize("n", range(8))
+def test_crash_mid_delivery_never_shows_half_a_message(n):
+    kv = CrashAfter(n)
+    store = MailStore(kv, chunk_bytes=32)
+    msg = MSG * 3  # several chunks
+    try:
+        store.deliver("bob", "Inbox", msg)
+    except ConnectionError:
+        pass
+    listed = store.list("bob", "Inbox")
+    assert listed == [] or [store.get_raw("bob", "Inbox", m.id) for m in listed] == [msg]
+
+
+def test_concurrent_delivery_to_one_mailbox_loses_nothing():
+    store = MailStore(MemoryKV(), chunk_bytes=64)
+    def worker(k):
+        for i in range(25):
+            store.deliver("bob", "Inbox", b"Subject: %d-%d\r\n\r\nx\r\n" % (k, i))
+    ts = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    subjects = {m.subject for m in store.list("bob", "Inbox")}
+    assert subjects == {f"{k}-{i}" for k in range(8) for i in range(25)}
+
+
+def test_queue_claim_lease_retry_done(store):
+    qid = store.enqueue_outgoing("alice", "alice@penncloud.local", ["x@remote.test", "y@remote.test"], MSG)
+    [item] = store.queue()
+    assert item.id == qid and item.rcpts == ("x@remote.test", "y@remote.test") and item.attempts == 0
+    assert store.queue_raw(item) == MSG
+    mine = store.claim(item, "w1", 30)
+    assert mine and mine.lease_owner == "w1"
+    assert store.claim(item, "w2", 30) is None  # stale view: someone changed it
+    later = store.retry_at(mine, ["y@remote.test"], next_at=123.0, error="451 busy")
+    assert later.rcpts == ("y@remote.test",) and later.attempts == 1 and later.lease_owner == ""
+    assert store.retry_at(mine, [], 0, "") is None  # an old copy cannot overwrite
+    [now] = store.queue()
+    assert now == later
+    store.done(now)
+    assert store.queue() == [] and store.kv.cols(f"mqmsg/{qid}") == []
+
+
+def test_bounce_is_a_delivery_status_report():
+    raw = bounce(domain="penncloud.local", to="alice@penncloud.local", original=MSG,
+                 failed=[FailedRecipient("x@remote.test", "5.1.1", "550 5.1.1 no such user")],
+                 now=1_700_000_000, reason="The remote server refused it.")
+    import email
+    from email import policy
+    m = email.message_from_bytes(raw, policy=policy.default)
+    assert m.get_content_type() == "multipart/report" and m.get_param("report-type") == "delivery-status"
+    parts = [p.get_content_type() for p in m.iter_parts()]
+    assert parts == ["text/plain", "message/delivery-status", "text/rfc822-headers"]
+    assert b"Final-Recipient: rfc822; x@remote.test" in raw and b"Status: 5.1.1" in raw
+    assert b"Hello Bob" not in raw  # the original's body is not sent back
+    assert summarize(raw).subject == "Undelivered Mail Returned to Sender"
