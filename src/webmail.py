@@ -1,0 +1,623 @@
+"""Webmail logic with no HTTP in it: what the mail pages need from messages.
+
+The web pages (httpserver/apps/mail.py) are a thin shell around this module:
+
+    compose form ──parse_recipients──► addresses ──build_message──► RFC 5322 bytes
+    stored bytes ──parse_message──► DisplayMessage (decoded headers, text,
+                                     sanitised HTML, attachment list)
+    DisplayMessage ──reply_draft / forward_draft──► Draft (pre-filled form)
+
+Invariants the pages rely on:
+
+- `build_message` always produces a complete RFC 5322 message: Date,
+  Message-ID, From, To/Cc, MIME-Version, UTF-8 bodies in a 7-bit transfer
+  encoding (so any relay takes them), non-ASCII header text RFC 2047-encoded
+  and non-ASCII attachment names RFC 2231-encoded, CRLF line ends. No header
+  can be injected through a field: addresses are validated against a strict
+  grammar and CR/LF are removed from free text.
+- `parse_message` never raises on a malformed message; the worst case is the
+  raw text shown as plain text.
+- `sanitize_html` is an allow-list: only the tags and attributes named below
+  survive, links only to http/https/mailto, no images, no styles, no
+  forms; the content of script-like elements is dropped, not shown. What it
+  returns can be put inside a page as it is and cannot run script, load
+  anything remote, or break out of the element that holds it.
+"""
+
+from __future__ import annotations
+
+import html
+import mimetypes
+import re
+from dataclasses import dataclass, field
+from email import policy as email_policy
+from email.headerregistry import Address
+from email.message import EmailMessage, Message
+from email.parser import BytesParser
+from email.utils import format_datetime, getaddresses, make_msgid, parsedate_to_datetime
+from html.parser import HTMLParser
+import datetime as _dt
+
+# Limits for what a user may type into the compose form.
+MAX_RECIPIENTS = 100
+MAX_SUBJECT_CHARS = 998 - len("Subject: ")   # RFC 5322 2.1.1 line limit
+MAX_FILENAME_CHARS = 200
+MAX_REFERENCES = 20                           # message ids kept in References
+PREVIEW_CHARS = 120
+
+# The policy of messages we write: CRLF line ends (SMTP's), and 7-bit transfer
+# encodings for bodies so a relay without 8BITMIME still takes them.
+OUTGOING = email_policy.SMTP.clone(cte_type="7bit")
+# Parsing: the modern API (decoded header strings, get_body/iter_attachments).
+INCOMING = email_policy.default
+
+
+class ComposeError(ValueError):
+    """A problem with what the user typed; str() is the message to show them."""
+
+
+# -- addresses ----------------------------------------------------------------
+
+# RFC 5321 dot-atom local part (no quoted strings: nobody types them in a web
+# form, and refusing them keeps addresses safe in every header and log line).
+_LOCAL_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
+_LABEL_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+_NAMED_RE = re.compile(r"^[^<>]*<([^<>]*)>$")  # `Display Name <addr>`
+
+
+def valid_address(addr: str) -> bool:
+    """True for `local@domain` with a dot-atom local part and a DNS domain name."""
+    if addr.count("@") != 1 or len(addr) > 254:
+        return False
+    local, domain = addr.split("@")
+    if not local or len(local) > 64 or not _LOCAL_RE.match(local):
+        return False
+    labels = domain.split(".")
+    return 0 < len(domain) <= 253 and all(_LABEL_RE.match(label) for label in labels)
+
+
+def parse_recipients(text: str, local_domain: str) -> list[str]:
+    """The addresses in a To/Cc field, lower-cased domain, in order, deduplicated.
+
+    Addresses are separated by commas or semicolons and may be written as
+    `Name <addr>`. A bare username (no '@') means that user at `local_domain`.
+    Raises ComposeError naming the first address that is not valid.
+    """
+    text = (text or "").replace(";", ",")
+    if "\r" in text or "\n" in text:
+        text = text.replace("\r", " ").replace("\n", " ")
+    out: list[str] = []
+    seen: set[str] = set()
+    for chunk in text.split(","):
+        chunk = chunk.strip()
+        if not chunk:
+            continue
+        m = _NAMED_RE.match(chunk)
+        addr = (m.group(1) if m else chunk).strip()
+        if addr and "@" not in addr and _LOCAL_RE.match(addr):
+            addr = f"{addr}@{local_domain}"
+        if not addr or not valid_address(addr):
+            raise ComposeError(f"“{chunk}” is not a valid e-mail address.")
+        local, domain = addr.split("@")
+        addr = f"{local}@{domain.lower()}"
+        key = addr.lower()
+        if key not in seen:
+            seen.add(key)
+            out.append(addr)
+        if len(out) > MAX_RECIPIENTS:
+            raise ComposeError(f"At most {MAX_RECIPIENTS} recipients per message.")
+    return out
+
+
+def split_local(addr: str, local_domain: str) -> str | None:
+    """The username if `addr` is at `local_domain` (case-insensitive), else None."""
+    local, _, domain = addr.rpartition("@")
+    if local and domain.lower() == local_domain.lower():
+        return local.lower()
+    return None
+
+
+# -- building outgoing messages -------------------------------------------------
+
+@dataclass
+class Attachment:
+    """A file to attach: a name, a MIME type and the bytes."""
+
+    filename: str
+    content_type: str
+    data: bytes
+
+
+def clean_filename(name: str | None, default: str = "attachment") -> str:
+    """A safe base name: no directories, no control characters, bounded length."""
+    name = (name or "").replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(ch for ch in name if ch.isprintable() and ch not in '"<>|:*?')
+    name = name.strip(" .")
+    if not name:
+        return default
+    if len(name) > MAX_FILENAME_CHARS:
+        stem, dot, ext = name.rpartition(".")
+        ext = ext[:20] if dot else ""
+        name = (stem if dot else name)[: MAX_FILENAME_CHARS - len(ext) - 1] + ("." + ext if ext else "")
+    return name
+
+
+_MIME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,63}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}$")
+
+
+def clean_content_type(content_type: str | None, filename: str) -> str:
+    """`type/subtype` from the upload if well-formed, else guessed from the name."""
+    ct = (content_type or "").split(";", 1)[0].strip().lower()
+    if _MIME_RE.match(ct) and ct != "application/octet-stream":
+        return ct
+    guessed, _ = mimetypes.guess_type(filename, strict=False)
+    return guessed or "application/octet-stream"
+
+
+def one_line(text: str) -> str:
+    """Free header text with CR, LF and other control characters made spaces."""
+    return "".join(" " if (ord(ch) < 32 or ord(ch) == 127) else ch for ch in text).strip()
+
+
+def build_message(*, sender: str, to: list[str], cc: list[str] = (), subject: str = "",
+                  body: str = "", attachments: list[Attachment] = (), in_reply_to: str | None = None,
+                  references: list[str] = (), domain: str, now: _dt.datetime | None = None) -> bytes:
+    """An RFC 5322 message as the bytes to store and send (CRLF line ends).
+
+    `sender`, `to` and `cc` must be addresses that passed `parse_recipients`
+    (or `valid_address`); `domain` names the host part of the Message-ID.
+    """
+    for addr in [sender, *to, *cc]:
+        if not valid_address(addr):
+            raise ComposeError(f"“{addr}” is not a valid e-mail address.")
+    if not to and not cc:
+        raise ComposeError("Add at least one recipient.")
+    subject = one_line(subject)
+    if len(subject) > MAX_SUBJECT_CHARS:
+        raise ComposeError(f"The subject is longer than {MAX_SUBJECT_CHARS} characters.")
+    msg = EmailMessage(policy=OUTGOING)
+    msg["Date"] = format_datetime(now or _dt.datetime.now(_dt.timezone.utc))
+    msg["From"] = sender
+    if to:
+        msg["To"] = ", ".join(to)
+    if cc:
+        msg["Cc"] = ", ".join(cc)
+    msg["Subject"] = subject
+    msg["Message-ID"] = make_msgid(domain=domain)
+    ids = [i for i in (clean_msgid(r) for r in references) if i]
+    if in_reply_to and clean_msgid(in_reply_to):
+        msg["In-Reply-To"] = clean_msgid(in_reply_to)
+        if clean_msgid(in_reply_to) not in ids:
+            ids.append(clean_msgid(in_reply_to))
+    if ids:
+        msg["References"] = " ".join(ids[-MAX_REFERENCES:])
+    # Normalise line ends: browsers send CRLF in textareas.
+    text = body.replace("\r\n", "\n").replace("\r", "\n")
+    if text and not text.endswith("\n"):
+        text += "\n"
+    msg.set_content(text, charset="utf-8")
+    for att in attachments:
+        name = clean_filename(att.filename)
+        maintype, _, subtype = clean_content_type(att.content_type, name).partition("/")
+        # Bytes, so even text files stay byte-exact (base64, no charset guessing).
+        msg.add_attachment(att.data, maintype=maintype, subtype=subtype, filename=name)
+    return msg.as_bytes(policy=OUTGOING)
+
+
+_MSGID_RE = re.compile(r"<[^<>\s]{1,250}@[^<>\s]{1,250}>")
+
+
+def clean_msgid(value: str | None) -> str | None:
+    """The first `<id@host>` in a header value, or None."""
+    if not value:
+        return None
+    m = _MSGID_RE.search(value)
+    return m.group(0) if m else None
+
+
+# -- reading stored messages --------------------------------------------------
+
+@dataclass
+class AttachmentInfo:
+    index: int            # position among the message's leaf parts (stable)
+    filename: str
+    content_type: str
+    size: int             # decoded bytes
+
+
+@dataclass
+class DisplayMessage:
+    """A parsed message, ready to be shown (every string still needs escaping)."""
+
+    from_: str = ""
+    to: str = ""
+    cc: str = ""
+    reply_to: str = ""
+    subject: str = ""
+    date: str = ""
+    date_dt: _dt.datetime | None = None
+    message_id: str | None = None
+    references: list[str] = field(default_factory=list)
+    text: str = ""            # the plain text body ("" if none)
+    html: str = ""            # the sanitised HTML body ("" if none)
+    attachments: list[AttachmentInfo] = field(default_factory=list)
+
+    @property
+    def body_text(self) -> str:
+        """The body as text: the text part, else the HTML part as text."""
+        return self.text if self.text.strip() or not self.html else html_to_text(self.html)
+
+
+def _header(msg: Message, name: str) -> str:
+    try:
+        v = msg.get(name)
+        return one_line(str(v)) if v is not None else ""
+    except Exception:  # a header the email package cannot parse: show it raw
+        raw = msg.get_all(name, failobj=[""])
+        return one_line(str(raw[0]) if raw else "")
+
+
+def _part_text(part: Message) -> str:
+    return _decode_text(part).replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _decode_text(part: Message) -> str:
+    try:
+        content = part.get_content()
+        if isinstance(content, str):
+            return content
+    except (LookupError, ValueError, AttributeError, AssertionError, TypeError):
+        pass
+    payload = part.get_payload(decode=True) or b""
+    charset = part.get_content_charset() or "utf-8"
+    try:
+        return payload.decode(charset, "replace")
+    except LookupError:
+        return payload.decode("utf-8", "replace")
+
+
+def _leaves(msg: Message):
+    for part in msg.walk():
+        if not part.is_multipart():
+            yield part
+
+
+def _is_attachment(part: Message) -> bool:
+    disp = (part.get_content_disposition() or "").lower()
+    return disp == "attachment" or part.get_filename() is not None
+
+
+def parse_message(raw: bytes) -> DisplayMessage:
+    """Parse stored bytes for display; never raises on malformed input."""
+    try:
+        msg = BytesParser(policy=INCOMING).parsebytes(raw)
+    except Exception:
+        return DisplayMessage(text=raw.decode("utf-8", "replace"))
+    d = DisplayMessage()
+    d.from_ = _header(msg, "From")
+    d.to = _header(msg, "To")
+    d.cc = _header(msg, "Cc")
+    d.reply_to = _header(msg, "Reply-To")
+    d.subject = _header(msg, "Subject")
+    d.date = _header(msg, "Date")
+    try:
+        d.date_dt = parsedate_to_datetime(d.date) if d.date else None
+    except (TypeError, ValueError, IndexError):
+        d.date_dt = None
+    d.message_id = clean_msgid(_header(msg, "Message-ID"))
+    d.references = _MSGID_RE.findall(_header(msg, "References"))
+    texts: list[str] = []
+    htmls: list[str] = []
+    try:
+        for i, part in enumerate(_leaves(msg)):
+            ctype = part.get_content_type()
+            if _is_attachment(part):
+                payload = part.get_payload(decode=True) or b""
+                d.attachments.append(AttachmentInfo(i, clean_filename(part.get_filename()), ctype, len(payload)))
+            elif ctype == "text/plain":
+                texts.append(_part_text(part))
+            elif ctype == "text/html":
+                htmls.append(_part_text(part))
+            elif part.get_content_maintype() not in ("text", "multipart"):
+                # An inline image or other file without a name: still downloadable.
+                payload = part.get_payload(decode=True) or b""
+                ext = mimetypes.guess_extension(ctype) or ".bin"
+                d.attachments.append(AttachmentInfo(i, f"part{i + 1}{ext}", ctype, len(payload)))
+    except Exception:
+        texts = [raw.decode("utf-8", "replace")]
+        htmls = []
+    d.text = "\n".join(texts)
+    d.html = sanitize_html("\n".join(htmls)) if htmls else ""
+    return d
+
+
+def attachment_bytes(raw: bytes, index: int) -> tuple[str, str, bytes] | None:
+    """(filename, content type, decoded bytes) of the leaf part `index`, if it
+    is one `parse_message` listed as an attachment; None otherwise."""
+    info = next((a for a in parse_message(raw).attachments if a.index == index), None)
+    if info is None:
+        return None
+    msg = BytesParser(policy=INCOMING).parsebytes(raw)
+    for i, part in enumerate(_leaves(msg)):
+        if i == index:
+            return info.filename, info.content_type, part.get_payload(decode=True) or b""
+    return None
+
+
+def preview(display: DisplayMessage, limit: int = PREVIEW_CHARS) -> str:
+    """The first words of the body on one line, for the message list."""
+    lines = [ln for ln in display.body_text.splitlines() if ln.strip() and not ln.lstrip().startswith(">")]
+    text = " ".join(" ".join(lines).split())
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+# -- reply and forward --------------------------------------------------------
+
+@dataclass
+class Draft:
+    """What the compose form starts with."""
+
+    to: str = ""
+    cc: str = ""
+    subject: str = ""
+    body: str = ""
+    in_reply_to: str = ""
+    references: str = ""
+
+
+def _prefixed(prefix: str, subject: str) -> str:
+    s = subject.strip()
+    if s.lower().startswith(prefix.lower()):
+        return s
+    return f"{prefix} {s}".rstrip()
+
+
+def quote(text: str) -> str:
+    """Each line of `text` prefixed with '> ' (or '>' before an already quoted line)."""
+    lines = text.replace("\r\n", "\n").rstrip("\n").split("\n")
+    return "\n".join(">" + ("" if ln.startswith(">") or not ln else " ") + ln for ln in lines)
+
+
+def _addr_list(value: str) -> list[str]:
+    return [a for _, a in getaddresses([value]) if a and valid_address(a)]
+
+
+def reply_draft(d: DisplayMessage, me: str, reply_all: bool = False) -> Draft:
+    """A reply to `d` by `me` (an address): Re: subject, quoted body, thread ids."""
+    author = _addr_list(d.reply_to) or _addr_list(d.from_)
+    to = author[:]
+    cc: list[str] = []
+    if reply_all:
+        mine = me.lower()
+        seen = {a.lower() for a in to} | {mine}
+        for a in _addr_list(d.to) + _addr_list(d.cc):
+            if a.lower() not in seen:
+                seen.add(a.lower())
+                cc.append(a)
+        if not to:  # replying to all of one's own sent message
+            to, cc = cc, []
+    when = d.date or "an unknown date"
+    body = f"\n\nOn {when}, {d.from_ or 'someone'} wrote:\n{quote(d.body_text)}\n"
+    refs = d.references + ([d.message_id] if d.message_id else [])
+    return Draft(to=", ".join(to), cc=", ".join(cc), subject=_prefixed("Re:", d.subject), body=body,
+                 in_reply_to=d.message_id or "", references=" ".join(refs[-MAX_REFERENCES:]))
+
+
+def forward_draft(d: DisplayMessage) -> Draft:
+    """A forward of `d`: Fwd: subject, the original headers and body quoted."""
+    head = ["---------- Forwarded message ----------", f"From: {d.from_}", f"Date: {d.date}",
+            f"Subject: {d.subject}", f"To: {d.to}"]
+    if d.cc:
+        head.append(f"Cc: {d.cc}")
+    body = "\n\n" + "\n".join(head) + "\n\n" + d.body_text.rstrip("\n") + "\n"
+    refs = d.references + ([d.message_id] if d.message_id else [])
+    return Draft(subject=_prefixed("Fwd:", d.subject), body=body,
+                 references=" ".join(refs[-MAX_REFERENCES:]))
+
+
+# -- HTML sanitising ----------------------------------------------------------
+
+# Tags kept (attributes dropped unless listed in _ALLOWED_ATTRS).
+_ALLOWED_TAGS = frozenset("""
+    a abbr b blockquote br caption cite code dd del div dl dt em h1 h2 h3 h4 h5 h6 hr i ins
+    kbd li mark ol p pre q s samp small span strike strong sub sup table tbody td tfoot th
+    thead tr tt u ul center font big
+""".split())
+_VOID_TAGS = frozenset({"br", "hr"})
+# Elements whose whole content is dropped (not shown as text).
+_DROP_CONTENT = frozenset("""
+    script style head title iframe frame frameset object embed applet noscript noembed noframes
+    template svg math textarea select option xmp plaintext base meta link audio video canvas
+    button form
+""".split())
+_ALLOWED_ATTRS = {
+    "a": {"href", "title"},
+    "abbr": {"title"},
+    "td": {"colspan", "rowspan", "align"},
+    "th": {"colspan", "rowspan", "align"},
+    "ol": {"start"},
+    "p": {"align"},
+    "div": {"align"},
+}
+_SAFE_URL_RE = re.compile(r"^(https?://|mailto:)", re.I)
+_NUMERIC_ATTRS = {"colspan", "rowspan", "start"}
+_ALIGN_VALUES = {"left", "right", "center", "justify"}
+
+
+def safe_url(url: str) -> str | None:
+    """`url` if it is an absolute http(s) or mailto URL, else None.
+
+    Browsers ignore tabs, newlines and leading control characters inside a
+    URL scheme ("java\\tscript:"), so they are removed before the check.
+    """
+    stripped = "".join(ch for ch in url if ord(ch) > 32 and ord(ch) != 127)
+    if not _SAFE_URL_RE.match(stripped):
+        return None
+    return stripped
+
+
+class _Sanitizer(HTMLParser):
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.out: list[str] = []
+        self.open: list[str] = []       # allowed elements opened and not yet closed
+        self.dropping: list[str] = []   # stack of dropped-content elements we are inside
+
+    def handle_starttag(self, tag, attrs):
+        tag = tag.lower()
+        if self.dropping:
+            if tag in _DROP_CONTENT and tag not in _VOID_TAGS:
+                self.dropping.append(tag)
+            return
+        if tag in _DROP_CONTENT:
+            self.dropping.append(tag)
+            return
+        if tag == "img":
+            alt = next((v for k, v in attrs if k == "alt" and v), "")
+            self.out.append(html.escape(f"[image: {alt}]" if alt else "[image]"))
+            return
+        if tag not in _ALLOWED_TAGS:
+            return
+        kept = []
+        allowed = _ALLOWED_ATTRS.get(tag, ())
+        for name, value in attrs:
+            name = name.lower()
+            if name not in allowed or value is None:
+                continue
+            if name == "href":
+                value = safe_url(value)
+                if value is None:
+                    continue
+            elif name in _NUMERIC_ATTRS:
+                if not value.strip().isdigit() or not 0 < int(value) < 1000:
+                    continue
+                value = str(int(value))
+            elif name == "align":
+                if value.strip().lower() not in _ALIGN_VALUES:
+                    continue
+                value = value.strip().lower()
+            kept.append(f' {name}="{html.escape(value, quote=True)}"')
+        if tag == "a":
+            if "a" in self.open:  # links do not nest: the new one ends the old one
+                self.handle_endtag("a")
+            kept.append(' rel="noopener noreferrer nofollow" target="_blank"')
+        self.out.append(f"<{tag}{''.join(kept)}>")
+        if tag not in _VOID_TAGS:
+            self.open.append(tag)
+
+    def handle_startendtag(self, tag, attrs):
+        self.handle_starttag(tag, attrs)
+        tag = tag.lower()
+        if not self.dropping and tag in _ALLOWED_TAGS and tag not in _VOID_TAGS and self.open \
+                and self.open[-1] == tag:
+            self.open.pop()
+            self.out.append(f"</{tag}>")
+        elif self.dropping and self.dropping[-1] == tag:
+            self.dropping.pop()
+
+    def handle_endtag(self, tag):
+        tag = tag.lower()
+        if self.dropping:
+            if tag == self.dropping[-1]:
+                self.dropping.pop()
+            return
+        if tag not in self.open:
+            return  # a stray end tag: never close what the page around us opened
+        while self.open:
+            t = self.open.pop()
+            self.out.append(f"</{t}>")
+            if t == tag:
+                break
+
+    def handle_data(self, data):
+        if not self.dropping:
+            self.out.append(html.escape(data, quote=False))
+
+    # Comments, doctypes, processing instructions and CDATA are dropped.
+    def handle_comment(self, data):
+        pass
+
+    def handle_decl(self, decl):
+        pass
+
+    def handle_pi(self, data):
+        pass
+
+    def unknown_decl(self, data):
+        pass
+
+    def result(self) -> str:
+        self.close()
+        while self.open:
+            self.out.append(f"</{self.open.pop()}>")
+        return "".join(self.out)
+
+
+def sanitize_html(markup: str) -> str:
+    """`markup` reduced to a safe allow-list of HTML (see the module docstring)."""
+    s = _Sanitizer()
+    s.feed(markup)
+    return s.result()
+
+
+class _TextExtractor(HTMLParser):
+    _BLOCK = frozenset("p div br tr li h1 h2 h3 h4 h5 h6 blockquote pre table hr dd dt".split())
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self.dropping = 0
+
+    def handle_starttag(self, tag, attrs):
+        if tag in _DROP_CONTENT:
+            self.dropping += 1
+        elif tag in self._BLOCK:
+            self.parts.append("\n")
+
+    def handle_endtag(self, tag):
+        if tag in _DROP_CONTENT:
+            self.dropping = max(0, self.dropping - 1)
+        elif tag in self._BLOCK:
+            self.parts.append("\n")
+
+    def handle_data(self, data):
+        if not self.dropping:
+            # Collapse runs of white space as a browser does, keeping one at each end.
+            self.parts.append(re.sub(r"\s+", " ", data))
+
+
+def html_to_text(markup: str) -> str:
+    """The readable text of some HTML (for quoting and previews)."""
+    p = _TextExtractor()
+    p.feed(markup)
+    p.close()
+    text = "".join(p.parts)
+    lines = [ln.strip() for ln in text.split("\n")]
+    out: list[str] = []
+    for ln in lines:
+        if ln or (out and out[-1]):
+            out.append(ln)
+    return "\n".join(out).strip()
+
+
+# -- helpers for the HTTP layer -----------------------------------------------
+
+def content_disposition(filename: str, inline: bool = False) -> str:
+    """A Content-Disposition value that is safe for any file name (RFC 6266):
+    an ASCII fallback in `filename=` and the exact name in `filename*=`."""
+    name = clean_filename(filename)
+    fallback = "".join(ch if 32 < ord(ch) < 127 and ch not in '"\\%;' else "_" for ch in name) or "attachment"
+    from urllib.parse import quote as _pct
+    kind = "inline" if inline else "attachment"
+    return f"{kind}; filename=\"{fallback}\"; filename*=UTF-8''{_pct(name, safe='')}"
+
+
+def display_address(value: str) -> str:
+    """A From/To value shortened for a list: the display name, else the address."""
+    pairs = getaddresses([value]) if value else []
+    names = [(n or a) for n, a in pairs if n or a]
+    return ", ".join(names) if names else value
+
+
+def format_address(username: str, domain: str) -> str:
+    return str(Address(addr_spec=f"{username}@{domain}"))
