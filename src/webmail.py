@@ -621,3 +621,41 @@ def display_address(value: str) -> str:
 
 def format_address(username: str, domain: str) -> str:
     return str(Address(addr_spec=f"{username}@{domain}"))
+
+
+# -- sending --------------------------------------------------------------------
+
+@dataclass
+class SendResult:
+    local: list[str]        # usernames whose Inbox got the message
+    remote: list[str]       # addresses queued for the relay
+    sent_id: str            # the copy in the sender's Sent folder
+    queue_id: str | None
+
+
+def send(store, accounts, user: str, domain: str, rcpts: list[str], raw: bytes) -> SendResult:
+    """Deliver `raw` from `user` as authenticated SMTP submission does: each
+    local recipient's Inbox, the relay queue for other domains, and a copy in
+    the sender's Sent folder.
+
+    `store` is a src.mailstore.MailStore, `accounts` a src.accounts.Accounts.
+    Every local recipient is checked before anything is stored, so a typo in
+    one name stores nothing (ComposeError names the unknown user).
+    """
+    local: list[str] = []
+    remote: list[str] = []
+    for addr in rcpts:
+        name = split_local(addr, domain)
+        if name is None:
+            remote.append(addr)
+        elif not accounts.exists(name):
+            raise ComposeError(f"There is no user “{name}” at {domain}.")
+        elif name not in local:
+            local.append(name)
+    if not local and not remote:
+        raise ComposeError("Add at least one recipient.")
+    for name in local:
+        store.deliver(name, "Inbox", raw)
+    qid = store.enqueue_outgoing(user, f"{user}@{domain}", remote, raw) if remote else None
+    sent_id = store.deliver(user, "Sent", raw, read=True)
+    return SendResult(local=local, remote=remote, sent_id=sent_id, queue_id=qid)

@@ -376,3 +376,42 @@ def test_sanitiser_fuzz_output_is_always_safe():
     for _ in range(400):
         doc = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 30)))
         check_safe(sanitize_html(doc))
+
+
+# -- sending over the mail store ------------------------------------------------
+
+def _store():
+    from src.accounts import Accounts
+    from src.kv import MemoryKV
+    from src.mailstore import MailStore
+    kv = MemoryKV()
+    accounts = Accounts(kv)
+    for u in ("alice", "bob", "carol"):
+        accounts.create(u, "password123")
+    return MailStore(kv, chunk_bytes=1000), accounts
+
+
+def test_send_delivers_locally_queues_remote_and_keeps_a_sent_copy():
+    store, accounts = _store()
+    rcpts = parse_recipients("bob, Carol@PennCloud.local, x@example.com", D)
+    raw = build_message(sender="alice@penncloud.local", to=rcpts, subject="hi", body="b" * 3000, domain=D)
+    r = webmail.send(store, accounts, "alice", D, rcpts, raw)
+    assert r.local == ["bob", "carol"] and r.remote == ["x@example.com"]
+    for u in ("bob", "carol"):
+        [m] = store.list(u, "Inbox")
+        assert store.get_raw(u, "Inbox", m.id) == raw and not m.read
+    [q] = store.queue()
+    assert q.rcpts == ("x@example.com",) and q.mail_from == "alice@penncloud.local" and q.owner == "alice"
+    assert store.queue_raw(q) == raw
+    [s] = store.list("alice", "Sent")
+    assert s.id == r.sent_id and s.read and store.get_raw("alice", "Sent", s.id) == raw
+    assert store.list("alice", "Inbox") == []
+
+
+def test_send_to_an_unknown_local_user_stores_nothing():
+    store, accounts = _store()
+    rcpts = parse_recipients("bob, nosuchuser, x@example.com", D)
+    raw = build_message(sender="alice@penncloud.local", to=rcpts, domain=D)
+    with pytest.raises(ComposeError, match="no user “nosuchuser”"):
+        webmail.send(store, accounts, "alice", D, rcpts, raw)
+    assert store.list("bob", "Inbox") == [] and store.queue() == [] and store.list("alice", "Sent") == []
