@@ -1,0 +1,197 @@
+"""The tablet log: record codec, torn tails, corruption, group commit."""
+
+import logging
+import os
+import shutil
+import threading
+import zlib
+
+import pytest
+
+from kvserver.wal import (
+    DEL, DELROW, SET, Effect, LogError, LogRecord, TabletLog, encode_record, encoded_size,
+    read_segment, recover_segment, segment_first_seq, segment_name,
+)
+
+
+def recs(n, big=False):
+    out = []
+    for i in range(n):
+        kind = (SET, DEL, DELROW)[i % 3]
+        value = (bytes(range(256)) * 3 if big else b"v%d" % i) if kind == SET else b""
+        col = b"c%d" % i if kind != DELROW else b""
+        out.append(LogRecord(i + 1, 7, Effect(kind, b"row %d" % i, col, value)))
+    return out
+
+
+def write_log(path, records):
+    lg = TabletLog(str(path), 0)
+    for r in records:
+        lg.append(r)
+    lg.close()
+    return os.path.getsize(path)
+
+
+def test_records_round_trip(tmp_path):
+    p = tmp_path / segment_name(1)
+    rs = recs(9, big=True) + [LogRecord(10, 0, Effect(SET, b"\x00\xff", b"%", b""))]
+    write_log(p, rs)
+    scan = read_segment(str(p))
+    assert scan.records == rs
+    assert scan.dropped_bytes == 0 and not scan.corrupt_middle
+
+
+def test_example_record_matches_docs():
+    # docs/storage.md shows this record byte for byte
+    rec = LogRecord(1, 0, Effect(SET, b"alice", b"greeting", b"hi"))
+    data = b"".join(encode_record(rec))
+    assert len(data) == encoded_size(rec) == 48
+    assert int.from_bytes(data[:4], "little") == zlib.crc32(data[4:])   # CRC covers length + payload
+    assert data.hex() == ("bbddd9a5" "28000000" "0100000000000000" "0000000000000000" "01" "0500" "0800"
+                          "02000000" "616c696365" "6772656574696e67" "6869")
+
+
+def test_segment_names_sort_by_seq():
+    assert segment_name(42) == "log-00000000000000000042.wal"
+    assert segment_first_seq(segment_name(42)) == 42
+    assert segment_first_seq("log-x.wal") is None
+    assert segment_name(9) < segment_name(10)
+
+
+def test_cut_at_every_offset_of_last_record(tmp_path):
+    rs = recs(5)
+    good = tmp_path / "good.wal"
+    write_log(good, rs[:4])
+    start = os.path.getsize(good)
+    full = tmp_path / "full.wal"
+    end = write_log(full, rs)
+    assert end > start + 20
+    data = full.read_bytes()
+    for cut in range(start, end):
+        p = tmp_path / "cut.wal"
+        p.write_bytes(data[:cut])
+        scan = recover_segment(str(p))
+        assert scan.records == rs[:4], cut
+        assert scan.dropped_bytes == cut - start
+        assert os.path.getsize(p) == start       # the torn tail is gone
+        # new appends after recovery are valid records
+        lg = TabletLog(str(p), start)
+        new = LogRecord(5, 7, Effect(SET, b"new", b"col", b"after cut %d" % cut))
+        lg.append(new)
+        lg.close()
+        assert read_segment(str(p)).records == rs[:4] + [new]
+
+
+def test_flip_every_byte_of_last_record(tmp_path):
+    rs = recs(5)
+    good = tmp_path / "good.wal"
+    start = write_log(good, rs[:4])
+    full = tmp_path / "full.wal"
+    end = write_log(full, rs)
+    data = full.read_bytes()
+    for off in range(start, end):
+        for mask in (0x01, 0x80, 0xFF):
+            bad = bytearray(data)
+            bad[off] ^= mask
+            p = tmp_path / "flip.wal"
+            p.write_bytes(bytes(bad))
+            scan = recover_segment(str(p))
+            assert scan.records == rs[:4], (off, mask)
+            assert os.path.getsize(p) == start
+
+
+def test_corruption_in_the_middle_is_reported(tmp_path, caplog):
+    rs = recs(6)
+    p = tmp_path / "mid.wal"
+    write_log(p, rs)
+    first_two = sum(encoded_size(r) for r in rs[:2])
+    data = bytearray(p.read_bytes())
+    data[first_two + 12] ^= 0x40            # inside record 3's payload
+    p.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="kvserver.wal"):
+        scan = recover_segment(str(p))
+    assert scan.records == rs[:2]
+    assert scan.corrupt_middle
+    assert scan.dropped_bytes == len(data) - first_two
+    assert any("corrupt record" in r.message and str(scan.dropped_bytes) in r.message for r in caplog.records)
+
+
+def test_torn_tail_is_logged_with_byte_count(tmp_path, caplog):
+    p = tmp_path / "torn.wal"
+    size = write_log(p, recs(3))
+    with open(p, "ab") as f:
+        f.write(b"\x01\x02\x03")
+    with caplog.at_level(logging.WARNING, logger="kvserver.wal"):
+        scan = recover_segment(str(p))
+    assert len(scan.records) == 3 and os.path.getsize(p) == size
+    assert any("torn tail" in r.message and "3 bytes" in r.message for r in caplog.records)
+
+
+def test_huge_length_field_does_not_allocate(tmp_path):
+    p = tmp_path / "huge.wal"
+    size = write_log(p, recs(2))
+    with open(p, "ab") as f:
+        f.write(b"\0\0\0\0\xff\xff\xff\xff" + b"x" * 10)
+    assert recover_segment(str(p)).records == recs(2) and os.path.getsize(p) == size
+
+
+@pytest.mark.parametrize("group", [True, False])
+def test_group_commit_shares_fsyncs(tmp_path, group):
+    p = tmp_path / "gc.wal"
+    lg = TabletLog(str(p), 0, group_commit=group)
+    n_threads, per = 8, 40
+    lock = threading.Lock()
+    seq = [0]
+
+    def writer(t):
+        for i in range(per):
+            with lock:   # numbering and enqueueing in one step, as Tablet.submit does
+                seq[0] += 1
+                ticket = lg.enqueue(LogRecord(seq[0], 0, Effect(SET, b"r%d" % t, b"c%d" % i, b"x" * 100)))
+            lg.wait_durable(ticket)
+
+    ts = [threading.Thread(target=writer, args=(t,)) for t in range(n_threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(30)
+    lg.close()
+    got = read_segment(str(p)).records
+    assert [r.seq for r in got] == list(range(1, n_threads * per + 1))
+    if group:
+        assert lg.syncs < n_threads * per
+    else:
+        assert lg.syncs == n_threads * per
+
+
+def test_abandon_drops_unsynced_records(tmp_path):
+    p = tmp_path / "kill.wal"
+    lg = TabletLog(str(p), 0)
+    lg.append(LogRecord(1, 0, Effect(SET, b"a", b"b", b"durable")))
+    ticket = lg.enqueue(LogRecord(2, 0, Effect(SET, b"a", b"b", b"never synced")))
+    lg.close(abandon=True)
+    with pytest.raises(LogError):
+        lg.wait_durable(ticket)
+    with pytest.raises(LogError):
+        lg.enqueue(LogRecord(3, 0, Effect(SET, b"a", b"b", b"x")))
+    assert [r.seq for r in read_segment(str(p)).records] == [1]
+
+
+def test_clean_close_flushes_pending(tmp_path):
+    p = tmp_path / "close.wal"
+    lg = TabletLog(str(p), 0)
+    lg.enqueue(LogRecord(1, 0, Effect(DEL, b"a", b"b")))
+    lg.close()
+    assert [r.seq for r in read_segment(str(p)).records] == [1]
+
+
+def test_reopen_appends_after_existing_records(tmp_path):
+    p = tmp_path / "re.wal"
+    rs = recs(4)
+    size = write_log(p, rs[:2])
+    shutil.copy(p, tmp_path / "copy.wal")
+    lg = TabletLog(str(p), size)
+    for r in rs[2:]:
+        lg.append(r)
+    lg.close()
+    assert read_segment(str(p)).records == rs
