@@ -1,0 +1,954 @@
+"""The drive: each user's folders and files, stored in the KV store.
+
+No HTTP here: the web app (httpserver/apps/drive.py) turns requests into
+calls on `Drive`, and tests drive it over `MemoryKV`. docs/drive.md explains
+the layout with pictures; the short version:
+
+    drive/u/<user>            root  -> id of the user's root folder
+                              used  -> {"total": bytes, "held": {file id: bytes}}
+    drive/d/<user>/<folder>   meta  -> {"name", "parent", "state": "live"|"dead", "created"}
+                              e/<name> -> {"id", "kind", "size", "mtime", "type", "cb"}
+    drive/f/<user>/<file>     state -> "live" | "dead"       (absent while uploading)
+    drive/c/<user>/<file>/<n> d     -> bytes of chunk n      (one row per chunk)
+    drive/j/<0..15>           <user>/<op id> -> an intent {"op", "expires", ...}
+
+Invariants, and why they hold:
+
+* Every row name starts with the user's name, and every lookup builds its row
+  from the logged-in user, so an id from another user's URL finds nothing.
+* Folders are known by id; a folder's children are columns of its own row, so
+  renaming or moving a folder rewrites one entry (and its `meta`), never its
+  subtree. Names are unique within a folder because entries are created with
+  PUTNX on `e/<name>`.
+* A file's chunks are written before its entry appears (the entry is the
+  commit point), so nobody ever sees half a file.
+* Anything that can be interrupted half-way (upload, delete, rmdir, move)
+  first writes an intent with a lease to the journal rows; when it finishes it
+  deletes the intent. `Drive.sweep()` finishes or undoes intents whose lease
+  has expired (the frontend that owned them crashed). Which way it goes is
+  decided by one cell per file, `state`, settled with PUTNX/CPUT so a sweeper
+  and a slow owner can never both win.
+* Quota: `used.total` counts live files. A file whose fate is not settled yet
+  is in `used.held`: its bytes are in the total, and they stay there iff the
+  file ends up live. Settling is one CPUT that removes it from `held`, so each
+  file is charged and refunded exactly once even across crashes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import mimetypes
+import re
+import secrets
+import threading
+import time
+import unicodedata
+import zlib
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+from src.kv import KV, Exists, Mismatch, NotFound
+
+log = logging.getLogger(__name__)
+
+MAX_NAME_BYTES = 255          # like most file systems (NAME_MAX)
+JOURNAL_SHARDS = 16           # intents are spread over this many rows
+LEASE_S = 120.0               # an intent not renewed for this long is abandoned
+TOMB_LEASES = 10              # a dead file's state cell outlives its deletion by this many leases
+WINDOW = 4                    # chunk reads/writes in flight per transfer
+MAX_DEPTH = 256               # deepest folder nesting we follow (breadcrumbs, cycle guard)
+MAX_DUPLICATE_SUFFIX = 1000   # "name (2)" ... "name (1000)"
+MAX_TREE_FOLDERS = 5000       # the folder picker lists at most this many
+
+
+# -- errors ---------------------------------------------------------------------
+
+class DriveError(Exception):
+    """A request the drive refuses; str() is a message fit to show the user.
+
+    `status` is the HTTP status the web app answers with.
+    """
+
+    status = 400
+
+
+class InvalidName(DriveError):
+    status = 400
+
+
+class ItemNotFound(DriveError):
+    status = 404
+
+
+class NameTaken(DriveError):
+    status = 409
+
+
+class MoveRefused(DriveError):
+    status = 409
+
+
+class QuotaExceeded(DriveError):
+    status = 413
+
+
+class Damaged(DriveError):
+    """A file whose chunks are missing (only after a crash mid-rename, see docs)."""
+
+    status = 500
+
+
+# -- names ------------------------------------------------------------------------
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def check_name(name: str) -> str:
+    """The name as stored (Unicode NFC), or InvalidName saying what is wrong.
+
+    Any Unicode letters, spaces and punctuation are fine; refused: empty, "."
+    and "..", "/" and NUL (and other control characters, which cannot be
+    shown or sent in a header), and more than 255 bytes of UTF-8.
+    """
+    if not isinstance(name, str):
+        raise InvalidName("A name must be text.")
+    name = unicodedata.normalize("NFC", name)
+    if name == "" or name.strip() == "":
+        raise InvalidName("A name cannot be empty.")
+    if name in (".", ".."):
+        raise InvalidName(f'"{name}" cannot be used as a name.')
+    if "/" in name:
+        raise InvalidName('A name cannot contain "/".')
+    if "\x00" in name:
+        raise InvalidName("A name cannot contain the NUL character.")
+    if _CONTROL.search(name):
+        raise InvalidName("A name cannot contain control characters (such as line breaks or tabs).")
+    n = len(name.encode("utf-8"))
+    if n > MAX_NAME_BYTES:
+        raise InvalidName(f"A name can be at most {MAX_NAME_BYTES} bytes of UTF-8; this one is {n}.")
+    return name
+
+
+def numbered(name: str, k: int) -> str:
+    """The k-th alternative for a taken name: "report (2).pdf", "Photos (3)"."""
+    if k < 2:
+        return name
+    dot = name.rfind(".")
+    if 0 < dot < len(name) - 1 and len(name) - dot <= 10:
+        stem, ext = name[:dot], name[dot:]
+    else:
+        stem, ext = name, ""
+    suffix = f" ({k})"
+    # Keep within the byte limit by shortening the stem, never the suffix.
+    while len((stem + suffix + ext).encode("utf-8")) > MAX_NAME_BYTES and stem:
+        stem = stem[:-1]
+    return stem + suffix + ext
+
+
+def content_type(name: str) -> str:
+    return mimetypes.guess_type(name, strict=False)[0] or "application/octet-stream"
+
+
+def new_id() -> str:
+    """128 random bits: ids cannot be guessed (and are scoped to the user anyway)."""
+    return secrets.token_hex(16)
+
+
+# -- entries ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Entry:
+    """One child of a folder, as listed."""
+
+    name: str
+    id: str
+    kind: str          # "file" or "folder"
+    size: int = 0
+    mtime: float = 0.0
+    type: str = ""     # content type, files only
+    cb: int = 0        # chunk size the file was written with
+
+    @property
+    def is_folder(self) -> bool:
+        return self.kind == "folder"
+
+    @property
+    def chunks(self) -> int:
+        return -(-self.size // self.cb) if self.cb else 0
+
+    def encode(self) -> bytes:
+        d = {"id": self.id, "kind": self.kind, "mtime": self.mtime}
+        if self.kind == "file":
+            d.update(size=self.size, type=self.type, cb=self.cb)
+        return json.dumps(d, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, name: str, raw: bytes) -> "Entry":
+        d = json.loads(raw)
+        return cls(name=name, id=d["id"], kind=d["kind"], size=int(d.get("size", 0)),
+                   mtime=float(d.get("mtime", 0)), type=d.get("type", ""), cb=int(d.get("cb", 0)))
+
+
+@dataclass(frozen=True)
+class Usage:
+    used: int
+    quota: int
+
+    @property
+    def fraction(self) -> float:
+        return min(1.0, self.used / self.quota) if self.quota else 1.0
+
+
+# -- row names ------------------------------------------------------------------------
+
+def _user_row(user: str) -> bytes:
+    return f"drive/u/{user}".encode()
+
+
+def _dir_row(user: str, folder: str) -> bytes:
+    return f"drive/d/{user}/{folder}".encode()
+
+
+def _file_row(user: str, fid: str) -> bytes:
+    return f"drive/f/{user}/{fid}".encode()
+
+
+def _chunk_row(user: str, fid: str, n: int) -> bytes:
+    return f"drive/c/{user}/{fid}/{n}".encode()
+
+
+def _journal_row(opid: str) -> bytes:
+    return f"drive/j/{zlib.crc32(opid.encode()) % JOURNAL_SHARDS}".encode()
+
+
+def _entry_col(name: str) -> bytes:
+    return b"e/" + name.encode("utf-8")
+
+
+_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+_CHUNK = b"d"
+
+
+def _dumps(obj) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
+
+
+# -- the drive -------------------------------------------------------------------------
+
+class Drive:
+    """Every drive operation, for any user, over one `KV`.
+
+    Thread-safe: it keeps no per-user state in memory. `pool` runs chunk
+    reads and writes in parallel (WINDOW per transfer) so a transfer is not
+    bound by one round trip at a time.
+    """
+
+    def __init__(self, kv: KV, *, chunk_bytes: int = 1 << 20, quota_bytes: int = 10 << 30,
+                 lease_s: float = LEASE_S, window: int = WINDOW, clock: Callable[[], float] = time.time):
+        if chunk_bytes < 1:
+            raise ValueError("chunk_bytes must be positive")
+        self.kv = kv
+        self.chunk_bytes = chunk_bytes
+        self.quota_bytes = quota_bytes
+        self.lease_s = lease_s
+        self.window = max(1, window)
+        self.clock = clock
+        self._pool = ThreadPoolExecutor(max_workers=4 * self.window, thread_name_prefix="drive-io") \
+            if self.window > 1 else None
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    # -- folders ----------------------------------------------------------------
+
+    def root(self, user: str) -> str:
+        """The id of the user's root folder, created on first use."""
+        row = _user_row(user)
+        try:
+            return self.kv.get(row, b"root").decode()
+        except NotFound:
+            pass
+        fid = new_id()
+        self.kv.put(_dir_row(user, fid), b"meta",
+                    _dumps({"name": "", "parent": "", "state": "live", "created": self.clock()}))
+        try:
+            self.kv.putnx(row, b"root", fid.encode())
+            return fid
+        except Exists:  # another frontend made it first: use theirs, drop ours
+            self._delrow(_dir_row(user, fid))
+            return self.kv.get(row, b"root").decode()
+
+    def _meta(self, user: str, folder: str) -> tuple[bytes, dict]:
+        if not isinstance(folder, str) or not _ID_RE.match(folder):
+            raise ItemNotFound("That folder does not exist.")
+        try:
+            raw = self.kv.get(_dir_row(user, folder), b"meta")
+        except NotFound:
+            raise ItemNotFound("That folder does not exist (it may have been deleted).") from None
+        return raw, json.loads(raw)
+
+    def folder_meta(self, user: str, folder: str) -> dict:
+        """{"name", "parent", ...} of a live folder of this user, or ItemNotFound."""
+        _, meta = self._meta(user, folder)
+        if meta.get("state") != "live":
+            raise ItemNotFound("That folder has been deleted.")
+        return meta
+
+    def breadcrumbs(self, user: str, folder: str) -> list[tuple[str, str]]:
+        """[(id, name), ...] from the root ("" as its name) down to `folder`."""
+        trail = []
+        cur = folder
+        for _ in range(MAX_DEPTH):
+            meta = self.folder_meta(user, cur)
+            trail.append((cur, meta["name"]))
+            if not meta["parent"]:
+                return trail[::-1]
+            cur = meta["parent"]
+        raise DriveError("This folder is nested too deeply.")
+
+    def listing(self, user: str, folder: str) -> list[Entry]:
+        """The folder's children, folders first, then by name."""
+        self.folder_meta(user, folder)
+        row = _dir_row(user, folder)
+        out = []
+        for col in self.kv.cols(row):
+            if not col.startswith(b"e/"):
+                continue
+            try:
+                out.append(Entry.decode(col[2:].decode("utf-8"), self.kv.get(row, col)))
+            except NotFound:  # removed since COLS
+                continue
+        out.sort(key=lambda e: (not e.is_folder, e.name.casefold(), e.name))
+        return out
+
+    def entry(self, user: str, folder: str, name: str) -> Entry:
+        """One child by name, or ItemNotFound."""
+        if not isinstance(folder, str) or not _ID_RE.match(folder):
+            raise ItemNotFound("That folder does not exist.")
+        try:
+            name = check_name(name)
+        except InvalidName:
+            raise ItemNotFound("There is no item with that name here.") from None
+        try:
+            raw = self.kv.get(_dir_row(user, folder), _entry_col(name))
+        except NotFound:
+            raise ItemNotFound(f'There is no item named "{name}" here.') from None
+        return Entry.decode(name, raw)
+
+    def mkdir(self, user: str, parent: str, name: str) -> Entry:
+        """A new empty folder; NameTaken if the parent has an item of that name."""
+        name = check_name(name)
+        self.folder_meta(user, parent)
+        did = new_id()
+        now = self.clock()
+        self.kv.put(_dir_row(user, did), b"meta",
+                    _dumps({"name": name, "parent": parent, "state": "live", "created": now}))
+        e = Entry(name=name, id=did, kind="folder", mtime=now)
+        try:
+            self.kv.putnx(_dir_row(user, parent), _entry_col(name), e.encode())
+        except Exists:
+            self._delrow(_dir_row(user, did))
+            raise NameTaken(f'An item named "{name}" already exists in this folder.') from None
+        return e
+
+    def folders(self, user: str) -> list[tuple[str, str, int]]:
+        """Every live folder as (id, name, depth), depth-first from the root (the folder picker)."""
+        root = self.root(user)
+        out: list[tuple[str, str, int]] = []
+        stack = [(root, "", 0)]
+        while stack and len(out) < MAX_TREE_FOLDERS:
+            fid, name, depth = stack.pop()
+            out.append((fid, name, depth))
+            try:
+                kids = [e for e in self.listing(user, fid) if e.is_folder]
+            except ItemNotFound:
+                continue
+            if depth + 1 < MAX_DEPTH:
+                stack.extend((e.id, e.name, depth + 1) for e in reversed(kids))
+        return out
+
+    # -- quota ----------------------------------------------------------------------
+
+    def usage(self, user: str) -> Usage:
+        _, used = self._read_used(user)
+        return Usage(used["total"], self.quota_bytes)
+
+    def _read_used(self, user: str) -> tuple[bytes | None, dict]:
+        try:
+            raw = self.kv.get(_user_row(user), b"used")
+        except NotFound:
+            return None, {"total": 0, "held": {}}
+        return raw, json.loads(raw)
+
+    def _update_used(self, user: str, change: Callable[[dict], bool]) -> None:
+        """Apply `change` to the used cell atomically (CPUT, retried on a race).
+
+        `change` edits the dict in place and returns False to leave it alone.
+        """
+        row = _user_row(user)
+        for _ in range(1000):
+            raw, used = self._read_used(user)
+            if not change(used):
+                return
+            new = _dumps(used)
+            try:
+                if raw is None:
+                    self.kv.putnx(row, b"used", new)
+                else:
+                    self.kv.cput(row, b"used", raw, new)
+                return
+            except (Exists, Mismatch, NotFound):
+                continue
+        raise DriveError("The drive is too busy right now; please try again.")
+
+    def _hold(self, user: str, fid: str, size: int, charge: bool) -> None:
+        """Put `fid` in held; `charge` also adds its bytes to the total (within quota)."""
+        def change(used):
+            if fid in used["held"]:
+                return False
+            if charge:
+                if used["total"] + size > self.quota_bytes:
+                    raise QuotaExceeded(
+                        f"Not enough space: this file needs {_human(size)} and "
+                        f"{_human(max(0, self.quota_bytes - used['total']))} of your "
+                        f"{_human(self.quota_bytes)} are free.")
+                used["total"] += size
+            used["held"][fid] = size
+            return True
+        self._update_used(user, change)
+
+    def _settle(self, user: str, fid: str, live: bool) -> None:
+        """Take `fid` out of held: its bytes stay counted iff the file is live."""
+        def change(used):
+            size = used["held"].pop(fid, None)
+            if size is None:
+                return False
+            if not live:
+                used["total"] = max(0, used["total"] - size)
+            return True
+        self._update_used(user, change)
+
+    # -- the journal of intents ---------------------------------------------------------
+
+    def _intent(self, user: str, opid: str, intent: dict) -> dict:
+        intent = dict(intent, user=user, expires=self.clock() + self.lease_s)
+        self.kv.put(_journal_row(opid), f"{user}/{opid}".encode(), _dumps(intent))
+        return intent
+
+    def _done(self, user: str, opid: str) -> None:
+        try:
+            self.kv.delete(_journal_row(opid), f"{user}/{opid}".encode())
+        except NotFound:
+            pass
+
+    def sweep(self, now: float | None = None) -> int:
+        """Finish or undo every intent whose lease has expired; returns how many.
+
+        Safe to run from several frontends at once and at any time: every
+        step is idempotent and the file state cell decides races.
+        """
+        now = self.clock() if now is None else now
+        done = 0
+        for k in range(JOURNAL_SHARDS):
+            row = f"drive/j/{k}".encode()
+            for col in self.kv.cols(row):
+                try:
+                    raw = self.kv.get(row, col)
+                    intent = json.loads(raw)
+                except NotFound:
+                    continue
+                except ValueError:
+                    log.warning("dropping unreadable drive intent %r", col)
+                    self.kv.delete(row, col)
+                    continue
+                if intent.get("expires", 0) > now:
+                    continue
+                user, opid = col.decode().split("/", 1)
+                handler = getattr(self, "_recover_" + str(intent.get("op")), None)
+                try:
+                    if handler is None:
+                        log.warning("dropping drive intent with unknown op %r", intent.get("op"))
+                    else:
+                        handler(user, intent)
+                    self._done(user, opid)
+                    done += 1
+                except Exception:
+                    log.exception("drive sweep: intent %s of %s failed; will retry", opid, user)
+        if done:
+            log.info("drive sweep: settled %d abandoned operation(s)", done)
+        return done
+
+    # -- file state ------------------------------------------------------------------
+
+    def _state(self, user: str, fid: str) -> str | None:
+        try:
+            return self.kv.get(_file_row(user, fid), b"state").decode()
+        except NotFound:
+            return None
+
+    def _decide(self, user: str, fid: str, state: str) -> str:
+        """Set the file's state if it has none yet; returns the state that won."""
+        try:
+            self.kv.putnx(_file_row(user, fid), b"state", state.encode())
+            return state
+        except Exists:
+            return self._state(user, fid) or state
+
+    def _ensure_live(self, user: str, e: Entry) -> None:
+        """A visible file is committed: settle its state if its upload's owner crashed."""
+        if e.kind != "file":
+            return
+        st = self._state(user, e.id)
+        if st is None:
+            st = self._decide(user, e.id, "live")
+        if st != "live":
+            raise ItemNotFound(f'"{e.name}" has been deleted.')
+
+    # -- upload --------------------------------------------------------------------------
+
+    def upload(self, user: str, folder: str, name: str, data: bytes | Iterable[bytes],
+               mtime: float | None = None) -> Entry:
+        """Store a whole file (bytes or an iterable of byte strings); returns its entry."""
+        up = self.start_upload(user, folder, name)
+        try:
+            if isinstance(data, (bytes, bytearray, memoryview)):
+                up.write(data)
+            else:
+                for piece in data:
+                    up.write(piece)
+            return up.commit(mtime)
+        except BaseException:
+            up.abort()
+            raise
+
+    def start_upload(self, user: str, folder: str, name: str, size_hint: int | None = None) -> "Upload":
+        """Begin a streaming upload into `folder`; write() then commit() (or abort()).
+
+        The name is checked now, so a bad name fails before any byte is
+        stored; `size_hint` (e.g. the request's Content-Length) fails early
+        on a file that can never fit.
+        """
+        name = check_name(name)
+        self.folder_meta(user, folder)
+        if size_hint is not None:
+            free = self.quota_bytes - self.usage(user).used
+            if size_hint > free and size_hint - free > 64 * 1024:  # the hint includes form overhead
+                raise QuotaExceeded(f"Not enough space: {_human(max(0, free))} of your "
+                                    f"{_human(self.quota_bytes)} are free.")
+        return Upload(self, user, folder, name)
+
+    def _recover_upload(self, user: str, intent: dict) -> None:
+        fid = intent["fid"]
+        st = self._state(user, fid)
+        if st is None:
+            # The owner died before settling. Committed iff its entry is visible
+            # in the folder it was going to (nothing can move it while unsettled:
+            # moves and renames settle first).
+            visible = False
+            try:
+                row = _dir_row(user, intent["folder"])
+                for col in self.kv.cols(row):
+                    if col.startswith(b"e/"):
+                        try:
+                            if json.loads(self.kv.get(row, col)).get("id") == fid:
+                                visible = True
+                                break
+                        except NotFound:
+                            pass
+            except NotFound:
+                pass
+            st = self._decide(user, fid, "live" if visible else "dead")
+        self._settle(user, fid, live=(st == "live"))
+        if st != "live":
+            self._drop_chunks(user, fid, None, hint=int(intent.get("n", 0)))
+            self._tomb(user, fid)
+
+    def _tomb(self, user: str, fid: str) -> None:
+        """Keep a dead file's state cell for a while, then delete it.
+
+        The "dead" cell is what makes a late owner (a slow upload's commit, a
+        rename that read the entry before the delete) fail instead of reviving
+        the file; after TOMB_LEASES leases nobody can still be that late.
+        """
+        intent = {"op": "tomb", "fid": fid, "user": user, "expires": self.clock() + TOMB_LEASES * self.lease_s}
+        opid = "tb-" + fid
+        self.kv.put(_journal_row(opid), f"{user}/{opid}".encode(), _dumps(intent))
+
+    def _recover_tomb(self, user: str, intent: dict) -> None:
+        if self._state(user, intent["fid"]) in ("dead", None):
+            self._delrow(_file_row(user, intent["fid"]))
+
+    # -- download -------------------------------------------------------------------------
+
+    def read(self, user: str, e: Entry, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+        """The bytes start..end (inclusive) of a file, chunk by chunk.
+
+        Chunks are fetched WINDOW ahead in parallel; memory is bounded by
+        WINDOW chunks whatever the file size.
+        """
+        if e.kind != "file":
+            raise ItemNotFound("That is a folder, not a file.")
+        if end is None:
+            end = e.size - 1
+        if e.size == 0 or end < start:
+            return iter(())
+        return self._read(user, e, start, end)
+
+    def _read(self, user: str, e: Entry, start: int, end: int) -> Iterator[bytes]:
+        cb = e.cb
+        first, last = start // cb, end // cb
+
+        def fetch(n: int) -> bytes:
+            try:
+                return self.kv.get(_chunk_row(user, e.id, n), _CHUNK)
+            except NotFound:
+                raise Damaged(f'"{e.name}" is damaged: part of it is missing.') from None
+
+        pending: deque = deque()
+        nxt = first
+        try:
+            while nxt <= last or pending:
+                while nxt <= last and len(pending) < self.window:
+                    pending.append((nxt, self._submit(fetch, nxt)))
+                    nxt += 1
+                n, fut = pending.popleft()
+                data = fut.result() if isinstance(fut, Future) else fut
+                lo = start - n * cb if n == first else 0
+                hi = end - n * cb + 1 if n == last else len(data)
+                if hi > len(data):
+                    raise Damaged(f'"{e.name}" is damaged: a part of it is short.')
+                yield data if (lo == 0 and hi == len(data)) else memoryview(data)[lo:hi]
+        finally:
+            for _, fut in pending:
+                if isinstance(fut, Future):
+                    fut.cancel()
+
+    def _submit(self, fn, *args):
+        if self._pool is None:
+            return fn(*args)
+        return self._pool.submit(fn, *args)
+
+    # -- delete ----------------------------------------------------------------------------
+
+    def delete(self, user: str, folder: str, name: str, expect_id: str | None = None) -> Entry:
+        """Delete a file, or a folder with everything in it. Returns what was deleted."""
+        e = self.entry(user, folder, name)
+        if expect_id is not None and e.id != expect_id:
+            raise ItemNotFound(f'"{name}" has changed since the page was shown; reload and try again.')
+        if e.is_folder:
+            self._rmdir(user, folder, e)
+        else:
+            self._ensure_live(user, e)
+            self._delete_file(user, folder, e)
+        return e
+
+    def _delete_file(self, user: str, folder: str, e: Entry) -> None:
+        opid = "rm-" + e.id
+        intent = self._intent(user, opid, {"op": "rmfile", "fid": e.id, "folder": folder,
+                                           "name": e.name, "size": e.size, "cb": e.cb})
+        self._hold(user, e.id, e.size, charge=False)
+        try:
+            self.kv.cput(_file_row(user, e.id), b"state", b"live", b"dead")
+        except (Mismatch, NotFound):
+            pass  # someone else is deleting it; finishing twice is harmless
+        self._recover_rmfile(user, intent)
+        self._done(user, opid)
+
+    def _recover_rmfile(self, user: str, intent: dict) -> None:
+        fid = intent["fid"]
+        st = self._state(user, fid)
+        if st == "live":  # the owner died before the point of no return: nothing happened
+            self._settle(user, fid, live=True)
+            return
+        self._remove_entry(user, intent["folder"], intent["name"], fid)
+        self._settle(user, fid, live=False)
+        self._drop_chunks(user, fid, -(-int(intent["size"]) // max(1, int(intent["cb"]))) if intent["cb"] else 0)
+        self._tomb(user, fid)
+
+    def _rmdir(self, user: str, parent: str, e: Entry) -> None:
+        opid = "rd-" + e.id
+        intent = self._intent(user, opid, {"op": "rmdir", "did": e.id, "parent": parent, "name": e.name})
+        try:
+            raw, meta = self._meta(user, e.id)
+        except ItemNotFound:  # half deleted already: finish the job
+            raw, meta = b"", {"state": "dead"}
+        if meta.get("state") == "live":
+            try:
+                self.kv.cput(_dir_row(user, e.id), b"meta", raw, _dumps(dict(meta, state="dead")))
+            except (Mismatch, NotFound):  # renamed or moved meanwhile: just retry the whole thing
+                self._done(user, opid)
+                raise DriveError("The folder changed while it was being deleted; please try again.") from None
+        self._recover_rmdir(user, intent, opid)
+        self._done(user, opid)
+
+    def _recover_rmdir(self, user: str, intent: dict, opid: str | None = None) -> None:
+        did = intent["did"]
+        try:
+            _, meta = self._meta(user, did)
+        except ItemNotFound:
+            meta = {"state": "dead"}
+        if meta.get("state") == "live":
+            return  # never marked: the deletion did not start
+        self._remove_entry(user, intent["parent"], intent["name"], did)
+        row = _dir_row(user, did)
+        renewed = self.clock()
+        for col in self.kv.cols(row):
+            if not col.startswith(b"e/"):
+                continue
+            try:
+                child = Entry.decode(col[2:].decode("utf-8"), self.kv.get(row, col))
+            except NotFound:
+                continue
+            if child.is_folder:
+                self._rmdir(user, did, child)
+            else:
+                try:
+                    self._ensure_live(user, child)
+                except ItemNotFound:
+                    pass
+                self._delete_file(user, did, child)
+            if opid and self.clock() - renewed > self.lease_s / 4:
+                self._intent(user, opid, intent)
+                renewed = self.clock()
+        self._delrow(row)
+
+    def _remove_entry(self, user: str, folder: str, name: str, item_id: str) -> None:
+        """Delete folder/e/<name> if it still names `item_id` (rename is refused while deleting)."""
+        row, col = _dir_row(user, folder), _entry_col(name)
+        try:
+            if json.loads(self.kv.get(row, col)).get("id") == item_id:
+                self.kv.delete(row, col)
+        except NotFound:
+            pass
+
+    def _drop_chunks(self, user: str, fid: str, count: int | None, hint: int = 0) -> None:
+        """Delete the chunks of a file: `count` of them, or (unknown count, an
+        abandoned upload) every one from 0 until WINDOW in a row are missing past `hint`."""
+        n, misses = 0, 0
+        while True:
+            if count is not None and n >= count:
+                return
+            try:
+                self.kv.delrow(_chunk_row(user, fid, n))
+                misses = 0
+            except NotFound:
+                misses += 1
+                if count is None and n >= hint and misses > self.window:
+                    return
+            n += 1
+
+    def _delrow(self, row: bytes) -> None:
+        try:
+            self.kv.delrow(row)
+        except NotFound:
+            pass
+
+    # -- rename and move -----------------------------------------------------------------
+
+    def rename(self, user: str, folder: str, name: str, new_name: str, expect_id: str | None = None) -> Entry:
+        return self.move(user, folder, name, folder, new_name, expect_id)
+
+    def move(self, user: str, folder: str, name: str, dest: str, new_name: str | None = None,
+             expect_id: str | None = None) -> Entry:
+        """Move (and/or rename) an item; returns its new entry.
+
+        NameTaken if `dest` already has an item of that name; MoveRefused for
+        a folder moved into itself or its own subtree.
+        """
+        new_name = check_name(new_name if new_name is not None else name)
+        e = self.entry(user, folder, name)
+        if expect_id is not None and e.id != expect_id:
+            raise ItemNotFound(f'"{name}" has changed since the page was shown; reload and try again.')
+        if dest == folder and new_name == e.name:
+            return e
+        self.folder_meta(user, dest)
+        if e.is_folder:
+            self.folder_meta(user, e.id)  # not while it is being deleted
+        if e.is_folder and dest != folder:
+            trail = [fid for fid, _ in self.breadcrumbs(user, dest)]
+            if e.id in trail:
+                raise MoveRefused(f'Cannot move "{e.name}" into itself or one of its own subfolders.')
+        self._ensure_live(user, e)
+        opid = "mv-" + new_id()
+        intent = self._intent(user, opid, {"op": "move", "id": e.id, "kind": e.kind, "src": folder,
+                                           "name": e.name, "dst": dest, "new": new_name})
+        moved = Entry(new_name, e.id, e.kind, e.size, e.mtime, e.type, e.cb)
+        try:
+            self.kv.putnx(_dir_row(user, dest), _entry_col(new_name), moved.encode())
+        except Exists:
+            self._done(user, opid)
+            raise NameTaken(f'An item named "{new_name}" already exists there.') from None
+        self._recover_move(user, intent)
+        self._done(user, opid)
+        return moved
+
+    def _recover_move(self, user: str, intent: dict) -> None:
+        item, dst, new = intent["id"], intent["dst"], intent["new"]
+        try:
+            landed = json.loads(self.kv.get(_dir_row(user, dst), _entry_col(new))).get("id") == item
+        except NotFound:
+            landed = False
+        if not landed:
+            return  # the move never happened
+        if intent["kind"] == "folder":
+            for _ in range(100):
+                try:
+                    raw, meta = self._meta(user, item)
+                except ItemNotFound:
+                    break
+                if meta.get("parent") == dst and meta.get("name") == new:
+                    break
+                try:
+                    self.kv.cput(_dir_row(user, item), b"meta", raw, _dumps(dict(meta, parent=dst, name=new)))
+                    break
+                except (Mismatch, NotFound):
+                    continue
+        self._remove_entry(user, intent["src"], intent["name"], item)
+
+
+class Upload:
+    """One file being stored: write() chunks out as they fill, commit() makes it visible.
+
+    Memory: one chunk being filled plus WINDOW chunks in flight.
+    """
+
+    def __init__(self, drive: Drive, user: str, folder: str, name: str):
+        self.drive = drive
+        self.kv = drive.kv
+        self.user = user
+        self.folder = folder
+        self.name = name
+        self.fid = new_id()
+        self.size = 0
+        self.cb = drive.chunk_bytes
+        self._buf = bytearray()
+        self._n = 0                      # chunks handed to the writers
+        self._inflight: deque = deque()
+        self._done = False
+        self._opid = "up-" + self.fid
+        self._intent = drive._intent(user, self._opid, {"op": "upload", "fid": self.fid,
+                                                        "folder": folder, "n": 0})
+        self._renewed = drive.clock()
+        self._free = drive.quota_bytes - drive.usage(user).used
+
+    def write(self, data: bytes) -> None:
+        if self._done:
+            raise DriveError("This upload is finished.")
+        if not data:
+            return
+        self.size += len(data)
+        if self.size > self._free:
+            raise QuotaExceeded(f"Not enough space: the file is larger than the "
+                                f"{_human(max(0, self._free))} you have free.")
+        buf = self._buf
+        if not buf and len(data) == self.cb:
+            self._flush(bytes(data))
+            return
+        buf += data
+        cb = self.cb
+        if len(buf) >= cb:
+            view = memoryview(buf)
+            full = len(buf) // cb * cb
+            for off in range(0, full, cb):
+                self._flush(bytes(view[off:off + cb]))
+            view.release()
+            del buf[:full]
+
+    def _flush(self, chunk: bytes) -> None:
+        """Hand one chunk to the writers, waiting if WINDOW are already in flight."""
+        while len(self._inflight) >= self.drive.window:
+            self._wait_one()
+        n = self._n
+        self._n += 1
+        row = _chunk_row(self.user, self.fid, n)
+        self._inflight.append(self.drive._submit(self.kv.put, row, _CHUNK, chunk))
+        now = self.drive.clock()
+        if now - self._renewed > self.drive.lease_s / 4:
+            self._intent = self.drive._intent(self.user, self._opid, dict(self._intent, n=self._n))
+            self._renewed = now
+
+    def _wait_one(self) -> None:
+        fut = self._inflight.popleft()
+        if isinstance(fut, Future):
+            fut.result()
+
+    def commit(self, mtime: float | None = None) -> Entry:
+        """Make the file visible: its chunks are all durable first. Returns its entry.
+
+        A taken name gets " (2)", " (3)"... appended (the upload keeps both).
+        """
+        if self._done:
+            raise DriveError("This upload is finished.")
+        if self._buf:
+            self._flush(bytes(self._buf))
+            self._buf = bytearray()
+        while self._inflight:
+            self._wait_one()
+        d, user, fid = self.drive, self.user, self.fid
+        d.folder_meta(user, self.folder)
+        d._hold(user, fid, self.size, charge=True)
+        now = d.clock()
+        e = None
+        row = _dir_row(user, self.folder)
+        for k in range(1, MAX_DUPLICATE_SUFFIX + 1):
+            cand = Entry(numbered(self.name, k), fid, "file", self.size, mtime if mtime is not None else now,
+                         content_type(self.name), self.cb)
+            try:
+                self.kv.putnx(row, _entry_col(cand.name), cand.encode())
+                e = cand
+                break
+            except Exists:
+                continue
+        if e is None:
+            d._settle(user, fid, live=False)
+            raise NameTaken(f'Too many items named like "{self.name}" in this folder.')
+        if d._decide(user, fid, "live") != "live":
+            # We were so slow that a sweeper gave the upload up (and settled
+            # the state "dead"): undo what we did since, chunks included.
+            d._remove_entry(user, self.folder, e.name, fid)
+            d._settle(user, fid, live=False)
+            d._drop_chunks(user, fid, self._n)
+            self._done = True
+            raise DriveError("The upload took too long and was cancelled; please try again.")
+        d._settle(user, fid, live=True)
+        d._done(user, self._opid)
+        self._done = True
+        return e
+
+    def abort(self) -> None:
+        """Give the upload up: delete what was written (best effort; the sweeper does the rest)."""
+        if self._done:
+            return
+        self._done = True
+        try:
+            while self._inflight:
+                try:
+                    self._wait_one()
+                except Exception:
+                    pass
+            if self.drive._decide(self.user, self.fid, "dead") == "dead":
+                self.drive._settle(self.user, self.fid, live=False)
+                self.drive._drop_chunks(self.user, self.fid, self._n)
+                self.drive._tomb(self.user, self.fid)
+            self.drive._done(self.user, self._opid)
+        except Exception:
+            log.warning("could not clean up an aborted upload now; the sweeper will", exc_info=True)
+
+
+def _human(n: int) -> str:
+    """1536 -> "1.5 KiB": sizes as people read them."""
+    size = float(n)
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            if unit == "bytes":
+                return f"{int(size)} byte" + ("" if int(size) == 1 else "s")
+            return f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} bytes"
+
+
+human_size = _human

@@ -1,0 +1,506 @@
+"""The drive data model (src/drive.py) over MemoryKV: round trips, names,
+trees, quota, races and crash recovery of every multi-step operation."""
+
+import os
+import random
+import threading
+
+import pytest
+
+from src.drive import (JOURNAL_SHARDS, Damaged, Drive, DriveError, InvalidName, ItemNotFound, MoveRefused,
+                       NameTaken, QuotaExceeded, check_name, numbered)
+from src.kv import MemoryKV
+
+CB = 64  # a small chunk size, so "many chunks" is cheap
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1_000_000.0
+
+    def __call__(self):
+        return self.t
+
+
+@pytest.fixture
+def kv():
+    return MemoryKV()
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def drive(kv, clock):
+    d = Drive(kv, chunk_bytes=CB, quota_bytes=10_000, lease_s=60, clock=clock)
+    yield d
+    d.close()
+
+
+def read_all(d, user, e, start=0, end=None):
+    return b"".join(bytes(p) for p in d.read(user, e, start, end))
+
+
+def chunk_rows(kv, user):
+    return sorted(r for r in kv._rows if r.startswith(f"drive/c/{user}/".encode()))
+
+
+def journal(kv):
+    return [c for k in range(JOURNAL_SHARDS) for c in kv.cols(f"drive/j/{k}")]
+
+
+@pytest.mark.parametrize("size", [0, 1, CB - 1, CB, CB + 1, 7 * CB + 13, 20 * CB])
+@pytest.mark.parametrize("window", [1, 4])
+def test_round_trip_sizes(kv, clock, size, window):
+    d = Drive(kv, chunk_bytes=CB, quota_bytes=10_000, window=window, clock=clock)
+    root = d.root("alice")
+    data = os.urandom(size)
+    # Feed it in uneven pieces, as a socket would.
+    pieces, i, rng = [], 0, random.Random(size)
+    while i < size:
+        n = rng.randint(1, 3 * CB)
+        pieces.append(data[i:i + n])
+        i += n
+    e = d.upload("alice", root, "blob.bin", pieces)
+    assert e.size == size and e.name == "blob.bin"
+    assert read_all(d, "alice", e) == data
+    assert [x.name for x in d.listing("alice", root)] == ["blob.bin"]
+    assert len(chunk_rows(kv, "alice")) == -(-size // CB)
+    assert d.usage("alice").used == size
+    assert journal(kv) == []
+    d.close()
+
+
+def test_ranges_at_edges(drive):
+    root = drive.root("alice")
+    data = os.urandom(5 * CB + 7)
+    e = drive.upload("alice", root, "r.bin", data)
+    n = len(data)
+    for start, end in [(0, 0), (0, CB - 1), (CB - 1, CB), (CB, CB), (CB, 2 * CB - 1), (n - 1, n - 1),
+                       (3, n - 1), (2 * CB + 5, 4 * CB + 1), (0, n - 1)]:
+        assert read_all(drive, "alice", e, start, end) == data[start:end + 1], (start, end)
+
+
+def test_names_refused_with_clear_messages(drive):
+    root = drive.root("alice")
+    cases = {"": "empty", "   ": "empty", ".": "cannot be used", "..": "cannot be used",
+             "a/b": '"/"', "a\x00b": "NUL", "a\nb": "control", "x" * 256: "255 bytes",
+             "é" * 128: "255 bytes"}
+    for bad, why in cases.items():
+        with pytest.raises(InvalidName, match=why):
+            drive.mkdir("alice", root, bad)
+        with pytest.raises(InvalidName):
+            drive.upload("alice", root, bad, b"x")
+    assert drive.listing("alice", root) == []
+    assert chunk_rows(drive.kv, "alice") == []
+
+
+def test_names_with_spaces_and_unicode(drive):
+    root = drive.root("alice")
+    names = ["my file.txt", " leading and trailing ", "Ünïcödé ファイル 文件.pdf", "emoji 🎉.png",
+             "x" * 255, "é" * 127, "100% 'quotes' \"and\" ;semicolons;", ".hidden", "..."]
+    for name in names:
+        drive.upload("alice", root, name, name.encode())
+    listed = {e.name: e for e in drive.listing("alice", root)}
+    assert set(listed) == set(names)
+    for name in names:
+        assert read_all(drive, "alice", drive.entry("alice", root, name)) == name.encode()
+    # Unicode NFC: a decomposed "é" finds the composed one.
+    drive.upload("alice", root, "caf\u00e9", b"1")
+    assert drive.entry("alice", root, "cafe\u0301").name == "caf\u00e9"
+
+
+def test_numbered():
+    assert numbered("report.pdf", 2) == "report (2).pdf"
+    assert numbered("Photos", 3) == "Photos (3)"
+    assert numbered(".bashrc", 2) == ".bashrc (2)"
+    long = "y" * 250 + ".txt"
+    assert len(numbered(long, 12).encode()) <= 255 and numbered(long, 12).endswith(" (12).txt")
+    assert check_name(numbered("z" * 255, 999)) is not None
+
+
+def test_upload_same_name_keeps_both(drive):
+    root = drive.root("alice")
+    a = drive.upload("alice", root, "a.txt", b"first")
+    b = drive.upload("alice", root, "a.txt", b"second")
+    c = drive.upload("alice", root, "a.txt", b"third")
+    assert (a.name, b.name, c.name) == ("a.txt", "a (2).txt", "a (3).txt")
+    assert read_all(drive, "alice", drive.entry("alice", root, "a.txt")) == b"first"
+    assert read_all(drive, "alice", drive.entry("alice", root, "a (3).txt")) == b"third"
+    with pytest.raises(NameTaken):
+        drive.mkdir("alice", root, "a.txt")
+
+
+def test_concurrent_uploads_of_one_name_lose_nothing(kv, clock):
+    d = Drive(kv, chunk_bytes=CB, quota_bytes=10**6, clock=clock)
+    root = d.root("alice")
+    payloads = [os.urandom(3 * CB + i) for i in range(8)]
+    errors = []
+
+    def up(p):
+        try:
+            d.upload("alice", root, "same.bin", p)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=up, args=(p,)) for p in payloads]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert not errors
+    entries = d.listing("alice", root)
+    assert len(entries) == 8 and len({e.name for e in entries}) == 8
+    assert sorted(read_all(d, "alice", e) for e in entries) == sorted(payloads)
+    assert d.usage("alice").used == sum(map(len, payloads))
+    d.close()
+
+
+def test_concurrent_mkdir_and_rename_races(drive):
+    root = drive.root("alice")
+    results, lock = [], threading.Lock()
+
+    def mk():
+        try:
+            drive.mkdir("alice", root, "Shared")
+            r = "ok"
+        except NameTaken:
+            r = "taken"
+        with lock:
+            results.append(r)
+
+    threads = [threading.Thread(target=mk) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert sorted(results) == ["ok"] + ["taken"] * 5
+    # Two renames of different files to one name: exactly one wins.
+    drive.upload("alice", root, "a", b"A")
+    drive.upload("alice", root, "b", b"B")
+    outcome = []
+
+    def ren(src):
+        try:
+            drive.rename("alice", root, src, "target")
+            outcome.append(src)
+        except NameTaken:
+            outcome.append("taken")
+
+    ts = [threading.Thread(target=ren, args=(s,)) for s in ("a", "b")]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(10)
+    assert sorted(outcome)[1] == "taken"
+    names = sorted(e.name for e in drive.listing("alice", root))
+    assert names == sorted(["Shared", "target", "b" if outcome.count("a") else "a"])
+    winner = outcome[0] if outcome[0] != "taken" else outcome[1]
+    assert read_all(drive, "alice", drive.entry("alice", root, "target")) == winner.upper().encode()
+
+
+def build_tree(d, user, root, depth=6):
+    """root/d0/d1/.../d5, each with a file; returns the folder ids."""
+    ids = []
+    parent = root
+    for i in range(depth):
+        f = d.mkdir(user, parent, f"d{i}")
+        d.upload(user, f.id, f"file{i}.bin", os.urandom(CB * 2 + i))
+        ids.append(f.id)
+        parent = f.id
+    return ids
+
+
+def test_deep_tree_rename_move_delete(drive, kv, clock):
+    root = drive.root("alice")
+    ids = build_tree(drive, "alice", root)
+    deepest = ids[-1]
+    assert [n for _, n in drive.breadcrumbs("alice", deepest)] == ["", "d0", "d1", "d2", "d3", "d4", "d5"]
+    # Renaming the top folder touches only its entry and meta: the subtree is unchanged.
+    before = {r: dict(c) for r, c in kv._rows.items() if r.startswith(f"drive/d/alice/{ids[3]}".encode())}
+    drive.rename("alice", root, "d0", "top")
+    after = {r: dict(c) for r, c in kv._rows.items() if r.startswith(f"drive/d/alice/{ids[3]}".encode())}
+    assert before == after
+    assert [n for _, n in drive.breadcrumbs("alice", deepest)][:2] == ["", "top"]
+    # Moving a folder into its own subtree (or itself) is refused.
+    with pytest.raises(MoveRefused):
+        drive.move("alice", root, "top", ids[4])
+    with pytest.raises(MoveRefused):
+        drive.move("alice", root, "top", ids[0])
+    # Move d3 (with d4, d5) up to the root.
+    drive.move("alice", ids[2], "d3", root)
+    assert [n for _, n in drive.breadcrumbs("alice", deepest)] == ["", "d3", "d4", "d5"]
+    assert sorted(e.name for e in drive.listing("alice", root)) == ["d3", "top"]
+    assert [e.name for e in drive.listing("alice", ids[2])] == ["file2.bin"]
+    used = drive.usage("alice").used
+    # Delete the whole "top" tree: its chunks and rows are gone, the quota is refunded.
+    drive.delete("alice", root, "top")
+    assert [e.name for e in drive.listing("alice", root)] == ["d3"]
+    for fid in ids[:3]:
+        with pytest.raises(ItemNotFound):
+            drive.listing("alice", fid)
+        assert not kv.cols(f"drive/d/alice/{fid}")
+    assert drive.usage("alice").used == used - sum(CB * 2 + i for i in range(3))
+    drive.delete("alice", root, "d3")
+    assert drive.listing("alice", root) == []
+    assert chunk_rows(kv, "alice") == []
+    assert drive.usage("alice").used == 0
+    # Only the tombstones of deleted files remain, and they expire.
+    assert journal(kv) and all(b"/tb-" in c for c in journal(kv))
+    clock.t += 10_000
+    drive.sweep()
+    assert journal(kv) == []
+    assert not [r for r in kv._rows if r.startswith(b"drive/f/")]
+
+
+def test_move_name_conflict_and_dead_target(drive):
+    root = drive.root("alice")
+    a = drive.mkdir("alice", root, "A")
+    drive.upload("alice", root, "x.txt", b"root x")
+    drive.upload("alice", a.id, "x.txt", b"a x")
+    with pytest.raises(NameTaken):
+        drive.move("alice", root, "x.txt", a.id)
+    moved = drive.move("alice", root, "x.txt", a.id, "y.txt")
+    assert read_all(drive, "alice", moved) == b"root x"
+    drive.delete("alice", root, "A")
+    drive.upload("alice", root, "z", b"z")
+    with pytest.raises(ItemNotFound):
+        drive.move("alice", root, "z", a.id)
+
+
+def test_users_are_isolated(drive):
+    ra = drive.root("alice")
+    rb = drive.root("bob")
+    assert ra != rb
+    f = drive.mkdir("alice", ra, "private")
+    e = drive.upload("alice", f.id, "secret.txt", b"alice only")
+    # Bob, knowing every id of alice's, finds nothing.
+    for call in (lambda: drive.listing("bob", ra), lambda: drive.listing("bob", f.id),
+                 lambda: drive.entry("bob", f.id, "secret.txt"),
+                 lambda: drive.delete("bob", f.id, "secret.txt"),
+                 lambda: drive.delete("bob", ra, "private"),
+                 lambda: drive.rename("bob", f.id, "secret.txt", "mine.txt"),
+                 lambda: drive.move("bob", f.id, "secret.txt", rb),
+                 lambda: drive.mkdir("bob", f.id, "intruder"),
+                 lambda: drive.upload("bob", f.id, "planted.txt", b"x"),
+                 lambda: drive.breadcrumbs("bob", f.id)):
+        with pytest.raises(ItemNotFound):
+            call()
+    # Reading with alice's entry but as bob: no chunks under bob's rows.
+    with pytest.raises(Damaged):
+        read_all(drive, "bob", e)
+    assert read_all(drive, "alice", drive.entry("alice", f.id, "secret.txt")) == b"alice only"
+    assert drive.listing("bob", rb) == []
+
+
+def test_bad_ids_are_not_found(drive):
+    drive.root("alice")
+    for bad in ["", "root", "../x", "a" * 5000, "0" * 31, "G" * 32]:
+        with pytest.raises(ItemNotFound):
+            drive.listing("alice", bad)
+
+
+def test_quota(kv, clock):
+    d = Drive(kv, chunk_bytes=CB, quota_bytes=1000, clock=clock)
+    root = d.root("alice")
+    d.upload("alice", root, "a", b"x" * 600)
+    with pytest.raises(QuotaExceeded, match="Not enough space"):
+        d.upload("alice", root, "b", b"y" * 401)
+    assert [e.name for e in d.listing("alice", root)] == ["a"]
+    assert len(chunk_rows(kv, "alice")) == -(-600 // CB)  # the refused upload left nothing
+    d.upload("alice", root, "c", b"z" * 400)
+    assert d.usage("alice").used == 1000
+    with pytest.raises(QuotaExceeded):
+        d.start_upload("alice", root, "d", size_hint=10**6)
+    d.delete("alice", root, "a")
+    assert d.usage("alice").used == 400
+    assert d.usage("bob").used == 0
+    d.close()
+
+
+# -- crash recovery: each multi-step operation stopped after every step --------------
+
+class Crash(Exception):
+    pass
+
+
+class CrashingKV(MemoryKV):
+    """MemoryKV that raises Crash instead of performing the n-th write."""
+
+    def __init__(self):
+        super().__init__()
+        self.countdown = None
+
+    def _tick(self):
+        if self.countdown is not None:
+            self.countdown -= 1
+            if self.countdown < 0:
+                raise Crash()
+
+    def put(self, *a):
+        self._tick()
+        return super().put(*a)
+
+    def putnx(self, *a):
+        self._tick()
+        return super().putnx(*a)
+
+    def cput(self, *a):
+        self._tick()
+        return super().cput(*a)
+
+    def delete(self, *a):
+        self._tick()
+        return super().delete(*a)
+
+    def delrow(self, *a):
+        self._tick()
+        return super().delrow(*a)
+
+
+def visible_files(d, user, root):
+    return {e.name: e for e in d.listing(user, root)}
+
+
+def settle(d, clock):
+    """What happens after the crashed frontend's leases run out: a sweep."""
+    clock.t += 10_000
+    d.sweep()
+    clock.t += 10_000  # and the tombstones expire
+    d.sweep()
+    assert d.sweep() == 0
+
+
+def test_upload_crash_at_every_write(clock):
+    data = os.urandom(5 * CB + 3)
+    step = 0
+    while True:
+        kv = CrashingKV()
+        d = Drive(kv, chunk_bytes=CB, quota_bytes=10_000, window=1, clock=clock)
+        root = d.root("alice")
+        kv.countdown = step
+        try:
+            d.upload("alice", root, "f.bin", data)
+            finished = True
+        except Crash:
+            finished = False
+        kv.countdown = None
+        # Right after the crash: either the whole file or nothing.
+        files = visible_files(d, "alice", root)
+        if "f.bin" in files:
+            assert read_all(d, "alice", files["f.bin"]) == data
+        settle(d, clock)
+        files = visible_files(d, "alice", root)
+        assert journal(kv) == []
+        if "f.bin" in files:
+            assert read_all(d, "alice", files["f.bin"]) == data
+            assert d.usage("alice").used == len(data)
+            assert len(chunk_rows(kv, "alice")) == 6
+        else:
+            assert chunk_rows(kv, "alice") == [], step  # orphaned chunks reclaimed
+            assert d.usage("alice").used == 0
+            assert not [r for r in kv._rows if r.startswith(b"drive/f/")]
+        d.close()
+        if finished:
+            break
+        step += 1
+    assert step > 8
+
+
+def test_delete_crash_at_every_write(clock):
+    step = 0
+    while True:
+        kv = CrashingKV()
+        d = Drive(kv, chunk_bytes=CB, quota_bytes=10_000, window=1, clock=clock)
+        root = d.root("alice")
+        top = d.mkdir("alice", root, "top")
+        sub = d.mkdir("alice", top.id, "sub")
+        d.upload("alice", sub.id, "deep.bin", os.urandom(3 * CB))
+        d.upload("alice", top.id, "mid.bin", os.urandom(2 * CB))
+        keep = d.upload("alice", root, "keep.bin", b"keep me")
+        kv.countdown = step
+        try:
+            d.delete("alice", root, "top")
+            finished = True
+        except Crash:
+            finished = False
+        kv.countdown = None
+        settle(d, clock)
+        names = set(visible_files(d, "alice", root))
+        assert "keep.bin" in names
+        assert journal(kv) == []
+        if "top" not in names:
+            # Deleted (finished by the sweeper if need be): nothing of it is left.
+            assert [r for r in chunk_rows(kv, "alice") if keep.id not in r.decode()] == []
+            assert d.usage("alice").used == len(b"keep me")
+        else:
+            # Not started: everything is intact, and deleting again works.
+            d.delete("alice", root, "top")
+            assert d.usage("alice").used == len(b"keep me")
+        assert len(chunk_rows(kv, "alice")) == 1
+        d.close()
+        if finished:
+            break
+        step += 1
+    assert step > 10
+
+
+def test_move_crash_at_every_write(clock):
+    step = 0
+    while True:
+        kv = CrashingKV()
+        d = Drive(kv, chunk_bytes=CB, quota_bytes=10_000, window=1, clock=clock)
+        root = d.root("alice")
+        a = d.mkdir("alice", root, "A")
+        b = d.mkdir("alice", root, "B")
+        d.upload("alice", a.id, "f", b"data")
+        inner = d.mkdir("alice", a.id, "inner")
+        kv.countdown = step
+        try:
+            d.move("alice", a.id, "inner", b.id, "renamed")
+            d.move("alice", a.id, "f", b.id)
+            finished = True
+        except Crash:
+            finished = False
+        kv.countdown = None
+        settle(d, clock)
+        in_a = {e.name for e in d.listing("alice", a.id)}
+        in_b = {e.name for e in d.listing("alice", b.id)}
+        # Each item is in exactly one place, and a moved folder knows its new parent.
+        assert len(in_a & {"f"}) + len(in_b & {"f"}) == 1
+        assert len(in_a & {"inner"}) + len(in_b & {"renamed"}) == 1
+        trail = [n for _, n in d.breadcrumbs("alice", inner.id)]
+        assert trail == (["", "B", "renamed"] if "renamed" in in_b else ["", "A", "inner"])
+        assert journal(kv) == []
+        d.close()
+        if finished:
+            break
+        step += 1
+
+
+def test_slow_upload_given_up_by_sweeper_fails_cleanly(drive, clock, kv):
+    root = drive.root("alice")
+    up = drive.start_upload("alice", root, "slow.bin")
+    up.write(os.urandom(3 * CB))
+    clock.t += 10_000
+    assert drive.sweep() == 1
+    with pytest.raises(DriveError, match="too long"):
+        up.commit()
+    assert visible_files(drive, "alice", root) == {}
+    assert drive.sweep() == 0
+    clock.t += 10_000
+    assert drive.sweep() == 1  # the tombstone
+    assert chunk_rows(kv, "alice") == []
+    assert drive.usage("alice").used == 0
+
+
+def test_sweep_leaves_live_operations_alone(drive, clock, kv):
+    root = drive.root("alice")
+    up = drive.start_upload("alice", root, "busy.bin")
+    up.write(os.urandom(2 * CB))
+    assert drive.sweep() == 0  # lease not expired
+    e = up.commit()
+    assert read_all(drive, "alice", e) is not None
+    assert journal(kv) == []
