@@ -1,0 +1,234 @@
+"""A tablet: layers, recovery, checkpoints (including a crash in the middle),
+catch-up records and snapshots."""
+
+import os
+import random
+import shutil
+import threading
+
+import pytest
+
+from kvserver.checkpoint import BlockCache, CheckpointReader, CorruptCheckpoint, write_checkpoint
+from kvserver.tablet import CHECKPOINT, CHECKPOINT_TMP, Memtable, Tablet, TabletError, _merge
+from kvserver.wal import DEL, DELROW, SET, Effect, LogRecord, read_segment
+
+
+def open_tablet(path, **kw):
+    return Tablet(3, str(path), BlockCache(1 << 20), **kw).open()
+
+
+def model_apply(model, e):
+    if e.kind == SET:
+        model.setdefault(e.row, {})[e.col] = e.value
+    elif e.kind == DEL:
+        model.get(e.row, {}).pop(e.col, None)
+        if not model.get(e.row, True):
+            del model[e.row]
+    else:
+        model.pop(e.row, None)
+
+
+def check(t, model):
+    for row, cells in model.items():
+        assert t.cols(row) == sorted(cells), row
+        for col, v in cells.items():
+            assert t.get(row, col) == v, (row, col)
+    assert t.rows(None, 10**6) == sorted(model)
+
+
+def random_effects(n, seed=0, rows=30):
+    rnd = random.Random(seed)
+    out = []
+    for _ in range(n):
+        row = b"r%02d" % rnd.randrange(rows)
+        k = rnd.random()
+        if k < 0.75:
+            size = rnd.choice([1, 10, 200, 6000])
+            out.append(Effect(SET, row, b"c%d" % rnd.randrange(5), rnd.randbytes(size)))
+        elif k < 0.95:
+            out.append(Effect(DEL, row, b"c%d" % rnd.randrange(5)))
+        else:
+            out.append(Effect(DELROW, row))
+    return out
+
+
+def test_writes_survive_reopen_through_log_and_checkpoints(tmp_path):
+    t = open_tablet(tmp_path)
+    model = {}
+    for i, e in enumerate(random_effects(600)):
+        t.write(e)
+        model_apply(model, e)
+        if i in (200, 400):
+            assert t.checkpoint()
+            check(t, model)
+    check(t, model)
+    t.close()
+    t2 = open_tablet(tmp_path)
+    assert t2.last_seq == 600 and t2.checkpoint_seq == 401
+    check(t2, model)
+
+
+def test_delrow_hides_checkpointed_cells_and_new_cells_show(tmp_path):
+    t = open_tablet(tmp_path)
+    t.write(Effect(SET, b"a", b"x", b"1"))
+    t.write(Effect(SET, b"a", b"y", b"2"))
+    t.checkpoint()
+    t.write(Effect(DELROW, b"a"))
+    t.write(Effect(SET, b"a", b"z", b"3"))
+    assert t.cols(b"a") == [b"z"] and t.get(b"a", b"x") is None
+    t.write(Effect(DEL, b"a", b"z"))
+    assert t.cols(b"a") == [] and t.rows(None, 10) == []
+    t.checkpoint()
+    assert t.cols(b"a") == [] and t.get(b"a", b"y") is None
+
+
+def test_crash_between_checkpoint_and_log_truncation(tmp_path):
+    """Do a checkpoint's steps by hand and 'crash' after the rename, before
+    the log is truncated: nothing lost, nothing applied twice."""
+    t = open_tablet(tmp_path)
+    model = {}
+    effects = random_effects(300, seed=5)
+    for e in effects[:200]:
+        t.write(e)
+        model_apply(model, e)
+    t.close()
+    # step 1: write the checkpoint of the state at seq 200 to a temp file
+    mem = Memtable()
+    for rec in read_segment(os.path.join(tmp_path, sorted(os.listdir(tmp_path))[0])).records:
+        mem.apply(rec.effect)
+    write_checkpoint(os.path.join(tmp_path, CHECKPOINT_TMP), _merge(None, mem), 200, 0)
+    # step 2: rename it into place; crash before the log is truncated
+    os.replace(os.path.join(tmp_path, CHECKPOINT_TMP), os.path.join(tmp_path, CHECKPOINT))
+    t2 = open_tablet(tmp_path)
+    assert t2.checkpoint_seq == 200 and t2.last_seq == 200
+    assert t2.replayed == 0                    # the 200 covered records were not applied again
+    check(t2, model)
+    for e in effects[200:]:
+        t2.write(e)
+        model_apply(model, e)
+    t2.close()
+    t3 = open_tablet(tmp_path)
+    assert t3.last_seq == 300 and t3.replayed == 100
+    check(t3, model)
+
+
+def test_unfinished_checkpoint_temp_file_is_ignored(tmp_path):
+    t = open_tablet(tmp_path)
+    t.write(Effect(SET, b"a", b"b", b"c"))
+    t.close()
+    (tmp_path / CHECKPOINT_TMP).write_bytes(b"half a checkpoint")
+    t = open_tablet(tmp_path)
+    assert t.get(b"a", b"b") == b"c" and not (tmp_path / CHECKPOINT_TMP).exists()
+
+
+def test_corrupt_checkpoint_refuses_to_open(tmp_path):
+    t = open_tablet(tmp_path)
+    t.write(Effect(SET, b"a", b"b", b"c"))
+    t.checkpoint()
+    t.close()
+    p = tmp_path / CHECKPOINT
+    data = bytearray(p.read_bytes())
+    data[-20] ^= 0x55
+    p.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpoint):
+        open_tablet(tmp_path)
+
+
+def test_cells_are_read_from_the_checkpoint_without_loading_the_tablet(tmp_path):
+    t = open_tablet(tmp_path)
+    for i in range(2000):
+        t.write(Effect(SET, b"row%04d" % i, b"c", b"v" * 300))
+    t.checkpoint()
+    t.close()
+    cache = BlockCache(64 * 1024)
+    t = Tablet(3, str(tmp_path), cache).open()
+    assert t.memtable_bytes == 0                 # nothing loaded at open
+    assert t.get(b"row1234", b"c") == b"v" * 300
+    assert cache.misses == 1                     # one block read
+    for i in range(0, 2000, 7):
+        assert t.get(b"row%04d" % i, b"c") == b"v" * 300
+    assert cache.bytes <= 64 * 1024
+
+
+def test_checkpoint_does_not_block_writers(tmp_path):
+    t = open_tablet(tmp_path)
+    for i in range(300):
+        t.write(Effect(SET, b"r%d" % i, b"c", os.urandom(1000)))
+    stop = threading.Event()
+    written = []
+
+    def writer():
+        i = 0
+        while not stop.is_set() and i < 2000:
+            t.write(Effect(SET, b"w", b"c%d" % i, b"%d" % i))
+            written.append(i)
+            i += 1
+
+    th = threading.Thread(target=writer)
+    th.start()
+    for _ in range(3):
+        t.checkpoint()
+    stop.set()
+    th.join(30)
+    assert t.cols(b"w") == sorted(b"c%d" % i for i in written)
+    t.close()
+    t = open_tablet(tmp_path)
+    assert t.cols(b"w") == sorted(b"c%d" % i for i in written)
+    segs = [n for n in os.listdir(tmp_path) if n.endswith(".wal")]
+    assert len(segs) <= 2                        # covered segments removed, one kept
+
+
+def test_records_after_and_replicated_append(tmp_path):
+    prim = open_tablet(tmp_path / "p")
+    sec = open_tablet(tmp_path / "s")
+    for e in random_effects(50, seed=2):
+        prim.write(e)
+    recs = prim.records_after(0)
+    assert [r.seq for r in recs] == list(range(1, 51))
+    for r in recs[:30]:
+        assert sec.append_replicated(r)
+    assert not sec.append_replicated(recs[10])  # already held: ignored
+    prim.checkpoint()
+    for e in random_effects(20, seed=3):
+        prim.write(e)
+    # the previous segment is kept, so catching up from 30 is incremental
+    more = prim.records_after(sec.last_seq)
+    assert [r.seq for r in more] == list(range(31, 71))
+    for r in more:
+        sec.append_replicated(r)
+    assert sec.rows(None, 1000) == prim.rows(None, 1000)
+    for row in prim.rows(None, 1000):
+        assert sec.cols(row) == prim.cols(row)
+    prim.checkpoint()
+    for e in random_effects(5, seed=4):
+        prim.write(e)
+    prim.checkpoint()
+    assert prim.records_after(10) is None        # too far behind: needs a snapshot
+
+
+def test_snapshot_installs_on_a_fresh_replica(tmp_path):
+    prim = open_tablet(tmp_path / "p")
+    model = {}
+    for i, e in enumerate(random_effects(200, seed=9)):
+        prim.write(e)
+        model_apply(model, e)
+        if i == 120:
+            prim.checkpoint()
+    snap = prim.snapshot()
+    assert snap.last_seq == 121 and [r.seq for r in snap.records] == list(range(122, 201))
+    sec = open_tablet(tmp_path / "s")
+    sec.write(Effect(SET, b"stale", b"x", b"y"))
+    sec.install_snapshot(snap.checkpoint_chunks(), snap.records)
+    assert sec.last_seq == 200
+    check(sec, model)
+    sec.close()
+    sec = open_tablet(tmp_path / "s")
+    check(sec, model)
+    assert sec.get(b"stale", b"x") is None
+
+
+def test_closed_tablet_refuses_writes(tmp_path):
+    t = open_tablet(tmp_path)
+    t.close(abandon=True)
+    with pytest.raises(TabletError):
+        t.write(Effect(SET, b"a", b"b", b"c"))
