@@ -46,6 +46,7 @@ import time
 import unicodedata
 import zlib
 from collections import deque
+from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
@@ -62,6 +63,7 @@ WINDOW = 4                    # chunk reads/writes in flight per transfer
 MAX_DEPTH = 256               # deepest folder nesting we follow (breadcrumbs, cycle guard)
 MAX_DUPLICATE_SUFFIX = 1000   # "name (2)" ... "name (1000)"
 MAX_TREE_FOLDERS = 5000       # the folder picker lists at most this many
+LOCK_WAIT_S = 5.0             # how long a folder move waits for another one to finish
 
 
 # -- errors ---------------------------------------------------------------------
@@ -327,6 +329,9 @@ class Drive:
 
     def entry(self, user: str, folder: str, name: str) -> Entry:
         """One child by name, or ItemNotFound."""
+        return self._entry_raw(user, folder, name)[1]
+
+    def _entry_raw(self, user: str, folder: str, name: str) -> tuple[bytes, Entry]:
         if not isinstance(folder, str) or not _ID_RE.match(folder):
             raise ItemNotFound("That folder does not exist.")
         try:
@@ -337,7 +342,30 @@ class Drive:
             raw = self.kv.get(_dir_row(user, folder), _entry_col(name))
         except NotFound:
             raise ItemNotFound(f'There is no item named "{name}" here.') from None
-        return Entry.decode(name, raw)
+        return raw, Entry.decode(name, raw)
+
+    def _claim(self, user: str, folder: str, raw: bytes, e: Entry, opid: str) -> None:
+        """Mark the entry as taken by operation `opid` (CPUT from what we read).
+
+        Of two operations on one item (a move and a delete, two moves), only
+        the first to claim it goes on; the other sees the item has changed.
+        """
+        d = json.loads(raw)
+        d["op"] = opid
+        try:
+            self.kv.cput(_dir_row(user, folder), _entry_col(e.name), raw, _dumps(d))
+        except (Mismatch, NotFound):
+            raise ItemNotFound(f'"{e.name}" has just been changed or removed; reload and try again.') from None
+
+    def _put_entry(self, user: str, folder: str, e: Entry) -> None:
+        """PUTNX the entry (Exists if the name is taken), then make sure the
+        folder was not deleted meanwhile (else its purge could miss the entry)."""
+        self.kv.putnx(_dir_row(user, folder), _entry_col(e.name), e.encode())
+        try:
+            self.folder_meta(user, folder)
+        except ItemNotFound:
+            self._remove_entry(user, folder, e.name, e.id)
+            raise
 
     def mkdir(self, user: str, parent: str, name: str) -> Entry:
         """A new empty folder; NameTaken if the parent has an item of that name."""
@@ -349,10 +377,13 @@ class Drive:
                     _dumps({"name": name, "parent": parent, "state": "live", "created": now}))
         e = Entry(name=name, id=did, kind="folder", mtime=now)
         try:
-            self.kv.putnx(_dir_row(user, parent), _entry_col(name), e.encode())
+            self._put_entry(user, parent, e)
         except Exists:
             self._delrow(_dir_row(user, did))
             raise NameTaken(f'An item named "{name}" already exists in this folder.') from None
+        except ItemNotFound:
+            self._delrow(_dir_row(user, did))
+            raise
         return e
 
     def folders(self, user: str) -> list[tuple[str, str, int]]:
@@ -636,15 +667,22 @@ class Drive:
 
     def delete(self, user: str, folder: str, name: str, expect_id: str | None = None) -> Entry:
         """Delete a file, or a folder with everything in it. Returns what was deleted."""
-        e = self.entry(user, folder, name)
+        raw, e = self._entry_raw(user, folder, name)
         if expect_id is not None and e.id != expect_id:
             raise ItemNotFound(f'"{name}" has changed since the page was shown; reload and try again.')
+        self._delete_entry(user, folder, raw, e)
+        return e
+
+    def _delete_entry(self, user: str, folder: str, raw: bytes, e: Entry) -> None:
+        self._claim(user, folder, raw, e, "rm")
         if e.is_folder:
             self._rmdir(user, folder, e)
         else:
-            self._ensure_live(user, e)
+            try:
+                self._ensure_live(user, e)
+            except ItemNotFound:
+                pass  # dead already: finish its deletion below
             self._delete_file(user, folder, e)
-        return e
 
     def _delete_file(self, user: str, folder: str, e: Entry) -> None:
         opid = "rm-" + e.id
@@ -700,17 +738,10 @@ class Drive:
             if not col.startswith(b"e/"):
                 continue
             try:
-                child = Entry.decode(col[2:].decode("utf-8"), self.kv.get(row, col))
-            except NotFound:
-                continue
-            if child.is_folder:
-                self._rmdir(user, did, child)
-            else:
-                try:
-                    self._ensure_live(user, child)
-                except ItemNotFound:
-                    pass
-                self._delete_file(user, did, child)
+                raw = self.kv.get(row, col)
+                self._delete_entry(user, did, raw, Entry.decode(col[2:].decode("utf-8"), raw))
+            except (NotFound, ItemNotFound):
+                continue  # moved out or deleted meanwhile
             if opid and self.clock() - renewed > self.lease_s / 4:
                 self._intent(user, opid, intent)
                 renewed = self.clock()
@@ -760,7 +791,7 @@ class Drive:
         a folder moved into itself or its own subtree.
         """
         new_name = check_name(new_name if new_name is not None else name)
-        e = self.entry(user, folder, name)
+        raw, e = self._entry_raw(user, folder, name)
         if expect_id is not None and e.id != expect_id:
             raise ItemNotFound(f'"{name}" has changed since the page was shown; reload and try again.')
         if dest == folder and new_name == e.name:
@@ -769,19 +800,61 @@ class Drive:
         if e.is_folder:
             self.folder_meta(user, e.id)  # not while it is being deleted
         if e.is_folder and dest != folder:
-            trail = [fid for fid, _ in self.breadcrumbs(user, dest)]
-            if e.id in trail:
-                raise MoveRefused(f'Cannot move "{e.name}" into itself or one of its own subfolders.')
+            # Two folder moves at once could each pass the check below and
+            # make a cycle (A into B, B into A): such moves take turns.
+            with self._tree_lock(user):
+                trail = [fid for fid, _ in self.breadcrumbs(user, dest)]
+                if e.id in trail:
+                    raise MoveRefused(f'Cannot move "{e.name}" into itself or one of its own subfolders.')
+                return self._move(user, folder, raw, e, dest, new_name)
+        return self._move(user, folder, raw, e, dest, new_name)
+
+    @contextmanager
+    def _tree_lock(self, user: str):
+        """A per-user lock cell with a lease (PUTNX to take, CPUT to take over an expired one)."""
+        row, col = _user_row(user), b"treelock"
+        mine = _dumps({"token": new_id(), "expires": self.clock() + self.lease_s})
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                self.kv.putnx(row, col, mine)
+                break
+            except Exists:
+                pass
+            try:
+                raw = self.kv.get(row, col)
+                if json.loads(raw).get("expires", 0) < self.clock():
+                    self.kv.cput(row, col, raw, mine)
+                    break
+            except (NotFound, Mismatch):
+                continue
+            if time.monotonic() > deadline:
+                raise DriveError("Another move is in progress in your drive; please try again.")
+            time.sleep(0.01)
+        try:
+            yield
+        finally:
+            try:
+                if self.kv.get(row, col) == mine:
+                    self.kv.delete(row, col)
+            except NotFound:
+                pass
+
+    def _move(self, user: str, folder: str, raw: bytes, e: Entry, dest: str, new_name: str) -> Entry:
         self._ensure_live(user, e)
         opid = "mv-" + new_id()
+        self._claim(user, folder, raw, e, opid)
         intent = self._intent(user, opid, {"op": "move", "id": e.id, "kind": e.kind, "src": folder,
                                            "name": e.name, "dst": dest, "new": new_name})
         moved = Entry(new_name, e.id, e.kind, e.size, e.mtime, e.type, e.cb)
         try:
-            self.kv.putnx(_dir_row(user, dest), _entry_col(new_name), moved.encode())
+            self._put_entry(user, dest, moved)
         except Exists:
             self._done(user, opid)
             raise NameTaken(f'An item named "{new_name}" already exists there.') from None
+        except ItemNotFound:
+            self._done(user, opid)
+            raise
         self._recover_move(user, intent)
         self._done(user, opid)
         return moved
@@ -889,23 +962,25 @@ class Upload:
         while self._inflight:
             self._wait_one()
         d, user, fid = self.drive, self.user, self.fid
-        d.folder_meta(user, self.folder)
-        d._hold(user, fid, self.size, charge=True)
-        now = d.clock()
-        e = None
-        row = _dir_row(user, self.folder)
-        for k in range(1, MAX_DUPLICATE_SUFFIX + 1):
-            cand = Entry(numbered(self.name, k), fid, "file", self.size, mtime if mtime is not None else now,
-                         content_type(self.name), self.cb)
-            try:
-                self.kv.putnx(row, _entry_col(cand.name), cand.encode())
-                e = cand
-                break
-            except Exists:
-                continue
-        if e is None:
-            d._settle(user, fid, live=False)
-            raise NameTaken(f'Too many items named like "{self.name}" in this folder.')
+        try:
+            d.folder_meta(user, self.folder)
+            d._hold(user, fid, self.size, charge=True)
+            now = d.clock()
+            e = None
+            for k in range(1, MAX_DUPLICATE_SUFFIX + 1):
+                cand = Entry(numbered(self.name, k), fid, "file", self.size,
+                             mtime if mtime is not None else now, content_type(self.name), self.cb)
+                try:
+                    d._put_entry(user, self.folder, cand)
+                    e = cand
+                    break
+                except Exists:
+                    continue
+            if e is None:
+                raise NameTaken(f'Too many items named like "{self.name}" in this folder.')
+        except BaseException:
+            self.abort()  # nothing is visible: settle "dead", refund, drop the chunks
+            raise
         if d._decide(user, fid, "live") != "live":
             # We were so slow that a sweeper gave the upload up (and settled
             # the state "dead"): undo what we did since, chunks included.

@@ -504,3 +504,72 @@ def test_sweep_leaves_live_operations_alone(drive, clock, kv):
     e = up.commit()
     assert read_all(drive, "alice", e) is not None
     assert journal(kv) == []
+
+
+def test_crossed_folder_moves_never_make_a_cycle(drive):
+    root = drive.root("alice")
+    for attempt in range(20):
+        a = drive.mkdir("alice", root, f"A{attempt}")
+        b = drive.mkdir("alice", root, f"B{attempt}")
+        barrier = threading.Barrier(2)
+        out = []
+
+        def mv(name, dest):
+            barrier.wait(5)
+            try:
+                drive.move("alice", root, name, dest)
+                out.append("ok")
+            except MoveRefused:
+                out.append("refused")
+
+        ts = [threading.Thread(target=mv, args=(f"A{attempt}", b.id)),
+              threading.Thread(target=mv, args=(f"B{attempt}", a.id))]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(10)
+        assert sorted(out) == ["ok", "refused"]
+        # Both folders are still reachable from the root.
+        for fid in (a.id, b.id):
+            assert drive.breadcrumbs("alice", fid)[0][0] == root
+
+
+def test_move_and_delete_of_one_item_at_once(drive, kv):
+    """Whatever the interleaving, the file ends up either deleted or moved, never both."""
+    root = drive.root("alice")
+    dest = drive.mkdir("alice", root, "dest")
+    for attempt in range(20):
+        name = f"f{attempt}"
+        drive.upload("alice", root, name, b"payload")
+        barrier = threading.Barrier(2)
+        out = {}
+
+        def rm():
+            barrier.wait(5)
+            try:
+                drive.delete("alice", root, name)
+                out["rm"] = True
+            except ItemNotFound:
+                out["rm"] = False
+
+        def mv():
+            barrier.wait(5)
+            try:
+                drive.move("alice", root, name, dest.id)
+                out["mv"] = True
+            except ItemNotFound:
+                out["mv"] = False
+
+        ts = [threading.Thread(target=rm), threading.Thread(target=mv)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(10)
+        in_root = name in {e.name for e in drive.listing("alice", root)}
+        in_dest = name in {e.name for e in drive.listing("alice", dest.id)}
+        assert out["mv"] != out["rm"]  # exactly one of them happened
+        if out["mv"]:
+            assert in_dest and not in_root
+            assert read_all(drive, "alice", drive.entry("alice", dest.id, name)) == b"payload"
+        else:
+            assert not in_dest and not in_root
