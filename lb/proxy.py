@@ -1,0 +1,212 @@
+"""Forwarding one HTTP exchange to a frontend, over the frontends' own codec.
+
+The load balancer speaks HTTP/1.1 on both sides with `httpserver.http11`:
+a `Connection(SERVER)` towards the visitor and a `Connection(CLIENT)` towards
+the frontend. A `Channel` pairs one socket with one such codec and turns
+socket and framing failures into `ChannelError`, tagged with the side that
+failed, so the forwarding code can tell "the visitor went away" (give up)
+from "the frontend failed" (maybe retry elsewhere).
+
+Bodies stream both ways piece by piece (`Data` events); nothing is buffered
+whole, so a multi-gigabyte upload or download passes through in constant
+memory. Hop-by-hop headers (RFC 9110 §7.6.1: Connection and what it names,
+Keep-Alive, TE, Trailer, Transfer-Encoding, Upgrade, Proxy-*) are dropped and
+each side's codec frames the message for its own connection.
+
+`UpstreamPool` keeps idle keep-alive connections per frontend for a few
+seconds. A pooled connection may have been closed by the frontend meanwhile,
+so a failure on one is retried on a fresh connection to the same frontend
+before that frontend is blamed.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+
+from httpserver.http11 import (CLIENT, NEED_DATA, PAUSED, Connection, ConnectionClosed, Data, EndOfMessage,
+                               InformationalResponse, ProtocolError, Request, Response)
+
+log = logging.getLogger(__name__)
+
+RECV_BYTES = 256 * 1024
+CONNECT_TIMEOUT_S = 2.0
+UPSTREAM_TIMEOUT_S = 60.0  # a frontend may wait on the KV store's own retries (15 s) and more
+POOL_IDLE_S = 4.0  # shorter than any frontend's keep-alive idle timeout
+POOL_MAX_PER_FRONTEND = 32
+
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
+                        "upgrade", "proxy-authenticate", "proxy-authorization"})
+
+
+class ChannelError(Exception):
+    """A socket or framing failure on one side: `side` is "client" or "upstream"."""
+
+    def __init__(self, side: str, cause: BaseException | str):
+        super().__init__(f"{side}: {cause}")
+        self.side = side
+        self.cause = cause
+
+
+class Channel:
+    """One socket and the HTTP/1.1 codec that frames it."""
+
+    def __init__(self, sock: socket.socket, conn: Connection, side: str):
+        self.sock = sock
+        self.conn = conn
+        self.side = side
+        self.received_any = False  # did the peer send any bytes since the last reset
+
+    def next_event(self):
+        """The next event (never NEED_DATA). Raises ChannelError."""
+        try:
+            while True:
+                ev = self.conn.next_event()
+                if ev is not NEED_DATA:
+                    return ev
+                data = self.sock.recv(RECV_BYTES)
+                if data:
+                    self.received_any = True
+                self.conn.receive_data(data)
+        except (OSError, ProtocolError) as e:
+            raise ChannelError(self.side, e) from e
+
+    def send(self, *events) -> None:
+        try:
+            out = b"".join(self.conn.send(ev) for ev in events)
+            if out:
+                self.sock.sendall(out)
+        except (OSError, ProtocolError) as e:
+            raise ChannelError(self.side, e) from e
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def end_to_end(headers) -> list[tuple[str, str]]:
+    """The header fields a proxy passes on: all but the hop-by-hop ones."""
+    named = set(headers.tokens("connection"))
+    return [(n, v) for n, v in headers if n.lower() not in HOP_BY_HOP and n.lower() not in named]
+
+
+def has_body(req: Request) -> bool:
+    cl = req.headers.get("content-length")
+    return req.headers.get("transfer-encoding") is not None or (cl is not None and cl.strip() not in ("0", ""))
+
+
+class Upstream(Channel):
+    """A client-role connection to one frontend."""
+
+    def __init__(self, fe_id: str, sock: socket.socket, conn: Connection, reused: bool = False):
+        super().__init__(sock, conn, "upstream")
+        self.fe_id = fe_id
+        self.reused = reused
+        self.idle_since = 0.0
+
+
+class UpstreamPool:
+    """Idle keep-alive connections to frontends, at most POOL_IDLE_S old."""
+
+    def __init__(self, max_line: int, max_header: int, max_body: int, clock=time.monotonic):
+        self._idle: dict[str, list[Upstream]] = {}
+        self._lock = threading.Lock()
+        self._limits = (max_line, max_header, max_body)
+        self._clock = clock
+
+    def _codec(self) -> Connection:
+        return Connection(CLIENT, *self._limits)
+
+    def get(self, fe_id: str, addr: tuple[str, int], pooled_ok: bool) -> Upstream:
+        """An idle pooled connection (when `pooled_ok`), else a new one. OSError if it cannot connect."""
+        if pooled_ok:
+            now = self._clock()
+            with self._lock:
+                idle = self._idle.get(fe_id, [])
+                while idle:
+                    up = idle.pop()
+                    if now - up.idle_since < POOL_IDLE_S:
+                        up.reused = True
+                        return up
+                    up.close()
+        sock = socket.create_connection(addr, timeout=CONNECT_TIMEOUT_S)
+        sock.settimeout(UPSTREAM_TIMEOUT_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return Upstream(fe_id, sock, self._codec())
+
+    def put(self, up: Upstream) -> None:
+        """Give back a connection whose exchange is complete; closed if not reusable."""
+        if not up.conn.keep_alive or up.conn.in_state != "head" or up.conn.out_state != "idle":
+            up.close()
+            return
+        up.idle_since = self._clock()
+        up.received_any = False
+        with self._lock:
+            idle = self._idle.setdefault(up.fe_id, [])
+            if len(idle) < POOL_MAX_PER_FRONTEND:
+                idle.append(up)
+                return
+        up.close()
+
+    def drop(self, fe_id: str) -> None:
+        """Close every idle connection to `fe_id` (it failed)."""
+        with self._lock:
+            idle = self._idle.pop(fe_id, [])
+        for up in idle:
+            up.close()
+
+    def close_all(self) -> None:
+        with self._lock:
+            pools, self._idle = list(self._idle.values()), {}
+        for idle in pools:
+            for up in idle:
+                up.close()
+
+
+def read_response_head(up: Upstream) -> Response:
+    """The frontend's final response head, skipping 1xx. Raises ChannelError."""
+    while True:
+        ev = up.next_event()
+        if isinstance(ev, InformationalResponse):
+            continue
+        if isinstance(ev, Response):
+            return ev
+        raise ChannelError("upstream", f"connection closed before a response ({ev!r})")
+
+
+def stream_body(src: Channel, dst: Channel) -> None:
+    """Copy Data events from `src` to `dst` up to and including EndOfMessage."""
+    while True:
+        ev = src.next_event()
+        if type(ev) is Data:
+            dst.send(ev)
+        elif type(ev) is EndOfMessage:
+            dst.send(EndOfMessage())
+            return
+        elif ev is PAUSED or type(ev) is ConnectionClosed:
+            raise ChannelError(src.side, "message ended unexpectedly")
+        else:
+            raise ChannelError(src.side, f"unexpected {ev!r} inside a body")
+
+
+def upstream_request(req: Request, client_ip: str) -> Request:
+    """The request as sent to a frontend: end-to-end headers, our framing, X-Forwarded-*."""
+    items = [(n, v) for n, v in end_to_end(req.headers)
+             if n.lower() not in ("expect", "content-length", "x-forwarded-for", "x-forwarded-proto",
+                                  "x-forwarded-host")]
+    forwarded_for = req.headers.get("x-forwarded-for")
+    items.append(("X-Forwarded-For", f"{forwarded_for}, {client_ip}" if forwarded_for else client_ip))
+    items.append(("X-Forwarded-Proto", "http"))
+    if req.headers.get("host"):
+        items.append(("X-Forwarded-Host", req.headers.get("host")))
+    else:  # HTTP/1.0 without Host: the frontend still needs one
+        items.append(("Host", "penncloud"))
+    if req.headers.get("transfer-encoding") is not None:
+        items.append(("Transfer-Encoding", "chunked"))
+    elif req.headers.get("content-length") is not None:
+        items.append(("Content-Length", req.headers.get("content-length").split(",")[0].strip()))
+    return Request(req.method, req.target, items)

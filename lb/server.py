@@ -1,0 +1,392 @@
+"""The load balancer process: the one address visitors type (8080).
+
+Every visitor connection is served on its own thread (src/server.TCPServer)
+with an HTTP/1.1 codec in the server role; keep-alive and pipelining towards
+the visitor work as on a frontend. Each request goes one of three ways:
+
+1. `/_lb/...`: the LB's own control endpoints (docs/lb.md). Only the cluster
+   may call them: with `cluster.secret` set, the request must carry it in the
+   `X-PennCloud-Secret` header; without a secret, the peer's address must be
+   one of the hosts named in the config. Never forwarded to a frontend.
+       POST /_lb/heartbeat              id, port, load (urlencoded)
+       GET  /_lb/status                 JSON: mode, policy, every frontend
+       POST /_lb/frontend/<id>/enable   and .../disable
+2. mode "redirect": `302 Found` to the chosen frontend's own address.
+3. mode "proxy" (the default): the request is forwarded to the chosen frontend
+   and the answer streamed back (lb/proxy.py). A visitor is sticky to one
+   frontend through the cookie `pcfe` while that frontend is usable; a new
+   visitor, or one whose frontend died or was disabled, gets the next one by
+   the policy (lb/balancer.py). If the frontend cannot be reached, or fails
+   before answering a GET or HEAD that has no body, the request is retried on
+   another frontend, so a dead frontend is invisible to visitors; other
+   requests (a POST whose body is already gone) get a 502 page instead.
+
+Disabled frontends are remembered in `<data>/<lb id>/disabled.json`, so an
+LB restart keeps the operator's choice.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import urllib.parse
+from http.cookies import CookieError, SimpleCookie
+
+from httpserver.http11 import (REASONS, SERVER, ConnectionClosed, Connection, Data, EndOfMessage,
+                               InformationalResponse, ProtocolError, Request, Response)
+from lb.balancer import Balancer, UnknownFrontend
+from lb.proxy import Channel, ChannelError, UpstreamPool, end_to_end, has_body, read_response_head, \
+    stream_body, upstream_request
+from src.config import Config, Node
+from src.heartbeat import CONTROL_PREFIX, SECRET_HEADER
+from src.server import TCPServer
+
+log = logging.getLogger(__name__)
+
+STICKY_COOKIE = "pcfe"
+FRONTEND_HEADER = "X-PennCloud-Frontend"
+MAX_CONTROL_BODY = 64 * 1024
+SAFE_METHODS = ("GET", "HEAD")
+
+_PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1"><title>{title} - PennCloud</title>
+<style>body{{font:16px/1.5 system-ui,sans-serif;max-width:36rem;margin:12vh auto;padding:0 1rem;color:#1f2937}}
+h1{{font-size:1.4rem}}a{{color:#2563eb}}</style></head>
+<body><h1>{title}</h1><p>{text}</p><p><a href="/">Try again</a></p></body></html>"""
+
+
+def _page(title: str, text: str) -> bytes:
+    # Only fixed strings from this module go in: nothing from the request.
+    return _PAGE.format(title=title, text=text).encode()
+
+
+class LoadBalancer:
+    def __init__(self, cfg: Config, node: Node, port: int | None = None, clock=time.monotonic):
+        self.cfg = cfg
+        self.node = node
+        self.mode = cfg.lb.mode
+        self.clock = clock
+        self.started = clock()
+        self._state_path = os.path.join(cfg.process_dir(node.id), "disabled.json")
+        self.balancer = Balancer(cfg.frontends, cfg.lb.policy, cfg.lb.heartbeat_timeout_s,
+                                 disabled=set(self._load_disabled()))
+        self._lock = threading.Lock()  # guards balancer and the counters; never held across I/O
+        self.requests = 0
+        self.retries = 0
+        self.pool = UpstreamPool(cfg.http.max_line_bytes, cfg.http.max_header_bytes, cfg.http.max_body_bytes)
+        self.allowed_ips = self._cluster_ips(cfg)
+        self.server = TCPServer(node.host, node.port if port is None else port, self._handle, name=node.id)
+
+    # -- life cycle ------------------------------------------------------------------
+
+    def start(self) -> "LoadBalancer":
+        self.server.start()
+        log.info("load balancer %s: mode %s, policy %s, %d frontends", self.node.id, self.mode,
+                 self.balancer.policy, len(self.cfg.frontends))
+        return self
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    def stop(self) -> None:
+        self.server.stop()
+        self.pool.close_all()
+
+    # -- state -------------------------------------------------------------------------
+
+    def _load_disabled(self) -> list[str]:
+        try:
+            with open(self._state_path) as f:
+                ids = json.load(f).get("disabled", [])
+            return [i for i in ids if isinstance(i, str)]
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError, AttributeError) as e:
+            log.warning("ignoring unreadable %s: %s", self._state_path, e)
+            return []
+
+    def _save_disabled(self, ids: list[str]) -> None:
+        d = os.path.dirname(self._state_path)
+        os.makedirs(d, exist_ok=True)
+        tmp = self._state_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"disabled": ids}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._state_path)
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _cluster_ips(cfg: Config) -> set[str]:
+        """Addresses of every host the config names (who may call control endpoints without a secret)."""
+        ips = set()
+        for n in cfg.processes:
+            try:
+                for info in socket.getaddrinfo(n.host, None, proto=socket.IPPROTO_TCP):
+                    ips.add(info[4][0])
+            except OSError:
+                log.warning("cannot resolve %s (%s); it may not call the LB's control endpoints", n.host, n.id)
+        return ips
+
+    def status(self) -> dict:
+        with self._lock:
+            now = self.clock()
+            return {"id": self.node.id, "addr": f"{self.node.host}:{self.port}", "mode": self.mode,
+                    "policy": self.balancer.policy, "timeout_s": self.balancer.timeout_s,
+                    "uptime_s": round(now - self.started, 1), "requests": self.requests,
+                    "retries": self.retries, "connections": self.server.connection_count,
+                    "frontends": self.balancer.snapshot(now)}
+
+    def pick(self, sticky: str | None, exclude: set[str]):
+        """(frontend, newly_assigned) for a request; (None, False) when none is usable."""
+        with self._lock:
+            now = self.clock()
+            if sticky and sticky not in exclude and self.balancer.usable(sticky, now):
+                return self.balancer.get(sticky), False
+            return self.balancer.choose(now, exclude), True
+
+    def mark_failed(self, fe_id: str) -> None:
+        with self._lock:
+            self.balancer.mark_failed(fe_id)
+            self.retries += 1
+        self.pool.drop(fe_id)
+        log.warning("frontend %s failed; out of rotation until its next heartbeat", fe_id)
+
+    # -- one visitor connection ----------------------------------------------------------
+
+    def _handle(self, sock: socket.socket, peer: tuple) -> None:
+        sock.settimeout(self.cfg.http.idle_timeout_s)
+        h = self.cfg.http
+        client = Channel(sock, Connection(SERVER, h.max_line_bytes, h.max_header_bytes, h.max_body_bytes), "client")
+        while True:
+            try:
+                ev = client.next_event()
+            except ChannelError as e:
+                if isinstance(e.cause, ProtocolError) and client.conn.out_state == "idle":
+                    _raw_error(sock, e.cause.status)
+                return
+            if type(ev) is ConnectionClosed:
+                return
+            if type(ev) is not Request:
+                return
+            with self._lock:
+                self.requests += 1
+            try:
+                if not has_body(ev):
+                    end = client.next_event()  # a body-less request ends at once
+                    if type(end) is not EndOfMessage:
+                        return
+                if ev.target.startswith(CONTROL_PREFIX):
+                    self._control(client, ev, peer[0])
+                elif self.mode == "redirect":
+                    self._redirect(client, ev)
+                else:
+                    self._proxy(client, ev, peer[0])
+            except ChannelError as e:
+                if e.side == "client":
+                    return
+                log.warning("proxying %s %s failed: %s", ev.method, ev.target.split("?")[0], e)
+                return
+            if not client.conn.keep_alive or client.conn.in_state != "done" or client.conn.out_state != "done":
+                return
+            client.conn.start_next_cycle()
+
+    def _reply(self, client: Channel, status: int, title: str, text: str, close: bool = False,
+               headers=(), quiet: bool = False, body: bytes | None = None, content_type: str = "text/html; charset=utf-8"):
+        if body is None:
+            body = _page(title, text)
+        items = [("Content-Type", content_type), ("Content-Length", str(len(body))),
+                 ("Cache-Control", "no-store"), *headers]
+        if close or client.conn.in_state not in ("done",):
+            items.append(("Connection", "close"))
+        try:
+            client.send(Response(status, items), Data(body), EndOfMessage())
+        except ChannelError:
+            if not quiet:
+                raise
+
+    # -- control endpoints -----------------------------------------------------------------
+
+    def _authorized(self, req: Request, client_ip: str) -> bool:
+        secret = self.cfg.cluster.secret
+        if secret:
+            given = req.headers.get(SECRET_HEADER) or ""
+            return hmac.compare_digest(given.encode(), secret.encode())
+        return client_ip in self.allowed_ips
+
+    def _read_small_body(self, client: Channel) -> bytes | None:
+        """The request body if it is at most MAX_CONTROL_BODY bytes, else None."""
+        if client.conn.in_state == "done":
+            return b""
+        if client.conn.they_are_waiting_for_100_continue:
+            client.send(InformationalResponse(100))
+        body = bytearray()
+        while True:
+            ev = client.next_event()
+            if type(ev) is EndOfMessage:
+                return bytes(body)
+            if type(ev) is not Data:
+                raise ChannelError("client", "body ended unexpectedly")
+            body += ev.data
+            if len(body) > MAX_CONTROL_BODY:
+                return None
+
+    def _json(self, client: Channel, status: int, obj) -> None:
+        self._reply(client, status, "", "", body=json.dumps(obj).encode(), content_type="application/json")
+
+    def _control(self, client: Channel, req: Request, client_ip: str) -> None:
+        if not self._authorized(req, client_ip):
+            log.warning("refused LB control request %s %s from %s", req.method, req.target.split("?")[0], client_ip)
+            return self._json(client, 403, {"error": "control endpoints are for the cluster only"})
+        body = self._read_small_body(client)
+        if body is None:
+            return self._json(client, 413, {"error": "body too large"})
+        path = urllib.parse.urlsplit(req.target).path
+        parts = [urllib.parse.unquote(p) for p in path[len(CONTROL_PREFIX):].split("/")]
+        form = {k: v[0] for k, v in urllib.parse.parse_qs(body.decode("latin-1")).items()}
+        try:
+            if parts == ["heartbeat"] and req.method == "POST":
+                with self._lock:
+                    self.balancer.heartbeat(form.get("id", ""), int(form.get("port", "0")),
+                                            float(form.get("load", "0")), self.clock())
+                return self._json(client, 200, {"ok": True})
+            if parts == ["status"] and req.method in ("GET", "HEAD"):
+                return self._json(client, 200, self.status())
+            if len(parts) == 3 and parts[0] == "frontend" and parts[2] in ("enable", "disable") \
+                    and req.method == "POST":
+                with self._lock:
+                    fe = self.balancer.set_enabled(parts[1], parts[2] == "enable")
+                    disabled = self.balancer.disabled_ids()
+                self._save_disabled(disabled)
+                log.info("frontend %s %sd by an operator", fe.id, parts[2])
+                return self._json(client, 200, {"ok": True, "id": fe.id, "enabled": fe.enabled})
+        except UnknownFrontend as e:
+            return self._json(client, 404, {"error": f"no frontend named {e.args[0]!r} in the config"})
+        except ValueError as e:
+            return self._json(client, 400, {"error": f"bad request: {e}"})
+        return self._json(client, 404, {"error": "no such control endpoint"})
+
+    # -- redirect mode -------------------------------------------------------------------
+
+    def _redirect(self, client: Channel, req: Request) -> None:
+        fe, _ = self.pick(None, set())
+        if fe is None:
+            return self._unavailable(client, req)
+        target = req.target if req.target.startswith("/") else "/"
+        location = f"http://{fe.host}:{fe.port}{target}"
+        self._reply(client, 302, "Moved", "This page is served by another address.",
+                    headers=[("Location", location), (FRONTEND_HEADER, fe.id)], close=has_body(req))
+
+    def _unavailable(self, client: Channel, req: Request) -> None:
+        self._reply(client, 503, "PennCloud is busy",
+                    "No web server is available right now. Please try again in a few seconds.",
+                    headers=[("Retry-After", "2")], close=has_body(req))
+
+    # -- proxy mode ------------------------------------------------------------------------
+
+    def _proxy(self, client: Channel, req: Request, client_ip: str) -> None:
+        sticky = _cookie(req, STICKY_COOKIE)
+        body = has_body(req)
+        safe = req.method in SAFE_METHODS and not body
+        tried: set[str] = set()
+        fresh_for: set[str] = set()  # frontends whose pooled connection failed: use a new one
+        out = upstream_request(req, client_ip)
+        while True:
+            fe, assigned = self.pick(sticky, tried)
+            if fe is None:
+                return self._unavailable(client, req)
+            try:
+                up = self.pool.get(fe.id, (fe.host, fe.port), pooled_ok=safe and fe.id not in fresh_for)
+            except OSError as e:
+                log.info("cannot connect to frontend %s at %s: %s", fe.id, fe.addr, e)
+                self.mark_failed(fe.id)
+                tried.add(fe.id)
+                continue
+            try:
+                resp = self._exchange(client, up, out, body)
+            except ChannelError as e:
+                up.close()
+                if e.side == "client":
+                    raise
+                if not safe:
+                    log.warning("frontend %s failed during %s %s: %s", fe.id, req.method,
+                                req.target.split("?")[0], e)
+                    self.mark_failed(fe.id)
+                    return self._reply(client, 502, "Something went wrong",
+                                       "The web server handling your request failed. Please try again.",
+                                       close=True)
+                if up.reused and not up.received_any:
+                    fresh_for.add(fe.id)  # the frontend may simply have closed an idle connection
+                else:
+                    self.mark_failed(fe.id)
+                    tried.add(fe.id)
+                continue
+            break
+        self._respond(client, up, req, resp, fe, assigned)
+
+    def _exchange(self, client: Channel, up, out: Request, body: bool) -> Response:
+        """Send the request (streaming its body) and read the response head."""
+        up.send(out)
+        if body:
+            if client.conn.they_are_waiting_for_100_continue:
+                client.send(InformationalResponse(100))
+            try:
+                stream_body(client, up)
+            except ChannelError as e:
+                if e.side == "client":
+                    raise
+                # The frontend stopped reading (e.g. it refused the upload early):
+                # its answer may still be there; the visitor's connection must close.
+                client.conn.keep_alive = False
+        else:
+            up.send(EndOfMessage())
+        return read_response_head(up)
+
+    def _respond(self, client: Channel, up, req: Request, resp: Response, fe, assigned: bool) -> None:
+        items = end_to_end(resp.headers)
+        items.append((FRONTEND_HEADER, fe.id))
+        if assigned or _cookie(req, STICKY_COOKIE) != fe.id:
+            items.append(("Set-Cookie", f"{STICKY_COOKIE}={fe.id}; Path=/; HttpOnly; SameSite=Lax"))
+        if not client.conn.keep_alive:
+            items.append(("Connection", "close"))
+        client.send(Response(resp.status, items, resp.reason))
+        try:
+            stream_body(up, client)
+        except ChannelError:
+            up.close()
+            raise
+        self.pool.put(up)
+
+
+def _raw_error(sock: socket.socket, status: int) -> None:
+    """Answer a request the codec could not parse (it has no request to answer), then close."""
+    reason = REASONS.get(status, "Error")
+    body = _page(f"{status} {reason}", "The request could not be understood.")
+    head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/html; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    try:
+        sock.sendall(head + body)
+    except OSError:
+        pass
+
+
+def _cookie(req: Request, name: str) -> str | None:
+    for header in req.headers.get_all("cookie"):
+        try:
+            c = SimpleCookie()
+            c.load(header)
+        except CookieError:
+            continue
+        if name in c:
+            return c[name].value
+    return None
