@@ -1,0 +1,201 @@
+"""The POP3 server: a thin socket shell around `pop3_proto.POP3Connection`, and
+`POP3Mailboxes`, the handler that logs users in and opens their Inbox.
+
+One session per mailbox at a time, across every POP3 process: opening a
+mailbox takes a lock cell in the KV store,
+
+    row maillock/<user>   column pop3   value "<token> <expiry unix time>", or "" when free
+
+taken with PUTNX (first use) or CPUT (from "" or from an expired value) and
+given back with CPUT to "" — so two sessions can never both think they hold
+it. The expiry (idle timeout plus a margin, renewed while the session is
+active) frees the mailbox of a POP3 process that was SIGKILLed mid-session.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from typing import Callable, Iterator
+
+from smtp.pop3_proto import MailboxInUse, POP3Connection
+from src.accounts import Accounts
+from src.config import Config
+from src.kv import KV, Exists, KVError, Mismatch, NotFound
+from src.mailstore import MailStore, MailStoreError, NoSuchMessage
+from src.server import TCPServer
+
+log = logging.getLogger(__name__)
+
+IDLE_TIMEOUT_S = 600.0  # RFC 1939 section 3: an autologout timer of at least 10 minutes
+LOCK_MARGIN_S = 30.0
+RECV_BYTES = 64 * 1024
+FOLDER = "Inbox"
+
+
+class MailboxLock:
+    """The per-mailbox lock cell described above."""
+
+    def __init__(self, kv: KV, user: str, ttl_s: float, clock: Callable[[], float] = time.time):
+        self.kv, self.ttl_s, self.clock = kv, ttl_s, clock
+        self.row = f"maillock/{user}".encode()
+        self.token = os.urandom(8).hex()
+        self._held: bytes | None = None
+        self._renewed_at = 0.0
+
+    def _value(self) -> bytes:
+        return f"{self.token} {self.clock() + self.ttl_s:.3f}".encode()
+
+    def acquire(self) -> bool:
+        mine = self._value()
+        try:
+            self.kv.putnx(self.row, b"pop3", mine)
+        except Exists:
+            try:
+                cur = self.kv.get(self.row, b"pop3")
+            except NotFound:
+                return False
+            if cur:
+                try:
+                    if float(cur.split()[1]) > self.clock():
+                        return False
+                except (IndexError, ValueError):
+                    pass  # unreadable: treat as expired
+            try:
+                self.kv.cput(self.row, b"pop3", cur, mine)
+            except (Mismatch, NotFound):
+                return False
+        self._held, self._renewed_at = mine, self.clock()
+        return True
+
+    def renew(self) -> None:
+        """Push the expiry out, at most once per half TTL."""
+        if self._held is None or self.clock() - self._renewed_at < self.ttl_s / 2:
+            return
+        new = self._value()
+        try:
+            self.kv.cput(self.row, b"pop3", self._held, new)
+            self._held, self._renewed_at = new, self.clock()
+        except (Mismatch, NotFound, KVError) as e:
+            log.warning("could not renew the mailbox lock of %s: %s", self.row.decode(), e)
+
+    def release(self) -> None:
+        held, self._held = self._held, None
+        if held is None:
+            return
+        try:
+            self.kv.cput(self.row, b"pop3", held, b"")
+        except (Mismatch, NotFound, KVError):
+            pass  # expired and taken over, or the store is down: the expiry frees it
+
+
+class KVMaildrop:
+    """A user's Inbox as POP3 sees it: a snapshot of ids and sizes, oldest first."""
+
+    def __init__(self, store: MailStore, user: str, lock: MailboxLock):
+        self.store, self.user, self.lock = store, user, lock
+        self._snapshot = [(m.id, m.size) for m in reversed(store.list(user, FOLDER))]
+
+    def messages(self) -> list[tuple[str, int]]:
+        return self._snapshot
+
+    def iter_message(self, uid: str) -> Iterator[bytes]:
+        try:
+            yield from self.store.iter_raw(self.user, FOLDER, uid)
+        except NoSuchMessage:
+            return  # deleted meanwhile (webmail): an empty message, the session goes on
+        try:
+            self.store.mark_read(self.user, FOLDER, uid)
+        except MailStoreError:
+            pass
+
+    def commit(self, deleted: list[str]) -> int:
+        n = 0
+        for uid in deleted:
+            try:
+                self.store.delete(self.user, FOLDER, uid)
+            except NoSuchMessage:
+                pass
+            n += 1
+        return n
+
+    def keepalive(self) -> None:
+        self.lock.renew()
+
+    def release(self) -> None:
+        self.lock.release()
+
+
+class POP3Mailboxes:
+    """The POP3 handler: log-in against Accounts, Inbox with a cross-process lock."""
+
+    def __init__(self, accounts: Accounts, store: MailStore, lock_ttl_s: float):
+        self.accounts, self.store, self.lock_ttl_s = accounts, store, lock_ttl_s
+
+    def authenticate(self, username: str, password: str) -> str | None:
+        who = self.accounts.verify(username, password)
+        log.info("POP3 log-in as %r: %s", username[:64], "ok" if who else "refused")
+        return who
+
+    def open_maildrop(self, user: str) -> KVMaildrop:
+        lock = MailboxLock(self.store.kv, user, self.lock_ttl_s)
+        if not lock.acquire():
+            raise MailboxInUse(user)
+        try:
+            return KVMaildrop(self.store, user, lock)
+        except BaseException:
+            lock.release()
+            raise
+
+
+class POP3Server:
+    """Serves POP3 on host:port, one thread per connection (src.server.TCPServer)."""
+
+    def __init__(self, host: str, port: int, handler: POP3Mailboxes, *, idle_timeout_s: float = IDLE_TIMEOUT_S,
+                 name: str = "pop3"):
+        self.handler = handler
+        self.idle_timeout_s = idle_timeout_s
+        self.tcp = TCPServer(host, port, self._serve, name=name)
+
+    @property
+    def port(self) -> int:
+        return self.tcp.port
+
+    def start(self) -> "POP3Server":
+        self.tcp.start()
+        return self
+
+    def stop(self) -> None:
+        self.tcp.stop()
+
+    def _serve(self, sock: socket.socket, peer: tuple) -> None:
+        sock.settimeout(self.idle_timeout_s)
+        conn = POP3Connection(self.handler)
+        try:
+            sock.sendall(conn.greeting())
+            while not conn.closed:
+                try:
+                    data = sock.recv(RECV_BYTES)
+                except (socket.timeout, TimeoutError):
+                    return  # RFC 1939: close without a word and without deleting anything
+                for part in conn.receive_data(data):
+                    if isinstance(part, bytes):
+                        sock.sendall(part)
+                    else:
+                        for chunk in part:
+                            sock.sendall(chunk)
+                if conn.maildrop is not None:
+                    conn.maildrop.keepalive()
+        finally:
+            conn.close()
+
+
+def make_pop3_server(cfg: Config, kv: KV, host: str | None = None, port: int | None = None,
+                     idle_timeout_s: float = IDLE_TIMEOUT_S) -> POP3Server:
+    """The POP3 server of `cfg` over `kv` (not started); host/port override cfg.mail.pop3."""
+    store = MailStore(kv, chunk_bytes=cfg.drive.chunk_bytes)
+    handler = POP3Mailboxes(Accounts(kv), store, lock_ttl_s=idle_timeout_s + LOCK_MARGIN_S)
+    return POP3Server(host or cfg.mail.pop3.host, cfg.mail.pop3.port if port is None else port, handler,
+                      idle_timeout_s=idle_timeout_s)

@@ -1,0 +1,164 @@
+"""The SMTP server: a thin socket shell around `smtp_proto.SMTPConnection`, and
+`MailDelivery`, the handler that decides who may send to whom and stores mail.
+
+Policy (DESIGN.md "Mail servers"):
+
+- mail for local users (`<username>@<mail domain>`) is accepted from anyone;
+  an unknown local user is refused with 550 at RCPT;
+- mail for other domains only from a session that logged in with AUTH, and
+  then only with the user's own address (or <>) as the sender; everyone else
+  gets 554 "relay access denied" (never an open relay);
+- `250` after DATA only once the message is durably in the KV store for every
+  recipient: in each local recipient's Inbox and, for other domains, in the
+  relay queue. If the store fails, the client gets 451 and will retry;
+  recipients already stored may then get the message twice, never zero times.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from typing import Callable
+
+from smtp.smtp_proto import Envelope, Reply, Session, SMTPConnection
+from src import mailfmt
+from src.accounts import RESERVED, Accounts, InvalidUsername, normalize_username
+from src.config import Config
+from src.kv import KV, KVError
+from src.mailstore import MailStore, MailStoreError
+from src.server import TCPServer
+
+log = logging.getLogger(__name__)
+
+IDLE_TIMEOUT_S = 300.0  # RFC 5321 4.5.3.2.7 asks servers to wait 5 minutes for the next command
+RECV_BYTES = 64 * 1024
+POSTMASTER_USER = "admin"  # mail to postmaster@ (RFC 5321 4.5.1) goes to the administrator
+
+
+class MailDelivery:
+    """The SMTP handler: AUTH against Accounts, RCPT policy, storage into the MailStore."""
+
+    def __init__(self, accounts: Accounts, store: MailStore, domain: str, clock: Callable[[], float] = time.time):
+        self.accounts = accounts
+        self.store = store
+        self.domain = domain.lower()
+        self.clock = clock
+
+    def local_user(self, address: str) -> str | None:
+        """The username an address of ours names (None for other domains); raises InvalidUsername."""
+        if address.lower() == "postmaster":
+            return POSTMASTER_USER
+        local, _, domain = address.rpartition("@")
+        if domain.lower() != self.domain:
+            return None
+        if local.lower() == "postmaster":
+            return POSTMASTER_USER
+        return normalize_username(local)
+
+    def handle_AUTH(self, session: Session, username: str, password: str) -> str | None:
+        who = self.accounts.verify(username, password)
+        log.info("AUTH from %s as %r: %s", session.peer_ip, username[:64], "ok" if who else "refused")
+        return who
+
+    def handle_MAIL(self, session: Session, envelope: Envelope, address: str) -> Reply:
+        if session.auth_user is not None and address:
+            if address.lower() != f"{session.auth_user}@{self.domain}":
+                return Reply(553, f"5.7.1 Sender address must be your own: {session.auth_user}@{self.domain}")
+        return Reply(250, "2.1.0 OK")
+
+    def handle_RCPT(self, session: Session, envelope: Envelope, address: str) -> Reply:
+        try:
+            user = self.local_user(address)
+        except InvalidUsername:
+            return Reply(550, f"5.1.1 <{address}>: no such user here")
+        if user is None:
+            if session.auth_user is None:
+                return Reply(554, f"5.7.1 <{address}>: relay access denied; log in (AUTH) to send to other "
+                                  f"domains")
+            return Reply(250, "2.1.5 OK, will relay")
+        try:
+            known = user not in RESERVED and self.accounts.exists(user)
+        except KVError:
+            log.warning("RCPT check for %s failed: store unavailable", user)
+            return Reply(451, "4.3.0 Temporary failure, try again later")
+        if not known:
+            return Reply(550, f"5.1.1 <{address}>: no such user here")
+        return Reply(250, "2.1.5 OK")
+
+    def handle_DATA(self, session: Session, envelope: Envelope) -> Reply:
+        locals_: list[str] = []
+        remote: list[str] = []
+        for rcpt in envelope.rcpt_tos:
+            user = self.local_user(rcpt)
+            if user is None:
+                if rcpt not in remote:
+                    remote.append(rcpt)
+            elif user not in locals_:
+                locals_.append(user)
+        trace_id = self.store.new_id()
+        received = mailfmt.received_header(
+            helo=session.helo or "", peer_ip=session.peer_ip, by_host=session.hostname,
+            protocol="ESMTPA" if session.auth_user else ("ESMTP" if session.esmtp else "SMTP"),
+            msg_id=trace_id, recipient=envelope.rcpt_tos[0] if len(envelope.rcpt_tos) == 1 else None,
+            now=self.clock())
+        raw = received + envelope.content
+        try:
+            for user in locals_:
+                self.store.deliver(user, "Inbox", raw)
+            if remote:
+                self.store.enqueue_outgoing(session.auth_user or "", envelope.mail_from or "", remote, raw)
+        except (KVError, MailStoreError, OSError) as e:
+            log.warning("could not store message %s: %s", trace_id, e)
+            return Reply(451, "4.3.0 Could not store the message; try again later")
+        log.info("accepted %s from %s: %d bytes, %d local and %d remote recipients", trace_id,
+                 session.peer_ip, len(raw), len(locals_), len(remote))
+        return Reply(250, f"2.0.0 OK queued as {trace_id}")
+
+
+class SMTPServer:
+    """Serves SMTP on host:port, one thread per connection (src.server.TCPServer)."""
+
+    def __init__(self, host: str, port: int, handler: MailDelivery, *, hostname: str, max_message_bytes: int,
+                 idle_timeout_s: float = IDLE_TIMEOUT_S, name: str = "smtp"):
+        self.handler = handler
+        self.hostname = hostname
+        self.max_message_bytes = max_message_bytes
+        self.idle_timeout_s = idle_timeout_s
+        self.tcp = TCPServer(host, port, self._serve, name=name)
+
+    @property
+    def port(self) -> int:
+        return self.tcp.port
+
+    def start(self) -> "SMTPServer":
+        self.tcp.start()
+        return self
+
+    def stop(self) -> None:
+        self.tcp.stop()
+
+    def _serve(self, sock: socket.socket, peer: tuple) -> None:
+        sock.settimeout(self.idle_timeout_s)
+        conn = SMTPConnection(self.handler, hostname=self.hostname, peer_ip=str(peer[0]),
+                              max_message_bytes=self.max_message_bytes)
+        sock.sendall(conn.greeting())
+        while not conn.closed:
+            try:
+                data = sock.recv(RECV_BYTES)
+            except (socket.timeout, TimeoutError):
+                sock.sendall(conn.timeout())
+                return
+            out = conn.receive_data(data)
+            if out:
+                sock.sendall(out)
+
+
+def make_smtp_server(cfg: Config, kv: KV, host: str | None = None, port: int | None = None,
+                     idle_timeout_s: float = IDLE_TIMEOUT_S) -> SMTPServer:
+    """The SMTP server of `cfg` over `kv` (not started); host/port override cfg.mail.smtp."""
+    store = MailStore(kv, chunk_bytes=cfg.drive.chunk_bytes)
+    handler = MailDelivery(Accounts(kv), store, cfg.mail.domain)
+    return SMTPServer(host or cfg.mail.smtp.host, cfg.mail.smtp.port if port is None else port, handler,
+                      hostname=cfg.mail.domain, max_message_bytes=cfg.mail.max_message_bytes,
+                      idle_timeout_s=idle_timeout_s)
