@@ -625,6 +625,8 @@ def format_address(username: str, domain: str) -> str:
 
 # -- sending --------------------------------------------------------------------
 
+POSTMASTER_USER = "admin"  # who reads postmaster@ (the same as smtp/smtp_server.py)
+
 @dataclass
 class SendResult:
     local: list[str]        # usernames whose Inbox got the message
@@ -646,6 +648,8 @@ def send(store, accounts, user: str, domain: str, rcpts: list[str], raw: bytes) 
     remote: list[str] = []
     for addr in rcpts:
         name = split_local(addr, domain)
+        if name == "postmaster":
+            name = POSTMASTER_USER  # RFC 5321 4.5.1, as the SMTP server does
         if name is None:
             remote.append(addr)
         elif not accounts.exists(name):

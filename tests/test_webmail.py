@@ -415,3 +415,11 @@ def test_send_to_an_unknown_local_user_stores_nothing():
     with pytest.raises(ComposeError, match="no user “nosuchuser”"):
         webmail.send(store, accounts, "alice", D, rcpts, raw)
     assert store.list("bob", "Inbox") == [] and store.queue() == [] and store.list("alice", "Sent") == []
+
+
+def test_send_to_postmaster_reaches_the_admin():
+    store, accounts = _store()
+    accounts.create("admin", "password123", admin=True)
+    raw = build_message(sender="alice@penncloud.local", to=["postmaster@penncloud.local"], domain=D)
+    assert webmail.send(store, accounts, "alice", D, ["postmaster@penncloud.local"], raw).local == ["admin"]
+    assert len(store.list("admin", "Inbox")) == 1
