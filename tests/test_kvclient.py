@@ -15,7 +15,7 @@ from src import kv
 from src.kv import MemoryKV, tablet_of
 from src.kvclient import ClusterClient, OutcomeUnknown, ServerClient, TabletMap, Unreachable, parse_map
 from src.kvproto import (
-    NEED_DATA, Listing, Ok, ProtocolErrorEvent, RequestParser, Value, error, error_for, listing, name_listing, ok,
+    NEED_DATA, Ok, ProtocolErrorEvent, RequestParser, Value, error, error_for, listing, name_listing, ok,
     pong, value,
 )
 from src.server import TCPServer
