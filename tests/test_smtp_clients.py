@@ -1,0 +1,260 @@
+"""SMTP and POP3 servers over real sockets, driven by real clients: smtplib, poplib, curl, swaks.
+
+The servers run in-process over MemoryKV (their construction functions take
+any KV); process-level crash tests are in test_smtp_crash.py.
+"""
+
+import poplib
+import shutil
+import smtplib
+import socket
+import subprocess
+
+import pytest
+
+from smtp.pop3_server import make_pop3_server
+from smtp.smtp_server import make_smtp_server
+from src.accounts import Accounts
+from src.config import parse_config
+from src.kv import MemoryKV
+from src.mailstore import MailStore
+
+PW = {"alice": "alice password", "bob": "bob password"}
+DOMAIN = "penncloud.local"
+
+
+@pytest.fixture
+def mail(tmp_path):
+    cfg = parse_config({"mail": {"max_message_bytes": "4MiB"}, "drive": {"chunk_bytes": "256KiB"}},
+                       data_dir=str(tmp_path))
+    kv = MemoryKV()
+    accounts = Accounts(kv)
+    for u, p in PW.items():
+        accounts.create(u, p)
+    smtp = make_smtp_server(cfg, kv, host="127.0.0.1", port=0).start()
+    pop = make_pop3_server(cfg, kv, host="127.0.0.1", port=0).start()
+
+    class M:
+        pass
+    m = M()
+    m.cfg, m.kv, m.store, m.smtp_port, m.pop_port = cfg, kv, MailStore(kv), smtp.port, pop.port
+    try:
+        yield m
+    finally:
+        smtp.stop()
+        pop.stop()
+
+
+MESSAGE = (b"From: Carol <carol@example.org>\r\nTo: bob@penncloud.local\r\nSubject: lunch\r\n"
+           b"Date: Sun, 22 Nov 2026 12:00:00 +0000\r\nMessage-ID: <lunch@example.org>\r\n"
+           b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+           b"Hi Bob,\r\n.\r\n..two dots\r\n.leading\r\ncaf\xc3\xa9 at noon?\r\n")
+
+
+def strip_received(raw: bytes) -> tuple[bytes, bytes]:
+    """Split off the Received header we add (first line plus its folded continuation lines)."""
+    assert raw.startswith(b"Received: from ")
+    lines = raw.split(b"\r\n")
+    i = 1
+    while lines[i].startswith((b"\t", b" ")):
+        i += 1
+    return b"\r\n".join(lines[:i]) + b"\r\n", b"\r\n".join(lines[i:])
+
+
+def pop_retr(port, user, n=1) -> bytes:
+    p = poplib.POP3("127.0.0.1", port, timeout=10)
+    try:
+        p.user(user)
+        p.pass_(PW[user])
+        _, lines, _ = p.retr(n)
+        return b"\r\n".join(lines) + b"\r\n"
+    finally:
+        p.quit()
+
+
+def test_smtplib_to_pop3_byte_exact(mail):
+    with smtplib.SMTP("127.0.0.1", mail.smtp_port, timeout=10) as s:
+        s.ehlo("client.example.org")
+        assert s.has_extn("pipelining") and s.has_extn("size") and s.has_extn("8bitmime") and "PLAIN" in s.esmtp_features["auth"]
+        refused = s.sendmail("carol@example.org", ["bob@penncloud.local"], MESSAGE,
+                             mail_options=["BODY=8BITMIME", f"SIZE={len(MESSAGE)}"])
+        assert refused == {}
+    got = pop_retr(mail.pop_port, "bob")
+    received, rest = strip_received(got)
+    assert rest == MESSAGE
+    assert b"from client.example.org ([127.0.0.1])" in received and b"for <bob@penncloud.local>" in received
+    [info] = mail.store.list("bob", "Inbox")
+    assert info.subject == "lunch" and info.size == len(got) and info.read  # RETR marks it read
+
+
+def test_open_relay_refused_and_unknown_user_550(mail):
+    with smtplib.SMTP("127.0.0.1", mail.smtp_port, timeout=10) as s:
+        s.ehlo("spammer.test")
+        s.mail("spam@spammer.test")
+        code, text = s.rcpt("victim@elsewhere.test")
+        assert code == 554 and b"relay access denied" in text
+        code, text = s.rcpt("nobody@penncloud.local")
+        assert code == 550 and b"no such user" in text
+        code, _ = s.rcpt("BOB@PennCloud.Local")  # case does not matter
+        assert code == 250
+        code, _ = s.rcpt("postmaster@penncloud.local")  # an account named admin does not exist here
+        assert code == 550
+    assert mail.store.queue() == []
+
+
+def test_auth_then_relay_to_other_domain_is_queued(mail):
+    with smtplib.SMTP("127.0.0.1", mail.smtp_port, timeout=10) as s:
+        s.ehlo("thunderbird")
+        with pytest.raises(smtplib.SMTPAuthenticationError) as e:
+            s.login("alice", "wrong password")
+        assert e.value.smtp_code == 535
+        s.login("alice", PW["alice"])
+        with pytest.raises(smtplib.SMTPSenderRefused) as e:
+            s.sendmail("bob@penncloud.local", ["x@remote.test"], b"Subject: forged\r\n\r\nx\r\n")
+        assert e.value.smtp_code == 553
+        refused = s.sendmail("alice@penncloud.local", ["x@remote.test", "bob@penncloud.local"],
+                             b"Subject: out\r\n\r\nhello\r\n", mail_options=["BODY=8BITMIME", "SIZE=20"])
+        assert refused == {}
+    [item] = mail.store.queue()
+    assert item.owner == "alice" and item.rcpts == ("x@remote.test",) and item.mail_from == "alice@penncloud.local"
+    raw = mail.store.queue_raw(item)
+    assert b"with ESMTPA" in raw and raw.endswith(b"Subject: out\r\n\r\nhello\r\n")
+    assert [m.subject for m in mail.store.list("bob", "Inbox")] == ["out"]
+
+
+def test_auth_login_mechanism(mail):
+    with smtplib.SMTP("127.0.0.1", mail.smtp_port, timeout=10) as s:
+        s.ehlo("c")
+        s.user, s.password = "bob", PW["bob"]
+        code, _ = s.auth("LOGIN", s.auth_login, initial_response_ok=False)
+        assert code == 235
+
+
+def test_big_message_is_chunked_and_streams_back(mail):
+    line = b"0123456789" * 9 + b"\r\n"
+    body = b"Subject: big\r\n\r\n" + line * 30000  # ~2.8 MB, many 256 KiB chunks
+    with smtplib.SMTP("127.0.0.1", mail.smtp_port, timeout=30) as s:
+        s.sendmail("carol@example.org", ["bob@penncloud.local"], body)
+    [info] = mail.store.list("bob", "Inbox")
+    assert info.chunks > 10
+    _, rest = strip_received(pop_retr(mail.pop_port, "bob"))
+    assert rest == body
+
+
+def test_too_big_message_refused(mail):
+    body = b"Subject: huge\r\n\r\n" + (b"x" * 998 + b"\r\n") * 4300  # > 4 MiB
+    with smtplib.SMTP("127.0.0.1", mail.smtp_port, timeout=30) as s:
+        s.ehlo("c")
+        with pytest.raises(smtplib.SMTPSenderRefused) as e:  # SIZE= announced: refused at MAIL
+            s.sendmail("carol@example.org", ["bob@penncloud.local"], body)
+        assert e.value.smtp_code == 552
+        s.rset()
+        s.mail("carol@example.org")  # no SIZE: refused after reading it all
+        s.rcpt("bob@penncloud.local")
+        code, _ = s.data(body)
+        assert code == 552
+        assert s.noop()[0] == 250
+    assert mail.store.list("bob", "Inbox") == []
+
+
+def test_pop3_session_with_poplib(mail):
+    for i in range(3):
+        mail.store.deliver("bob", "Inbox", b"Subject: m%d\r\n\r\nbody %d\r\n.dot\r\n" % (i, i))
+    ids = [m.id for m in reversed(mail.store.list("bob", "Inbox"))]
+    p = poplib.POP3("127.0.0.1", mail.pop_port, timeout=10)
+    caps = p.capa()
+    assert "USER" in caps and caps["SASL"] == ["PLAIN"]
+    p.user("bob")
+    p.pass_(PW["bob"])
+    n, size = p.stat()
+    assert n == 3
+    assert [ln.split()[1].decode() for ln in p.uidl()[1]] == ids
+    _, lines, _ = p.top(2, 0)
+    assert lines == [b"Subject: m1", b""]
+    _, lines, _ = p.retr(3)
+    assert lines == [b"Subject: m2", b"", b"body 2", b".dot"]
+    # a second session on the same mailbox is refused while this one is open
+    q = poplib.POP3("127.0.0.1", mail.pop_port, timeout=10)
+    q.user("bob")
+    with pytest.raises(poplib.error_proto, match="IN-USE"):
+        q.pass_(PW["bob"])
+    q.quit()
+    p.dele(1)
+    p.dele(3)
+    p.quit()
+    assert [m.id for m in mail.store.list("bob", "Inbox")] == [ids[1]]
+    # the lock is free again; a dropped connection deletes nothing
+    p = poplib.POP3("127.0.0.1", mail.pop_port, timeout=10)
+    p.user("bob")
+    p.pass_(PW["bob"])
+    p.dele(1)
+    p.sock.close()
+    p = poplib.POP3("127.0.0.1", mail.pop_port, timeout=10)
+    p.user("bob")
+    p.pass_(PW["bob"])  # works: the dropped session gave the lock back
+    assert p.stat()[0] == 1
+    p.quit()
+
+
+def test_pop3_auth_plain_and_bad_password(mail):
+    s = socket.create_connection(("127.0.0.1", mail.pop_port), timeout=10)
+    f = s.makefile("rb")
+    assert f.readline().startswith(b"+OK")
+    import base64
+    s.sendall(b"AUTH PLAIN " + base64.b64encode(b"\0bob\0wrong password") + b"\r\n")
+    assert f.readline().startswith(b"-ERR [AUTH]")
+    s.sendall(b"AUTH PLAIN\r\n")
+    assert f.readline() == b"+ \r\n"
+    s.sendall(base64.b64encode(b"\0bob\0" + PW["bob"].encode()) + b"\r\n")
+    assert f.readline().startswith(b"+OK Logged in")
+    s.sendall(b"QUIT\r\n")
+    assert f.readline().startswith(b"+OK")
+    s.close()
+
+
+def test_idle_smtp_session_gets_421(tmp_path):
+    cfg = parse_config({}, data_dir=str(tmp_path))
+    srv = make_smtp_server(cfg, MemoryKV(), host="127.0.0.1", port=0, idle_timeout_s=0.3).start()
+    try:
+        s = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+        f = s.makefile("rb")
+        assert f.readline().startswith(b"220")
+        assert f.readline().startswith(b"421 4.4.2")
+        assert f.readline() == b""  # closed
+        s.close()
+    finally:
+        srv.stop()
+
+
+needs_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+
+
+@needs_curl
+def test_curl_smtp_and_pop3(mail, tmp_path):
+    msg = tmp_path / "m.eml"
+    msg.write_bytes(b"Subject: via curl\r\nFrom: alice@penncloud.local\r\n\r\nsent by curl\r\n")
+    r = subprocess.run(["curl", "-sS", "--max-time", "20", f"smtp://127.0.0.1:{mail.smtp_port}",
+                        "--mail-from", "alice@penncloud.local", "--mail-rcpt", "bob@penncloud.local",
+                        "--user", f"alice:{PW['alice']}", "--upload-file", str(msg)],
+                       capture_output=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run(["curl", "-sS", "--max-time", "20", f"pop3://127.0.0.1:{mail.pop_port}/1",
+                        "--user", f"bob:{PW['bob']}"], capture_output=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.endswith(b"Subject: via curl\r\nFrom: alice@penncloud.local\r\n\r\nsent by curl\r\n")
+    r = subprocess.run(["curl", "-sS", "--max-time", "20", f"pop3://127.0.0.1:{mail.pop_port}/",
+                        "--user", f"bob:{PW['bob']}"], capture_output=True, timeout=30)
+    assert r.returncode == 0 and r.stdout.startswith(b"1 ")
+
+
+@pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks is not installed")
+def test_swaks_auth_plain_submission(mail):
+    r = subprocess.run(["swaks", "--server", f"127.0.0.1:{mail.smtp_port}", "--from", "alice@penncloud.local",
+                        "--to", "bob@penncloud.local", "--auth", "PLAIN", "--auth-user", "alice",
+                        "--auth-password", PW["alice"], "--header", "Subject: via swaks", "--timeout", "20"],
+                       capture_output=True, timeout=40)
+    assert r.returncode == 0, r.stdout[-2000:]
+    assert [m.subject for m in mail.store.list("bob", "Inbox")] == ["via swaks"]
+    r = subprocess.run(["swaks", "--server", f"127.0.0.1:{mail.smtp_port}", "--from", "x@spam.test",
+                        "--to", "victim@elsewhere.test", "--timeout", "20"], capture_output=True, timeout=40)
+    assert r.returncode != 0 and b"554 5.7.1" in r.stdout
