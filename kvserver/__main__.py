@@ -1,0 +1,116 @@
+"""Run a tablet server.
+
+    python -m kvserver --standalone --port P --data DIR [--tablets T]
+        [--memory-budget SIZE] [--checkpoint-log-bytes SIZE]
+        [--checkpoint-interval S] [--max-cell-bytes SIZE] [--no-group-commit]
+        [--host H] [--secret S] [--log-level L]
+    python -m kvserver --config FILE --id NAME [--data DIR]     (cluster mode)
+
+Standalone: no master, primary of every tablet, data in DIR. Prints
+`READY <port>` once it serves; SIGTERM stops it cleanly (logs flushed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+
+from src import logsetup
+from src.config import ConfigError, StorageConfig, load_config
+
+from kvserver.checkpoint import CorruptCheckpoint
+from kvserver.server import KVServer, standalone_server
+
+log = logging.getLogger("kvserver")
+
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|K|M|G)?\s*$", re.I)
+_UNIT = {"b": 1, "kib": 1 << 10, "k": 1 << 10, "mib": 1 << 20, "m": 1 << 20, "gib": 1 << 30, "g": 1 << 30}
+
+
+def size(text: str) -> int:
+    m = _SIZE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size such as 4MiB: {text!r}")
+    return int(m.group(1)) * _UNIT[(m.group(2) or "b").lower()]
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m kvserver", description="PennCloud tablet server")
+    p.add_argument("--config", help="cluster config file (cluster mode)")
+    p.add_argument("--id", help="this server's id in the config (cluster mode)")
+    p.add_argument("--data", help="data directory (default: $PENNCLOUD_DATA or the config's)")
+    p.add_argument("--standalone", action="store_true", help="no master: primary of every tablet")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--tablets", type=int, default=24)
+    p.add_argument("--memory-budget", type=size)
+    p.add_argument("--checkpoint-log-bytes", type=size)
+    p.add_argument("--checkpoint-interval", type=float)
+    p.add_argument("--max-cell-bytes", type=size)
+    p.add_argument("--no-group-commit", action="store_true")
+    p.add_argument("--secret", default="", help="require AUTH <secret> for admin commands")
+    p.add_argument("--log-level", default="INFO")
+    return p.parse_args(argv)
+
+
+def storage_config(args, base: StorageConfig = StorageConfig()) -> StorageConfig:
+    """`base` with the command line's overrides."""
+    return StorageConfig(
+        memory_budget_bytes=args.memory_budget or base.memory_budget_bytes,
+        checkpoint_log_bytes=args.checkpoint_log_bytes or base.checkpoint_log_bytes,
+        checkpoint_interval_s=args.checkpoint_interval or base.checkpoint_interval_s,
+        max_cell_bytes=args.max_cell_bytes or base.max_cell_bytes,
+        group_commit=base.group_commit and not args.no_group_commit,
+    )
+
+
+def build_server(args) -> KVServer:
+    if args.standalone:
+        data = args.data or os.environ.get("PENNCLOUD_DATA")
+        if not data:
+            raise SystemExit("kvserver: --standalone needs --data DIR (or $PENNCLOUD_DATA)")
+        if not 1 <= args.tablets <= 4096:
+            raise SystemExit("kvserver: --tablets must be 1 to 4096")
+        return standalone_server(args.port, data, storage_config(args), args.tablets,
+                                 host=args.host, secret=args.secret)
+    if not args.config or not args.id:
+        raise SystemExit("kvserver: give --standalone --port P --data DIR, or --config FILE --id NAME")
+    cfg = load_config(args.config, args.data or os.environ.get("PENNCLOUD_DATA"))
+    cfg.node(args.id)
+    raise SystemExit("kvserver: cluster mode (--config) needs the master and replication, "
+                     "which are not built yet; use --standalone")
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    logsetup.configure(args.id or "kvserver", args.log_level)
+    try:
+        server = build_server(args)
+        server.start()
+    except ConfigError as e:
+        print(f"kvserver: {e}", file=sys.stderr)
+        return 2
+    except CorruptCheckpoint as e:
+        log.error("cannot start: %s", e)
+        return 1
+    except OSError as e:
+        log.error("cannot start: %s", e)
+        return 1
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    sys.stdout.write(f"READY {server.port}\n")
+    sys.stdout.flush()
+    stop.wait()
+    log.info("stopping")
+    server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""All tablets of one server: row locks, the memory budget, background checkpoints.
+
+    store = Store(data_dir, tablet_ids, storage_cfg).open()   # recovers every tablet
+    store.tablet(7)            -> Tablet
+    store.row_lock(7, row)     -> the lock a write holds from reading the old
+                                  value until its effect is durable and applied
+    store.admit()              memory back-pressure, called before a write
+    store.close()              clean stop: logs flushed and closed
+    store.crash()              KILL: everything in memory dropped, as a crash
+
+Each tablet lives in `<data_dir>/tablet-<NNN>/` (tablet.py describes its files).
+
+Memory budget (`StorageConfig.memory_budget_bytes`). Half of it is the
+memtables' share; the rest, minus the checkpoints' in-memory indexes, is the
+block cache's capacity (an LRU). When the memtables together pass their share,
+the background thread checkpoints the biggest one (writers go on into a fresh
+memtable meanwhile); if they pass twice their share, writers wait (bounded)
+for a checkpoint to finish, so a burst of writes cannot outgrow memory. A
+tablet is also checkpointed when its log passes `checkpoint_log_bytes` or when
+`checkpoint_interval_s` has passed since its last checkpoint and it has new
+writes.
+
+Row locks are striped: ROW_LOCK_STRIPES locks, a row uses the one its
+(tablet, row) hashes to. Bounded memory, and two rows rarely share a lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+from src.config import StorageConfig
+
+from kvserver.checkpoint import BlockCache, CheckpointAborted
+from kvserver.tablet import Tablet, TabletError
+
+log = logging.getLogger(__name__)
+
+ROW_LOCK_STRIPES = 4096
+CHECK_INTERVAL_S = 0.5        # how often the checkpointer looks even when not woken
+ADMIT_WAIT_S = 30.0           # longest a writer waits for memory before going ahead
+
+
+def tablet_dir(data_dir: str, tablet_id: int) -> str:
+    return os.path.join(data_dir, f"tablet-{tablet_id:03d}")
+
+
+class Store:
+    def __init__(self, data_dir: str, tablet_ids, cfg: StorageConfig):
+        self.data_dir = data_dir
+        self.cfg = cfg
+        self.tablet_ids = sorted(tablet_ids)
+        self.mem_share = cfg.memory_budget_bytes // 2
+        self.cache = BlockCache(cfg.memory_budget_bytes - self.mem_share)
+        self.tablets: dict[int, Tablet] = {}
+        self._row_locks = [threading.Lock() for _ in range(ROW_LOCK_STRIPES)]
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._room = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self.checkpoints = 0
+
+    # -- life cycle ----------------------------------------------------------------
+
+    def open(self) -> "Store":
+        """Recover every tablet from disk and start the checkpointer."""
+        os.makedirs(self.data_dir, exist_ok=True)
+        t0 = time.monotonic()
+        for tid in self.tablet_ids:
+            self.tablets[tid] = Tablet(tid, tablet_dir(self.data_dir, tid), self.cache,
+                                       self.cfg.group_commit).open()
+        self._rebalance()
+        log.info("store: %d tablets recovered in %.2fs", len(self.tablets), time.monotonic() - t0)
+        self._thread = threading.Thread(target=self._checkpoint_loop, name="checkpointer", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop the checkpointer and close every log (pending records flushed)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+        for t in self.tablets.values():
+            t.close()
+
+    def crash(self) -> None:
+        """Drop all in-memory state as a crash would: unsynced records are lost,
+        their writers get errors; a checkpoint being written is abandoned."""
+        self._stop.set()
+        self._wake.set()
+        for t in self.tablets.values():
+            t.close(abandon=True)
+        if self._thread is not None:
+            self._thread.join()
+        with self._room:
+            self._room.notify_all()
+        self.cache.clear()
+        self.tablets = {}
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    # -- access ----------------------------------------------------------------------
+
+    def tablet(self, tablet_id: int) -> Tablet | None:
+        return self.tablets.get(tablet_id)
+
+    def row_lock(self, tablet_id: int, row: bytes) -> threading.Lock:
+        return self._row_locks[hash((tablet_id, row)) % ROW_LOCK_STRIPES]
+
+    @property
+    def memtable_bytes(self) -> int:
+        return sum(t.memtable_bytes for t in list(self.tablets.values()))
+
+    def admit(self) -> None:
+        """Before a write: wait (bounded) while the memtables are far over their share."""
+        if self.memtable_bytes <= 2 * self.mem_share:
+            if self.memtable_bytes > self.mem_share:
+                self._wake.set()
+            return
+        self._wake.set()
+        deadline = time.monotonic() + ADMIT_WAIT_S
+        with self._room:
+            while (self.memtable_bytes > 2 * self.mem_share and not self._stop.is_set()
+                   and time.monotonic() < deadline):
+                self._room.wait(0.05)
+
+    def wrote(self, t: Tablet) -> None:
+        """After a write to `t`: wake the checkpointer if a threshold is passed."""
+        if t.log_bytes >= self.cfg.checkpoint_log_bytes or self.memtable_bytes > self.mem_share:
+            self._wake.set()
+
+    # -- background checkpoints ---------------------------------------------------------
+
+    def _due(self) -> list[Tablet]:
+        now = time.monotonic()
+        due = []
+        for t in list(self.tablets.values()):
+            if t.log_bytes >= self.cfg.checkpoint_log_bytes:
+                due.append(t)
+            elif now - t.last_checkpoint_time >= self.cfg.checkpoint_interval_s and t.active_bytes:
+                due.append(t)
+        if self.memtable_bytes > self.mem_share:
+            biggest = max(self.tablets.values(), key=lambda t: t.active_bytes, default=None)
+            if biggest is not None and biggest.active_bytes and biggest not in due:
+                due.insert(0, biggest)
+        return due
+
+    def _checkpoint_loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(CHECK_INTERVAL_S)
+            self._wake.clear()
+            for t in self._due():
+                if self._stop.is_set():
+                    return
+                try:
+                    if t.checkpoint(self._stop.is_set):
+                        self.checkpoints += 1
+                except (TabletError, CheckpointAborted):
+                    pass
+                except Exception:
+                    log.exception("tablet %d: checkpoint failed (will retry)", t.id)
+                    self._stop.wait(1.0)
+                self._rebalance()
+                with self._room:
+                    self._room.notify_all()
+
+    def _rebalance(self) -> None:
+        """Give the block cache what the budget leaves after memtables and indexes."""
+        indexes = sum(t.index_memory for t in list(self.tablets.values()))
+        self.cache.resize(self.cfg.memory_budget_bytes - self.mem_share - indexes)
+
+    # -- figures for STATUS / TABLETS ---------------------------------------------------------
+
+    def stats(self) -> dict:
+        per = {tid: t.stats() for tid, t in list(self.tablets.items())}
+        return {
+            "tablets": per,
+            "keys": sum(s["cells"] for s in per.values()),
+            "disk_bytes": sum(s["disk_bytes"] for s in per.values()),
+            "log_records": sum(s["log_records"] for s in per.values()),
+            "memtable_bytes": sum(s["mem_bytes"] for s in per.values()),
+            "cache_bytes": self.cache.bytes,
+            "index_bytes": sum(t.index_memory for t in list(self.tablets.values())),
+            "checkpoints": self.checkpoints,
+        }
