@@ -1,0 +1,372 @@
+"""The master: failure detector, view keeper and tablet directory.
+
+It holds, per tablet, the `TabletView` of master/placement.py, and per tablet
+server its liveness (heard from within `failure_timeout_s`), its boot id and
+its last report (per tablet: epoch and seq of its last log record). Decisions
+are made by placement.py's pure functions; this module adds time, the
+network and persistence, in this order for every change:
+
+    decide (pure) -> save to disk (master/state.py) -> publish -> answer
+
+so no server ever hears of a view a restarted master would not know. Changes
+are serialised by `_change_lock`, which is held across the save on purpose
+(changes are rare, and a change must not be published before it is durable);
+readers (MAP, LOOKUP, NODES, heartbeat answers) read the published views, a
+dict that is replaced, never mutated, and so never wait on the disk.
+
+Commands (PROTOCOL.md "Master commands", plus the internal ones of
+docs/replication.md):
+
+    PING | MAP | LOOKUP <row> | NODES | AUTH <secret> | QUIT
+    HEARTBEAT <id> <boot> <state> <report>   (report: a literal, one line per tablet)
+    VIEWCHANGE <tablet> <epoch> <REMOVE|ADMIT> <server> <requester>
+    BYE <id> <boot>                          (a tablet server was KILLed)
+
+Internal commands need AUTH first when the cluster has a secret.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+
+from master import placement
+from master.placement import TabletView
+from master.state import MasterState
+from src.config import Config
+from src.kv import tablet_of
+from src.kvproto import (MASTER_COMMANDS, NAME, NEED_DATA, RAW, VALUE, CommandSpec, ProtocolErrorEvent,
+                         RequestParser, error, listing, ok, pong)
+from src.server import TCPServer
+
+log = logging.getLogger(__name__)
+
+MAX_REPORT_BYTES = 1024 * 1024     # a heartbeat's report literal (24 tablets take ~600 bytes)
+RECV_BYTES = 65536
+STARTUP_GRACE_FACTOR = 2.0         # after a (re)start, servers get this many timeouts to say hello
+
+INTERNAL_COMMANDS = {
+    "HEARTBEAT": CommandSpec((RAW, RAW, RAW, VALUE)),
+    "VIEWCHANGE": CommandSpec((RAW, RAW, RAW, RAW, RAW)),
+    "BYE": CommandSpec((RAW, RAW)),
+}
+COMMANDS = {**MASTER_COMMANDS, **INTERNAL_COMMANDS}
+
+
+def view_line(v: TabletView) -> str:
+    """`<tablet> <epoch> <primary|-> <member,...|-> <replica,...>` (heartbeat answers)."""
+    return f"{v.tablet} {v.epoch} {v.primary or '-'} {','.join(v.members) or '-'} {','.join(v.replicas)}"
+
+
+def parse_view_line(line: str) -> TabletView:
+    t, e, p, m, r = line.split()
+    return TabletView(int(t), int(e), None if p == "-" else p,
+                      () if m == "-" else tuple(m.split(",")), tuple(r.split(",")))
+
+
+class _Server:
+    """What the master knows of one tablet server (in memory only)."""
+
+    def __init__(self, node, now: float):
+        self.node = node
+        self.last_seen = now          # presumed alive until a timeout from (re)start
+        self.heard = False            # heard from since this master started
+        self.alive = True
+        self.killed = False
+        self.state = "serving"
+        self.reports: dict[int, tuple[int, int]] = {}
+
+
+class Master:
+    def __init__(self, cfg: Config, node_id: str = "master", port: int | None = None):
+        self.cfg = cfg
+        self.node = cfg.node(node_id)
+        self.cc = cfg.cluster
+        self.ids = [n.id for n in cfg.kvservers]
+        if not self.ids:
+            raise ValueError(f"{cfg.path}: no [[kvserver]] entries: the master has nothing to place")
+        self.store = MasterState(cfg.process_dir(node_id))
+        now = time.monotonic()
+        self.started = now
+        self.servers = {n.id: _Server(n, now) for n in cfg.kvservers}
+        loaded = self.store.load(self.cc.tablets, self.cc.replication, self.ids)
+        if loaded is None:
+            views = placement.initial_views(self.ids, self.cc.tablets, self.cc.replication)
+            self.boots: dict[str, str] = {}
+            self.store.save(self.cc.tablets, self.cc.replication, self.ids, views, self.boots)
+            log.info("placed %d tablets on %d servers (R=%d)", len(views), len(self.ids), self.cc.replication)
+        else:
+            views, self.boots = loaded
+            log.info("resumed master state: %d tablets, map epoch %d", len(views),
+                     sum(v.epoch for v in views.values()))
+        self.views: dict[int, TabletView] = views          # published; replaced, never mutated
+        self._change_lock = threading.Lock()
+        self._stop = threading.Event()
+        self.tcp = TCPServer(self.node.host, self.node.port if port is None else port, self._handle, "master")
+        self._detector: threading.Thread | None = None
+
+    # -- life cycle ----------------------------------------------------------------
+
+    def start(self) -> "Master":
+        self.tcp.start()
+        self._detector = threading.Thread(target=self._detect_loop, name="master-detector", daemon=True)
+        self._detector.start()
+        return self
+
+    @property
+    def port(self) -> int:
+        return self.tcp.port
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.tcp.stop()
+        if self._detector:
+            self._detector.join(5)
+
+    # -- decisions ---------------------------------------------------------------------
+
+    def _alive(self) -> set[str]:
+        return {sid for sid, s in self.servers.items() if s.alive}
+
+    def _reports(self, tablet: int) -> dict[str, tuple[int, int]]:
+        return {sid: s.reports[tablet] for sid, s in self.servers.items() if tablet in s.reports}
+
+    def _apply(self, fn, server: str, why: str) -> None:
+        """Run a per-tablet transition for every tablet; save and publish if anything changed.
+        Caller holds _change_lock."""
+        views = dict(self.views)
+        alive = self._alive()
+        changed = []
+        for t, v in views.items():
+            load = placement.primary_counts(views.values())
+            nv = fn(v, server, alive, self._reports(t), load)
+            if nv != v:
+                views[t] = nv
+                changed.append(nv)
+        if changed:
+            self._publish(views, changed, why)
+
+    def _publish(self, views: dict[int, TabletView], changed: list[TabletView], why: str) -> None:
+        self.store.save(self.cc.tablets, self.cc.replication, self.ids, views, self.boots)
+        self.views = views
+        for v in changed:
+            log.info("tablet %d epoch %d primary %s members %s (%s)", v.tablet, v.epoch, v.primary or "-",
+                     ",".join(v.members) or "-", why)
+
+    def _detect_loop(self) -> None:
+        interval = min(0.05, self.cc.heartbeat_interval_s / 2)
+        while not self._stop.wait(interval):
+            try:
+                self._detect_once(time.monotonic())
+            except Exception:
+                log.exception("failure detector")
+
+    def _detect_once(self, now: float) -> None:
+        for sid, s in self.servers.items():
+            timeout = self.cc.failure_timeout_s
+            if not s.heard:
+                timeout *= STARTUP_GRACE_FACTOR
+            if s.alive and now - s.last_seen > timeout:
+                with self._change_lock:
+                    if not (s.alive and now - s.last_seen > timeout):
+                        continue
+                    s.alive = False
+                    log.warning("server %s is dead (silent %.2fs)", sid, now - s.last_seen)
+                    self._apply(placement.on_server_dead, sid, f"{sid} dead")
+
+    def heartbeat(self, sid: str, boot: str, state: str, report: dict[int, tuple[int, int]]) -> list[str]:
+        """A tablet server's heartbeat: note it, react to a restart or a return, answer its views."""
+        s = self.servers[sid]
+        with self._change_lock:
+            s.last_seen = time.monotonic()
+            s.reports = report
+            s.state = state
+            came_back = not s.alive
+            s.alive = True
+            s.heard = True
+            s.killed = False
+            if self.boots.get(sid) != boot:
+                first = sid not in self.boots
+                self.boots[sid] = boot
+                log.info("server %s %s (boot %s)", sid, "registered" if first else "restarted", boot[:8])
+                views = dict(self.views)
+                changed = []
+                for t, v in views.items():
+                    nv = placement.on_server_restarted(v, sid, self._alive(), self._reports(t),
+                                                       placement.primary_counts(views.values()))
+                    if nv != v:
+                        views[t] = nv
+                        changed.append(nv)
+                self._publish(views, changed, f"{sid} restarted")   # saves the boot id too
+            elif came_back:
+                log.info("server %s is alive again", sid)
+                self._apply(placement.on_server_alive, sid, f"{sid} alive")
+            views = self.views
+        return [view_line(v) for v in views.values() if sid in v.replicas]
+
+    def bye(self, sid: str, boot: str) -> None:
+        """A server was KILLed: dead now (no need to wait for the timeout)."""
+        s = self.servers[sid]
+        with self._change_lock:
+            if self.boots.get(sid) != boot or not s.alive:
+                return
+            s.alive = False
+            s.killed = True
+            log.warning("server %s was killed", sid)
+            self._apply(placement.on_server_dead, sid, f"{sid} killed")
+
+    def view_change(self, tablet: int, epoch: int, op: str, server: str, requester: str) -> TabletView | None:
+        with self._change_lock:
+            v = self.views.get(tablet)
+            if v is None or server not in self.servers or requester not in self.servers:
+                return None
+            if not self.servers[requester].alive:
+                return None
+            if op == "REMOVE":
+                nv = placement.remove_member(v, epoch, server, requester)
+            else:
+                nv = placement.admit_member(v, epoch, server, requester, self._alive())
+            if nv is None:
+                return None
+            if nv != v:
+                views = dict(self.views)
+                views[tablet] = nv
+                self._publish(views, [nv], f"{requester} asked {op} {server}")
+            return nv
+
+    # -- answers ---------------------------------------------------------------------------
+
+    def addr(self, sid: str | None) -> str:
+        return self.servers[sid].node.addr if sid else "-"
+
+    def map_lines(self) -> list[str]:
+        views = self.views
+        lines = [f"tablets={self.cc.tablets} epoch={sum(v.epoch for v in views.values())}"]
+        for t in sorted(views):
+            lines.append(self._tablet_text(views[t]))
+        return lines
+
+    def _tablet_text(self, v: TabletView) -> str:
+        primary = self.addr(v.primary) if v.primary and self.servers[v.primary].alive else "-"
+        secs = [self.addr(m) for m in v.members if m != v.primary]
+        return f"{v.tablet} {primary} {','.join(secs) or '-'}"
+
+    def node_lines(self) -> list[str]:
+        views = self.views.values()
+        now = time.monotonic()
+        lines = []
+        for sid, s in self.servers.items():
+            prim = sum(1 for v in views if v.primary == sid)
+            sec = sum(1 for v in views if sid in v.replicas and v.primary != sid)
+            if s.killed:
+                state = "killed"
+            elif not s.alive or not s.heard:
+                state = "dead"
+            elif s.state == "recovering" or any(sid in v.replicas and sid not in v.members for v in views):
+                state = "recovering"
+            else:
+                state = "alive"
+            seen = int((now - s.last_seen) * 1000) if s.heard else -1
+            lines.append(f"{sid} {s.node.addr} {state} primary={prim} secondary={sec} last_seen_ms={seen}")
+        return lines
+
+    # -- the connection loop ---------------------------------------------------------------
+
+    def _handle(self, sock: socket.socket, peer) -> None:
+        parser = RequestParser(COMMANDS, max_literal=MAX_REPORT_BYTES)
+        conn = {"authed": not self.cc.secret}
+        while True:
+            data = sock.recv(RECV_BYTES)
+            if not data:
+                return
+            parser.feed(data)
+            out = []
+            while True:
+                ev = parser.next_event()
+                if ev is NEED_DATA:
+                    break
+                if isinstance(ev, ProtocolErrorEvent):
+                    out.append(ev.reply())
+                    if ev.close:
+                        sock.sendall(b"".join(out))
+                        return
+                    continue
+                try:
+                    reply = getattr(self, "cmd_" + ev.cmd)(ev.args, conn)
+                except Exception as e:   # a bug: answer it, keep serving
+                    log.exception("master: %s failed", ev.cmd)
+                    reply = error("INTERNAL", type(e).__name__)
+                if reply is None:      # QUIT
+                    out.append(ok("bye"))
+                    sock.sendall(b"".join(out))
+                    return
+                out.append(reply)
+            if out:
+                sock.sendall(b"".join(out))
+
+    def _internal(self, conn) -> bytes | None:
+        return None if conn["authed"] else error("DENIED", "AUTH first")
+
+    def cmd_PING(self, args, conn):
+        return pong()
+
+    def cmd_QUIT(self, args, conn):
+        return None
+
+    def cmd_AUTH(self, args, conn):
+        if args[0].decode("utf-8", "replace") != self.cc.secret:
+            return error("DENIED", "wrong secret")
+        conn["authed"] = True
+        return ok()
+
+    def cmd_MAP(self, args, conn):
+        return listing(self.map_lines())
+
+    def cmd_LOOKUP(self, args, conn):
+        t = tablet_of(args[0], self.cc.tablets)
+        return ok(self._tablet_text(self.views[t]))
+
+    def cmd_NODES(self, args, conn):
+        return listing(self.node_lines())
+
+    def cmd_HEARTBEAT(self, args, conn):
+        denied = self._internal(conn)
+        if denied:
+            return denied
+        sid, boot, state, raw = args
+        if sid not in self.servers:
+            return error("BADREQ", f"unknown server {sid}")
+        report = {}
+        try:
+            for line in raw.decode("ascii").splitlines():
+                if line.strip():
+                    t, e, s = line.split()[:3]
+                    report[int(t)] = (int(e), int(s))
+        except (ValueError, UnicodeDecodeError):
+            return error("BADREQ", "malformed heartbeat report")
+        return listing(self.heartbeat(sid, boot, state, report))
+
+    def cmd_BYE(self, args, conn):
+        denied = self._internal(conn)
+        if denied:
+            return denied
+        if args[0] not in self.servers:
+            return error("BADREQ", f"unknown server {args[0]}")
+        self.bye(args[0], args[1])
+        return ok()
+
+    def cmd_VIEWCHANGE(self, args, conn):
+        denied = self._internal(conn)
+        if denied:
+            return denied
+        t, e, op, server, requester = args
+        op = op.upper()
+        if not (t.isdigit() and e.isdigit()) or op not in ("REMOVE", "ADMIT"):
+            return error("BADREQ", "VIEWCHANGE <tablet> <epoch> REMOVE|ADMIT <server> <requester>")
+        nv = self.view_change(int(t), int(e), op, server, requester)
+        if nv is None:
+            return error("RETRY", f"view change refused (current epoch {self.views[int(t)].epoch})"
+                         if int(t) in self.views else "no such tablet")
+        return listing([view_line(nv)])
