@@ -540,3 +540,53 @@ def test_cluster_many_threads(fakes):
     assert not errors
     assert a.count("PUT") + b.count("PUT") == 300
     assert a.accepted + b.accepted <= 20
+
+
+# -- against the real tablet server ------------------------------------------------
+
+
+def test_server_client_against_real_kvserver(procs, tmp_path):
+    p = procs.start("kvserver", ["--standalone", "--port", "0", "--data", str(tmp_path / "kv"),
+                                 "--tablets", "4", "--secret", "adm in"], name="kv1")
+    c = ServerClient(f"127.0.0.1:{p.port}", secret="adm in")
+    try:
+        assert c.ping()
+        weird = b"r %\x00\xff-{5}"
+        c.put(weird, "c", b"v\r\n")
+        assert c.get(weird, "c") == b"v\r\n"
+        big = bytes(range(256)) * 4096 * 8          # 8 MiB
+        c.put("big", "cell", big)
+        assert c.get("big", "cell") == big
+        c.putnx("r", "n", b"0")
+        with pytest.raises(kv.Exists):
+            c.putnx("r", "n", b"0")
+        c.cput("r", "n", b"0", b"1")
+        with pytest.raises(kv.Mismatch):
+            c.cput("r", "n", b"0", b"2")
+        assert c.cols("r") == [b"n"]
+        out = c.pipeline([("GET", (b"r", b"n")), ("GET", (b"r", b"x")), ("PUT", (b"r", b"x", b"y")), ("PING", ())])
+        assert out[0] == Value(b"1") and isinstance(out[1], kv.NotFound) and out[2] == Ok("") and out[3].word == "PONG"
+        c.delete("r", "x")
+        c.delrow("r")
+        with pytest.raises(kv.NotFound):
+            c.get("r", "n")
+        st = c.status()
+        assert st["state"] == "serving" and "keys" in st
+        assert len(c.tablets()) == 4
+        t = tablet_of(weird, 4)
+        assert weird in c.rows(t, None, 100)
+        c.put("-", "c", b"dash")
+        t_dash = tablet_of(b"-", 4)
+        after_dash = c.rows(t_dash, b"-", 100)
+        assert b"-" not in after_dash and all(r > b"-" for r in after_dash)
+        with pytest.raises(kv.Denied):
+            ServerClient(f"127.0.0.1:{p.port}").status()
+        # KILL drops the store as a crash would; WAKE recovers it from disk.
+        c.kill()
+        with pytest.raises(kv.Retry):
+            c.get(weird, "c")
+        c.wake()
+        wait_until(lambda: c.status()["state"] == "serving", 20, what="server serving after WAKE")
+        assert c.get(weird, "c") == b"v\r\n" and c.get("big", "cell") == big
+    finally:
+        c.close()
