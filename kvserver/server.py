@@ -46,7 +46,7 @@ from src.config import StorageConfig
 from src.kv import BadRequest, Denied, Exists, Internal, KVError, Mismatch, NotFound, Retry, tablet_of
 from src.kvproto import (
     ADMIN_COMMANDS, DATA_COMMANDS, NEED_DATA, KVProtocolError, ProtocolErrorEvent, Request,
-    RequestParser, decode_name, error, error_for, listing, name_listing, ok, pong, value_parts,
+    RequestParser, decode_name, encode_name, error, error_for, listing, name_listing, ok, pong, value_parts,
 )
 from src.server import TCPServer
 
@@ -328,7 +328,9 @@ class KVServer:
         if not limit.isdigit() or not 0 <= int(limit) <= MAX_ROWS_LIMIT:
             raise BadRequest(f"limit must be 0 to {MAX_ROWS_LIMIT}")
         start = None if after == "-" else decode_name(after)
-        return name_listing(store.tablet(int(tablet)).rows(start, int(limit)))
+        rows = store.tablet(int(tablet)).rows(start, int(limit))
+        # a row named "-" is sent as %2D, so the reply can be fed back as <after>
+        return listing(b"%2D" if r == b"-" else encode_name(r) for r in rows)
 
     def cmd_KILL(self, conn):
         with self._state_lock:

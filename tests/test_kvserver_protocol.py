@@ -1,0 +1,314 @@
+"""The tablet server over real sockets: every command, and bad input that must
+get the documented error without hurting the server or other clients."""
+
+import os
+import random
+import socket
+import time
+
+import pytest
+
+from src.kv import BadRequest, Denied, Exists, Mismatch, NotFound, tablet_of
+from src.kvclient import ServerClient
+from tests.harness import ProcSet, wait_until
+
+TABLETS = 4
+MAX_CELL = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("kvproto")
+    ps = ProcSet(tmp)
+    try:
+        p = ps.start("kvserver", ["--standalone", "--port", "0", "--data", str(tmp / "data"),
+                                  "--tablets", str(TABLETS), "--max-cell-bytes", str(MAX_CELL)], name="kv")
+        yield p
+    finally:
+        ps.cleanup()
+
+
+@pytest.fixture
+def kv(server):
+    c = ServerClient(f"127.0.0.1:{server.port}", timeout=10)
+    yield c
+    c.close()
+
+
+class Raw:
+    """A raw connection: send bytes, read reply lines."""
+
+    def __init__(self, port):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.buf = b""
+
+    def send(self, data: bytes):
+        self.sock.sendall(data)
+        return self
+
+    def line(self) -> bytes:
+        while b"\r\n" not in self.buf:
+            d = self.sock.recv(65536)
+            if not d:
+                raise ConnectionError(f"closed; have {self.buf!r}")
+            self.buf += d
+        line, self.buf = self.buf.split(b"\r\n", 1)
+        return line
+
+    def exactly(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            d = self.sock.recv(1 << 20)
+            if not d:
+                raise ConnectionError("closed")
+            self.buf += d
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def closed(self) -> bool:
+        self.sock.settimeout(5)
+        try:
+            return self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.fixture
+def raw(server):
+    conns = []
+
+    def make():
+        c = Raw(server.port)
+        conns.append(c)
+        return c
+
+    yield make
+    for c in conns:
+        c.close()
+
+
+def alive(server):
+    c = Raw(server.port)
+    try:
+        return c.send(b"PING\r\n").line() == b"+PONG"
+    finally:
+        c.close()
+
+
+def test_the_session_by_hand(raw):
+    c = raw()
+    c.send(b"PUT alice greeting hello%20world\r\n")
+    assert c.line() == b"+OK"
+    c.send(b"GET alice greeting\r\n")
+    assert c.line() == b"$11" and c.line() == b"hello world"
+    c.send(b"CPUT alice greeting hello%20world bye\r\nPUT alice photo {5}\r\n\x00\x01\r\n\xff\r\n")
+    assert c.line() == b"+OK" and c.line() == b"+OK"
+    c.send(b"cols alice\r\n")
+    assert [c.line() for _ in range(3)] == [b"*2", b"greeting", b"photo"]
+    c.send(b"GET alice photo\r\n")
+    assert c.line() == b"$5" and c.exactly(7) == b"\x00\x01\r\n\xff\r\n"
+    c.send(b"GET nobody x\r\n\r\n  \t \r\nPING\nQUIT\r\n")
+    assert [c.line() for _ in range(3)] == [b"-ERR NOTFOUND", b"+PONG", b"+OK bye"]
+    assert c.closed()
+
+
+def test_data_commands(kv):
+    kv.put(b"r1", b"a", b"1")
+    with pytest.raises(Exists):
+        kv.putnx(b"r1", b"a", b"2")
+    kv.putnx(b"r1", b"b", b"")
+    assert kv.get(b"r1", b"b") == b""
+    with pytest.raises(Mismatch):
+        kv.cput(b"r1", b"a", b"x", b"y")
+    with pytest.raises(NotFound):
+        kv.cput(b"r1", b"zz", b"x", b"y")
+    kv.cput(b"r1", b"a", b"1", b"3")
+    assert kv.get(b"r1", b"a") == b"3"
+    assert kv.cols(b"r1") == [b"a", b"b"]
+    with pytest.raises(NotFound):
+        kv.delete(b"r1", b"nope")
+    kv.delete(b"r1", b"a")
+    kv.delete(b"r1", b"b")                     # the last column: the row is gone
+    assert kv.cols(b"r1") == []
+    assert b"r1" not in kv.rows(tablet_of(b"r1", TABLETS), None, 1000)
+    with pytest.raises(NotFound):
+        kv.delrow(b"r1")
+    kv.put(b"r2", b"x", b"1")
+    kv.put(b"r2", b"y", b"2")
+    kv.delrow(b"r2")
+    assert kv.cols(b"r2") == []
+    with pytest.raises(NotFound):
+        kv.get(b"r2", b"x")
+
+
+def test_binary_names_round_trip(kv):
+    row, col = bytes(range(1, 256)), b"% +\x00\r\n"
+    kv.put(row, col, b"v")
+    assert kv.get(row, col) == b"v"
+    assert kv.cols(row) == [col]
+
+
+def test_rows_pagination(kv, raw):
+    names = sorted({b"page/%03d" % i for i in range(200)} | {b"-"})
+    for n in names:
+        kv.put(n, b"c", b"v")
+    for t in range(TABLETS):
+        want = sorted(n for n in names if tablet_of(n, TABLETS) == t)
+        got, after = [], None
+        while True:
+            page = kv.rows(t, after, 7)
+            got += page
+            if len(page) < 7:
+                break
+            after = page[-1]
+        assert [g for g in got if g in want] == want
+    c = raw()
+    t = tablet_of(b"-", TABLETS)
+    c.send(b"ROWS %d - 1000\r\n" % t)
+    n = int(c.line()[1:])
+    assert b"%2D" in [c.line() for _ in range(n)]      # a row named '-' is sent escaped
+    for bad in (b"ROWS 99 - 5", b"ROWS x - 5", b"ROWS 0 - -1", b"ROWS 0 - many", b"ROWS 0 %zz 5"):
+        c.send(bad + b"\r\n")
+        assert c.line().startswith(b"-ERR BADREQ"), bad
+
+
+def test_status_and_tablets(kv):
+    kv.put(b"st", b"c", b"v")
+    s = kv.status()
+    for key in ("id", "state", "tablets", "keys", "disk_bytes", "log_records", "ops"):
+        assert key in s
+    assert s["state"] == "serving"
+    assert s["tablets"] == ",".join(f"{t}:primary" for t in range(TABLETS))
+    assert int(s["keys"]) >= 1 and int(s["disk_bytes"]) > 0 and int(s["ops"]) >= 1
+    lines = kv.tablets()
+    assert len(lines) == TABLETS and lines[0].startswith("0 primary rows=")
+
+
+def test_pipelined_requests_answered_in_order(raw):
+    c = raw()
+    c.send(b"".join(b"PUT pipe c%d %d\r\n" % (i, i) for i in range(200))
+           + b"".join(b"GET pipe c%d\r\n" % i for i in range(200)))
+    assert all(c.line() == b"+OK" for _ in range(200))
+    for i in range(200):
+        assert c.line() == b"$%d" % len(b"%d" % i) and c.line() == b"%d" % i
+
+
+@pytest.mark.parametrize("request_bytes,reply", [
+    (b"FROB x y\r\n", b"-ERR BADREQ unknown command"),
+    (b"GET onlyrow\r\n", b"-ERR BADREQ wrong number of arguments"),
+    (b"PUT a b c d\r\n", b"-ERR BADREQ wrong number of arguments"),
+    (b"PUT a b {abc}\r\n", b"-ERR BADREQ bad literal"),
+    (b"PUT a b {-1}\r\n", b"-ERR BADREQ bad literal"),
+    (b"GET a%zz b\r\n", b"-ERR BADREQ bad percent escape"),
+    (b"PUT a b val%4\r\n", b"-ERR BADREQ bad percent escape"),
+    (b"GET " + b"x" * 4097 + b" c\r\n", b"-ERR BADREQ name must be 1 to 4096"),
+    (b"STATUS extra\r\n", b"-ERR BADREQ wrong number of arguments"),
+    (b"PUT a b {%d}\r\n" % (MAX_CELL + 1) + b"z" * (MAX_CELL + 1) + b"\r\n", b"-ERR TOOBIG"),
+    (b"FROB {3} {2}\r\nabc\r\nde\r\n", b"-ERR BADREQ unknown command"),
+    (b"GET a b {4}\r\nabcd\r\n", b"-ERR BADREQ wrong number of arguments"),
+])
+def test_bad_requests_get_an_error_and_the_connection_stays_usable(raw, request_bytes, reply):
+    c = raw()
+    c.send(request_bytes + b"PING\r\n")
+    assert c.line().startswith(reply)
+    assert c.line() == b"+PONG"
+
+
+def test_refused_write_changes_nothing(kv, raw):
+    kv.put(b"keep", b"c", b"old")
+    c = raw()
+    c.send(b"PUT keep c {%d}\r\n" % (MAX_CELL + 1) + b"z" * (MAX_CELL + 1) + b"\r\n")
+    assert c.line().startswith(b"-ERR TOOBIG")
+    assert kv.get(b"keep", b"c") == b"old"
+
+
+def test_over_long_line_is_refused_and_closed(raw, server):
+    c = raw()
+    c.send(b"GET " + b"a" * 70000 + b"\r\n")
+    assert c.line() == b"-ERR BADREQ line too long"
+    assert c.closed()
+    assert alive(server)
+
+
+def test_literal_without_crlf_closes_the_connection(raw, server):
+    c = raw()
+    c.send(b"PUT a b {3}\r\nabcXY\r\n")
+    assert c.line().startswith(b"-ERR BADREQ")
+    assert c.closed()
+    assert alive(server)
+
+
+def test_client_disconnecting_mid_literal(kv, raw, server):
+    other = raw()
+    other.send(b"PING\r\n")
+    assert other.line() == b"+PONG"
+    for _ in range(5):
+        c = Raw(server.port)
+        c.send(b"PUT midlit c {100000}\r\n" + b"q" * 5000)
+        c.close()
+    other.send(b"PING\r\n")
+    assert other.line() == b"+PONG"
+    with pytest.raises(NotFound):
+        kv.get(b"midlit", b"c")                # a half-sent write is never applied
+
+
+def test_random_garbage_never_kills_the_server(server, kv):
+    rnd = random.Random(1234)
+    for i in range(60):
+        c = Raw(server.port)
+        blob = rnd.randbytes(rnd.randrange(1, 3000))
+        if i % 3 == 0:
+            blob = blob.replace(b"\n", b" ") + b"\r\n"
+        try:
+            c.send(blob + b"\r\nPING\r\n")
+            c.sock.settimeout(2)
+            got = b""
+            deadline = time.monotonic() + 2
+            while b"+PONG" not in got and time.monotonic() < deadline:
+                try:
+                    d = c.sock.recv(65536)
+                except (socket.timeout, ConnectionResetError):
+                    break
+                if not d:
+                    break
+                got += d
+            for line in got.split(b"\r\n"):
+                # garbage gets errors (or, rarely, forms a valid request)
+                assert not line.startswith(b"-ERR INTERNAL"), line
+        finally:
+            c.close()
+        assert alive(server)
+    kv.put(b"after", b"garbage", b"fine")
+    assert kv.get(b"after", b"garbage") == b"fine"
+
+
+def test_big_value_round_trip(kv):
+    big = os.urandom(MAX_CELL)
+    kv.put(b"big", b"v", big)
+    assert kv.get(b"big", b"v") == big
+    with pytest.raises(Exception) as e:
+        kv.put(b"big", b"v", big + b"x")
+    assert "TOOBIG" in str(e.value)
+
+
+def test_admin_commands_need_the_secret(procs, tmp_path):
+    p = procs.start("kvserver", ["--standalone", "--port", "0", "--data", str(tmp_path / "d"),
+                                 "--tablets", "2", "--secret", "s3cret"])
+    addr = f"127.0.0.1:{p.port}"
+    c = ServerClient(addr)
+    c.put(b"a", b"b", b"c")                   # data commands need no secret
+    for call in (c.status, c.tablets, lambda: c.rows(0, None, 5), c.kill):
+        with pytest.raises(Denied):
+            call()
+    with pytest.raises(Denied):
+        ServerClient(addr, secret="wrong").status()
+    good = ServerClient(addr, secret="s3cret")
+    assert good.status()["state"] == "serving"
+    good.kill()
+    assert good.status()["state"] == "killed"
+    good.wake()
+    assert good.get(b"a", b"b") == b"c"
+    for x in (c, good):
+        x.close()
