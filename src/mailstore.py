@@ -97,13 +97,16 @@ class QueueItem:
     lease_owner: str = ""
     lease_until: float = 0.0
     last_error: str = ""
+    failed: tuple[tuple[str, str, str], ...] = ()  # (address, status, diagnostic) awaiting a bounce
+    bounce_id: str = ""  # the id the pending bounce is delivered under (so it is delivered once)
     stored: bytes = field(default=b"", compare=False, repr=False)  # the cell's bytes, for CPUT
 
     def encode(self) -> bytes:
         d = {"owner": self.owner, "from": self.mail_from, "rcpts": list(self.rcpts), "size": self.size,
              "chunks": self.chunks, "created": self.created, "next_at": self.next_at,
              "attempts": self.attempts, "lease_owner": self.lease_owner, "lease_until": self.lease_until,
-             "last_error": self.last_error}
+             "last_error": self.last_error, "failed": [list(f) for f in self.failed],
+             "bounce_id": self.bounce_id}
         return json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod
@@ -112,6 +115,7 @@ class QueueItem:
         return cls(id=qid, owner=d["owner"], mail_from=d["from"], rcpts=tuple(d["rcpts"]), size=d["size"],
                    chunks=d["chunks"], created=d["created"], next_at=d["next_at"], attempts=d["attempts"],
                    lease_owner=d["lease_owner"], lease_until=d["lease_until"], last_error=d["last_error"],
+                   failed=tuple(tuple(f) for f in d.get("failed", ())), bounce_id=d.get("bounce_id", ""),
                    stored=value)
 
 
@@ -303,8 +307,11 @@ class MailStore:
 
     def claim(self, item: QueueItem, worker: str, lease_s: float) -> QueueItem | None:
         """Take the item's lease for `lease_s` seconds; None if someone else changed it first."""
-        new = replace(item, lease_owner=worker, lease_until=self.clock() + lease_s)
-        return self._swap(item, new)
+        return self.update(item, lease_owner=worker, lease_until=self.clock() + lease_s)
+
+    def update(self, item: QueueItem, **changes) -> QueueItem | None:
+        """Replace the item's fields (CPUT on what `item` read); None if it changed meanwhile."""
+        return self._swap(item, replace(item, **changes))
 
     def _swap(self, item: QueueItem, new: QueueItem) -> QueueItem | None:
         value = new.encode()

@@ -1,0 +1,248 @@
+"""The relay worker: delivers queued mail to other domains, retries, bounces.
+
+The queue lives in the KV store (src/mailstore.py, row `mailq`), so any number
+of SMTP servers and frontends add to it and a relay worker anywhere takes
+from it. An item goes through these states (docs/mail.md draws them):
+
+    queued --claim (CPUT: lease)--> attempting --all delivered--> done (cell and body removed)
+       ^                               |   \\--5xx / time up--> bounce pending --bounce delivered--> ...
+       +---- next_at = now + back-off -+ 4xx, network or DNS trouble
+
+- Claiming is a CPUT that sets `lease_owner`/`lease_until`: one worker at a
+  time attempts an item. A worker SIGKILLed mid-delivery leaves its lease
+  behind; the restarted worker (same config id, new incarnation) knows the
+  lease is its dead predecessor's and takes the item at once, any other
+  worker once the lease has run out. Mail is thus delivered at least once,
+  never lost: a crash after the remote 250 but before the queue was updated
+  sends it again.
+- Each attempt resolves the recipients' domains (smtp/mx.py: MX, then A/AAAA),
+  tries the hosts in order, and sorts each recipient by the reply: 2xx
+  delivered, 5xx failed for good, 4xx / network / DNS trouble tried again
+  after `retry_initial_s * 2**attempts` (at most MAX_BACKOFF_S), until
+  `retry_for_s` after queueing, when they fail too (status 4.4.7).
+- Failed recipients get one delivery status notification (src/mailfmt.bounce)
+  in the sender's Inbox. The bounce's message id is chosen and written into
+  the queue item *before* the bounce is delivered, and delivery with an
+  explicit id is idempotent, so a crash in between never bounces twice.
+  Mail with the null sender <> is never bounced (no bounce loops).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import smtplib
+import threading
+import time
+from typing import Callable
+
+from smtp.mx import DNSError, mail_hosts, make_resolver
+from src import mailfmt
+from src.kv import KVError
+from src.mailstore import MailStore, MailStoreError, QueueItem
+
+log = logging.getLogger(__name__)
+
+LEASE_S = 600.0  # longer than any one attempt can take (SMTP_TIMEOUT_S per reply, a few hosts)
+POLL_S = 1.0
+MAX_BACKOFF_S = 4 * 3600.0
+SMTP_TIMEOUT_S = 60.0
+MAX_HOSTS = 5  # MX addresses tried per domain and attempt
+
+_ENHANCED_RE = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\b")
+
+
+class HostTrouble(Exception):
+    """This host could not take the message now (greeting refused): try the next one."""
+
+
+def status_of(code: int, text: str) -> str:
+    """The enhanced status code in a reply, or one made from its first digit."""
+    m = _ENHANCED_RE.match(text)
+    return m.group(1) if m else f"{code // 100}.0.0"
+
+
+class RelayWorker:
+    """Takes due items from the queue and delivers them; `run(stop)` loops until `stop` is set."""
+
+    def __init__(self, store: MailStore, *, domain: str, worker_id: str, resolver: str = "", relay_port: int = 25,
+                 retry_initial_s: float = 60.0, retry_for_s: float = 4 * 24 * 3600.0, lease_s: float = LEASE_S,
+                 poll_s: float = POLL_S, smtp_timeout_s: float = SMTP_TIMEOUT_S,
+                 clock: Callable[[], float] = time.time):
+        self.store = store
+        self.domain = domain
+        self.worker_id = worker_id
+        self.owner = f"{worker_id}:{os.urandom(4).hex()}"  # this incarnation
+        self.resolver = make_resolver(resolver)
+        self.relay_port = relay_port
+        self.retry_initial_s = retry_initial_s
+        self.retry_for_s = retry_for_s
+        self.lease_s = lease_s
+        self.poll_s = poll_s
+        self.smtp_timeout_s = smtp_timeout_s
+        self.clock = clock
+
+    # -- the loop ------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        while True:
+            try:
+                self.run_once()
+            except (KVError, MailStoreError, OSError) as e:
+                log.warning("relay pass failed (will try again): %s", e)
+            if stop.wait(self.poll_s):
+                return
+
+    def run_once(self) -> int:
+        """One pass over the queue; returns how many items this worker handled."""
+        n = 0
+        for item in self.store.queue():
+            if not self._claimable(item, self.clock()):
+                continue
+            mine = self.store.claim(item, self.owner, self.lease_s)
+            if mine is None:
+                continue  # another worker was quicker
+            self._process(mine)
+            n += 1
+        return n
+
+    def _claimable(self, item: QueueItem, now: float) -> bool:
+        # A lease of another worker that has not run out is respected. One of our
+        # own id is free: a dead predecessor's, or this worker's own after a
+        # pass that failed half-way (one worker handles one item at a time).
+        if item.lease_owner.split(":")[0] != self.worker_id and item.lease_until > now:
+            return False
+        return bool(item.failed) or item.next_at <= now
+
+    # -- one item ------------------------------------------------------------------
+
+    def _process(self, item: QueueItem) -> None:
+        item = self._send_pending_bounce(item)
+        if item is None:
+            return
+        now = self.clock()
+        if not item.rcpts:
+            self.store.done(item)
+            return
+        if item.next_at > now:
+            self.store.update(item, lease_owner="", lease_until=0.0)
+            return
+        raw = self.store.queue_raw(item)
+        delivered, failed, retry, last_error = self._attempt(item, raw)
+        now = self.clock()
+        if retry and now >= item.created + self.retry_for_s:
+            failed += [(r, "4.4.7", f"gave up after {item.attempts + 1} attempts; last error: {last_error}")
+                       for r in retry]
+            retry = []
+        log.info("queue item %s attempt %d: %d delivered, %d failed, %d to retry", item.id, item.attempts + 1,
+                 len(delivered), len(failed), len(retry))
+        backoff = min(self.retry_initial_s * 2 ** item.attempts, MAX_BACKOFF_S)
+        next_at = max(now, min(now + backoff, item.created + self.retry_for_s))
+        pending = item.failed + tuple(tuple(f) for f in failed)
+        bounce_id = item.bounce_id or (self.store.new_id() if pending else "")
+        item = self.store.update(item, rcpts=tuple(retry), failed=pending, bounce_id=bounce_id,
+                                 attempts=item.attempts + 1, next_at=next_at, last_error=last_error[:500])
+        if item is None:
+            log.warning("lost the lease of a queue item meanwhile; the new holder goes on")
+            return
+        item = self._send_pending_bounce(item)
+        if item is None:
+            return
+        if not item.rcpts:
+            self.store.done(item)
+        else:
+            self.store.update(item, lease_owner="", lease_until=0.0)
+
+    def _send_pending_bounce(self, item: QueueItem) -> QueueItem | None:
+        if not item.failed:
+            return item
+        if item.owner and item.mail_from:
+            raw = mailfmt.bounce(
+                domain=self.domain, to=f"{item.owner}@{self.domain}", original=self.store.queue_raw(item),
+                failed=[mailfmt.FailedRecipient(*f) for f in item.failed], now=self.clock(),
+                reason="The remote mail server refused it, or it could not be delivered in time.")
+            self.store.deliver(item.owner, "Inbox", raw, msg_id=item.bounce_id)
+            log.info("bounced %d recipients of queue item %s to %s", len(item.failed), item.id, item.owner)
+        return self.store.update(item, failed=(), bounce_id="")
+
+    def _attempt(self, item: QueueItem, raw: bytes):
+        by_domain: dict[str, list[str]] = {}
+        for r in item.rcpts:
+            by_domain.setdefault(r.rpartition("@")[2].lower(), []).append(r)
+        delivered: list[str] = []
+        failed: list[tuple[str, str, str]] = []
+        retry: list[str] = []
+        last_error = ""
+        for domain, rcpts in by_domain.items():
+            try:
+                addrs = mail_hosts(domain, self.resolver)
+            except DNSError as e:
+                if e.permanent:
+                    failed += [(r, e.status, str(e)) for r in rcpts]
+                else:
+                    retry += rcpts
+                    last_error = str(e)
+                continue
+            results = None
+            for ip in addrs[:MAX_HOSTS]:
+                try:
+                    results = self._deliver_to(ip, item.mail_from, rcpts, raw)
+                    break
+                except (HostTrouble, OSError, smtplib.SMTPException) as e:
+                    last_error = f"{ip}: {e}"
+                    log.info("delivery to %s for %s failed: %s", ip, domain, e)
+            if results is None:
+                retry += rcpts
+                continue
+            for r in rcpts:
+                code, text = results[r]
+                if 200 <= code < 300:
+                    delivered.append(r)
+                elif code >= 500:
+                    failed.append((r, status_of(code, text), f"{code} {text}"))
+                else:
+                    retry.append(r)
+                    last_error = f"{code} {text}"
+        return delivered, failed, retry, last_error
+
+    def _deliver_to(self, ip: str, mail_from: str, rcpts: list[str], raw: bytes) -> dict[str, tuple[int, str]]:
+        """One SMTP transaction with one host: each recipient's final (code, text)."""
+        with smtplib.SMTP(timeout=self.smtp_timeout_s, local_hostname=self.domain) as s:
+            code, msg = s.connect(ip, self.relay_port)
+            if code != 220:
+                raise HostTrouble(f"greeting {code} {msg.decode(errors='replace')}")
+            code, msg = s.ehlo()
+            if code != 250:
+                code, msg = s.helo()
+                if code != 250:
+                    raise HostTrouble(f"HELO refused: {code}")
+            opts = []
+            if s.does_esmtp and s.has_extn("size"):
+                opts.append(f"SIZE={len(raw)}")
+            if s.does_esmtp and s.has_extn("8bitmime") and any(b > 127 for b in raw):
+                opts.append("BODY=8BITMIME")
+            code, msg = s.mail(mail_from, opts)
+            if code != 250:
+                return {r: (code, msg.decode(errors="replace")) for r in rcpts}
+            results = {}
+            for r in rcpts:
+                c, m = s.rcpt(r)
+                results[r] = (c, m.decode(errors="replace"))
+            accepted = [r for r in rcpts if results[r][0] in (250, 251)]
+            if accepted:
+                try:
+                    c, m = s.data(raw)
+                except smtplib.SMTPDataError as e:
+                    c, m = e.smtp_code, e.smtp_error
+                for r in accepted:
+                    results[r] = (c, m.decode(errors="replace") if isinstance(m, bytes) else str(m))
+            return results
+
+
+def make_relay_worker(cfg, kv, poll_s: float = POLL_S, lease_s: float = LEASE_S) -> RelayWorker:
+    """The relay worker of `cfg` over `kv`."""
+    return RelayWorker(MailStore(kv, chunk_bytes=cfg.drive.chunk_bytes), domain=cfg.mail.domain,
+                       worker_id=cfg.mail.relay_id, resolver=cfg.mail.resolver, relay_port=cfg.mail.relay_port,
+                       retry_initial_s=cfg.mail.retry_initial_s, retry_for_s=cfg.mail.retry_for_s,
+                       poll_s=poll_s, lease_s=lease_s)

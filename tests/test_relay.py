@@ -1,0 +1,198 @@
+"""The relay worker in-process over MemoryKV, against a loopback DNS server and a loopback SMTP peer."""
+
+import email
+import shutil
+import subprocess
+from email import policy
+
+import pytest
+
+from smtp.mx import DNSError, mail_hosts, make_resolver
+from smtp.relay import RelayWorker
+from src.kv import MemoryKV
+from src.mailstore import MailStore
+from tests.harness import free_port, wait_until
+from tests.mailpeers import DNSStub, PeerHandler, SMTPPeer
+
+RECORDS = {
+    "remote.test": {"MX": ["10 mx.remote.test.", "20 backup.remote.test."]},
+    "mx.remote.test": {"A": ["127.0.0.1"]},
+    "backup.remote.test": {"A": ["127.0.0.2"]},
+    "plain.test": {"A": ["127.0.0.1"]},  # no MX: the A record is the mail host
+    "nomail.test": {"MX": ["0 ."]},  # null MX
+}
+MSG = b"From: alice@penncloud.local\r\nTo: x@remote.test\r\nSubject: out\r\n\r\nhello\r\n.dot line\r\n"
+
+
+@pytest.fixture
+def dns_server():
+    with DNSStub(RECORDS) as d:
+        yield d
+
+
+def worker(store, dns_server, port, **kw):
+    args = dict(domain="penncloud.local", worker_id="relay", resolver=dns_server.addr, relay_port=port,
+                retry_initial_s=0.2, retry_for_s=30, poll_s=0.05, smtp_timeout_s=5)
+    args.update(kw)
+    return RelayWorker(store, **args)
+
+
+def test_mx_lookup_order_fallback_and_failures(dns_server):
+    r = make_resolver(dns_server.addr)
+    assert mail_hosts("remote.test", r) == ["127.0.0.1", "127.0.0.2"]
+    assert mail_hosts("plain.test", r) == ["127.0.0.1"]
+    assert mail_hosts("[127.0.0.9]", r) == ["127.0.0.9"]
+    for name, status in (("nomail.test", "5.1.10"), ("nowhere.test", "5.1.2")):
+        with pytest.raises(DNSError) as e:
+            mail_hosts(name, r)
+        assert e.value.permanent and e.value.status == status
+
+
+def test_dns_timeout_is_temporary():
+    r = make_resolver(f"127.0.0.1:{free_port()}")  # nobody answers
+    r.lifetime = 0.3
+    with pytest.raises(DNSError) as e:
+        mail_hosts("remote.test", r)
+    assert not e.value.permanent
+
+
+def test_delivers_via_mx_and_empties_queue(dns_server):
+    store = MailStore(MemoryKV())
+    store.enqueue_outgoing("alice", "alice@penncloud.local", ["x@remote.test", "y@remote.test"], MSG)
+    with SMTPPeer(PeerHandler()) as peer:
+        assert worker(store, dns_server, peer.port).run_once() == 1
+        assert peer.handler.received == [("alice@penncloud.local", ["x@remote.test", "y@remote.test"], MSG)]
+    assert store.queue() == [] and store.list("alice", "Inbox") == []
+
+
+def test_implicit_mx_a_record(dns_server):
+    store = MailStore(MemoryKV())
+    store.enqueue_outgoing("alice", "alice@penncloud.local", ["z@plain.test"], MSG)
+    with SMTPPeer(PeerHandler()) as peer:
+        worker(store, dns_server, peer.port).run_once()
+        assert [r[1] for r in peer.handler.received] == [["z@plain.test"]]
+
+
+def test_4xx_then_250_is_delivered_after_a_retry(dns_server):
+    store = MailStore(MemoryKV())
+    store.enqueue_outgoing("alice", "alice@penncloud.local", ["x@remote.test"], MSG)
+    with SMTPPeer(PeerHandler(["451 4.3.0 try again later"])) as peer:
+        w = worker(store, dns_server, peer.port, retry_initial_s=0.3)
+        w.run_once()
+        [item] = store.queue()
+        assert item.attempts == 1 and item.rcpts == ("x@remote.test",) and "451" in item.last_error
+        assert item.lease_owner == ""
+        assert w.run_once() == 0  # not due yet: back-off
+        wait_until(lambda: w.run_once() and not store.queue(), timeout=10, what="the retry")
+        assert peer.handler.attempts == 2 and [r[2] for r in peer.handler.received] == [MSG]
+    assert store.list("alice", "Inbox") == []  # no bounce
+
+
+def test_5xx_bounces_to_the_sender_and_other_recipients_still_get_it(dns_server):
+    store = MailStore(MemoryKV())
+    store.enqueue_outgoing("alice", "alice@penncloud.local", ["reject-me@remote.test", "ok@remote.test"], MSG)
+    with SMTPPeer(PeerHandler()) as peer:
+        worker(store, dns_server, peer.port).run_once()
+        assert [r[1] for r in peer.handler.received] == [["ok@remote.test"]]
+    assert store.queue() == []
+    [b] = store.list("alice", "Inbox")
+    assert b.subject == "Undelivered Mail Returned to Sender"
+    raw = store.get_raw("alice", "Inbox", b.id)
+    m = email.message_from_bytes(raw, policy=policy.default)
+    assert m.get_content_type() == "multipart/report"
+    assert b"Final-Recipient: rfc822; reject-me@remote.test" in raw and b"Status: 5.1.1" in raw
+    assert b"ok@remote.test" not in raw.split(b"text/rfc822-headers")[0]
+
+
+def test_permanent_dns_failure_bounces(dns_server):
+    store = MailStore(MemoryKV())
+    store.enqueue_outgoing("alice", "alice@penncloud.local", ["a@nowhere.test"], MSG)
+    worker(store, dns_server, free_port()).run_once()
+    assert store.queue() == []
+    [b] = store.list("alice", "Inbox")
+    assert b"Status: 5.1.2" in store.get_raw("alice", "Inbox", b.id)
+
+
+def test_null_sender_is_never_bounced(dns_server):
+    store = MailStore(MemoryKV())
+    store.enqueue_outgoing("alice", "", ["a@nowhere.test"], MSG)
+    worker(store, dns_server, free_port()).run_once()
+    assert store.queue() == [] and store.list("alice", "Inbox") == []
+
+
+def test_unreachable_host_retries_then_gives_up_with_a_bounce(dns_server):
+    store = MailStore(MemoryKV())
+    store.enqueue_outgoing("alice", "alice@penncloud.local", ["x@remote.test"], MSG)
+    w = worker(store, dns_server, free_port(), retry_initial_s=0.05, retry_for_s=0.6)
+    w.run_once()
+    [item] = store.queue()
+    assert item.attempts == 1 and item.rcpts
+    wait_until(lambda: w.run_once() is not None and not store.queue(), timeout=10, what="giving up")
+    [b] = store.list("alice", "Inbox")
+    raw = store.get_raw("alice", "Inbox", b.id)
+    assert b"Status: 4.4.7" in raw and b"Action: failed" in raw
+
+
+def test_leases_other_workers_and_dead_predecessors(dns_server):
+    store = MailStore(MemoryKV())
+    store.enqueue_outgoing("alice", "alice@penncloud.local", ["x@remote.test"], MSG)
+    [item] = store.queue()
+    with SMTPPeer(PeerHandler()) as peer:
+        # another worker holds a live lease: hands off
+        store.claim(item, "relay2:abcd", lease_s=60)
+        assert worker(store, dns_server, peer.port).run_once() == 0
+        # a dead incarnation of this worker's id held it: taken at once
+        [item] = store.queue()
+        store.update(item, lease_owner="relay:dead", lease_until=item.lease_until)
+        assert worker(store, dns_server, peer.port).run_once() == 1
+        assert len(peer.handler.received) == 1 and store.queue() == []
+
+
+def test_expired_lease_is_taken_over(dns_server):
+    store = MailStore(MemoryKV())
+    store.enqueue_outgoing("alice", "alice@penncloud.local", ["x@remote.test"], MSG)
+    [item] = store.queue()
+    store.claim(item, "relay2:abcd", lease_s=-1)  # already run out
+    with SMTPPeer(PeerHandler()) as peer:
+        assert worker(store, dns_server, peer.port).run_once() == 1
+        assert len(peer.handler.received) == 1
+
+
+def test_pending_bounce_is_delivered_once_after_a_crash(dns_server):
+    """A worker died after recording the bounce id, before (or after) delivering it."""
+    store = MailStore(MemoryKV())
+    store.enqueue_outgoing("alice", "alice@penncloud.local", ["x@remote.test"], MSG)
+    [item] = store.queue()
+    bid = store.new_id()
+    store.update(item, rcpts=(), failed=(("x@remote.test", "5.1.1", "550 no"),), bounce_id=bid,
+                 lease_owner="relay:dead", lease_until=1e12)
+    # the dead worker had delivered the bounce already
+    w = worker(store, dns_server, free_port())
+    from src import mailfmt
+    store.deliver("alice", "Inbox", mailfmt.bounce(domain="penncloud.local", to="alice@penncloud.local", original=MSG,
+                  failed=[mailfmt.FailedRecipient("x@remote.test", "5.1.1", "550 no")], now=0, reason="r"), msg_id=bid)
+    w.run_once()
+    assert store.queue() == [] and [m.id for m in store.list("alice", "Inbox")] == [bid]
+
+
+@pytest.mark.skipif(shutil.which("dnsmasq") is None, reason="dnsmasq is not installed")
+def test_relay_with_dnsmasq(tmp_path):
+    port = free_port()
+    p = subprocess.Popen(["dnsmasq", "--no-daemon", f"--port={port}", "--listen-address=127.0.0.1",
+                          "--bind-interfaces", "--no-resolv", "--no-hosts", "--pid-file=" + str(tmp_path / "pid"),
+                          "--mx-host=example.test,mx.example.test,10", "--address=/mx.example.test/127.0.0.1",
+                          ], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        r = make_resolver(f"127.0.0.1:{port}")
+        r.lifetime = 1
+        wait_until(lambda: mail_hosts("example.test", r) == ["127.0.0.1"], timeout=10, what="dnsmasq")
+        store = MailStore(MemoryKV())
+        store.enqueue_outgoing("alice", "alice@penncloud.local", ["q@example.test"], MSG)
+        with SMTPPeer(PeerHandler()) as peer:
+            w = RelayWorker(store, domain="penncloud.local", worker_id="relay", resolver=f"127.0.0.1:{port}",
+                            relay_port=peer.port, retry_initial_s=0.1, smtp_timeout_s=5)
+            assert w.run_once() == 1
+            assert [r[1] for r in peer.handler.received] == [["q@example.test"]]
+    finally:
+        p.kill()
+        p.wait(5)
