@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 
@@ -71,8 +72,9 @@ class DNSStub:
 class PeerHandler:
     """An aiosmtpd handler: replies to DATA from a script, rejects RCPTs starting with 'reject'."""
 
-    def __init__(self, data_replies: list[str] | None = None):
+    def __init__(self, data_replies: list[str] | None = None, delay_s: float = 0.0):
         self.data_replies = list(data_replies or [])
+        self.delay_s = delay_s
         self.received: list[tuple[str, list[str], bytes]] = []
         self.attempts = 0
         self.lock = threading.Lock()
@@ -84,6 +86,8 @@ class PeerHandler:
         return "250 OK"
 
     async def handle_DATA(self, server, session, envelope):
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
         with self.lock:
             self.attempts += 1
             reply = self.data_replies.pop(0) if self.data_replies else "250 2.0.0 OK"
