@@ -160,7 +160,10 @@ class DriveApp:
         The thread holds only a weak reference, so it ends with its app (in
         tests, many frontends come and go in one process).
         """
-        stop = threading.Event()
+        # Stop with the frontend when it says so (AppContext.frontend), else with this app.
+        stop = getattr(getattr(self.ctx, "frontend", None), "_stop", None)
+        if not isinstance(stop, threading.Event):
+            stop = threading.Event()
         ref = weakref.ref(self)
         self._sweeper_stop = stop
 
@@ -179,11 +182,6 @@ class DriveApp:
                 del app
 
         threading.Thread(target=loop, name="drive-sweeper", daemon=True).start()
-
-    def __del__(self):
-        stop = getattr(self, "_sweeper_stop", None)
-        if stop is not None:
-            stop.set()
 
     # -- pages -------------------------------------------------------------------------
 

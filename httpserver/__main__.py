@@ -1,0 +1,72 @@
+"""python -m httpserver --config FILE --id fe1 [--data DIR] [--kv-server HOST:PORT] [--port P]
+
+Runs one web frontend. It talks to the KV cluster through
+`src.kvclient.ClusterClient` (the master's address and the cluster secret
+come from the config), or with `--kv-server` to one standalone tablet server
+(`python -m kvserver --standalone`) through `src.kvclient.ServerClient`.
+Prints `READY <port>` once it serves; SIGTERM stops it cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+
+from src import logsetup
+from src.config import ConfigError, load_config
+
+log = logging.getLogger("httpserver")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m httpserver", description=__doc__.split("\n")[0])
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--id", required=True)
+    ap.add_argument("--data", default=None, help="data directory (default: $PENNCLOUD_DATA or the config's)")
+    ap.add_argument("--kv-server", default=None, metavar="HOST:PORT",
+                    help="use one standalone tablet server instead of the cluster")
+    ap.add_argument("--port", type=int, default=None, help="listen on this port instead of the config's")
+    ap.add_argument("--log-level", default="INFO")
+    args = ap.parse_args(argv)
+
+    logsetup.configure(args.id, args.log_level)
+    try:
+        cfg = load_config(args.config, args.data or os.environ.get("PENNCLOUD_DATA") or None)
+        node = cfg.node(args.id)
+    except ConfigError as e:
+        print(f"httpserver: {e}", file=sys.stderr)
+        return 2
+
+    from src import kvclient
+    if args.kv_server:
+        kv = kvclient.ServerClient(args.kv_server)
+    else:
+        kv = kvclient.ClusterClient(cfg.master.addr, secret=cfg.cluster.secret)
+
+    from httpserver.frontend import Frontend
+    fe = Frontend(cfg, node, kv, port=args.port)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        fe.start()
+    except OSError as e:
+        log.error("cannot listen on %s:%s: %s", node.host, args.port if args.port is not None else node.port, e)
+        return 1
+    print(f"READY {fe.port}", flush=True)
+    while not stop.wait(1.0):
+        pass
+    log.info("stopping")
+    fe.stop()
+    close = getattr(kv, "close", None)
+    if close:
+        close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,594 @@
+"""Webmail: the mail pages of the web app (Inbox, Sent, read, compose, reply,
+forward, delete, attachments).
+
+A thin HTTP shell: message logic is in src/webmail.py (building, parsing,
+sanitising, quoting) and storage in src/mailstore.py (the same mailboxes the
+SMTP and POP3 servers use), so mail sent here and from Thunderbird behaves
+alike.
+
+Routes (all need a log-in; every POST carries the session's CSRF token):
+
+    GET  /mail                              Inbox, newest first (?page=N)
+    GET  /mail/sent                         Sent, newest first
+    GET  /mail/<folder>/<id>                read a message (marks it read)
+    GET  /mail/<folder>/<id>/part/<n>       download attachment n
+    GET  /mail/<folder>/<id>/source         the exact stored bytes (.eml)
+    POST /mail/<folder>/<id>/delete         delete, back to the folder
+    POST /mail/<folder>/<id>/unread         mark unread, back to the folder
+    GET  /mail/compose                      new message; ?reply=, ?replyall=,
+                                            ?forward=<folder>/<id> pre-fill it
+    POST /mail/send                         multipart form: to, cc, subject,
+                                            body, in_reply_to, references,
+                                            attachment (files), drive_file
+                                            (drive file ids), fwd + fwd_part
+                                            (attachments of a forwarded message)
+
+`<folder>` is `inbox` or `sent`. Authorisation is by construction: every
+store call names the session's user, so no id in a URL or form can reach
+another user's mailbox.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+
+from httpserver.templates import Markup, csrf_field, page, render
+from httpserver.web import HTTPError, Response, redirect
+from src import webmail
+from src.mailstore import MailStore, MailStoreError, NoSuchMessage
+from src.webmail import Attachment, ComposeError, Draft
+
+log = logging.getLogger(__name__)
+
+FOLDERS = {"inbox": "Inbox", "sent": "Sent"}
+PAGE_SIZE = 50
+# Only this much of a message's first chunk is parsed for its preview line.
+PREVIEW_SCAN_BYTES = 16 * 1024
+MAX_DRIVE_ATTACHMENTS = 20
+MAX_FORM_FIELD_BYTES = 1024 * 1024    # to/cc/subject/body and the hidden fields
+READ_CHUNK = 64 * 1024
+
+
+class MailApp:
+    def __init__(self, ctx):
+        self.ctx = ctx
+        self.cfg = ctx.config
+        self.domain = ctx.config.mail.domain
+        self.store = MailStore(ctx.kv)
+        self.accounts = ctx.accounts
+        self.drive = getattr(ctx, "drive", None)
+
+    # -- helpers -----------------------------------------------------------------
+
+    def address(self, user: str) -> str:
+        return f"{user}@{self.domain}"
+
+    @staticmethod
+    def folder_of(slug: str) -> str:
+        folder = FOLDERS.get(slug)
+        if folder is None:
+            raise HTTPError(404, "There is no such mail folder.")
+        return folder
+
+    def load(self, req, slug: str, msg_id: str) -> tuple[str, bytes]:
+        """(folder, raw bytes) of the user's own message; 404 for anything else."""
+        folder = self.folder_of(slug)
+        try:
+            return folder, self.store.get_raw(req.user, folder, msg_id)
+        except (NoSuchMessage, MailStoreError):
+            raise HTTPError(404, "That message does not exist (it may have been deleted).") from None
+
+    def unread_count(self, user: str) -> int:
+        try:
+            return sum(1 for m in self.store.list(user, "Inbox") if not m.read)
+        except MailStoreError:
+            return 0
+
+    def preview_of(self, user: str, folder: str, msg_id: str) -> str:
+        try:
+            first = next(iter(self.store.iter_raw(user, folder, msg_id)), b"")
+        except (MailStoreError, StopIteration):
+            return ""
+        return webmail.preview(webmail.parse_message(first[:PREVIEW_SCAN_BYTES]))
+
+    def mail_page(self, req, title: str, body: Markup, status: int = 200, active_folder: str = "") -> Response:
+        unread = self.unread_count(req.user)
+        side = render(SIDEBAR, inbox_cls="active" if active_folder == "inbox" else "",
+                      sent_cls="active" if active_folder == "sent" else "",
+                      unread=render(' <span class="mail-count">{n}</span>', n=unread) if unread else "")
+        resp = page(req, title, render(LAYOUT, side=side, main=body), active="mail", css=("mail.css",))
+        resp.status = status
+        return resp
+
+    # -- folders -----------------------------------------------------------------
+
+    def folder_view(self, req, slug: str) -> Response:
+        folder = self.folder_of(slug)
+        try:
+            n = max(1, int(req.arg("page", "1")))
+        except ValueError:
+            n = 1
+        messages = self.store.list(req.user, folder)
+        pages = max(1, (len(messages) + PAGE_SIZE - 1) // PAGE_SIZE)
+        n = min(n, pages)
+        shown = messages[(n - 1) * PAGE_SIZE: n * PAGE_SIZE]
+        rows = []
+        now = time.time()
+        for m in shown:
+            who = webmail.display_address(m.to if folder == "Sent" else m.sender) or "(nobody)"
+            if folder == "Sent":
+                who = "To: " + who
+            rows.append(render(
+                ROW, cls="unread" if not m.read else "read", href=f"/mail/{slug}/{m.id}", who=who,
+                subject=m.subject or "(no subject)", preview=self.preview_of(req.user, folder, m.id),
+                date=short_date(m.date, m.received, now), full_date=m.date,
+                mark=Markup('<span class="mail-dot" title="unread">●</span>') if not m.read else "",
+                size=human_size(m.size)))
+        if rows:
+            table = render(TABLE, rows=Markup("".join(rows)))
+        else:
+            table = render(EMPTY, what="Your inbox is empty." if folder == "Inbox" else "You have not sent any mail yet.")
+        pager = ""
+        if pages > 1:
+            prev_link = render('<a href="/mail{p}?page={n}">← Newer</a>', p="" if slug == "inbox" else "/sent",
+                               n=n - 1) if n > 1 else ""
+            next_link = render('<a href="/mail{p}?page={n}">Older →</a>', p="" if slug == "inbox" else "/sent",
+                               n=n + 1) if n < pages else ""
+            pager = render(PAGER, prev=prev_link, next=next_link, n=n, pages=pages)
+        unread = sum(1 for m in messages if not m.read)
+        notice = render('<p class="mail-notice" role="status">Your message was sent.</p>') \
+            if req.arg("sent") else ""
+        body = render(FOLDER_PAGE, title=folder, count=len(messages), notice=notice,
+                      unread=f", {unread} unread" if folder == "Inbox" and unread else "", table=table, pager=pager)
+        return self.mail_page(req, folder, body, active_folder=slug)
+
+    # -- one message ---------------------------------------------------------------
+
+    def view(self, req, slug: str, msg_id: str) -> Response:
+        folder, raw = self.load(req, slug, msg_id)
+        try:
+            self.store.mark_read(req.user, folder, msg_id)
+        except MailStoreError:
+            pass  # deleted meanwhile: still show what we read
+        d = webmail.parse_message(raw)
+        as_text = req.arg("as") == "text" or not d.html
+        if as_text:
+            content = render('<pre class="mail-text">{t}</pre>', t=d.body_text or "(no text)")
+        else:
+            content = render('<div class="mail-html">{h}</div>', h=Markup(d.html))
+        toggle = ""
+        if d.html and d.text.strip():
+            toggle = render('<a class="mail-toggle" href="/mail/{s}/{i}{q}">{label}</a>', s=slug, i=msg_id,
+                            q="" if as_text else "?as=text",
+                            label="Show formatted" if as_text else "Show plain text")
+        atts = ""
+        if d.attachments:
+            items = Markup("".join(render(
+                ATT_ITEM, href=f"/mail/{slug}/{msg_id}/part/{a.index}", name=a.filename,
+                type=a.content_type, size=human_size(a.size)) for a in d.attachments))
+            atts = render(ATT_LIST, n=len(d.attachments), items=items)
+        cc_row = render(HEAD_ROW, k="Cc", v=d.cc) if d.cc else ""
+        body = render(
+            VIEW, subject=d.subject or "(no subject)", from_=d.from_, to=d.to or "(undisclosed)", cc_row=cc_row,
+            date=d.date, content=content, toggle=toggle, attachments=atts, slug=slug, id=msg_id,
+            csrf=csrf_field(req), back="/mail" if slug == "inbox" else "/mail/sent", folder=folder)
+        resp = self.mail_page(req, d.subject or "(no subject)", body, active_folder=slug)
+        # Belt and braces on top of the sanitiser: nothing remote may load.
+        resp.headers.append(("Content-Security-Policy",
+                             "default-src 'self'; img-src 'self' data:; object-src 'none'; frame-src 'none'; "
+                             "base-uri 'none'; form-action 'self'"))
+        resp.headers.append(("Referrer-Policy", "no-referrer"))
+        return resp
+
+    def part(self, req, slug: str, msg_id: str, index: str) -> Response:
+        _, raw = self.load(req, slug, msg_id)
+        if not index.isdigit() or len(index) > 6:
+            raise HTTPError(404, "There is no such attachment.")
+        found = webmail.attachment_bytes(raw, int(index))
+        if found is None:
+            raise HTTPError(404, "There is no such attachment.")
+        name, _ctype, data = found
+        # Always a download, never rendered by the browser on our origin (an
+        # attached HTML or SVG file could otherwise run script here).
+        return Response(200, data, headers=[
+            ("Content-Disposition", webmail.content_disposition(name)),
+            ("X-Content-Type-Options", "nosniff"),
+            ("Content-Security-Policy", "sandbox; default-src 'none'"),
+            ("Cache-Control", "private, no-store"),
+        ], content_type="application/octet-stream")
+
+    def source(self, req, slug: str, msg_id: str) -> Response:
+        self.folder_of(slug)
+        _, raw = self.load(req, slug, msg_id)
+        return Response(200, raw, headers=[
+            ("Content-Disposition", webmail.content_disposition(f"message-{msg_id}.eml")),
+            ("X-Content-Type-Options", "nosniff"),
+            ("Cache-Control", "private, no-store"),
+        ], content_type="message/rfc822")
+
+    def delete(self, req, slug: str, msg_id: str) -> Response:
+        folder = self.folder_of(slug)
+        try:
+            self.store.delete(req.user, folder, msg_id)
+        except (NoSuchMessage, MailStoreError):
+            raise HTTPError(404, "That message does not exist (it may have been deleted already).") from None
+        return redirect("/mail" if slug == "inbox" else "/mail/sent")
+
+    def unread(self, req, slug: str, msg_id: str) -> Response:
+        folder = self.folder_of(slug)
+        try:
+            self.store.mark_read(req.user, folder, msg_id, read=False)
+        except (NoSuchMessage, MailStoreError):
+            raise HTTPError(404, "That message does not exist.") from None
+        return redirect("/mail" if slug == "inbox" else "/mail/sent")
+
+    # -- compose -------------------------------------------------------------------
+
+    def source_of(self, req, ref: str | None):
+        """(slug, id, DisplayMessage) for a `<folder>/<id>` reference, or None."""
+        if not ref or "/" not in ref:
+            return None
+        slug, _, msg_id = ref.partition("/")
+        _, raw = self.load(req, slug, msg_id)
+        return slug, msg_id, webmail.parse_message(raw)
+
+    def compose(self, req) -> Response:
+        draft = Draft(to=req.arg("to", "") or "")
+        fwd = None
+        if req.arg("reply") or req.arg("replyall"):
+            _, _, d = self.source_of(req, req.arg("reply") or req.arg("replyall"))
+            draft = webmail.reply_draft(d, self.address(req.user), reply_all=bool(req.arg("replyall")))
+        elif req.arg("forward"):
+            slug, msg_id, d = self.source_of(req, req.arg("forward"))
+            draft = webmail.forward_draft(d)
+            fwd = (slug, msg_id, d)
+        return self.compose_page(req, draft, fwd=fwd)
+
+    def compose_page(self, req, draft: Draft, *, error: str = "", fwd=None, status: int = 200,
+                     fwd_checked: set[int] | None = None) -> Response:
+        fwd_block = ""
+        if fwd is not None:
+            slug, msg_id, d = fwd
+            items = Markup("".join(render(
+                FWD_ITEM, index=a.index, name=a.filename, size=human_size(a.size),
+                checked="checked" if fwd_checked is None or a.index in fwd_checked else "")
+                for a in d.attachments))
+            fwd_block = render(FWD_BLOCK, ref=f"{slug}/{msg_id}", items=items) if d.attachments else \
+                render('<input type="hidden" name="fwd" value="{ref}">', ref=f"{slug}/{msg_id}")
+        drive_block = self.drive_picker(req)
+        body = render(
+            COMPOSE, csrf=csrf_field(req), to=draft.to, cc=draft.cc, subject=draft.subject, body=draft.body,
+            in_reply_to=draft.in_reply_to, references=draft.references, fwd=fwd_block, drive=drive_block,
+            error=render('<p class="mail-error" role="alert">{e}</p>', e=error) if error else "",
+            me=self.address(req.user), max_size=human_size(self.cfg.mail.max_message_bytes))
+        title = "New message" if not draft.subject else draft.subject
+        return self.mail_page(req, title, body, status=status, active_folder="compose")
+
+    def drive_picker(self, req) -> Markup | str:
+        files = drive_files(self.ctx, req.user)
+        if not files:
+            return ""
+        items = Markup("".join(render(DRIVE_ITEM, id=f_id, path=path, size=human_size(size))
+                               for f_id, path, size in files))
+        return render(DRIVE_BLOCK, items=items)
+
+    def send(self, req) -> Response:
+        limit = self.cfg.mail.max_message_bytes
+        fields: dict[str, list[str]] = {}
+        uploads: list[Attachment] = []
+        total = 0
+        for part in req.multipart():
+            if part.filename is not None:
+                if part.name != "attachment":
+                    _drain(part)
+                    continue
+                data = _read_bounded(part, limit - total)
+                if part.filename == "" and not data:
+                    continue  # an empty file input
+                total += len(data)
+                uploads.append(Attachment(part.filename, part.content_type or "", data))
+            else:
+                value = _read_bounded(part, MAX_FORM_FIELD_BYTES).decode("utf-8", "replace")
+                fields.setdefault(part.name or "", []).append(value)
+
+        def field(name: str) -> str:
+            return fields.get(name, [""])[0]
+
+        draft = Draft(to=field("to"), cc=field("cc"), subject=field("subject"), body=field("body"),
+                      in_reply_to=field("in_reply_to"), references=field("references"))
+        fwd = None
+        fwd_checked = {int(v) for v in fields.get("fwd_part", []) if v.isdigit() and len(v) < 7}
+        try:
+            if field("fwd"):
+                fwd = self.source_of(req, field("fwd"))
+            to = webmail.parse_recipients(draft.to, self.domain)
+            cc = webmail.parse_recipients(draft.cc, self.domain)
+            attachments = list(uploads)
+            if fwd is not None:
+                slug, msg_id, d = fwd
+                _, raw_orig = self.load(req, slug, msg_id)
+                for a in d.attachments:
+                    if a.index in fwd_checked:
+                        got = webmail.attachment_bytes(raw_orig, a.index)
+                        if got:
+                            attachments.append(Attachment(got[0], got[1], got[2]))
+            attachments += self.drive_attachments(req, fields.get("drive_file", []))
+            if sum(len(a.data) for a in attachments) > limit:
+                raise ComposeError(f"The attachments are larger than the {human_size(limit)} limit.")
+            raw = webmail.build_message(
+                sender=self.address(req.user), to=to, cc=cc, subject=draft.subject, body=draft.body,
+                attachments=attachments, in_reply_to=draft.in_reply_to or None,
+                references=draft.references.split(), domain=self.domain)
+            if len(raw) > limit:
+                raise ComposeError(f"The message is {human_size(len(raw))}, over the {human_size(limit)} limit.")
+            result = webmail.send(self.store, self.accounts, req.user, self.domain, to + cc, raw)
+        except ComposeError as e:
+            error = str(e)
+            if uploads:
+                error += " (Please choose the files to attach again.)"
+            return self.compose_page(req, draft, error=error, fwd=fwd, status=400, fwd_checked=fwd_checked)
+        log.info("web mail from %s: %d local, %d remote recipients, %d bytes", req.user, len(result.local),
+                 len(result.remote), len(raw))
+        return redirect(f"/mail/sent?sent={result.sent_id}")
+
+    def drive_attachments(self, req, ids: list[str]) -> list[Attachment]:
+        ids = [i for i in ids if i]
+        if not ids:
+            return []
+        if len(ids) > MAX_DRIVE_ATTACHMENTS:
+            raise ComposeError(f"At most {MAX_DRIVE_ATTACHMENTS} files from the drive per message.")
+        out = []
+        limit = self.cfg.mail.max_message_bytes
+        for file_id in ids:
+            got = drive_file(self.ctx, req.user, file_id, limit)
+            if got is None:
+                raise ComposeError("A file chosen from the drive no longer exists.")
+            out.append(Attachment(*got))
+        return out
+
+
+# -- the drive (helper F's src/drive.py), used read-only --------------------------
+
+MAX_PICKER_FILES = 200      # files offered in the compose form's drive picker
+MAX_PICKER_FOLDERS = 100    # folders walked to find them
+
+
+def drive_of(ctx):
+    """The frontend's Drive if the app context has one, else our own (read-only use)."""
+    drive = getattr(ctx, "drive", None)
+    if drive is None:
+        from src.drive import Drive
+        drive = Drive(ctx.kv, chunk_bytes=ctx.config.drive.chunk_bytes, quota_bytes=ctx.config.drive.quota_bytes,
+                      window=1)
+        try:
+            ctx.drive = drive
+        except AttributeError:
+            pass
+    return drive
+
+
+def drive_files(ctx, user: str) -> list[tuple[str, str, int]]:
+    """(reference, path, size) of the user's drive files, for the attach picker.
+
+    A reference is `<folder id>/<name>`: how the drive names a file.
+    """
+    from src.drive import DriveError
+    drive = drive_of(ctx)
+    out: list[tuple[str, str, int]] = []
+    try:
+        folders = drive.folders(user)[:MAX_PICKER_FOLDERS]
+    except DriveError:
+        return out
+    paths: dict[int, str] = {}
+    for folder_id, name, depth in folders:
+        path = (paths.get(depth - 1, "") + "/" + name) if depth else ""
+        paths[depth] = path
+        try:
+            entries = drive.listing(user, folder_id)
+        except DriveError:
+            continue
+        for e in entries:
+            if not e.is_folder:
+                out.append((f"{folder_id}/{e.name}", f"{path}/{e.name}".lstrip("/"), e.size))
+                if len(out) >= MAX_PICKER_FILES:
+                    return out
+    return out
+
+
+def drive_file(ctx, user: str, ref: str, limit: int) -> tuple[str, str, bytes] | None:
+    """(name, content type, bytes) of one of the user's drive files, or None.
+
+    ComposeError if the file is larger than `limit`.
+    """
+    from src.drive import DriveError
+    folder_id, _, name = ref.partition("/")
+    drive = drive_of(ctx)
+    try:
+        e = drive.entry(user, folder_id, name)
+        if e.is_folder:
+            return None
+        if e.size > limit:
+            raise ComposeError(f"“{e.name}” is larger than the {human_size(limit)} mail limit.")
+        return e.name, e.type, b"".join(drive.read(user, e))
+    except DriveError:
+        return None
+
+
+# -- small helpers ---------------------------------------------------------------
+
+def _drain(part) -> None:
+    while part.read(READ_CHUNK):
+        pass
+
+
+def _read_bounded(part, limit: int) -> bytes:
+    """A part's content; 413 (after nothing more is buffered) if over `limit`."""
+    buf = bytearray()
+    while True:
+        chunk = part.read(READ_CHUNK)
+        if not chunk:
+            return bytes(buf)
+        buf += chunk
+        if len(buf) > limit:
+            raise HTTPError(413, "That is too large to send by mail. Share it from your drive instead.")
+
+
+def human_size(n: int) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}".replace(".0 ", " ")
+        n /= 1024
+    return f"{n} GB"
+
+
+def short_date(header: str, received: float, now: float) -> str:
+    """"14:05" today, "22 Nov" this year, "22 Nov 2025" before (UTC)."""
+    when = None
+    if header:
+        try:
+            from email.utils import parsedate_to_datetime
+            when = parsedate_to_datetime(header)
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=dt.timezone.utc)
+        except (TypeError, ValueError, IndexError):
+            when = None
+    if when is None:
+        when = dt.datetime.fromtimestamp(received or 0, dt.timezone.utc)
+    when = when.astimezone(dt.timezone.utc)
+    today = dt.datetime.fromtimestamp(now, dt.timezone.utc)
+    if when.date() == today.date():
+        return when.strftime("%H:%M")
+    if when.year == today.year:
+        return when.strftime("%d %b").lstrip("0")
+    return when.strftime("%d %b %Y").lstrip("0")
+
+
+# -- templates -----------------------------------------------------------------
+
+LAYOUT = """<div class="mail">
+<nav class="mail-side">{side}</nav>
+<section class="mail-main">{main}</section>
+</div>"""
+
+SIDEBAR = """<a class="button mail-compose" href="/mail/compose">✎ Compose</a>
+<ul>
+<li><a class="{inbox_cls}" href="/mail">Inbox{unread}</a></li>
+<li><a class="{sent_cls}" href="/mail/sent">Sent</a></li>
+</ul>"""
+
+FOLDER_PAGE = """<header class="mail-head"><h1>{title}</h1>
+<span class="mail-muted">{count} messages{unread}</span></header>
+{notice}{table}{pager}"""
+
+TABLE = """<table class="mail-list">
+<thead><tr><th class="mail-col-mark"></th><th>From</th><th>Subject</th><th class="mail-col-date">Date</th></tr></thead>
+<tbody>{rows}</tbody></table>"""
+
+ROW = """<tr class="{cls}">
+<td class="mail-col-mark">{mark}</td>
+<td class="mail-col-who"><a href="{href}">{who}</a></td>
+<td class="mail-col-subject"><a href="{href}"><span class="mail-subject">{subject}</span>
+<span class="mail-preview">{preview}</span></a></td>
+<td class="mail-col-date" title="{full_date}">{date}</td>
+</tr>"""
+
+EMPTY = """<p class="mail-empty">{what}</p>"""
+
+PAGER = """<nav class="mail-pager">{prev} <span>Page {n} of {pages}</span> {next}</nav>"""
+
+HEAD_ROW = """<tr><th>{k}</th><td>{v}</td></tr>"""
+
+VIEW = """<article class="mail-message">
+<header class="mail-head"><h1>{subject}</h1></header>
+<div class="mail-actions">
+<a class="button" href="/mail/compose?reply={slug}/{id}">↩ Reply</a>
+<a class="button" href="/mail/compose?replyall={slug}/{id}">↩ Reply all</a>
+<a class="button" href="/mail/compose?forward={slug}/{id}">↪ Forward</a>
+<form method="post" action="/mail/{slug}/{id}/unread" class="mail-inline">{csrf}<button type="submit">Mark unread</button></form>
+<form method="post" action="/mail/{slug}/{id}/delete" class="mail-inline">{csrf}<button type="submit" class="danger">Delete</button></form>
+<a class="mail-back" href="{back}">← Back to {folder}</a>
+</div>
+<table class="mail-headers">
+<tr><th>From</th><td>{from_}</td></tr>
+<tr><th>To</th><td>{to}</td></tr>
+{cc_row}
+<tr><th>Date</th><td>{date}</td></tr>
+</table>
+{attachments}
+<div class="mail-body">{toggle}{content}</div>
+<p class="mail-muted"><a href="/mail/{slug}/{id}/source">Download original (.eml)</a></p>
+</article>"""
+
+ATT_LIST = """<div class="mail-attachments"><h2>{n} attachment(s)</h2><ul>{items}</ul></div>"""
+
+ATT_ITEM = """<li><a href="{href}" download>{name}</a> <span class="mail-muted">{type}, {size}</span></li>"""
+
+COMPOSE = """<header class="mail-head"><h1>New message</h1><span class="mail-muted">from {me}</span></header>
+{error}
+<form class="mail-compose-form" method="post" action="/mail/send" enctype="multipart/form-data">
+{csrf}
+<input type="hidden" name="in_reply_to" value="{in_reply_to}">
+<input type="hidden" name="references" value="{references}">
+<label>To <input type="text" name="to" value="{to}" placeholder="bob, carol@example.com" autocomplete="off" required></label>
+<label>Cc <input type="text" name="cc" value="{cc}" placeholder="(optional)" autocomplete="off"></label>
+<label>Subject <input type="text" name="subject" value="{subject}"></label>
+<textarea name="body" rows="16" aria-label="Message">{body}</textarea>
+{fwd}
+<fieldset class="mail-attach"><legend>Attach files from your computer</legend>
+<input type="file" name="attachment" multiple>
+<span class="mail-muted">Up to {max_size} in all.</span></fieldset>
+{drive}
+<div class="mail-actions"><button type="submit" class="primary">Send</button>
+<a href="/mail">Cancel</a></div>
+</form>"""
+
+FWD_BLOCK = """<fieldset class="mail-attach"><legend>Attachments of the forwarded message</legend>
+<input type="hidden" name="fwd" value="{ref}">{items}</fieldset>"""
+
+FWD_ITEM = """<label class="mail-check"><input type="checkbox" name="fwd_part" value="{index}" {checked}> {name} <span class="mail-muted">({size})</span></label>"""
+
+DRIVE_BLOCK = """<details class="mail-attach"><summary>Attach files from your drive</summary>{items}</details>"""
+
+DRIVE_ITEM = """<label class="mail-check"><input type="checkbox" name="drive_file" value="{id}"> {path} <span class="mail-muted">({size})</span></label>"""
+
+
+def register(router, ctx) -> None:
+    app = MailApp(ctx)
+
+    @router.route("GET", "/mail")
+    def inbox(req):
+        return app.folder_view(req, "inbox")
+
+    @router.route("GET", "/mail/sent")
+    def sent(req):
+        return app.folder_view(req, "sent")
+
+    @router.route("GET", "/mail/compose")
+    def compose(req):
+        return app.compose(req)
+
+    @router.route("POST", "/mail/send")
+    def send(req):
+        return app.send(req)
+
+    @router.route("GET", "/mail/<folder>/<msg_id>")
+    def view(req, folder, msg_id):
+        return app.view(req, folder, msg_id)
+
+    @router.route("GET", "/mail/<folder>/<msg_id>/part/<index>")
+    def part(req, folder, msg_id, index):
+        return app.part(req, folder, msg_id, index)
+
+    @router.route("GET", "/mail/<folder>/<msg_id>/source")
+    def source(req, folder, msg_id):
+        return app.source(req, folder, msg_id)
+
+    @router.route("POST", "/mail/<folder>/<msg_id>/delete")
+    def delete(req, folder, msg_id):
+        return app.delete(req, folder, msg_id)
+
+    @router.route("POST", "/mail/<folder>/<msg_id>/unread")
+    def unread(req, folder, msg_id):
+        return app.unread(req, folder, msg_id)

@@ -1,0 +1,276 @@
+"""The socket shell around the pure HTTP codec: one thread per connection.
+
+    HTTPServer(host, port, app, http_cfg, name).start() / .port / .stop()
+
+`app(req) -> Response` is any callable (normally `web.App`). For each
+connection (src.server.TCPServer gives us the thread and TCP_NODELAY):
+
+    loop:
+      wait for a request head      deadline: idle_timeout_s for the WHOLE head,
+                                   so a client dripping bytes (slowloris)
+                                   cannot hold the thread longer than that
+      call the app                 the body is read by the handler, on demand,
+                                   through `BodyStream` (100 Continue is sent
+                                   at the first read)
+      send the response            bytes in one sendall; iterables streamed
+      drain what the handler left  up to DRAIN_LIMIT, else close
+      keep-alive? next cycle : close
+
+A malformed head gets its status (400/413/414/431/501/505) and the connection
+is closed; a stalled head gets 408 and a close. A close after an error first
+shuts down our side and discards what the client still sends for a moment, so
+the client reads our answer instead of a connection reset.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+
+from httpserver import http11
+from httpserver.http11 import NEED_DATA, Connection, Data, EndOfMessage, ProtocolError
+from httpserver.web import ClientGone, HTTPError, Request, Response
+from src.server import TCPServer
+
+log = logging.getLogger(__name__)
+
+RECV_BYTES = 256 * 1024
+DRAIN_LIMIT = 1024 * 1024          # unread body we will swallow to keep a connection alive
+LINGER_S = 1.0
+
+
+class BodyStream:
+    """The request body as a stream, pulled from the socket through the codec."""
+
+    def __init__(self, server: "HTTPServer", sock: socket.socket, conn: Connection):
+        self.server = server
+        self.sock = sock
+        self.conn = conn
+        self.done = False
+        self._buf = b""
+
+    def _next_data(self) -> bytes:
+        conn = self.conn
+        if conn.they_are_waiting_for_100_continue:
+            self.sock.sendall(conn.send(http11.InformationalResponse(100)))
+        while True:
+            try:
+                ev = conn.next_event()
+            except ProtocolError as e:
+                self.done = True
+                raise HTTPError(e.status, f"The request body is malformed: {e.text}.") from None
+            if ev is NEED_DATA:
+                self.sock.settimeout(self.server.idle_timeout)
+                try:
+                    data = self.sock.recv(RECV_BYTES)
+                except (TimeoutError, socket.timeout):
+                    conn.keep_alive = False
+                    self.done = True
+                    raise HTTPError(408, "The upload stalled.") from None
+                if not data:
+                    self.done = True
+                    conn.keep_alive = False
+                    raise ClientGone()
+                conn.receive_data(data)
+                continue
+            if type(ev) is Data:
+                return ev.data
+            self.done = True
+            return b""
+
+    def read(self, n: int = -1) -> bytes:
+        if n < 0:
+            parts = [self._buf]
+            self._buf = b""
+            while not self.done:
+                parts.append(self._next_data())
+            return b"".join(parts)
+        if not self._buf and not self.done:
+            self._buf = self._next_data()
+        out, self._buf = self._buf[:n], self._buf[n:]
+        return out
+
+    def drain(self, limit: int) -> bool:
+        """Discard the rest of the body; False if more than `limit` bytes remained."""
+        seen = len(self._buf)
+        self._buf = b""
+        while not self.done and seen <= limit:
+            seen += len(self._next_data())
+        return self.done
+
+
+class HTTPServer:
+    def __init__(self, host: str, port: int, app, http_cfg, name: str = "http",
+                 trusted_proxies: frozenset[str] = frozenset(), server_header: str = "PennCloud"):
+        self.app = app
+        self.cfg = http_cfg
+        self.idle_timeout = http_cfg.idle_timeout_s
+        self.trusted_proxies = trusted_proxies
+        self.server_header = server_header
+        self.tcp = TCPServer(host, port, self._handle, name=name)
+        self.requests = 0            # served since start (approximate: no lock on the counter)
+        self._active = 0
+        self._lock = threading.Lock()
+
+    def start(self) -> "HTTPServer":
+        self.tcp.start()
+        return self
+
+    def stop(self) -> None:
+        self.tcp.stop()
+
+    @property
+    def port(self) -> int:
+        return self.tcp.port
+
+    @property
+    def active_requests(self) -> int:
+        return self._active
+
+    # -- one connection ------------------------------------------------------------
+
+    def _handle(self, sock: socket.socket, peer: tuple) -> None:
+        cfg = self.cfg
+        conn = Connection(http11.SERVER, cfg.max_line_bytes, cfg.max_header_bytes, cfg.max_body_bytes)
+        addr = peer[0]
+        while not self.tcp.stopping:
+            try:
+                ev = self._read_head(sock, conn)
+            except ProtocolError as e:
+                self._fail(sock, e.status, e.text)
+                return
+            except (TimeoutError, socket.timeout):
+                if conn.trailing_data[0]:
+                    self._fail(sock, 408, "The request took too long to arrive.")
+                return
+            if type(ev) is not http11.Request:
+                return  # the client closed between requests
+            self._exchange(sock, conn, ev, addr)
+            if not conn.keep_alive:
+                self._linger(sock)
+                return
+            conn.start_next_cycle()
+
+    def _read_head(self, sock: socket.socket, conn: Connection):
+        deadline = time.monotonic() + self.idle_timeout
+        while True:
+            ev = conn.next_event()
+            if ev is not NEED_DATA:
+                return ev
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError()
+            sock.settimeout(left)
+            conn.receive_data(sock.recv(RECV_BYTES))
+
+    def _exchange(self, sock: socket.socket, conn: Connection, ev: http11.Request, addr: str) -> None:
+        body = BodyStream(self, sock, conn)
+        if self.trusted_proxies and addr in self.trusted_proxies:
+            fwd = ev.headers.get("x-forwarded-for")
+            if fwd:
+                addr = fwd.rsplit(",", 1)[-1].strip() or addr
+        req = Request(ev.method, ev.target, ev.headers, body, addr, ev.version)
+        with self._lock:
+            self._active += 1
+        try:
+            try:
+                resp = self.app(req)
+            except ClientGone:
+                conn.keep_alive = False
+                return
+            self._send(sock, conn, req, resp)
+            self.requests += 1
+        finally:
+            with self._lock:
+                self._active -= 1
+        if conn.in_state == "body" and conn.keep_alive:
+            if conn.they_are_waiting_for_100_continue or not self._drain(body):
+                conn.keep_alive = False
+
+    def _drain(self, body: BodyStream) -> bool:
+        try:
+            return body.drain(DRAIN_LIMIT)
+        except (HTTPError, ClientGone):
+            return False
+
+    def _send(self, sock: socket.socket, conn: Connection, req: Request, resp: Response) -> None:
+        headers = resp.headers
+        if self.server_header:
+            headers.append(("Server", self.server_header))
+        if resp.content_type:
+            headers.append(("Content-Type", resp.content_type))
+        body = resp.body
+        status = resp.status
+        if isinstance(body, (bytes, bytearray, memoryview)):
+            if status != 304 and status != 204 and not 100 <= status < 200:
+                headers.append(("Content-Length", str(len(body))))
+            else:
+                body = b""
+            out = conn.send(http11.Response(status, headers))
+            if req.method != "HEAD" and body:
+                out += conn.send(Data(bytes(body)))
+            sock.sendall(out + conn.send(EndOfMessage()))
+            return
+        if resp.content_length is not None:
+            headers.append(("Content-Length", str(resp.content_length)))
+        sock.sendall(conn.send(http11.Response(status, headers)))
+        try:
+            if req.method != "HEAD" and status not in (204, 304):
+                for chunk in body:
+                    if chunk:
+                        sock.sendall(conn.send(Data(chunk)))
+            sock.sendall(conn.send(EndOfMessage()))
+        except ProtocolError as e:
+            log.error("response body of %s %s broke framing: %s", req.method, req.raw_path, e.text)
+            conn.keep_alive = False
+            raise ConnectionAbortedError() from None
+        except (OSError, ClientGone):
+            conn.keep_alive = False
+            raise
+        except Exception:
+            # Too late for an error page: the head is out. Cut the connection so
+            # the client sees an incomplete body rather than a silently short one.
+            log.exception("response body of %s %s failed", req.method, req.raw_path)
+            conn.keep_alive = False
+            raise ConnectionAbortedError() from None
+        finally:
+            close = getattr(body, "close", None)
+            if close is not None:
+                close()
+
+    def _fail(self, sock: socket.socket, status: int, text: str) -> None:
+        reason = http11.REASONS.get(status, "Error")
+        page = (f"<!doctype html><meta charset=utf-8><title>{status} {reason}</title>"
+                f"<h1>{status} {reason}</h1><p>{_esc(text)}</p>\n").encode()
+        head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/html; charset=utf-8\r\n"
+                f"Content-Length: {len(page)}\r\nConnection: close\r\n\r\n").encode()
+        try:
+            sock.sendall(head + page)
+        except OSError:
+            return
+        self._linger(sock)
+
+    @staticmethod
+    def _linger(sock: socket.socket) -> None:
+        """Half-close and swallow late input briefly, so the client reads our answer."""
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + LINGER_S
+            seen = 0
+            while seen < DRAIN_LIMIT:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                sock.settimeout(left)
+                data = sock.recv(RECV_BYTES)
+                if not data:
+                    break
+                seen += len(data)
+        except OSError:
+            pass
+
+
+def _esc(s: str) -> str:
+    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")

@@ -1,0 +1,141 @@
+"""Log-in sessions, kept in the KV store so that every frontend accepts them.
+
+Layout:
+
+    row  sess/<sid>     col  s        "<user> <csrf> <admin 0|1> <created> <last seen>"
+    row  usess/<user>   col  <sid>    "" (the user's sessions, for "log out everywhere")
+
+A session id is 128 random bits (`secrets.token_urlsafe(16)`, 22 characters),
+sent in the cookie `sid` (HttpOnly; SameSite=Lax; Path=/). Each session has
+its own CSRF token, also 128 random bits.
+
+Sliding expiry without a write per request: a session is valid while
+`now - last_seen < ttl`. `last_seen` is rewritten only when it is more than
+REFRESH_AFTER_S old, with CPUT, so a refresh can never bring back a session
+that a logout (on any frontend) deleted meanwhile. Expired sessions are
+deleted when someone presents them, and index entries pointing at gone
+sessions are pruned at every log-in of that user.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from src.kv import KV, Mismatch, NotFound
+
+log = logging.getLogger(__name__)
+
+REFRESH_AFTER_S = 60.0
+SID_RE = re.compile(r"[A-Za-z0-9_-]{22}")
+COOKIE = "sid"
+
+
+@dataclass
+class Session:
+    sid: str
+    user: str
+    csrf: str
+    admin: bool
+    created: float
+    last_seen: float
+
+    def encode(self) -> bytes:
+        return (f"{self.user} {self.csrf} {int(self.admin)} {self.created:.0f} {self.last_seen:.3f}").encode()
+
+    @classmethod
+    def decode(cls, sid: str, raw: bytes) -> "Session | None":
+        try:
+            user, csrf, admin, created, last = raw.decode().split(" ")
+            return cls(sid, user, csrf, admin == "1", float(created), float(last))
+        except (ValueError, UnicodeDecodeError):
+            return None
+
+
+def _row(sid: str) -> bytes:
+    return b"sess/" + sid.encode()
+
+
+def _index(user: str) -> bytes:
+    return b"usess/" + user.encode()
+
+
+class Sessions:
+    def __init__(self, kv: KV, ttl_s: float = 1800.0, clock: Callable[[], float] = time.time):
+        self.kv = kv
+        self.ttl = ttl_s
+        self.clock = clock
+
+    def create(self, user: str, admin: bool = False) -> Session:
+        """A new session for `user` (already authenticated)."""
+        self._prune(user)
+        now = self.clock()
+        s = Session(secrets.token_urlsafe(16), user, secrets.token_urlsafe(16), admin, now, now)
+        self.kv.put(_index(user), s.sid, b"")
+        self.kv.put(_row(s.sid), b"s", s.encode())
+        return s
+
+    def get(self, sid: str | None) -> Session | None:
+        """The live session `sid`, refreshed if due; None if absent, malformed or expired."""
+        if not sid or not SID_RE.fullmatch(sid):
+            return None
+        try:
+            raw = self.kv.get(_row(sid), b"s")
+        except NotFound:
+            return None
+        s = Session.decode(sid, raw)
+        if s is None:
+            return None
+        now = self.clock()
+        if now - s.last_seen >= self.ttl:
+            self.destroy(sid, s.user)
+            return None
+        if now - s.last_seen > REFRESH_AFTER_S:
+            old = raw
+            s.last_seen = now
+            try:
+                self.kv.cput(_row(sid), b"s", old, s.encode())
+            except NotFound:
+                return None          # logged out meanwhile
+            except Mismatch:
+                pass                 # another frontend refreshed it first
+        return s
+
+    def destroy(self, sid: str, user: str | None = None) -> None:
+        """End one session, everywhere."""
+        if user is None:
+            s = self.get(sid)
+            user = s.user if s else None
+        for row, col in ((_row(sid), b"s"), (_index(user), sid) if user else (None, None)):
+            if row is None:
+                continue
+            try:
+                self.kv.delete(row, col)
+            except NotFound:
+                pass
+
+    def destroy_user(self, user: str, keep: str | None = None) -> int:
+        """End every session of `user` except `keep`; the number ended."""
+        n = 0
+        for col in self.kv.cols(_index(user)):
+            sid = col.decode()
+            if sid == keep:
+                continue
+            self.destroy(sid, user)
+            n += 1
+        return n
+
+    def _prune(self, user: str) -> None:
+        now = self.clock()
+        for col in self.kv.cols(_index(user)):
+            sid = col.decode()
+            try:
+                s = Session.decode(sid, self.kv.get(_row(sid), b"s"))
+            except NotFound:
+                s = None
+            if s is None or now - s.last_seen >= self.ttl:
+                self.destroy(sid, user)

@@ -1,0 +1,81 @@
+"""Slowing down password guessing, per account and per client address.
+
+The rule (per frontend, in memory):
+
+  * Failures are counted per key (`user:<name>` and `addr:<ip>`) and forgotten
+    WINDOW_S after the last one.
+  * The first FREE_FAILURES failures of an account (FREE_FAILURES_ADDR of an
+    address, since many people may share one address) cost nothing.
+  * After that, the key is locked for BASE_DELAY_S * 2**(extra failures - 1)
+    seconds after each further failure, capped at MAX_DELAY_S. A log-in
+    attempt during a lock is refused with 429 and Retry-After, without even
+    checking the password, so no thread is held while waiting.
+  * A successful log-in clears the account's count (not the address's).
+
+At most MAX_KEYS keys are remembered (least recently failed dropped first),
+so the table cannot be grown without bound. With several frontends an
+attacker gets each frontend's budget; the load balancer keeps a client on one
+frontend, and the exponential delay keeps even a multiple small.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from typing import Callable
+
+FREE_FAILURES = 5
+FREE_FAILURES_ADDR = 20
+BASE_DELAY_S = 1.0
+MAX_DELAY_S = 60.0
+WINDOW_S = 15 * 60.0
+MAX_KEYS = 50_000
+
+
+class LoginThrottle:
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self._fails: OrderedDict[str, tuple[int, float]] = OrderedDict()  # key -> (count, last failure)
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _free(key: str) -> int:
+        return FREE_FAILURES_ADDR if key.startswith("addr:") else FREE_FAILURES
+
+    def _delay(self, key: str, count: int) -> float:
+        extra = count - self._free(key)
+        if extra <= 0:
+            return 0.0
+        return min(MAX_DELAY_S, BASE_DELAY_S * 2 ** (extra - 1))
+
+    def wait_time(self, user: str, addr: str) -> float:
+        """Seconds until a log-in attempt for `user` from `addr` is allowed (0 = now)."""
+        now = self.clock()
+        wait = 0.0
+        with self._lock:
+            for key in (f"user:{user}", f"addr:{addr}"):
+                entry = self._fails.get(key)
+                if entry is None:
+                    continue
+                count, last = entry
+                if now - last > WINDOW_S:
+                    del self._fails[key]
+                    continue
+                wait = max(wait, last + self._delay(key, count) - now)
+        return max(0.0, wait)
+
+    def failure(self, user: str, addr: str) -> None:
+        now = self.clock()
+        with self._lock:
+            for key in (f"user:{user}", f"addr:{addr}"):
+                count, last = self._fails.pop(key, (0, now))
+                if now - last > WINDOW_S:
+                    count = 0
+                self._fails[key] = (count + 1, now)
+            while len(self._fails) > MAX_KEYS:
+                self._fails.popitem(last=False)
+
+    def success(self, user: str) -> None:
+        with self._lock:
+            self._fails.pop(f"user:{user}", None)
