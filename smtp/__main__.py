@@ -63,13 +63,18 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
 
+    # The admin console sees this process through its beacon in the KV store.
+    from src.heartbeat import ProcessBeacon
+
     if role == "relay":
         from smtp.relay import make_relay_worker
         worker = make_relay_worker(cfg, kv)
         log.info("relay worker %s started (resolver %s, remote port %d)", worker.owner,
                  cfg.mail.resolver or "system", cfg.mail.relay_port)
+        beacon = ProcessBeacon(kv, args.id, "mail relay", "-").start()
         print("READY 0", flush=True)
         worker.run(stop)
+        beacon.stop()
         return 0
 
     if role == "smtp":
@@ -83,10 +88,14 @@ def main(argv=None) -> int:
     except OSError as e:
         log.error("cannot listen: %s", e)
         return 1
+    beacon = ProcessBeacon(kv, args.id, "SMTP server" if role == "smtp" else "POP3 server",
+                           f"{args.host or server.tcp.host}:{server.port}",
+                           load_fn=lambda: server.tcp.connection_count).start()
     print(f"READY {server.port}", flush=True)
     while not stop.wait(0.5):
         pass
     log.info("stopping")
+    beacon.stop()
     server.stop()
     return 0
 

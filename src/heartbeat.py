@@ -11,7 +11,8 @@ Two senders, each a background thread (`while not stop.wait(interval)`):
 - `ProcessBeacon`: any process (frontend, SMTP, POP3, relay) writes one cell
   into the KV store every `BEACON_INTERVAL_S`: row `sys/procs`, column = its
   config id, value = a small JSON object `{"role", "addr", "state", "load",
-  "time" (unix seconds), "pid"}`. On a clean stop it writes state "stopped".
+  "time" (unix seconds), "pid"}`. On a clean stop it writes state "stopped" (from its own thread, so a store
+  that does not answer never delays a shutdown by more than two seconds).
   The admin console reads the row (`read_beacons`) and calls a process whose
   beacon is older than `BEACON_STALE_S` "down". One row, a few writes a
   second for the whole cluster: cheap, and it needs no new port or protocol.
@@ -118,7 +119,8 @@ class Periodic:
         self._thread.start()
         return self
 
-    def stop(self, timeout: float = 3.0) -> None:
+    def stop(self, timeout: float = 2.0) -> None:
+        """Stop beating; waits at most `timeout` s (a last beat may be under way)."""
         self._stop.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout)
@@ -126,10 +128,17 @@ class Periodic:
     def beat(self) -> None:
         raise NotImplementedError
 
+    def final(self) -> None:
+        """Called once on the thread after the last beat, when stopping (optional)."""
+
     def _run(self) -> None:
         self._beat_once()
         while not self._stop.wait(self.interval):
             self._beat_once()
+        try:
+            self.final()
+        except Exception as e:
+            log.debug("%s: final beat failed: %s", self._thread.name, e)
 
     def _beat_once(self) -> None:
         try:
@@ -174,12 +183,11 @@ class ProcessBeacon(Periodic):
     def beat(self) -> None:
         self._write(self.state_fn())
 
-    def stop(self, timeout: float = 3.0) -> None:
-        super().stop(timeout)
-        try:
+    def final(self) -> None:
+        # On the beacon's own thread, so a store that does not answer cannot
+        # hold up the process's shutdown beyond stop()'s timeout.
+        if not self._failing:
             self._write("stopped")
-        except (KVError, OSError) as e:
-            log.debug("beacon %s: could not record the stop: %s", self.proc_id, e)
 
 
 def read_beacons(kv: KV, now: float | None = None) -> dict[str, dict]:
