@@ -1,0 +1,318 @@
+"""The load balancer in-process, in front of small real HTTP servers (stdlib http.server).
+
+These check the LB's own behaviour: policy order, stickiness, streaming both
+ways, retry of a GET when a frontend is gone, redirect mode, control-endpoint
+protection. tests/test_lb_procs.py runs it with real PennCloud frontends.
+"""
+
+import hashlib
+import http.client
+import json
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from lb.server import LoadBalancer
+from src.config import parse_config
+from src.heartbeat import LBControlClient, LBControlError
+from tests.harness import free_port, wait_until
+
+
+class Backend:
+    """A tiny HTTP/1.1 server that says who it is and echoes what it got."""
+
+    def __init__(self, name):
+        self.name = name
+        self.hits = 0
+        self.conns = set()
+        backend = self
+
+        class H(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def setup(self):
+                super().setup()
+                backend.conns.add(self.connection)
+
+            def _send(self, body: bytes, ctype="text/plain"):
+                self.send_response(200)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("X-Backend", backend.name)
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            def do_GET(self):
+                backend.hits += 1
+                if self.path.startswith("/big/"):
+                    n = int(self.path.split("/")[2])
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(n))
+                    self.end_headers()
+                    block = bytes(range(256)) * 256
+                    left = n
+                    while left:
+                        k = min(left, len(block))
+                        self.wfile.write(block[:k])
+                        left -= k
+                    return
+                info = {"backend": backend.name, "path": self.path,
+                        "xff": self.headers.get("X-Forwarded-For"), "cookie": self.headers.get("Cookie")}
+                self._send(json.dumps(info).encode(), "application/json")
+
+            do_HEAD = do_GET
+
+            def do_POST(self):
+                backend.hits += 1
+                n = int(self.headers.get("Content-Length", "0"))
+                h = hashlib.sha256()
+                while n:
+                    chunk = self.rfile.read(min(n, 65536))
+                    if not chunk:
+                        break
+                    h.update(chunk)
+                    n -= len(chunk)
+                self._send(json.dumps({"backend": backend.name, "sha256": h.hexdigest()}).encode())
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        """Stop as a crash would: the listener and every open connection go."""
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        for c in list(self.conns):
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def make_cfg(tmp_path, ports, policy="round_robin", mode="proxy", secret="", timeout=3.0):
+    raw = {
+        "cluster": {"secret": secret},
+        "frontend": [{"id": f"fe{i + 1}", "host": "127.0.0.1", "port": p} for i, p in enumerate(ports)],
+        "lb": {"id": "lb", "host": "127.0.0.1", "port": 0, "policy": policy, "mode": mode,
+               "heartbeat_timeout_s": timeout},
+    }
+    return parse_config(raw, str(tmp_path / "test.toml"), str(tmp_path / "data"))
+
+
+@pytest.fixture
+def backends():
+    bs = [Backend(f"fe{i + 1}") for i in range(3)]
+    yield bs
+    for b in bs:
+        b.stop()
+
+
+def start_lb(cfg):
+    return LoadBalancer(cfg, cfg.lb.node).start()
+
+
+def beat(lb, cfg, backends, loads=None):
+    ctl = LBControlClient("127.0.0.1", lb.port, cfg.cluster.secret)
+    for i, b in enumerate(backends):
+        ctl.heartbeat(b.name, b.port, (loads or [0] * len(backends))[i])
+
+
+def get(port, path="/", headers=None, method="GET"):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        c.request(method, path, headers=headers or {})
+        r = c.getresponse()
+        return r, r.read()
+    finally:
+        c.close()
+
+
+def test_round_robin_for_new_visitors_and_sticky_cookie(tmp_path, backends):
+    cfg = make_cfg(tmp_path, [b.port for b in backends])
+    lb = start_lb(cfg)
+    try:
+        beat(lb, cfg, backends)
+        order = []
+        for _ in range(6):
+            r, body = get(lb.port)
+            assert r.status == 200
+            order.append(json.loads(body)["backend"])
+            assert r.getheader("X-PennCloud-Frontend") == order[-1]
+        assert order == ["fe1", "fe2", "fe3", "fe1", "fe2", "fe3"]
+        # a visitor with the cookie stays on its frontend; the frontend still sees its cookies
+        r, _ = get(lb.port)
+        cookie = r.getheader("Set-Cookie").split(";")[0]
+        first = r.getheader("X-PennCloud-Frontend")
+        for _ in range(4):
+            r, body = get(lb.port, headers={"Cookie": f"{cookie}; sid=abc"})
+            info = json.loads(body)
+            assert info["backend"] == first
+            assert "sid=abc" in info["cookie"]
+            assert info["xff"] == "127.0.0.1"
+    finally:
+        lb.stop()
+
+
+def test_least_loaded_sends_new_visitors_to_the_idlest(tmp_path, backends):
+    cfg = make_cfg(tmp_path, [b.port for b in backends], policy="least_loaded")
+    lb = start_lb(cfg)
+    try:
+        beat(lb, cfg, backends, loads=[7, 0, 3])
+        got = [json.loads(get(lb.port)[1])["backend"] for _ in range(3)]
+        assert got == ["fe2", "fe2", "fe2"]  # estimates 1, 2 then 3 (ties rotate: fe3 comes next)
+        assert json.loads(get(lb.port)[1])["backend"] == "fe3"
+    finally:
+        lb.stop()
+
+
+def test_keep_alive_and_streaming_both_ways(tmp_path, backends):
+    cfg = make_cfg(tmp_path, [b.port for b in backends[:1]])
+    lb = start_lb(cfg)
+    try:
+        beat(lb, cfg, backends[:1])
+        c = http.client.HTTPConnection("127.0.0.1", lb.port, timeout=20)
+        size = 24 * 1024 * 1024
+        c.request("GET", f"/big/{size}")
+        r = c.getresponse()
+        h = hashlib.sha256()
+        got = 0
+        while chunk := r.read(1 << 20):
+            h.update(chunk)
+            got += len(chunk)
+        assert got == size
+        block = bytes(range(256)) * 256
+        assert h.hexdigest() == hashlib.sha256(block * (size // len(block))).hexdigest()
+
+        def body():
+            for _ in range(16):
+                yield b"x" * (1 << 20)
+        c.request("POST", "/upload", body=body(), headers={"Content-Length": str(16 << 20)})
+        r = c.getresponse()
+        assert json.loads(r.read())["sha256"] == hashlib.sha256(b"x" * (16 << 20)).hexdigest()
+        c.request("HEAD", "/")  # same connection, kept alive
+        r = c.getresponse()
+        assert r.status == 200 and r.read() == b""
+        c.close()
+    finally:
+        lb.stop()
+
+
+def test_dead_frontend_is_invisible_to_gets(tmp_path, backends):
+    cfg = make_cfg(tmp_path, [b.port for b in backends])
+    lb = start_lb(cfg)
+    try:
+        beat(lb, cfg, backends)
+        r, _ = get(lb.port)
+        cookie = r.getheader("Set-Cookie").split(";")[0]
+        assert r.getheader("X-PennCloud-Frontend") == "fe1"
+        backends[0].stop()  # fe1 gone, though its heartbeat is still fresh
+        for _ in range(5):
+            r, body = get(lb.port, headers={"Cookie": cookie})
+            assert r.status == 200
+            assert json.loads(body)["backend"] in ("fe2", "fe3")
+        st = lb.status()
+        assert [f["live"] for f in st["frontends"]] == [False, True, True]
+    finally:
+        lb.stop()
+
+
+def test_heartbeat_timeout_and_no_frontend(tmp_path, backends):
+    cfg = make_cfg(tmp_path, [b.port for b in backends[:1]], timeout=0.5)
+    lb = start_lb(cfg)
+    try:
+        r, body = get(lb.port)
+        assert r.status == 503 and b"try again" in body
+        beat(lb, cfg, backends[:1])
+        assert get(lb.port)[0].status == 200
+        wait_until(lambda: get(lb.port)[0].status == 503, timeout=3, what="fe1 timed out")
+    finally:
+        lb.stop()
+
+
+def test_disabled_frontend_gets_nobody_and_state_survives_restart(tmp_path, backends):
+    cfg = make_cfg(tmp_path, [b.port for b in backends])
+    lb = start_lb(cfg)
+    try:
+        beat(lb, cfg, backends)
+        ctl = LBControlClient("127.0.0.1", lb.port)
+        assert ctl.set_enabled("fe2", False) == {"ok": True, "id": "fe2", "enabled": False}
+        got = {json.loads(get(lb.port)[1])["backend"] for _ in range(6)}
+        assert got == {"fe1", "fe3"}
+        with pytest.raises(LBControlError):
+            ctl.set_enabled("nope", False)
+    finally:
+        lb.stop()
+    lb = start_lb(cfg)
+    try:
+        beat(lb, cfg, backends)
+        st = LBControlClient("127.0.0.1", lb.port).status()
+        assert [f["enabled"] for f in st["frontends"]] == [True, False, True]
+    finally:
+        lb.stop()
+
+
+def test_redirect_mode(tmp_path, backends):
+    cfg = make_cfg(tmp_path, [b.port for b in backends], mode="redirect")
+    lb = start_lb(cfg)
+    try:
+        beat(lb, cfg, backends)
+        locs = []
+        for _ in range(3):
+            r, _ = get(lb.port, "/drive?x=1")
+            assert r.status == 302
+            locs.append(r.getheader("Location"))
+        assert locs == [f"http://127.0.0.1:{b.port}/drive?x=1" for b in backends]
+    finally:
+        lb.stop()
+
+
+def test_control_endpoints_need_the_secret(tmp_path, backends):
+    cfg = make_cfg(tmp_path, [b.port for b in backends], secret="s3cret")
+    lb = start_lb(cfg)
+    try:
+        for path, method in [("/_lb/status", "GET"), ("/_lb/heartbeat", "POST"), ("/_lb/frontend/fe1/disable", "POST")]:
+            r, _ = get(lb.port, path, method=method)
+            assert r.status == 403, path
+            r, _ = get(lb.port, path, method=method, headers={"X-PennCloud-Secret": "wrong"})
+            assert r.status == 403, path
+        with pytest.raises(LBControlError):
+            LBControlClient("127.0.0.1", lb.port, "wrong").heartbeat("fe1", backends[0].port, 0)
+        beat(lb, cfg, backends)  # with the right secret
+        assert get(lb.port)[0].status == 200
+        # control paths are never forwarded to a frontend
+        assert all(b.hits == 1 or b.hits == 0 for b in backends)
+    finally:
+        lb.stop()
+
+
+def test_control_endpoints_refuse_hosts_outside_the_config(tmp_path, backends):
+    cfg = make_cfg(tmp_path, [b.port for b in backends])
+    lb = start_lb(cfg)
+    try:
+        lb.allowed_ips = {"10.99.99.99"}  # as if this test ran on a machine outside the cluster
+        r, _ = get(lb.port, "/_lb/status")
+        assert r.status == 403
+    finally:
+        lb.stop()
+
+
+def test_malformed_request_gets_400_and_lb_keeps_serving(tmp_path, backends):
+    cfg = make_cfg(tmp_path, [b.port for b in backends])
+    lb = start_lb(cfg)
+    try:
+        beat(lb, cfg, backends)
+        with socket.create_connection(("127.0.0.1", lb.port), timeout=5) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n")
+            assert s.recv(100).startswith(b"HTTP/1.1 400")
+        assert get(lb.port)[0].status == 200
+    finally:
+        lb.stop()
