@@ -1,0 +1,359 @@
+"""Webmail over HTTP: an in-process Frontend on MemoryKV, real sockets, and
+several users. Send, list, view, reply, forward, delete, attachments (from the
+computer and from the drive), the relay queue for outside addresses, and the
+attacks: another user's ids, missing CSRF tokens, hostile HTML."""
+
+from __future__ import annotations
+
+import email
+import http.client
+import os
+import re
+import uuid
+from email import policy
+from urllib.parse import urlencode
+
+import pytest
+
+from src.config import parse_config
+from src.kv import MemoryKV
+from src.mailstore import MailStore
+
+DOMAIN = "penncloud.local"
+MAX_MESSAGE = 256 * 1024
+
+
+# -- a small browser-like client --------------------------------------------------
+
+class Client:
+    """Keeps the `sid` cookie and reads the CSRF token from the last page."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.cookies: dict[str, str] = {}
+        self.csrf = ""
+
+    def request(self, method, path, body=b"", headers=None):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            h = dict(headers or {})
+            if self.cookies:
+                h["Cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
+            conn.request(method, path, body=body, headers=h)
+            r = conn.getresponse()
+            data = r.read()
+        finally:
+            conn.close()
+        for v in r.headers.get_all("Set-Cookie") or []:
+            name, _, rest = v.partition("=")
+            value = rest.split(";", 1)[0]
+            if "max-age=0" in v.lower() or value == "":
+                self.cookies.pop(name.strip(), None)
+            else:
+                self.cookies[name.strip()] = value
+        text = data.decode("utf-8", "replace")
+        m = re.search(r'name="csrf" value="([^"]+)"', text)
+        if m:
+            self.csrf = m.group(1)
+        r.body = data
+        r.text = text
+        return r
+
+    def get(self, path):
+        return self.request("GET", path)
+
+    def post_form(self, path, fields, csrf=True):
+        fields = dict(fields)
+        if csrf:
+            fields = {"csrf": self.csrf, **fields}
+        return self.request("POST", path, urlencode(fields, doseq=True).encode(),
+                            {"Content-Type": "application/x-www-form-urlencoded"})
+
+    def post_multipart(self, path, fields, files=(), csrf=True):
+        """`fields`: list of (name, value); `files`: list of (name, filename, type, bytes)."""
+        boundary = uuid.uuid4().hex
+        out = []
+        items = ([("csrf", self.csrf)] if csrf else []) + list(fields)
+        for name, value in items:
+            out.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode()
+                       + value.encode() + b"\r\n")
+        for name, filename, ctype, data in files:
+            out.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+                       f"Content-Type: {ctype}\r\n\r\n".encode() + data + b"\r\n")
+        out.append(f"--{boundary}--\r\n".encode())
+        return self.request("POST", path, b"".join(out),
+                            {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+
+    def send(self, to, subject="", body="", cc="", files=(), extra=()):
+        return self.post_multipart("/mail/send", [("to", to), ("cc", cc), ("subject", subject),
+                                                  ("body", body), *extra], files)
+
+
+@pytest.fixture
+def site(tmp_path):
+    from httpserver.frontend import Frontend
+    cfg = parse_config({"mail": {"domain": DOMAIN, "max_message_bytes": MAX_MESSAGE},
+                        "frontend": [{"id": "fe1", "host": "127.0.0.1", "port": 0}]},
+                       data_dir=str(tmp_path))
+    kv = MemoryKV()
+    fe = Frontend(cfg, cfg.node("fe1"), kv, port=0)
+    fe.start()
+    try:
+        yield fe, kv
+    finally:
+        fe.stop()
+
+
+def user(fe, name):
+    c = Client(fe.port)
+    r = c.post_form("/signup", {"username": name, "password": "correct horse"}, csrf=False)
+    assert r.status == 303, r.text
+    assert "sid" in c.cookies
+    c.get("/mail")
+    assert c.csrf
+    return c
+
+
+def ids_in(c, folder="/mail"):
+    slug = "inbox" if folder == "/mail" else "sent"
+    return list(dict.fromkeys(re.findall(rf'href="/mail/{slug}/([0-9a-f]+)"', c.get(folder).text)))
+
+
+# -- the happy path ---------------------------------------------------------------
+
+def test_send_list_view_reply_forward_delete(site):
+    fe, kv = site
+    alice, bob = user(fe, "alice"), user(fe, "bob")
+    store = MailStore(kv)
+
+    assert "Your inbox is empty" in bob.get("/mail").text
+    blob = os.urandom(5000)
+    r = alice.send("bob", subject="Grüße, Bob", body="Hello Bob,\nsee the file.\n-- Alice",
+                   files=[("attachment", "data.bin", "application/octet-stream", blob)])
+    assert r.status == 303 and r.getheader("Location").startswith("/mail/sent")
+    assert "Your message was sent" in alice.get(r.getheader("Location")).text
+
+    # Bob's inbox: sender, subject, preview, unread mark.
+    page = bob.get("/mail").text
+    assert "alice@penncloud.local" in page and "Grüße, Bob" in page
+    assert "Hello Bob, see the file." in page
+    assert 'class="unread"' in page
+    [mid] = ids_in(bob)
+
+    # Reading marks it read and shows the body and the attachment.
+    r = bob.get(f"/mail/inbox/{mid}")
+    assert r.status == 200
+    assert "Hello Bob,\nsee the file.\n-- Alice" in r.text
+    assert "data.bin" in r.text
+    assert 'class="unread"' not in bob.get("/mail").text
+    [part] = re.findall(rf"/mail/inbox/{mid}/part/(\d+)", r.text)
+    r = bob.get(f"/mail/inbox/{mid}/part/{part}")
+    assert r.status == 200 and r.body == blob
+    assert r.getheader("Content-Disposition").startswith("attachment;")
+    assert r.getheader("X-Content-Type-Options") == "nosniff"
+
+    # The stored message is a proper RFC 5322 message.
+    [info] = store.list("bob", "Inbox")
+    raw = store.get_raw("bob", "Inbox", info.id)
+    m = email.message_from_bytes(raw, policy=policy.default)
+    assert m["From"] == "alice@penncloud.local" and m["To"] == "bob@penncloud.local"
+    assert m["Date"] and m["Message-ID"] and m["Subject"] == "Grüße, Bob"
+    assert b"=?utf-8?" in raw.split(b"\r\n\r\n")[0]
+    # Alice has it in Sent, byte for byte.
+    [sent] = store.list("alice", "Sent")
+    assert store.get_raw("alice", "Sent", sent.id) == raw
+
+    # Reply: the form is pre-filled, the reply is threaded.
+    r = bob.get(f"/mail/compose?reply=inbox/{mid}")
+    assert r.status == 200
+    assert 'value="alice@penncloud.local"' in r.text and 'value="Re: Grüße, Bob"' in r.text
+    assert "&gt; Hello Bob," in r.text
+    irt = re.search(r'name="in_reply_to" value="([^"]*)"', r.text).group(1)
+    refs = re.search(r'name="references" value="([^"]*)"', r.text).group(1)
+    assert irt == m["Message-ID"].replace("<", "&lt;").replace(">", "&gt;")
+    import html as _html
+    r = bob.send("alice@penncloud.local", subject="Re: Grüße, Bob", body="Thanks!\n\n> Hello Bob,",
+                 extra=[("in_reply_to", _html.unescape(irt)), ("references", _html.unescape(refs))])
+    assert r.status == 303
+    [reply] = store.list("alice", "Inbox")
+    rm = email.message_from_bytes(store.get_raw("alice", "Inbox", reply.id), policy=policy.default)
+    assert rm["In-Reply-To"] == m["Message-ID"] and m["Message-ID"] in rm["References"]
+    assert rm["Subject"] == "Re: Grüße, Bob"
+
+    # Forward to an outside address, with the original attachment: it goes to the relay queue.
+    r = bob.get(f"/mail/compose?forward=inbox/{mid}")
+    assert 'value="Fwd: Grüße, Bob"' in r.text and "Forwarded message" in r.text
+    assert 'name="fwd_part"' in r.text
+    r = bob.send("carol@example.com", subject="Fwd: Grüße, Bob", body="FYI",
+                 extra=[("fwd", f"inbox/{mid}"), ("fwd_part", part)])
+    assert r.status == 303
+    [q] = store.queue()
+    assert q.rcpts == ("carol@example.com",) and q.mail_from == "bob@penncloud.local"
+    fm = email.message_from_bytes(store.queue_raw(q), policy=policy.default)
+    [att] = list(fm.iter_attachments())
+    assert att.get_filename() == "data.bin" and att.get_content() == blob
+    assert len(ids_in(bob, "/mail/sent")) == 2
+
+    # Delete: gone from the list, 404 afterwards.
+    r = bob.post_form(f"/mail/inbox/{mid}/delete", {})
+    assert r.status == 303 and r.getheader("Location") == "/mail"
+    assert ids_in(bob) == []
+    assert bob.get(f"/mail/inbox/{mid}").status == 404
+    assert store.list("bob", "Inbox") == []
+
+
+def test_reply_all_and_several_recipients(site):
+    fe, kv = site
+    alice, bob, carol = user(fe, "alice"), user(fe, "bob"), user(fe, "carol")
+    r = alice.send("bob, carol@PennCloud.local", cc="dave@example.org", subject="team", body="hi all")
+    assert r.status == 303
+    for c in (bob, carol):
+        assert len(ids_in(c)) == 1
+    [mid] = ids_in(bob)
+    r = bob.get(f"/mail/compose?replyall=inbox/{mid}")
+    to = re.search(r'name="to" value="([^"]*)"', r.text).group(1)
+    cc = re.search(r'name="cc" value="([^"]*)"', r.text).group(1)
+    assert to == "alice@penncloud.local"
+    assert cc == "carol@penncloud.local, dave@example.org"
+    [q] = MailStore(kv).queue()
+    assert q.rcpts == ("dave@example.org",)
+
+
+def test_compose_errors_are_clear_and_keep_what_was_typed(site):
+    fe, kv = site
+    alice = user(fe, "alice")
+    r = alice.send("bob@@x", subject="keep me", body="my long text")
+    assert r.status == 400
+    assert "is not a valid e-mail address" in r.text
+    assert 'value="keep me"' in r.text and "my long text" in r.text
+    r = alice.send("nosuchuser", subject="s", body="b")
+    assert r.status == 400 and "no user" in r.text and "nosuchuser" in r.text
+    r = alice.send("", subject="s", body="b")
+    assert r.status == 400 and "at least one recipient" in r.text
+    assert MailStore(kv).list("alice", "Sent") == []
+
+
+def test_attachment_over_the_limit_is_refused_and_nothing_is_sent(site):
+    fe, kv = site
+    alice, _bob = user(fe, "alice"), user(fe, "bob")
+    r = alice.send("bob", subject="big", body="b",
+                   files=[("attachment", "big.bin", "application/octet-stream", b"x" * (MAX_MESSAGE + 1))])
+    assert r.status == 413
+    store = MailStore(kv)
+    assert store.list("bob", "Inbox") == [] and store.list("alice", "Sent") == []
+
+
+def test_attach_from_the_drive(site):
+    from src.drive import Drive
+    fe, kv = site
+    alice, bob = user(fe, "alice"), user(fe, "bob")
+    drive = Drive(kv, chunk_bytes=1000, window=1)
+    root = drive.root("alice")
+    docs = drive.mkdir("alice", root, "Docs")
+    data = os.urandom(3500)
+    drive.upload("alice", docs.id, "report.pdf", data)
+    page = alice.get("/mail/compose").text
+    assert "Docs/report.pdf" in page
+    ref = re.search(r'name="drive_file" value="([^"]+)"', page).group(1)
+    import html as _html
+    r = alice.send("bob", subject="report", body="attached", extra=[("drive_file", _html.unescape(ref))])
+    assert r.status == 303, r.text
+    [mid] = ids_in(bob)
+    view = bob.get(f"/mail/inbox/{mid}").text
+    assert "report.pdf" in view and "application/pdf" in view
+    [part] = re.findall(rf"/mail/inbox/{mid}/part/(\d+)", view)
+    assert bob.get(f"/mail/inbox/{mid}/part/{part}").body == data
+    # Another user's drive file reference finds nothing.
+    eve = user(fe, "eve")
+    r = eve.send("bob", subject="steal", body="x", extra=[("drive_file", _html.unescape(ref))])
+    assert r.status == 400 and "no longer exists" in r.text
+    assert len(ids_in(bob)) == 1
+
+
+# -- attacks ------------------------------------------------------------------------
+
+def test_one_user_cannot_reach_another_users_mail(site):
+    fe, kv = site
+    alice, bob, eve = user(fe, "alice"), user(fe, "bob"), user(fe, "eve")
+    alice.send("bob", subject="private", body="for bob only",
+               files=[("attachment", "secret.txt", "text/plain", b"secret")])
+    [mid] = ids_in(bob)
+    [sid] = ids_in(alice, "/mail/sent")
+    for path in (f"/mail/inbox/{mid}", f"/mail/inbox/{mid}/part/1", f"/mail/inbox/{mid}/source",
+                 f"/mail/sent/{sid}", f"/mail/compose?reply=inbox/{mid}", f"/mail/compose?forward=inbox/{mid}",
+                 f"/mail/compose?replyall=sent/{sid}", "/mail/inbox/..%2F..%2Fbob%2FInbox",
+                 f"/mail/inbox/{mid}%2F..", "/mail/Inbox/" + mid, "/mail/junk/" + mid):
+        r = eve.get(path)
+        assert r.status == 404, path
+        assert "for bob only" not in r.text and "secret" not in r.text
+    for path in (f"/mail/inbox/{mid}/delete", f"/mail/sent/{sid}/delete", f"/mail/inbox/{mid}/unread"):
+        assert eve.post_form(path, {}).status == 404
+    r = eve.send("eve", subject="fwd", body="x", extra=[("fwd", f"inbox/{mid}"), ("fwd_part", "1")])
+    assert r.status == 404
+    assert ids_in(eve) == []
+    # Bob's and Alice's mail is untouched and still unread.
+    assert ids_in(bob) == [mid] and 'class="unread"' in bob.get("/mail").text
+    assert ids_in(alice, "/mail/sent") == [sid]
+
+
+def test_csrf_is_required_on_every_post(site):
+    fe, kv = site
+    alice, bob = user(fe, "alice"), user(fe, "bob")
+    alice.send("bob", subject="s", body="b")
+    [mid] = ids_in(bob)
+    assert bob.post_form(f"/mail/inbox/{mid}/delete", {}, csrf=False).status == 403
+    assert bob.post_form(f"/mail/inbox/{mid}/delete", {"csrf": "wrong"}, csrf=False).status == 403
+    # A token from another user's session does not work either.
+    assert bob.post_form(f"/mail/inbox/{mid}/delete", {"csrf": alice.csrf}, csrf=False).status == 403
+    r = bob.post_multipart("/mail/send", [("to", "alice"), ("subject", "x"), ("body", "y")], csrf=False)
+    assert r.status == 403
+    assert ids_in(bob) == [mid] and len(ids_in(alice)) == 0
+    # Every form on the mail pages carries the token.
+    for path in ("/mail", "/mail/sent", f"/mail/inbox/{mid}", "/mail/compose"):
+        text = bob.get(path).text
+        for form in re.findall(r"<form\b.*?</form>", text, re.S):
+            if 'method="post"' in form.lower():
+                assert f'name="csrf" value="{bob.csrf}"' in form, (path, form[:200])
+
+
+def test_mail_pages_need_a_login(site):
+    fe, _ = site
+    anon = Client(fe.port)
+    r = anon.get("/mail")
+    assert r.status == 303 and r.getheader("Location") == "/"
+    assert anon.get("/mail/compose").status == 303
+    assert anon.post_form("/mail/send", {"to": "bob"}, csrf=False).status in (303, 401, 403)
+
+
+def test_hostile_messages_are_shown_safely(site):
+    fe, kv = site
+    bob = user(fe, "bob")
+    store = MailStore(kv)
+    raw = (b"From: \"<script>alert('from')</script>\" <evil@example.com>\r\nTo: bob@penncloud.local\r\n"
+           b"Subject: <img src=x onerror=alert('subject')>\r\nDate: Sun, 22 Nov 2026 10:00:00 +0000\r\n"
+           b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+           b"--b\r\nContent-Type: text/html; charset=utf-8\r\n\r\n"
+           b"<p>Hi <b>Bob</b></p><script>alert('body')</script><img src=https://tracker.example/p.gif>"
+           b"<a href=\"javascript:alert('link')\">click</a><div style=\"background:url(https://x.example/)\">s</div>"
+           b"</div></main><iframe src=https://evil.example/></iframe>\r\n"
+           b"--b\r\nContent-Type: text/html\r\nContent-Disposition: attachment; filename=\"evil.html\"\r\n\r\n"
+           b"<script>alert('attachment')</script>\r\n--b--\r\n")
+    mid = store.deliver("bob", "Inbox", raw)
+    listing = bob.get("/mail").text
+    assert "<script>alert" not in listing and "<img src=x" not in listing
+    assert "&lt;img src=x onerror=alert(&#x27;subject&#x27;)&gt;" in listing or "&lt;img" in listing
+    r = bob.get(f"/mail/inbox/{mid}")
+    assert r.status == 200
+    body = r.text
+    assert "<script>alert" not in body and "onerror" not in body.replace("onerror=alert(&#x27;", "")
+    assert "tracker.example" not in body and "javascript:" not in body and "iframe" not in body
+    assert "x.example" not in body
+    assert "<p>Hi <b>Bob</b></p>" in body
+    csp = r.getheader("Content-Security-Policy")
+    assert csp and "img-src 'self'" in csp
+    # The HTML attachment is only ever a download, never rendered on our origin.
+    [part] = re.findall(rf"/mail/inbox/{mid}/part/(\d+)", body)
+    a = bob.get(f"/mail/inbox/{mid}/part/{part}")
+    assert a.getheader("Content-Type").startswith("application/octet-stream")
+    assert a.getheader("Content-Disposition").startswith("attachment;")
+    assert "sandbox" in a.getheader("Content-Security-Policy")
