@@ -1,0 +1,513 @@
+"""The drive over HTTP: an in-process Frontend on MemoryKV over real sockets
+(round trips, Range, names, trees, quota, authorization attacks across two
+users), and real processes (a frontend SIGKILLed mid-upload over a standalone
+tablet server)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import socket
+import time
+import uuid
+from urllib.parse import quote, urlencode
+
+import pytest
+
+from src.config import parse_config
+from src.drive import JOURNAL_SHARDS, LEASE_S, TOMB_LEASES, Drive
+from src.kv import MemoryKV
+from tests.harness import REPO, wait_until
+
+CB = 1000  # chunk bytes in these tests: "many chunks" stays small
+
+
+class Client:
+    """A browser-like client: keeps the `sid` cookie and the page's CSRF token."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.cookies: dict[str, str] = {}
+        self.csrf = ""
+
+    def request(self, method, path, body=b"", headers=None):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=20)
+        try:
+            h = dict(headers or {})
+            if self.cookies:
+                h["Cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
+            conn.request(method, path, body=body, headers=h)
+            r = conn.getresponse()
+            data = r.read()
+        finally:
+            conn.close()
+        for v in r.headers.get_all("Set-Cookie") or []:
+            name, _, rest = v.partition("=")
+            value = rest.split(";", 1)[0]
+            if "max-age=0" in v.lower() or value == "":
+                self.cookies.pop(name.strip(), None)
+            else:
+                self.cookies[name.strip()] = value
+        r.body = data
+        r.text = data.decode("utf-8", "replace")
+        m = re.search(r'name="csrf" value="([^"]+)"', r.text)
+        if m:
+            self.csrf = m.group(1)
+        return r
+
+    def get(self, path, headers=None):
+        return self.request("GET", path, headers=headers)
+
+    def post(self, path, fields, csrf=True, headers=None):
+        fields = dict(fields)
+        if csrf:
+            fields = {"csrf": self.csrf, **fields}
+        return self.request("POST", path, urlencode(fields).encode(),
+                            {"Content-Type": "application/x-www-form-urlencoded", **(headers or {})})
+
+    def upload(self, folder, files, csrf=True, headers=None):
+        """`files`: list of (filename, bytes). Returns the response."""
+        boundary = uuid.uuid4().hex
+        out = []
+        if csrf:
+            out.append(f'--{boundary}\r\nContent-Disposition: form-data; name="csrf"\r\n\r\n{self.csrf}\r\n'.encode())
+        for filename, data in files:
+            out.append(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
+                       f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n")
+        out.append(f"--{boundary}--\r\n".encode())
+        return self.request("POST", f"/drive/upload/{folder}", b"".join(out),
+                            {"Content-Type": f"multipart/form-data; boundary={boundary}", **(headers or {})})
+
+
+def make_config(tmp_path, **drive):
+    return parse_config({"drive": {"chunk_bytes": CB, "quota_bytes": 200_000, **drive},
+                         "frontend": [{"id": "fe1", "host": "127.0.0.1", "port": 0}]},
+                        path=str(tmp_path / "test.toml"), data_dir=str(tmp_path))
+
+
+@pytest.fixture
+def site(tmp_path):
+    from httpserver.frontend import Frontend
+    cfg = make_config(tmp_path)
+    kv = MemoryKV()
+    fe = Frontend(cfg, cfg.node("fe1"), kv, port=0)
+    fe.start()
+    try:
+        yield fe, kv
+    finally:
+        fe.stop()
+
+
+def login(port, name) -> Client:
+    c = Client(port)
+    r = c.post("/signup", {"username": name, "password": "correct horse"}, csrf=False)
+    assert r.status == 303, r.text
+    c.get("/drive")
+    assert c.csrf
+    return c
+
+
+def root_of(c: Client) -> str:
+    page = c.get("/drive").text
+    return re.search(r'action="/drive/upload/([0-9a-f]{32})"', page).group(1)
+
+
+def listed(c: Client, folder: str) -> list[str]:
+    """Names shown in the folder's table, in order."""
+    page = c.get(f"/drive/f/{folder}").text
+    return [html_unescape(n) for n in re.findall(r'<a class="item" [^>]*><i [^>]*></i><span>(.*?)</span>', page)]
+
+
+def html_unescape(s):
+    import html
+    return html.unescape(s)
+
+
+def file_url(folder, name, kind="file"):
+    return f"/drive/{kind}/{folder}/{quote(name, safe='')}"
+
+
+def mkdir(c, parent, name) -> str:
+    r = c.post(f"/drive/mkdir/{parent}", {"name": name}, headers={"Accept": "application/json"})
+    assert r.status == 200, r.text
+    return json.loads(r.text)["id"]
+
+
+# -- round trips ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("size", [0, 1, CB - 1, CB, CB + 1, 37 * CB + 5])
+def test_upload_download_round_trip(site, size):
+    fe, kv = site
+    c = login(fe.port, "alice")
+    root = root_of(c)
+    data = os.urandom(size)
+    r = c.upload(root, [("blob.bin", data)])
+    assert r.status == 303, r.text
+    assert r.getheader("Location").startswith("/drive?ok=")
+    assert "Uploaded" in c.get(r.getheader("Location")).text
+    assert listed(c, root) == ["blob.bin"]
+    r = c.get(file_url(root, "blob.bin"))
+    assert r.status == 200
+    assert r.body == data
+    assert r.getheader("Content-Length") == str(size)
+    assert r.getheader("Content-Type") == "application/octet-stream"
+    assert r.getheader("X-Content-Type-Options") == "nosniff"
+    assert r.getheader("Content-Disposition").startswith("attachment;")
+    assert r.getheader("Accept-Ranges") == "bytes"
+    # HEAD: same headers, no body.
+    h = c.request("HEAD", file_url(root, "blob.bin"))
+    assert h.status == 200 and h.body == b"" and h.getheader("Content-Length") == str(size)
+
+
+def test_many_files_in_one_request_and_json_reply(site):
+    fe, _ = site
+    c = login(fe.port, "alice")
+    root = root_of(c)
+    files = [(f"f{i}.txt", f"file number {i}".encode()) for i in range(5)]
+    r = c.upload(root, files)
+    assert r.status == 303
+    assert "Uploaded 5 files" in c.get(r.getheader("Location")).text
+    assert listed(c, root) == [f"f{i}.txt" for i in range(5)]
+    # The page's JavaScript asks for JSON, with the token in a header.
+    r = c.upload(root, [("f0.txt", b"again")], csrf=False,
+                 headers={"Accept": "application/json", "X-CSRF-Token": c.csrf})
+    assert r.status == 200
+    assert json.loads(r.text)["name"] == "f0 (2).txt"  # same name: both kept
+    assert c.get(file_url(root, "f0 (2).txt")).body == b"again"
+    assert c.get(file_url(root, "f0.txt")).body == b"file number 0"
+
+
+def test_ranges(site):
+    fe, _ = site
+    c = login(fe.port, "alice")
+    root = root_of(c)
+    data = os.urandom(5 * CB + 17)
+    n = len(data)
+    c.upload(root, [("movie.mp4", data)])
+    url = file_url(root, "movie.mp4")
+    for header, (start, end) in [("bytes=0-0", (0, 0)), ("bytes=0-", (0, n - 1)), ("bytes=-1", (n - 1, n - 1)),
+                                 (f"bytes={CB - 1}-{CB}", (CB - 1, CB)), (f"bytes={CB}-{2 * CB - 1}", (CB, 2 * CB - 1)),
+                                 (f"bytes={n - 1}-", (n - 1, n - 1)), (f"bytes=10-{n + 1000}", (10, n - 1)),
+                                 (f"bytes=-{n + 5}", (0, n - 1)), ("bytes=123-3456", (123, 3456))]:
+        r = c.get(url, {"Range": header})
+        assert r.status == 206, header
+        assert r.body == data[start:end + 1], header
+        assert r.getheader("Content-Range") == f"bytes {start}-{end}/{n}", header
+        assert r.getheader("Content-Length") == str(end - start + 1)
+    for header in (f"bytes={n}-", f"bytes={n + 10}-{n + 20}", "bytes=-0"):
+        r = c.get(url, {"Range": header})
+        assert r.status == 416, header
+        assert r.getheader("Content-Range") == f"bytes */{n}"
+    # Malformed or multiple ranges: the whole file (RFC 9110 allows ignoring them).
+    for header in ("bytes=abc", "items=0-5", "bytes=0-1,5-6"):
+        r = c.get(url, {"Range": header})
+        assert r.status == 200 and r.body == data, header
+    # If-Range with a stale tag: the whole file; conditional GET by ETag.
+    etag = c.get(url).getheader("ETag")
+    assert c.get(url, {"Range": "bytes=0-9", "If-Range": '"stale"'}).status == 200
+    r = c.get(url, {"Range": "bytes=0-9", "If-Range": etag})
+    assert r.status == 206 and r.body == data[:10]
+    assert c.get(url, {"If-None-Match": etag}).status == 304
+
+
+def test_video_seek_pattern(site):
+    """What a <video> element does: bytes=0-, then seeks far into the file."""
+    fe, _ = site
+    c = login(fe.port, "alice")
+    root = root_of(c)
+    data = os.urandom(40 * CB)
+    c.upload(root, [("clip.webm", data)])
+    url = file_url(root, "clip.webm", "view")
+    r = c.get(url, {"Range": "bytes=0-"})
+    assert r.status == 206 and r.getheader("Content-Type") == "video/webm" and r.body == data
+    assert r.getheader("Content-Disposition").startswith("inline;")
+    r = c.get(url, {"Range": f"bytes={31 * CB + 3}-"})
+    assert r.body == data[31 * CB + 3:]
+
+
+# -- names -----------------------------------------------------------------------------
+
+def test_names_with_spaces_and_unicode(site):
+    fe, _ = site
+    c = login(fe.port, "alice")
+    root = root_of(c)
+    names = ["my report 2024.pdf", "Ünïcödé ファイル.txt", "emoji 🎉.png", 'quote"and\'apos.txt',
+             "percent%20not-encoded.txt", "semi;colon.txt", "<img src=x onerror=alert(1)>.html"]
+    for name in names:
+        assert c.upload(root, [(name.replace('"', "%22"), name.encode())]).status == 303, name
+    page = c.get("/drive").text
+    assert "<img src=x" not in page  # escaped
+    assert sorted(listed(c, root)) == sorted(names)
+    for name in names:
+        r = c.get(file_url(root, name))
+        assert r.status == 200 and r.body == name.encode(), name
+        cd = r.getheader("Content-Disposition")
+        assert "filename*=UTF-8''" + quote(name, safe="") in cd
+        fallback = re.search(r'filename="([^"]*)"', cd).group(1)
+        assert '"' not in fallback and "\r" not in cd and "\n" not in cd
+    # A folder with such a name, and a file inside it.
+    sub = mkdir(c, root, "Фото 2024 — summer")
+    c.upload(sub, [("a b.txt", b"x")])
+    assert listed(c, sub) == ["a b.txt"]
+    assert "Фото 2024 — summer" in c.get(f"/drive/f/{sub}").text
+
+
+def test_refused_names_have_clear_messages(site):
+    fe, _ = site
+    c = login(fe.port, "alice")
+    root = root_of(c)
+    for bad, message in [("", "cannot be empty"), (".", "cannot be used as a name"),
+                         ("..", "cannot be used as a name"), ("a/b", "cannot contain"),
+                         ("nul\x00here", "NUL"), ("x" * 256, "at most 255 bytes")]:
+        r = c.post(f"/drive/mkdir/{root}", {"name": bad})
+        assert r.status == 400, bad
+        assert message in html_unescape(r.text), bad
+    c.upload(root, [("ok.txt", b"1")])
+    r = c.post(f"/drive/rename/{root}", {"name": "ok.txt", "new_name": "../etc"})
+    assert r.status == 400 and "cannot contain" in html_unescape(r.text)
+    # An upload named ".." is refused too (a browser sends what the user's file system allows).
+    r = c.upload(root, [("..", b"x")])
+    assert r.status == 400 and "cannot be used as a name" in html_unescape(r.text)
+    assert listed(c, root) == ["ok.txt"]
+    # A path in the filename (some clients send one) keeps only the last part.
+    c.upload(root, [("photos/2024/notes.txt", b"n")])
+    assert "notes.txt" in listed(c, root)
+
+
+def test_name_conflicts(site):
+    fe, _ = site
+    c = login(fe.port, "alice")
+    root = root_of(c)
+    mkdir(c, root, "Docs")
+    r = c.post(f"/drive/mkdir/{root}", {"name": "Docs"})
+    assert r.status == 409 and "already exists" in r.text
+    c.upload(root, [("a.txt", b"a"), ("b.txt", b"b")])
+    r = c.post(f"/drive/rename/{root}", {"name": "a.txt", "new_name": "b.txt"})
+    assert r.status == 409
+    assert c.get(file_url(root, "a.txt")).body == b"a"
+
+
+# -- trees ----------------------------------------------------------------------------------
+
+def test_rename_move_delete_deep_tree(site):
+    fe, kv = site
+    c = login(fe.port, "alice")
+    root = root_of(c)
+    ids = []
+    parent = root
+    for i in range(8):
+        parent = mkdir(c, parent, f"level {i}")
+        ids.append(parent)
+        c.upload(parent, [(f"file {i}.bin", os.urandom(3 * CB + i))])
+    deepest = ids[-1]
+    page = c.get(f"/drive/f/{deepest}").text
+    assert [html_unescape(x) for x in re.findall(r'<li><a href="[^"]*">(.*?)</a></li>', page)] == \
+        ["My Drive"] + [f"level {i}" for i in range(7)]
+    # Rename the top folder: the deepest folder's page shows the new name.
+    r = c.post(f"/drive/rename/{root}", {"name": "level 0", "new_name": "top"})
+    assert r.status == 303
+    assert ">top</a>" in c.get(f"/drive/f/{deepest}").text
+    # Moving a folder into its own subtree is refused.
+    r = c.post(f"/drive/move/{root}", {"name": "top", "dest": ids[5]})
+    assert r.status == 409 and "into itself" in html_unescape(r.text)
+    # Move "level 4" (with 4 levels below it) to the root.
+    r = c.post(f"/drive/move/{ids[2]}", {"name": "level 3", "dest": root})
+    assert r.status == 303
+    assert sorted(listed(c, root)) == ["level 3", "top"]
+    assert c.get(file_url(ids[7], "file 7.bin")).status == 200
+    # Delete both trees: everything is gone, the quota is back to zero.
+    for name in ("top", "level 3"):
+        assert c.post(f"/drive/delete/{root}", {"name": name}).status == 303
+    assert listed(c, root) == []
+    assert "0 bytes of" in c.get("/drive").text
+    for fid in ids:
+        assert c.get(f"/drive/f/{fid}").status == 404
+    assert not [r for r in kv._rows if r.startswith(b"drive/c/")]
+
+
+def test_item_page_and_preview(site):
+    fe, _ = site
+    c = login(fe.port, "alice")
+    root = root_of(c)
+    sub = mkdir(c, root, "Sub")
+    c.upload(root, [("notes.txt", "héllo <b>world</b>".encode()), ("pic.png", b"\x89PNG fake"),
+                    ("page.html", b"<script>alert(1)</script>"), ("doc.pdf", b"%PDF-1.4 fake")])
+    page = c.get(file_url(root, "notes.txt", "item")).text
+    assert "héllo &lt;b&gt;world&lt;/b&gt;" in page  # text preview, escaped
+    assert f'<option value="{sub}"' in page  # the folder picker
+    assert "<img" in c.get(file_url(root, "pic.png", "item")).text
+    assert "<iframe" in c.get(file_url(root, "doc.pdf", "item")).text
+    # HTML is never served as HTML on our origin: /view gives text/plain, sandboxed.
+    r = c.get(file_url(root, "page.html", "view"))
+    assert r.getheader("Content-Type").startswith("text/plain")
+    assert "sandbox" in r.getheader("Content-Security-Policy")
+    r = c.get(file_url(root, "page.html"))
+    assert r.getheader("Content-Disposition").startswith("attachment")
+    assert "sandbox" in r.getheader("Content-Security-Policy")
+    r = c.get(file_url(root, "pic.png", "view"))
+    assert r.getheader("Content-Type") == "image/png" and r.getheader("Content-Disposition").startswith("inline")
+    # A folder's item page offers to open it, and its picker leaves out the folder itself.
+    page = c.get(file_url(root, "Sub", "item")).text
+    assert f'<option value="{sub}"' not in page and f"/drive/f/{sub}" in page
+
+
+def test_sorting(site):
+    fe, _ = site
+    c = login(fe.port, "alice")
+    root = root_of(c)
+    c.upload(root, [("b.txt", b"xx"), ("a.txt", b"xxx"), ("c.txt", b"x")])
+    mkdir(c, root, "zeta")
+    assert listed(c, root) == ["zeta", "a.txt", "b.txt", "c.txt"]
+    page = c.get(f"/drive/f/{root}?sort=size").text
+    names = [html_unescape(n) for n in re.findall(r'<span>(.*?)</span></a></td>', page)]
+    assert names == ["zeta", "c.txt", "b.txt", "a.txt"]
+    page = c.get(f"/drive/f/{root}?sort=name&desc=1").text
+    names = [html_unescape(n) for n in re.findall(r'<span>(.*?)</span></a></td>', page)]
+    assert names == ["zeta", "c.txt", "b.txt", "a.txt"]
+
+
+def test_quota(tmp_path):
+    from httpserver.frontend import Frontend
+    cfg = make_config(tmp_path, quota_bytes=10 * CB)
+    fe = Frontend(cfg, cfg.node("fe1"), MemoryKV(), port=0)
+    fe.start()
+    try:
+        c = login(fe.port, "alice")
+        root = root_of(c)
+        assert c.upload(root, [("a", os.urandom(6 * CB))]).status == 303
+        page = c.get("/drive").text
+        assert 'aria-valuenow="60"' in page and "5.9 KiB of 9.8 KiB used" in page
+        r = c.upload(root, [("b", os.urandom(5 * CB))])
+        assert r.status == 413 and "Not enough space" in r.text
+        r = c.upload(root, [("c", os.urandom(2 * CB)), ("d", os.urandom(3 * CB))])
+        assert r.status == 303  # c fits, d does not: c is kept and the page says why d is missing
+        page = c.get(r.getheader("Location")).text
+        assert "“d” was not uploaded" in html_unescape(page)
+        assert sorted(listed(c, root)) == ["a", "c"]
+        c.post(f"/drive/delete/{root}", {"name": "a"})
+        assert c.upload(root, [("b", os.urandom(5 * CB))]).status == 303
+    finally:
+        fe.stop()
+
+
+# -- authorization ----------------------------------------------------------------------------
+
+def test_other_users_ids_get_nothing(site):
+    fe, kv = site
+    alice, bob = login(fe.port, "alice"), login(fe.port, "bob")
+    a_root = root_of(alice)
+    b_root = root_of(bob)
+    secret_dir = mkdir(alice, a_root, "secret")
+    alice.upload(secret_dir, [("diary.txt", b"dear diary")])
+    alice.upload(a_root, [("top.txt", b"top secret")])
+    # Every route, with alice's ids, as bob.
+    gets = [f"/drive/f/{a_root}", f"/drive/f/{secret_dir}", file_url(secret_dir, "diary.txt"),
+            file_url(secret_dir, "diary.txt", "view"), file_url(secret_dir, "diary.txt", "item"),
+            file_url(a_root, "top.txt"), file_url(a_root, "secret", "item")]
+    for url in gets:
+        r = bob.get(url)
+        assert r.status == 404, url
+        assert b"dear diary" not in r.body and b"top secret" not in r.body
+    posts = [(f"/drive/upload/{secret_dir}", None),
+             (f"/drive/mkdir/{secret_dir}", {"name": "planted"}),
+             (f"/drive/rename/{a_root}", {"name": "top.txt", "new_name": "mine.txt"}),
+             (f"/drive/move/{a_root}", {"name": "top.txt", "dest": b_root}),
+             (f"/drive/move/{b_root}", {"name": "x", "dest": a_root}),
+             (f"/drive/delete/{a_root}", {"name": "secret"}),
+             (f"/drive/delete/{secret_dir}", {"name": "diary.txt"})]
+    bob.upload(b_root, [("x", b"bob's")])
+    for url, fields in posts:
+        r = bob.upload(secret_dir, [("planted.txt", b"evil")]) if fields is None else bob.post(url, fields)
+        assert r.status == 404, url
+    # Moving bob's own file into alice's folder id is refused too.
+    assert bob.post(f"/drive/move/{b_root}", {"name": "x", "dest": secret_dir}).status == 404
+    # Alice's drive is untouched.
+    assert listed(alice, a_root) == ["secret", "top.txt"]
+    assert listed(alice, secret_dir) == ["diary.txt"]
+    assert alice.get(file_url(secret_dir, "diary.txt")).body == b"dear diary"
+    assert listed(bob, b_root) == ["x"]
+
+
+def test_no_session_no_csrf(site):
+    fe, _ = site
+    alice = login(fe.port, "alice")
+    root = root_of(alice)
+    alice.upload(root, [("f.txt", b"data")])
+    anon = Client(fe.port)
+    r = anon.get(file_url(root, "f.txt"))
+    assert r.status == 303 and r.getheader("Location") == "/"
+    assert anon.get("/drive").status == 303
+    assert anon.post(f"/drive/delete/{root}", {"name": "f.txt"}, csrf=False).status in (401, 303)
+    # A logged-in user without the token (a cross-site form) is refused.
+    assert alice.post(f"/drive/delete/{root}", {"name": "f.txt"}, csrf=False).status == 403
+    assert alice.upload(root, [("g.txt", b"x")], csrf=False).status == 403
+    r = alice.post(f"/drive/delete/{root}", {"name": "f.txt", "csrf": "forged"}, csrf=False)
+    assert r.status == 403
+    assert listed(alice, root) == ["f.txt"]
+
+
+# -- a frontend process SIGKILLed mid-upload --------------------------------------------------
+
+def _rows_with(client, prefix: bytes, tablets: int) -> list[bytes]:
+    out = []
+    for t in range(tablets):
+        after = None
+        while True:
+            rows = client.rows(t, after, 500)
+            out.extend(r for r in rows if r.startswith(prefix))
+            if len(rows) < 500:
+                break
+            after = rows[-1]
+    return out
+
+
+@pytest.mark.slow
+def test_frontend_killed_mid_upload(procs, tmp_path):
+    from src.kvclient import ServerClient
+    kvp = procs.start("kvserver", ["--standalone", "--port", "0", "--data", str(tmp_path / "kv")], name="kv")
+    cfg_path = tmp_path / "drive.toml"
+    cfg_path.write_text(f'data_dir = "{tmp_path}"\n[drive]\nchunk_bytes = "64KiB"\n'
+                        '[[frontend]]\nid = "fe1"\nhost = "127.0.0.1"\nport = 0\n')
+    args = ["--config", str(cfg_path), "--id", "fe1", "--kv-server", f"127.0.0.1:{kvp.port}"]
+    fe = procs.start("httpserver", args, name="fe1")
+    c = login(fe.port, "alice")
+    root = root_of(c)
+    assert c.upload(root, [("kept.bin", os.urandom(100_000))]).status == 303
+
+    kv = ServerClient(f"127.0.0.1:{kvp.port}")
+    tablets = 24
+    kept = len(_rows_with(kv, b"drive/c/alice/", tablets))
+    assert kept == 2  # 100,000 bytes in 64 KiB chunks
+    # Start a 4 MiB upload by hand and stop sending half-way.
+    boundary = uuid.uuid4().hex
+    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="csrf"\r\n\r\n{c.csrf}\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="partial.bin"\r\n'
+            f"Content-Type: application/octet-stream\r\n\r\n").encode()
+    total = len(head) + 4 * 1024 * 1024 + len(f"\r\n--{boundary}--\r\n")
+    s = socket.create_connection(("127.0.0.1", fe.port), timeout=10)
+    s.sendall((f"POST /drive/upload/{root} HTTP/1.1\r\nHost: x\r\nCookie: sid={c.cookies['sid']}\r\n"
+               f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {total}\r\n\r\n").encode()
+              + head + os.urandom(2 * 1024 * 1024))
+    # Wait until the frontend has stored chunks of it, then kill the frontend.
+    wait_until(lambda: len(_rows_with(kv, b"drive/c/alice/", tablets)) > kept + 8, timeout=20,
+               what="chunks of the partial upload in the store")
+    fe.kill()
+    s.close()
+    fe.start()
+    c.port = fe.port
+    # No partial file is visible; the finished one is intact.
+    assert listed(c, root) == ["kept.bin"]
+    orphans = len(_rows_with(kv, b"drive/c/alice/", tablets)) - kept
+    assert orphans > 8
+    # When the dead upload's lease has run out, a sweep reclaims every orphaned chunk.
+    drive = Drive(kv, chunk_bytes=64 * 1024)
+    assert drive.sweep(now=time.time() + 1) == 0  # the lease still holds
+    assert drive.sweep(now=time.time() + LEASE_S + 1) == 1
+    assert len(_rows_with(kv, b"drive/c/alice/", tablets)) == kept
+    assert drive.usage("alice").used == 100_000
+    assert drive.sweep(now=time.time() + (TOMB_LEASES + 2) * LEASE_S) == 1  # the tombstone
+    assert [c for k in range(JOURNAL_SHARDS) for c in kv.cols(f"drive/j/{k}")] == []
+    assert c.get(file_url(root, "kept.bin")).status == 200
+    kv.close()
