@@ -447,75 +447,92 @@ class RequestParser:
         return ProtocolErrorEvent("BADREQ", text, close=True)
 
     def _start(self, line: bytes):
+        """Parse a request line: a `_Pending` (literals may follow), None for a blank line,
+        or a closing ProtocolErrorEvent."""
         tokens = _TOKENS.findall(line)
         if not tokens:
             return None
         cmd = tokens[0].upper().decode("ascii", "replace")
         toks = tokens[1:]
         spec = self.commands.get(cmd)
-        literals: list[_Literal] = []
-        err: ProtocolErrorEvent | None = None
-
-        def refuse(code: str, text: str) -> None:
-            nonlocal err
-            if err is None:
-                err = ProtocolErrorEvent(code, text)
-
         if spec is None or not spec.accepts(len(toks)):
-            # Refused whatever the arguments, but every `{N}` is still a literal to skip.
-            for t in toks:
-                m = _LITERAL.fullmatch(t)
-                if m:
-                    if len(m.group(1)) > MAX_LITERAL_DIGITS:
-                        return self._fatal("literal length out of range")
-                    literals.append(_Literal(-1, int(m.group(1)), keep=False))
-            if spec is None:
-                refuse("BADREQ", f"unknown command {encode_name(tokens[0][:64]).decode('ascii')}")
-            else:
-                refuse("BADREQ", f"wrong number of arguments for {cmd}: "
-                                 f"expected {spec.arity_text()}, got {len(toks)}")
-            return _Pending(cmd, None, literals, err)
-
-        args: list = [None] * len(toks)
-        for i, t in enumerate(toks):
-            kind = spec.kind_at(i)
+            return self._refuse_line(cmd, tokens[0], spec, toks)
+        literals: list[_Literal] = []
+        err: ProtocolErrorEvent | None = None      # the first problem, answered after the literals
+        args: list = []
+        kinds = spec.args if not spec.variadic else [spec.kind_at(i) for i in range(len(toks))]
+        for i, (kind, t) in enumerate(zip(kinds, toks)):
             if kind == NAME:
+                if b"%" not in t and len(t) <= MAX_NAME:     # the common case, without a call
+                    args.append(t)
+                    continue
                 try:
-                    args[i] = decode_name(t)
+                    args.append(decode_name(t))
+                    continue
                 except KVProtocolError as e:
-                    refuse(e.code, e.text)
+                    problem = ProtocolErrorEvent(e.code, e.text)
             elif kind == VALUE:
                 if t[:1] == b"{":
                     m = _LITERAL.fullmatch(t)
                     if m is None:
-                        refuse("BADREQ", "bad literal (a value token may not begin with '{'; send %7B)")
-                        continue
-                    if len(m.group(1)) > MAX_LITERAL_DIGITS:
+                        problem = ProtocolErrorEvent(
+                            "BADREQ", "bad literal (a value token may not begin with '{'; send %7B)")
+                    elif len(m.group(1)) > MAX_LITERAL_DIGITS:
                         return self._fatal("literal length out of range")
-                    n = int(m.group(1))
-                    if n > self.max_literal:
-                        refuse("TOOBIG", f"value of {n} bytes is over the {self.max_literal}-byte cell limit")
-                    literals.append(_Literal(i, n, keep=True))
+                    else:
+                        n = int(m.group(1))
+                        literals.append(_Literal(i, n, keep=True))
+                        args.append(None)                  # filled in when the bytes are in
+                        if n <= self.max_literal:
+                            continue
+                        problem = ProtocolErrorEvent(
+                            "TOOBIG", f"value of {n} bytes is over the {self.max_literal}-byte cell limit")
                 else:
                     try:
                         v = _unquote(t)
                     except _BadEscape:
-                        refuse("BADREQ", "bad percent escape in value")
-                        continue
-                    if len(v) > self.max_literal:
-                        refuse("TOOBIG", f"value of {len(v)} bytes is over the {self.max_literal}-byte cell limit")
-                    args[i] = v
+                        v, problem = None, ProtocolErrorEvent("BADREQ", "bad percent escape in value")
+                    else:
+                        if len(v) <= self.max_literal:
+                            args.append(v)
+                            continue
+                        problem = ProtocolErrorEvent(
+                            "TOOBIG", f"value of {len(v)} bytes is over the {self.max_literal}-byte cell limit")
             elif kind == TEXT:
                 try:
-                    args[i] = _unquote(t)
+                    args.append(_unquote(t))
+                    continue
                 except _BadEscape:
-                    refuse("BADREQ", "bad percent escape")
+                    problem = ProtocolErrorEvent("BADREQ", "bad percent escape")
             else:
-                args[i] = t.decode("latin-1")
+                args.append(t.decode("latin-1"))
+                continue
+            # Only a refused argument gets here: remember the first problem, keep reading
+            # the line so that every literal on it is still found (and skipped).
+            if err is None:
+                err = problem
+            if len(args) == i:
+                args.append(None)
         if err is not None:
             for lit in literals:           # refused: count the bytes down, keep none
                 lit.data = None
         return _Pending(cmd, args, literals, err)
+
+    def _refuse_line(self, cmd: str, word: bytes, spec, toks: list):
+        """An unknown command or the wrong arity: every `{N}` token is a literal to skip."""
+        literals = []
+        for t in toks:
+            m = _LITERAL.fullmatch(t)
+            if m:
+                if len(m.group(1)) > MAX_LITERAL_DIGITS:
+                    return self._fatal("literal length out of range")
+                literals.append(_Literal(-1, int(m.group(1)), keep=False))
+        if spec is None:
+            err = ProtocolErrorEvent("BADREQ", f"unknown command {encode_name(word[:64]).decode('ascii')}")
+        else:
+            err = ProtocolErrorEvent("BADREQ", f"wrong number of arguments for {cmd}: "
+                                               f"expected {spec.arity_text()}, got {len(toks)}")
+        return _Pending(cmd, None, literals, err)
 
 
 # -- replies (server side) -----------------------------------------------------
