@@ -57,10 +57,19 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         log.error("cannot listen on %s:%s: %s", node.host, args.port if args.port is not None else node.port, e)
         return 1
+    # Heartbeats: to the LB (so it sends users here) and a beacon in the store (admin console).
+    from src.heartbeat import LBControlClient, LBHeartbeat, ProcessBeacon, lb_beat_interval
+    load = lambda: fe.http.active_requests + fe.http.tcp.connection_count / 10  # noqa: E731
+    lb = cfg.lb.node
+    beats = [LBHeartbeat(LBControlClient(lb.host, lb.port, cfg.cluster.secret), node.id, lambda: fe.port,
+                         load, lb_beat_interval(cfg.lb.heartbeat_timeout_s)).start(),
+             ProcessBeacon(kv, node.id, "web frontend", f"{node.host}:{fe.port}", load_fn=load).start()]
     print(f"READY {fe.port}", flush=True)
     while not stop.wait(1.0):
         pass
     log.info("stopping")
+    for b in beats:
+        b.stop()
     fe.stop()
     close = getattr(kv, "close", None)
     if close:

@@ -124,6 +124,9 @@ class Headers:
     def __len__(self) -> int:
         return len(self.items)
 
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Headers) and self.items == other.items
+
     def __repr__(self) -> str:
         return f"Headers({self.items!r})"
 
@@ -627,15 +630,14 @@ class Connection:
     def _head_bytes(self, first: str, items) -> bytes:
         lines = [first]
         for n, v in items:
+            if "\n" in v or "\r" in v or "\n" in n or "\r" in n:
+                raise ProtocolError(500, f"line break inside header {n!r}")  # response splitting
             lines.append(f"{n}: {v}")
         lines.append("\r\n")
         try:
-            out = "\r\n".join(lines).encode("latin-1")
+            return "\r\n".join(lines).encode("latin-1")
         except UnicodeEncodeError:
             raise ProtocolError(500, "header values must be latin-1") from None
-        if b"\n" in out.replace(b"\r\n", b""):
-            raise ProtocolError(500, "line break inside a header value")
-        return out
 
     def _send_response(self, resp: Response) -> bytes:
         if self.role != SERVER:
