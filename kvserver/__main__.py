@@ -6,6 +6,9 @@
         [--host H] [--secret S] [--log-level L]
     python -m kvserver --config FILE --id NAME [--data DIR]     (cluster mode)
 
+Cluster mode: the server listens on the config's address for NAME, keeps its
+tablets under <data>/<NAME>/, and joins the master (kvserver/cluster.py).
+
 Standalone: no master, primary of every tablet, data in DIR. Prints
 `READY <port>` once it serves; SIGTERM stops it cleanly (logs flushed).
 """
@@ -13,6 +16,7 @@ Standalone: no master, primary of every tablet, data in DIR. Prints
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
 import re
@@ -81,9 +85,8 @@ def build_server(args) -> KVServer:
     if not args.config or not args.id:
         raise SystemExit("kvserver: give --standalone --port P --data DIR, or --config FILE --id NAME")
     cfg = load_config(args.config, args.data or os.environ.get("PENNCLOUD_DATA"))
-    cfg.node(args.id)
-    raise SystemExit("kvserver: cluster mode (--config) needs the master and replication, "
-                     "which are not built yet; use --standalone")
+    from kvserver.cluster import cluster_server      # cluster mode: kvserver/cluster.py
+    return cluster_server(cfg, args.id)
 
 
 def main(argv=None) -> int:
@@ -102,6 +105,7 @@ def main(argv=None) -> int:
         log.error("cannot start: %s", e)
         return 1
     stop = threading.Event()
+    faulthandler.register(signal.SIGUSR1)      # `kill -USR1 <pid>`: every thread's stack to stderr
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     sys.stdout.write(f"READY {server.port}\n")

@@ -64,6 +64,13 @@ SERVER_COMMANDS = {**DATA_COMMANDS, **ADMIN_COMMANDS}
 ADMIN = frozenset(("STATUS", "TABLETS", "ROWS", "KILL", "WAKE"))
 
 
+class DropConnection(Exception):
+    """Raised by a writer when a write's outcome is unknown (cluster mode: its
+    primary was deposed before the write committed). The server closes the
+    connection without a reply, which a client reads as "outcome unknown";
+    `-ERR RETRY` would promise that nothing was applied."""
+
+
 class StandaloneRole:
     """No master: this server is the primary of every tablet."""
 
@@ -119,7 +126,8 @@ def send_parts(sock: socket.socket, parts: list) -> None:
 
 class KVServer:
     def __init__(self, node_id: str, host: str, port: int, data_dir: str, storage: StorageConfig,
-                 tablets: int, secret: str = "", role=None, writer=None, tablet_ids=None):
+                 tablets: int, secret: str = "", role=None, writer=None, tablet_ids=None,
+                 internal_commands=None):
         self.node_id = node_id
         self.host = host
         self.data_dir = data_dir
@@ -136,11 +144,18 @@ class KVServer:
         self.ops = 0                       # data commands served
         self.tcp = TCPServer(host, port, self._handle, name=f"kvserver {node_id}")
         self._dispatch = {name: getattr(self, f"cmd_{name}") for name in SERVER_COMMANDS}
+        # Internal commands (cluster mode: replication), {name: (CommandSpec, handler(conn, *args))};
+        # like admin commands, they need AUTH when a secret is set.
+        internal = internal_commands or {}
+        self.commands = {**SERVER_COMMANDS, **{n: spec for n, (spec, _) in internal.items()}}
+        self._dispatch.update({n: h for n, (_, h) in internal.items()})
+        self._restricted = ADMIN | frozenset(internal)
 
     # -- life cycle ------------------------------------------------------------------
 
     def start(self) -> "KVServer":
         self.store = Store(self.data_dir, self.tablet_ids, self.storage_cfg).open()
+        self.role.on_wake(self.store)
         self.state = "serving"
         self.tcp.start()
         return self
@@ -150,6 +165,7 @@ class KVServer:
         return self.tcp.port
 
     def stop(self) -> None:
+        self.role.on_kill()
         self.tcp.stop()
         with self._state_lock:
             store, self.store = self.store, None
@@ -160,7 +176,7 @@ class KVServer:
 
     def _handle(self, sock: socket.socket, peer) -> None:
         conn = Connection(sock, peer, authed=not self.secret)
-        parser = RequestParser(SERVER_COMMANDS, max_literal=self.storage_cfg.max_cell_bytes)
+        parser = RequestParser(self.commands, max_literal=self.storage_cfg.max_cell_bytes)
         out: list = []
         while True:
             ev = parser.next_event()
@@ -191,9 +207,13 @@ class KVServer:
     def dispatch(self, conn: Connection, req: Request):
         """The reply to one request: bytes, or a tuple of buffers."""
         try:
-            if req.cmd in ADMIN and not conn.authed:
+            if req.cmd in self._restricted and not conn.authed:
                 raise Denied("AUTH first")
             return self._dispatch[req.cmd](conn, *req.args)
+        except DropConnection as e:
+            log.warning("%s: closing the connection without a reply: %s", req.cmd, e)
+            conn.closing = True
+            return b""
         except KVError as e:
             return error_for(e)
         except KVProtocolError as e:

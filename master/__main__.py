@@ -6,6 +6,7 @@ Prints `READY <port>` once it serves; SIGTERM stops it cleanly.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
 import signal
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot start: %s", e)
         return 2
     stop = threading.Event()
+    faulthandler.register(signal.SIGUSR1)      # `kill -USR1 <pid>`: every thread's stack to stderr
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     sys.stdout.write(f"READY {master.port}\n")

@@ -79,13 +79,16 @@ def initial_views(servers: Sequence[str], tablets: int, replication: int) -> dic
 
 
 def elect(view: TabletView, alive: Iterable[str], reports: Mapping[str, Report],
-          load: Mapping[str, int] | None = None) -> TabletView:
+          load: Mapping[str, int] | None = None, presumed: Iterable[str] = ()) -> TabletView:
     """A new primary among the live members, or primary=None if none is alive.
 
     The new view keeps only live members (a dead one would miss the next
-    writes) and has a new epoch. With no live member the members are kept as
+    writes), plus `presumed` ones (not heard from yet since the master
+    started, not yet timed out either: keeping a member costs nothing but
+    waiting for it), and has a new epoch. With no live member the members are kept as
     they are (they are who the tablet waits for) and the epoch is unchanged.
-    Ties in (epoch, seq) go to the member leading the fewest tablets.
+    Ties in (epoch, seq) go to the current primary (a restarted one keeps its
+    tablets), then to the member leading the fewest tablets.
     """
     alive = set(alive)
     live = [m for m in view.members if m in alive]
@@ -94,9 +97,10 @@ def elect(view: TabletView, alive: Iterable[str], reports: Mapping[str, Report],
             return view
         return replace(view, primary=None)
     load = load or {}
-    best = max(live, key=lambda m: (tuple(reports.get(m, (0, 0))), -load.get(m, 0),
+    best = max(live, key=lambda m: (tuple(reports.get(m, (0, 0))), m == view.primary, -load.get(m, 0),
                                     -view.replicas.index(m)))
-    members = (best,) + tuple(m for m in live if m != best)
+    keep = set(live) | set(presumed)
+    members = (best,) + tuple(m for m in view.members if m in keep and m != best)
     return replace(view, epoch=view.epoch + 1, primary=best, members=members)
 
 
@@ -115,7 +119,8 @@ def on_server_dead(view: TabletView, server: str, alive: Iterable[str],
 
 
 def on_server_restarted(view: TabletView, server: str, alive: Iterable[str],
-                        reports: Mapping[str, Report], load: Mapping[str, int] | None = None) -> TabletView:
+                        reports: Mapping[str, Report], load: Mapping[str, int] | None = None,
+                        presumed: Iterable[str] = ()) -> TabletView:
     """`server` came back with a new boot (its memory is gone, its disk is not).
 
     If it was the primary, a new election with a new epoch: a restarted
@@ -126,7 +131,7 @@ def on_server_restarted(view: TabletView, server: str, alive: Iterable[str],
     """
     alive = set(alive) | {server}
     if view.primary == server or (view.primary is None and server in view.members):
-        return elect(view, alive, reports, load)
+        return elect(view, alive, reports, load, presumed)
     return view
 
 

@@ -128,7 +128,12 @@ class Master:
     # -- decisions ---------------------------------------------------------------------
 
     def _alive(self) -> set[str]:
-        return {sid for sid, s in self.servers.items() if s.alive}
+        """Servers an election may count on: heard from since this master started, and not silent since."""
+        return {sid for sid, s in self.servers.items() if s.alive and s.heard}
+
+    def _presumed(self) -> set[str]:
+        """Not heard from since this master started, not timed out yet either."""
+        return {sid for sid, s in self.servers.items() if s.alive and not s.heard}
 
     def _reports(self, tablet: int) -> dict[str, tuple[int, int]]:
         return {sid: s.reports[tablet] for sid, s in self.servers.items() if tablet in s.reports}
@@ -183,7 +188,7 @@ class Master:
             s.last_seen = time.monotonic()
             s.reports = report
             s.state = state
-            came_back = not s.alive
+            came_back = not s.alive or not s.heard
             s.alive = True
             s.heard = True
             s.killed = False
@@ -195,7 +200,8 @@ class Master:
                 changed = []
                 for t, v in views.items():
                     nv = placement.on_server_restarted(v, sid, self._alive(), self._reports(t),
-                                                       placement.primary_counts(views.values()))
+                                                       placement.primary_counts(views.values()),
+                                                       self._presumed())
                     if nv != v:
                         views[t] = nv
                         changed.append(nv)
@@ -204,7 +210,7 @@ class Master:
                 log.info("server %s is alive again", sid)
                 self._apply(placement.on_server_alive, sid, f"{sid} alive")
             views = self.views
-        return [view_line(v) for v in views.values() if sid in v.replicas]
+        return [view_line(v) for v in views.values()]
 
     def bye(self, sid: str, boot: str) -> None:
         """A server was KILLed: dead now (no need to wait for the timeout)."""

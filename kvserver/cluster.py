@@ -1,0 +1,797 @@
+"""Cluster mode of a tablet server: the glue around kvserver/replication.py.
+
+`ClusterNode` plugs into `KVServer` (kvserver/server.py) through its two
+seams: it is the server's `role` (may this server serve tablet t now?) and
+its `writer` (make an effect durable on every member of the view, then
+apply it). It also adds the internal commands replicas answer, and runs three
+kinds of background threads:
+
+    heartbeat   every heartbeat_interval_s: HEARTBEAT to the master with, per
+                tablet, the epoch and seq of the last log record; the answer
+                is every tablet's view, fed to each TabletReplica.set_view.
+                An answered heartbeat renews the primary LEASE (below).
+    streams     one `PeerStream` per peer server this server leads tablets
+                with: a sender thread (pipelined REPL / SNAPCHUNK / SNAPSHOT
+                requests, coalesced per tablet) and a reader thread (their
+                answers, fed to TabletReplica.on_reply).
+    control     view changes the state machine asks for (VIEWCHANGE to the
+                master), and the logical clock (`tick`) that re-probes
+                lagging replicas.
+
+Locks: one per tablet (`TabletGlue.lock`), held while the state machine runs
+and while its actions are carried out: those never do I/O (a Send is a queue
+put; master requests go to the control thread), so the lock is never held
+across socket or disk I/O. `tablet.submit` (which only enqueues in the log)
+runs under it too, so seqs, the log and every peer's stream stay in one order.
+
+The lease. A primary serves (reads and writes) only while its last heartbeat
+answered by the master was SENT less than LEASE_FRACTION x failure_timeout_s
+ago. The master declares a server dead only after failure_timeout_s without
+RECEIVING a heartbeat, so a primary cut off from the master stops serving
+before the master can elect another one, and no read can return a value a
+new primary has already overwritten.
+
+Unknown outcomes. A write whose record was logged and sent, but whose
+primary was deposed before every member acknowledged it, may or may not
+survive the failover. Its client gets no reply: the connection is closed
+(`OutcomeUnknown`), which clients read as "outcome unknown", never `RETRY`
+(RETRY promises the write was not applied).
+
+Internal commands (docs/replication.md has the grammar):
+
+    REPL <tablet> <epoch> <prev_seq> <prev_epoch> <meta> <value>...
+    SNAPCHUNK <tablet> <epoch> <offset> <bytes>
+    SNAPSHOT <tablet> <epoch> <seq> <seq_epoch> <ckpt_bytes> <meta> <value>...
+      -> +OK ACK <tablet> <epoch> <seq> | +OK GAP <tablet> <epoch> <last_seq> <last_epoch>
+       | +OK STALE <tablet> <epoch>
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+
+from master.placement import initial_views
+from src.config import Config, ConfigError
+from src.kv import Moved, Retry
+from src.kvproto import (NEED_DATA, RAW, TEXT, VALUE, CommandSpec, Error, Listing, Ok, ReplyParser, encode_request,
+                         ok)
+
+from kvserver import replication as rp
+from kvserver.server import DropConnection
+from kvserver.replication import Append, Record, Snapshot, TabletReplica, View
+from kvserver.tablet import Tablet, TabletError
+from kvserver.wal import KINDS, Effect, LogRecord
+
+log = logging.getLogger(__name__)
+
+LEASE_FRACTION = 0.75          # of failure_timeout_s, measured from a heartbeat's send time
+CONNECT_TIMEOUT_S = 0.5
+IO_TIMEOUT_S = 10.0            # a peer or the master silent this long is broken
+TICK_S = 0.2                   # the replication state machines' logical clock
+MAX_BATCH_RECORDS = 1000       # records per REPL (each is a `{N}` token on the line)
+MAX_BATCH_BYTES = 4 << 20      # ... and bytes of values per REPL (one big value may exceed it)
+SNAPSHOT_CHUNK = 4 << 20       # bytes of checkpoint file per SNAPCHUNK
+RECONNECT_S = 0.1
+INCOMING = "snapshot.incoming"
+
+INTERNAL_COMMANDS = {
+    "REPL": CommandSpec((RAW, RAW, RAW, RAW, VALUE, VALUE), variadic=True),
+    "SNAPCHUNK": CommandSpec((RAW, RAW, RAW, VALUE)),
+    "SNAPSHOT": CommandSpec((RAW, RAW, RAW, RAW, RAW, VALUE, VALUE), variadic=True),
+}
+MASTER_INTERNAL = {
+    "AUTH": CommandSpec((TEXT,)),
+    "HEARTBEAT": CommandSpec((RAW, RAW, RAW, VALUE)),
+    "VIEWCHANGE": CommandSpec((RAW, RAW, RAW, RAW, RAW)),
+    "BYE": CommandSpec((RAW, RAW)),
+}
+
+
+class OutcomeUnknown(DropConnection):
+    """A write was logged and sent but its primary was deposed before it
+    committed: the server closes the client's connection instead of replying."""
+
+
+# -- the wire form of records (pure) ---------------------------------------------------
+
+
+def encode_records(recs) -> tuple[bytes, list[bytes]]:
+    """(meta, values): meta has one line `seq epoch kind row_hex col_hex` per
+    record; each value travels as its own literal (so a 64 MiB cell fits)."""
+    lines = []
+    values = []
+    for r in recs:
+        e = r.effect
+        lines.append(b"%d %d %d %s %s" % (r.seq, r.epoch, e.kind, e.row.hex().encode(),
+                                          e.col.hex().encode() or b"-"))
+        values.append(e.value)
+    return b"\n".join(lines), values
+
+
+def decode_records(meta: bytes, values: list[bytes]) -> tuple[Record, ...]:
+    """Inverse of encode_records; ValueError for anything malformed."""
+    lines = meta.split(b"\n") if meta else []
+    if len(lines) != len(values):
+        raise ValueError(f"{len(lines)} records but {len(values)} values")
+    out = []
+    for line, v in zip(lines, values):
+        seq, epoch, kind, row, col = line.split(b" ")
+        kind = int(kind)
+        if kind not in KINDS:
+            raise ValueError(f"unknown effect kind {kind}")
+        eff = Effect(kind, bytes.fromhex(row.decode()), b"" if col == b"-" else bytes.fromhex(col.decode()),
+                     bytes(v))
+        out.append(Record(int(seq), int(epoch), eff))
+    return tuple(out)
+
+
+def reply_text(reply: rp.Reply) -> bytes:
+    if isinstance(reply, rp.Ack):
+        return ok(f"ACK {reply.tablet} {reply.epoch} {reply.seq}")
+    if isinstance(reply, rp.Gap):
+        return ok(f"GAP {reply.tablet} {reply.epoch} {reply.last_seq} {reply.last_epoch}")
+    return ok(f"STALE {reply.tablet} {reply.epoch}")
+
+
+def parse_reply(text: str) -> rp.Reply:
+    f = text.split()
+    kind, nums = f[0], [int(x) for x in f[1:]]
+    if kind == "ACK" and len(nums) == 3:
+        return rp.Ack(*nums)
+    if kind == "GAP" and len(nums) == 4:
+        return rp.Gap(*nums)
+    if kind == "STALE" and len(nums) == 2:
+        return rp.Stale(*nums)
+    raise ValueError(f"bad replication reply {text!r}")
+
+
+def parse_view(line: str) -> View:
+    t, e, p, m, r = line.split()
+    return View(int(t), int(e), None if p == "-" else p, () if m == "-" else tuple(m.split(",")),
+                tuple(r.split(",")))
+
+
+# -- a blocking client connection (master requests) ----------------------------------------
+
+
+class Conn:
+    """One request at a time over a socket (heartbeats, view changes)."""
+
+    def __init__(self, addr: str, secret: str, timeout: float = IO_TIMEOUT_S):
+        host, port = addr.rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S)
+        self.sock.settimeout(timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.parser = ReplyParser()
+        if secret:
+            r = self.call("AUTH", secret)
+            if isinstance(r, Error):
+                raise ConnectionError(f"AUTH refused: {r.code} {r.text}")
+
+    def call(self, cmd, *args):
+        self.sock.sendall(b"".join(bytes(b) for b in encode_request(cmd, *args, commands=MASTER_INTERNAL)))
+        while True:
+            ev = self.parser.next_event()
+            if ev is not NEED_DATA:
+                return ev
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("connection closed")
+            self.parser.feed(data)
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+# -- per tablet ------------------------------------------------------------------------------
+
+
+class TabletGlue:
+    def __init__(self, tablet: Tablet, me: str):
+        self.tablet = tablet
+        self.sm = TabletReplica(tablet.id, me, last_seq=tablet.last_seq, last_epoch=tablet.epoch)
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
+        self.aborted: set[int] = set()
+
+
+# -- the stream to one peer ------------------------------------------------------------------
+
+
+class PeerStream:
+    """Ordered, pipelined stream of replication messages to one peer server."""
+
+    def __init__(self, node: "ClusterNode", peer: str, addr: str):
+        self.node = node
+        self.peer = peer
+        self.addr = addr
+        self.q: collections.deque = collections.deque()
+        self.cv = threading.Condition()
+        self.connected = False
+        self.sock: socket.socket | None = None
+        self.down_since = time.monotonic()
+        self.was_up = False
+        self.thread = threading.Thread(target=self._run, name=f"stream-{peer}", daemon=True)
+        self.thread.start()
+
+    def put(self, item) -> None:
+        with self.cv:
+            self.q.append(item)
+            self.cv.notify()
+
+    def _run(self) -> None:
+        stop = self.node.stopped
+        while not stop.is_set():
+            try:
+                sock = socket.create_connection(self.node.split(self.addr), timeout=CONNECT_TIMEOUT_S)
+            except OSError:
+                self._failed(connect=True)
+                stop.wait(RECONNECT_S)
+                continue
+            sock.settimeout(IO_TIMEOUT_S)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with self.cv:
+                self.q.clear()          # the state machines probe anew on connect
+                self.sock = sock
+            reader = threading.Thread(target=self._read, args=(sock,), name=f"stream-{self.peer}-rd", daemon=True)
+            try:
+                if self.node.secret:
+                    sock.sendall(b"".join(encode_request("AUTH", self.node.secret.encode())))
+                reader.start()
+                self.connected, self.was_up = True, True
+                self.node.peer_up(self.peer)
+                self._send_loop(sock)
+            except (OSError, ValueError, TabletError) as e:
+                if not stop.is_set():
+                    log.info("stream to %s broke: %s", self.peer, e)
+            finally:
+                self.connected = False
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                sock.close()
+                if reader.is_alive():
+                    reader.join(2)
+                self.down_since = time.monotonic()
+            self._failed(connect=False)
+            stop.wait(RECONNECT_S)
+
+    def _failed(self, connect: bool) -> None:
+        # A connection that broke: at once. One that never came up: only after
+        # the failure timeout (peers start one by one; let the master decide first).
+        if not connect or self.was_up or time.monotonic() - self.down_since > self.node.cc.failure_timeout_s:
+            self.was_up = False
+            self.node.peer_down(self.peer)
+
+    def _send_loop(self, sock) -> None:
+        stop = self.node.stopped
+        while not stop.is_set() and self.connected:
+            with self.cv:
+                while not self.q and self.connected and not stop.is_set():
+                    self.cv.wait(0.5)
+                items = list(self.q)
+                self.q.clear()
+            if not items:
+                continue
+            bufs = []
+            for item in _coalesce(items):
+                if item[0] == "catchup":
+                    _sendall(sock, bufs)      # what was queued before goes first
+                    bufs = self.node.catch_up_bufs(self.peer, *item[1:], send=lambda b: _sendall(sock, b))
+                else:
+                    bufs += _encode_msg(item[1])
+                if sum(len(b) for b in bufs) > MAX_BATCH_BYTES:
+                    _sendall(sock, bufs)
+                    bufs = []
+            if bufs:
+                _sendall(sock, bufs)
+
+    def _read(self, sock) -> None:
+        parser = ReplyParser()
+        try:
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                parser.feed(data)
+                while True:
+                    ev = parser.next_event()
+                    if ev is NEED_DATA:
+                        break
+                    if isinstance(ev, Ok) and ev.word == "OK" and ev.text:
+                        if ev.text.startswith(("ACK", "GAP", "STALE")):
+                            self.node.on_reply(self.peer, parse_reply(ev.text))
+                        continue               # AUTH's +OK
+                    if isinstance(ev, Error):
+                        raise ConnectionError(f"{self.peer} refused: {ev.code} {ev.text}")
+        except (OSError, ValueError, ConnectionError) as e:
+            log.debug("stream from %s ended: %s", self.peer, e)
+        finally:
+            self.connected = False
+            with self.cv:
+                self.cv.notify_all()
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def _sendall(sock, bufs) -> None:
+    small = []
+    for b in bufs:
+        if len(b) < 65536:
+            small.append(b)
+        else:
+            if small:
+                sock.sendall(b"".join(small))
+                small = []
+            sock.sendall(b)
+    if small:
+        sock.sendall(b"".join(small))
+
+
+def _coalesce(items):
+    """Merge consecutive Appends of one tablet that follow each other into one."""
+    out = []
+    for it in items:
+        if it[0] == "msg" and isinstance(it[1], Append) and out and out[-1][0] == "msg":
+            prev = out[-1][1]
+            m = it[1]
+            if (isinstance(prev, Append) and prev.tablet == m.tablet and prev.epoch == m.epoch and prev.records
+                    and m.records and prev.records[-1].seq == m.prev_seq and prev.records[-1].epoch == m.prev_epoch
+                    and len(prev.records) < MAX_BATCH_RECORDS):
+                out[-1] = ("msg", Append(m.tablet, m.epoch, prev.prev_seq, prev.prev_epoch, prev.records + m.records))
+                continue
+        out.append(it)
+    return out
+
+
+def _encode_msg(m) -> list:
+    if isinstance(m, Append):
+        meta, values = encode_records(m.records)
+        return encode_request("REPL", m.tablet, m.epoch, m.prev_seq, m.prev_epoch, meta, *values,
+                              commands=INTERNAL_COMMANDS)
+    raise TypeError(m)
+
+
+# -- the node --------------------------------------------------------------------------------
+
+
+class ClusterNode:
+    """The server's role and writer in cluster mode (see the module docstring)."""
+
+    def __init__(self, cfg: Config, node_id: str):
+        self.cfg = cfg
+        self.cc = cfg.cluster
+        self.me = node_id
+        self.secret = self.cc.secret
+        self.addrs = {n.id: n.addr for n in cfg.kvservers}
+        ids = [n.id for n in cfg.kvservers]
+        views = initial_views(ids, self.cc.tablets, self.cc.replication)
+        self.tablet_ids = sorted(t for t, v in views.items() if node_id in v.replicas)
+        self.server = None
+        self.glue: dict[int, TabletGlue] = {}
+        self.views: dict[int, View] = {}                 # the master's word on every tablet
+        self.lease_until = 0.0
+        self.boot = ""
+        self.stopped = threading.Event()
+        self.stopped.set()
+        self.streams: dict[str, PeerStream] = {}
+        self._streams_lock = threading.Lock()
+        self._requests: collections.deque = collections.deque()
+        self._requests_cv = threading.Condition()
+        self._beat_now = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._masters: dict[str, Conn] = {}          # one connection per thread that calls the master
+
+    # -- life cycle --------------------------------------------------------------------
+
+    def attach(self, server) -> None:
+        self.server = server
+
+    def start(self, store) -> None:
+        """Begin (or, after WAKE, begin again) with a freshly recovered store."""
+        self.boot = secrets.token_hex(8)
+        self.glue = {tid: TabletGlue(store.tablet(tid), self.me) for tid in self.tablet_ids}
+        self.lease_until = 0.0
+        self.stopped = threading.Event()
+        self.streams = {}
+        self._requests.clear()
+        self._threads = [threading.Thread(target=f, name=n, daemon=True) for f, n in
+                         ((self._heartbeat_loop, "heartbeat"), (self._control_loop, "control"),
+                          (self._tick_loop, "tick"))]
+        for t in self._threads:
+            t.start()
+
+    def stop(self, bye: bool = False) -> None:
+        self.stopped.set()
+        self._beat_now.set()
+        with self._requests_cv:
+            self._requests_cv.notify_all()
+        for g in self.glue.values():
+            with g.cond:
+                g.cond.notify_all()
+        with self._streams_lock:
+            streams = list(self.streams.values())
+        for s in streams:
+            with s.cv:
+                s.connected = False
+                s.cv.notify_all()
+                sock = s.sock
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(3)
+        for s in streams:
+            s.thread.join(3)
+        if bye:
+            try:
+                c = Conn(self.cfg.master.addr, self.secret, timeout=1.0)
+                c.call("BYE", self.me, self.boot)
+                c.close()
+            except (OSError, ConnectionError):
+                pass
+        for c in list(self._masters.values()):
+            c.close()
+        self._masters = {}
+
+    # role seam (KVServer) -----------------------------------------------------------------
+
+    def on_kill(self) -> None:
+        self.stop(bye=True)
+
+    def on_wake(self, store) -> None:
+        self.start(store)
+
+    def role_of(self, tid: int) -> str:
+        g = self.glue.get(tid)
+        if g is None or self.stopped.is_set():
+            return "none"
+        sm = g.sm
+        if sm.is_primary:
+            return "primary"
+        if sm.view is not None and self.me in sm.view.members:
+            return "secondary"
+        return "recovering"
+
+    def check(self, tid: int) -> None:
+        """May this server serve tablet `tid` now? Raises Moved or Retry if not."""
+        g = self.glue.get(tid)
+        if g is None:
+            v = self.views.get(tid)
+            if v is not None and v.primary:
+                raise Moved(tid, self.addrs[v.primary])
+            raise Retry(f"tablet {tid} is not held here")
+        sm = g.sm
+        if not sm.is_primary:
+            v = sm.view
+            if v is not None and v.primary and v.primary != self.me:
+                raise Moved(tid, self.addrs[v.primary])
+            raise Retry(f"tablet {tid} has no primary (election)")
+        if not sm.ready:
+            raise Retry(f"tablet {tid}: new primary syncing its replicas")
+        if time.monotonic() >= self.lease_until:
+            raise Retry(f"tablet {tid}: no lease from the master")
+
+    # writer seam (KVServer) ----------------------------------------------------------------
+
+    def write(self, tablet: Tablet, effect: Effect) -> LogRecord:
+        """Log, replicate to every member of the view, wait for all, apply.
+        Called with the row's lock held."""
+        g = self.glue[tablet.id]
+        with g.lock:
+            self.check(tablet.id)
+            try:
+                rec, actions = g.sm.propose(effect)
+            except (rp.NotPrimary, rp.NotReady) as e:
+                raise Retry(str(e)) from None
+            tablet.epoch = rec.epoch
+            p = tablet.submit(effect)
+            if p.record.seq != rec.seq:      # cannot be: both advance together under g.lock
+                raise TabletError(f"tablet {tablet.id}: seq {p.record.seq} != {rec.seq}")
+            self._act(g, actions)
+        try:
+            tablet.wait_durable(p)
+        except TabletError:
+            raise
+        with g.lock:
+            self._act(g, g.sm.local_durable(rec.seq))
+            while (g.sm.commit < rec.seq and rec.seq not in g.aborted and g.sm.is_primary
+                   and not self.stopped.is_set()):
+                g.cond.wait(0.5)
+            committed = g.sm.commit >= rec.seq and rec.seq not in g.aborted
+            g.aborted.discard(rec.seq)
+        # Applied either way: the record is in the local log, and memtable = log
+        # is what a replica keeps (a later re-sync fixes a divergent tail).
+        tablet.apply(p)
+        if not committed:
+            raise OutcomeUnknown(f"tablet {tablet.id} seq {rec.seq}: primary deposed before commit")
+        return p.record
+
+    # -- actions -------------------------------------------------------------------------
+
+    def _act(self, g: TabletGlue, actions) -> None:
+        """Carry out a state machine's actions. Caller holds g.lock; no I/O here."""
+        for a in actions:
+            if isinstance(a, rp.Send):
+                self.stream(a.peer).put(("msg", a.msg))
+            elif isinstance(a, rp.Committed):
+                g.cond.notify_all()
+            elif isinstance(a, rp.Aborted):
+                g.aborted.update(a.seqs)
+                g.cond.notify_all()
+            elif isinstance(a, rp.CatchUp):
+                self.stream(a.peer).put(("catchup", g.tablet.id, a.after_seq, a.after_epoch))
+            elif isinstance(a, (rp.AskRemove, rp.AskAdmit)):
+                with self._requests_cv:
+                    self._requests.append((g.tablet.id, a))
+                    self._requests_cv.notify()
+            elif isinstance(a, rp.RefreshView):
+                self._beat_now.set()
+
+    def stream(self, peer: str) -> PeerStream:
+        with self._streams_lock:
+            s = self.streams.get(peer)
+            if s is None:
+                s = self.streams[peer] = PeerStream(self, peer, self.addrs[peer])
+            return s
+
+    @staticmethod
+    def split(addr: str):
+        host, port = addr.rsplit(":", 1)
+        return host, int(port)
+
+    def peer_up(self, peer: str) -> None:
+        for g in self.glue.values():
+            with g.lock:
+                if g.sm.is_primary and peer in g.sm.peers:
+                    self._act(g, g.sm.peer_up(peer))
+
+    def peer_down(self, peer: str) -> None:
+        for g in self.glue.values():
+            with g.lock:
+                if g.sm.is_primary and peer in g.sm.peers:
+                    self._act(g, g.sm.peer_down(peer))
+
+    def on_reply(self, peer: str, reply: rp.Reply) -> None:
+        g = self.glue.get(reply.tablet)
+        if g is None:
+            return
+        with g.lock:
+            self._act(g, g.sm.on_reply(peer, reply))
+
+    def _set_view(self, v: View) -> None:
+        self.views[v.tablet] = v
+        g = self.glue.get(v.tablet)
+        if g is None:
+            return
+        with g.lock:
+            was = g.sm.role
+            self._act(g, g.sm.set_view(v))
+            if g.sm.is_primary:
+                if was != rp.PRIMARY:
+                    log.info("tablet %d: primary at epoch %d (members %s)", v.tablet, v.epoch, ",".join(v.members))
+                for p, peer in g.sm.peers.items():
+                    if peer.state == rp.CONNECTING:
+                        s = self.stream(p)
+                        if s.connected:
+                            self._act(g, g.sm.peer_up(p))
+            elif was == rp.PRIMARY:
+                log.info("tablet %d: no longer primary (epoch %d, primary %s)", v.tablet, v.epoch, v.primary)
+
+    # -- catch-up (on the stream's sender thread) ------------------------------------------------
+
+    def catch_up_bufs(self, peer: str, tid: int, after_seq: int, after_epoch, send) -> list:
+        """Buffers that bring `peer`'s copy of tablet `tid` up to this log:
+        the records after its last one, or a snapshot. Tells the state machine."""
+        g = self.glue[tid]
+        t = g.tablet
+        with g.lock:
+            epoch = g.sm.epoch
+            if not g.sm.is_primary:
+                return []
+        recs = t.records_after(after_seq - 1) if after_seq > 0 else t.records_after(0)
+        usable = recs is not None and (after_seq == 0 or (
+            recs and recs[0].seq == after_seq and (after_epoch is None or recs[0].epoch == after_epoch)))
+        bufs: list = []
+        if usable:
+            if after_seq > 0:
+                prev_epoch = recs[0].epoch
+                recs = recs[1:]
+            else:
+                prev_epoch = 0
+            prev = after_seq
+            for i in range(0, len(recs), MAX_BATCH_RECORDS):
+                chunk = recs[i:i + MAX_BATCH_RECORDS]
+                bufs += _encode_msg(Append(tid, epoch, prev, prev_epoch, tuple(chunk)))
+                prev, prev_epoch = chunk[-1].seq, chunk[-1].epoch
+                if sum(len(b) for b in bufs) > MAX_BATCH_BYTES:
+                    send(bufs)
+                    bufs = []
+            upto = (prev, prev_epoch)
+        else:
+            snap = t.snapshot()
+            base_epoch = snap.checkpoint.last_epoch if snap.checkpoint is not None else 0
+            total = 0
+            for chunk in snap.checkpoint_chunks(SNAPSHOT_CHUNK):
+                send(encode_request("SNAPCHUNK", tid, epoch, total, chunk, commands=INTERNAL_COMMANDS))
+                total += len(chunk)
+            recs = snap.records
+            last = (recs[-1].seq, recs[-1].epoch) if recs else (snap.last_seq, base_epoch)
+            meta, values = encode_records(recs)
+            bufs += encode_request("SNAPSHOT", tid, epoch, last[0], last[1], total, meta, *values,
+                                   commands=INTERNAL_COMMANDS)
+            upto = last
+            log.info("tablet %d: sending %s a snapshot (seq %d, %d checkpoint bytes)", tid, peer, last[0], total)
+        with g.lock:
+            actions = g.sm.caught_up(peer, *upto)
+            # what the state machine sends now must follow the catch-up: same stream, in order
+            for a in actions:
+                if isinstance(a, rp.Send):
+                    bufs += _encode_msg(a.msg)
+            self._act(g, [a for a in actions if not isinstance(a, rp.Send)])
+        return bufs
+
+    # -- internal commands (replica side) ------------------------------------------------------
+
+    def _glue_for(self, tablet: str) -> TabletGlue:
+        if self.stopped.is_set() or self.server is None or self.server.state != "serving":
+            raise Retry("not serving")
+        if not tablet.isdigit() or int(tablet) not in self.glue:
+            raise Retry(f"tablet {tablet} is not held here")
+        return self.glue[int(tablet)]
+
+    def cmd_REPL(self, conn, tablet, epoch, prev_seq, prev_epoch, meta, *values):
+        g = self._glue_for(tablet)
+        msg = Append(g.tablet.id, int(epoch), int(prev_seq), int(prev_epoch), decode_records(meta, list(values)))
+        return self._append(g, msg)
+
+    def _append(self, g: TabletGlue, msg: Append) -> bytes:
+        t = g.tablet
+        with g.lock:
+            recs, reply = g.sm.on_append(msg)
+            pend = []
+            for r in recs:
+                t.epoch = r.epoch
+                pend.append(t.submit(r.effect))
+        for p in pend:
+            t.wait_durable(p)
+        for p in pend:
+            t.apply(p)
+        return reply_text(reply)
+
+    def cmd_SNAPCHUNK(self, conn, tablet, epoch, offset, data):
+        g = self._glue_for(tablet)
+        path = os.path.join(g.tablet.path, INCOMING)
+        off = int(offset)
+        with open(path, "r+b" if off else "wb") as f:
+            f.seek(off)
+            f.write(data)
+        return ok()
+
+    def cmd_SNAPSHOT(self, conn, tablet, epoch, seq, seq_epoch, total, meta, *values):
+        g = self._glue_for(tablet)
+        t = g.tablet
+        recs = decode_records(meta, list(values))
+        path = os.path.join(t.path, INCOMING)
+        msg = Snapshot(t.id, int(epoch), int(seq), int(seq_epoch))
+        with g.lock:
+            install, reply = g.sm.on_snapshot(msg)
+            if install:
+                size = int(total)
+                if size:
+                    with open(path, "rb") as f:
+                        data = f.read(size + 1)
+                    if len(data) != size:
+                        raise Retry(f"snapshot of tablet {t.id}: {len(data)} bytes, expected {size}")
+                    chunks = [data]
+                else:
+                    chunks = []
+                t.install_snapshot(chunks, [LogRecord(r.seq, r.epoch, r.effect) for r in recs])
+                if t.last_seq != msg.seq:
+                    log.error("tablet %d: snapshot ended at seq %d, expected %d", t.id, t.last_seq, msg.seq)
+                log.info("tablet %d: installed a snapshot up to seq %d", t.id, t.last_seq)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        return reply_text(reply)
+
+    # -- heartbeats and the master ------------------------------------------------------------
+
+    def _master_call(self, which: str, cmd, *args):
+        """One request to the master on this thread's own connection (`which`)."""
+        c = self._masters.get(which)
+        if c is None:
+            c = self._masters[which] = Conn(self.cfg.master.addr, self.secret)
+        try:
+            return c.call(cmd, *args)
+        except (OSError, ConnectionError, ValueError):
+            c.close()
+            self._masters.pop(which, None)
+            raise
+
+    def _heartbeat_loop(self) -> None:
+        stop = self.stopped
+        while not stop.is_set():
+            try:
+                self._heartbeat_once()
+            except (OSError, ConnectionError, ValueError) as e:
+                log.debug("heartbeat failed: %s", e)
+            except Exception:
+                log.exception("heartbeat")
+            self._beat_now.wait(self.cc.heartbeat_interval_s)
+            self._beat_now.clear()
+
+    def _heartbeat_once(self) -> None:
+        report = "\n".join(f"{tid} {g.sm.last_epoch} {g.sm.last_seq} {g.sm.role}"
+                           for tid, g in self.glue.items()).encode()
+        sent = time.monotonic()
+        r = self._master_call("heartbeat", "HEARTBEAT", self.me, self.boot, "serving", report)
+        if self.stopped.is_set():
+            return
+        if not isinstance(r, Listing):
+            log.warning("master refused the heartbeat: %s", r)
+            return
+        self.lease_until = sent + LEASE_FRACTION * self.cc.failure_timeout_s
+        for line in r.lines:
+            self._set_view(parse_view(line.decode()))
+
+    def _control_loop(self) -> None:
+        stop = self.stopped
+        while not stop.is_set():
+            with self._requests_cv:
+                while not self._requests and not stop.is_set():
+                    self._requests_cv.wait(0.5)
+                if stop.is_set():
+                    return
+                tid, a = self._requests.popleft()
+            op = "REMOVE" if isinstance(a, rp.AskRemove) else "ADMIT"
+            try:
+                r = self._master_call("control", "VIEWCHANGE", tid, a.epoch, op, a.peer, self.me)
+            except (OSError, ConnectionError, ValueError) as e:
+                log.info("VIEWCHANGE %s %s: master unreachable: %s", op, a.peer, e)
+                r = None
+            g = self.glue[tid]
+            if isinstance(r, Listing) and r.lines:
+                log.info("tablet %d: %s %s accepted", tid, op, a.peer)
+                self._set_view(parse_view(r.lines[0].decode()))
+            else:
+                with g.lock:
+                    self._act(g, g.sm.remove_refused(a.peer) if op == "REMOVE" else g.sm.admit_refused(a.peer))
+                stop.wait(0.05)
+
+    def _tick_loop(self) -> None:
+        while not self.stopped.wait(TICK_S):
+            for g in self.glue.values():
+                with g.lock:
+                    self._act(g, g.sm.tick())
+
+
+def cluster_server(cfg: Config, node_id: str):
+    """A KVServer in cluster mode for `node_id` of `cfg` (not yet started)."""
+    from kvserver.server import KVServer
+    node_cfg = cfg.node(node_id)
+    if node_cfg not in cfg.kvservers:
+        raise ConfigError(f"{cfg.path}: {node_id!r} is not a [[kvserver]]")
+    node = ClusterNode(cfg, node_id)
+    internal = {name: (spec, getattr(node, f"cmd_{name}")) for name, spec in INTERNAL_COMMANDS.items()}
+    server = KVServer(node_id, node_cfg.host, node_cfg.port, cfg.process_dir(node_id), cfg.storage,
+                      cfg.cluster.tablets, secret=cfg.cluster.secret, role=node, writer=node,
+                      tablet_ids=node.tablet_ids, internal_commands=internal)
+    node.attach(server)
+    return server
