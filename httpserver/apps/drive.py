@@ -204,20 +204,20 @@ class DriveApp:
         root = crumbs[0][0]
         title = crumbs[-1][1] or "My Drive"
         body = render(
-            '<div class="drive-head">{crumbs}{quota}</div>\n{notices}\n'
+            '<div class="drive-page"><div class="drive-head">{crumbs}{quota}</div>\n{notices}\n'
             '<div class="drive-tools">\n'
             '<form id="upload-form" method="post" action="/drive/upload/{folder}" enctype="multipart/form-data">'
             '{csrf}<label for="file-input">Upload files</label>'
             '<input id="file-input" type="file" name="file" multiple>'
-            '<button type="submit">Upload</button></form>\n'
+            '<button type="submit" class="primary">Upload</button></form>\n'
             '<form method="post" action="/drive/mkdir/{folder}" class="mkdir">{csrf}'
             '<label for="folder-name">New folder</label>'
             '<input id="folder-name" type="text" name="name" required maxlength="255" placeholder="Folder name">'
             '<button type="submit">Create</button></form>\n'
-            '<span class="drive-hint">You can also drop files anywhere on this page.</span>\n'
-            '</div>\n<ul id="uploads" hidden aria-live="polite"></ul>\n'
+            '</div>\n<p class="drive-hint">You can also drop files anywhere on this page.</p>\n'
+            '<ul id="uploads" hidden aria-live="polite"></ul>\n'
             '<div id="drop-overlay" hidden>Drop files to upload them here</div>\n'
-            '{table}',
+            '{table}</div>',
             crumbs=self._crumbs(crumbs, root), quota=quota_bar(usage),
             notices=notices(req.arg("ok"), error or req.arg("err")),
             folder=folder, csrf=csrf_field(req), table=self._table(req, folder, root, items, sort, desc))
@@ -261,7 +261,8 @@ class DriveApp:
                 'data-post="/drive/rename/{folder}">Rename</a>'
                 '<a href="{item}?do=move">Move</a>'
                 '<a href="{item}?do=delete" class="danger" data-action="delete" data-kind="{kind}" '
-                'data-name="{name}" data-id="{id}" data-post="/drive/delete/{folder}">Delete</a></td></tr>',
+                'data-name="{name}" data-id="{id}" data-post="/drive/delete/{folder}">Delete</a>'
+                '<a href="{item}" class="more" title="Actions" aria-label="Actions for {name}">\u22ef</a></td></tr>',
                 kind=e.kind, href=href, dl=Markup("" if e.is_folder else " download"), icon=icon_of(e),
                 name=e.name, size=size, iso=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(e.mtime)),
                 date=fmt_time(e.mtime), id=e.id, folder=folder, item=item_url("item", folder, e.name),
@@ -299,7 +300,7 @@ class DriveApp:
         meta = ("Folder" if e.is_folder else f"{human_size(e.size)} · {e.type}") + f" · modified {fmt_time(e.mtime)}"
         what = "folder" if e.is_folder else "file"
         body = render(
-            '<div class="drive-head">{crumbs}</div>\n'
+            '<div class="drive-page"><div class="drive-head">{crumbs}</div>\n'
             '<h1>{name}</h1><p class="item-meta">{meta}</p>{actions}\n{preview}\n'
             '<div class="item-forms">\n'
             '<form method="post" action="/drive/rename/{folder}" class="{f_rename}">{csrf}'
@@ -315,7 +316,7 @@ class DriveApp:
             '<h2>Delete</h2><input type="hidden" name="name" value="{name}"><input type="hidden" name="id" value="{id}">'
             '<p>Delete the {what} \u201c{name}\u201d{rest}? This cannot be undone.</p>'
             '<button type="submit" class="danger">Delete permanently</button></form>\n'
-            '</div>\n<p><a href="{back}">\u2190 Back to the folder</a></p>',
+            '</div>\n<p><a href="{back}">\u2190 Back to the folder</a></p></div>',
             crumbs=self._crumbs(crumbs + [("", e.name)], root), name=e.name, meta=meta,
             actions=Markup("") if e.is_folder else render(
                 '<p><a class="button" href="{dl}" download>Download</a> '
@@ -601,5 +602,5 @@ def notices(ok: str | None, err: str | None) -> Markup:
     if ok:
         out += render('<p class="notice ok" role="status">{m}</p>', m=ok)
     if err:
-        out += render('<p class="notice err" role="alert">{m}</p>', m=err)
+        out += render('<p class="notice error" role="alert">{m}</p>', m=err)
     return out

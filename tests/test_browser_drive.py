@@ -1,0 +1,170 @@
+"""The drive in a real browser (headless Chromium through Playwright): create a
+folder, upload files through the real page and watch every progress bar
+finish, rename, move with the folder picker, preview, download (bytes
+compared) and delete. Screenshots go to docs/screenshots/drive-*.png."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import struct
+import zlib
+
+import pytest
+
+from src.config import parse_config
+from src.kv import MemoryKV
+
+pytestmark = pytest.mark.browser
+
+SHOTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "screenshots")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture
+def site(tmp_path):
+    from httpserver.frontend import Frontend
+    cfg = parse_config({"drive": {"chunk_bytes": "256KiB", "quota_bytes": "1GiB"},
+                        "frontend": [{"id": "fe1", "host": "127.0.0.1", "port": 0}]}, data_dir=str(tmp_path))
+    fe = Frontend(cfg, cfg.node("fe1"), MemoryKV(), port=0)
+    fe.start()
+    try:
+        yield f"http://127.0.0.1:{fe.port}"
+    finally:
+        fe.stop()
+
+
+def _launcher():
+    """tests/browser.py's launch helper when it exists, else the same thing here."""
+    try:
+        from tests.browser import launch_browser
+        return launch_browser
+    except ImportError:
+        pass
+    sync_api = pytest.importorskip("playwright.sync_api")
+    exe = "/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else shutil.which("chromium")
+    if not exe:
+        pytest.skip("no chromium installed (/usr/bin/chromium)")
+
+    @contextlib.contextmanager
+    def launch_browser():
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=exe, chromium_sandbox=False, args=ARGS)
+            try:
+                yield browser
+            finally:
+                browser.close()
+    return launch_browser
+
+
+def shot(page, name):
+    os.makedirs(SHOTS, exist_ok=True)
+    page.screenshot(path=os.path.join(SHOTS, name), full_page=True)
+
+
+def png(width=96, height=64) -> bytes:
+    """A small valid PNG (a colour gradient), so the preview shows a real image."""
+    rows = b"".join(b"\0" + bytes(c for x in range(width) for c in (x * 255 // width, y * 255 // height, 180))
+                    for y in range(height))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def row(page, name):
+    return page.locator("table.items tr", has=page.locator("a.item span", has_text=name))
+
+
+def test_drive_in_the_browser(site, tmp_path):
+    launch_browser = _launcher()
+    big = os.urandom(3 * 1024 * 1024 + 12345)  # 13 chunks of 256 KiB
+    (tmp_path / "dataset.bin").write_bytes(big)
+    (tmp_path / "notes.txt").write_text("Meeting notes\n- ship the drive\n- écrire la doc ✓\n", encoding="utf-8")
+    (tmp_path / "photo.png").write_bytes(png())
+    with launch_browser() as browser:
+        ctx = browser.new_context(base_url=site, viewport={"width": 1200, "height": 800}, accept_downloads=True)
+        r = ctx.request.post("/signup", form={"username": "alice", "password": "correct horse"}, max_redirects=0)
+        assert r.status == 303, r.text()
+        page = ctx.new_page()
+        page.goto("/drive")
+        assert "This folder is empty" in page.content()
+
+        # A new folder, with a plain form.
+        page.fill("#folder-name", "Projects 2024")
+        page.click("form.mkdir button")
+        page.wait_for_selector(".notice.ok")
+        assert "Created the folder" in page.inner_text(".notice.ok")
+        assert row(page, "Projects 2024").count() == 1
+
+        # Upload three files at once through the page: one progress bar each, all finish.
+        page.set_input_files("#file-input", [str(tmp_path / "dataset.bin"), str(tmp_path / "notes.txt"),
+                                             str(tmp_path / "photo.png")])
+        page.wait_for_selector("#uploads li.upload")
+        page.wait_for_function("document.body.dataset.uploadsDone !== undefined", timeout=30_000)
+        bars = page.eval_on_selector_all("#uploads li", "lis => lis.map(li => [li.className, "
+                                         "li.querySelector('progress').value, li.textContent])")
+        assert len(bars) == 3, bars
+        assert all("done" in cls and value == 100 for cls, value, _ in bars), bars
+        shot(page, "drive-upload.png")
+        # The page reloads to show them.
+        page.wait_for_selector("table.items a.item span:text-is('dataset.bin')", timeout=10_000)
+        for name in ("dataset.bin", "notes.txt", "photo.png"):
+            assert row(page, name).count() == 1, name
+        assert "3.0 MiB" in row(page, "dataset.bin").inner_text()
+        shot(page, "drive-folder.png")
+
+        # Rename (the page's prompt).
+        page.once("dialog", lambda d: d.accept("big data ✓.bin"))
+        row(page, "dataset.bin").locator("a[data-action=rename]").click()
+        page.wait_for_selector(".notice.ok")
+        assert "Renamed" in page.inner_text(".notice.ok")
+        assert row(page, "big data ✓.bin").count() == 1 and row(page, "dataset.bin").count() == 0
+
+        # Move it into the folder with the folder picker.
+        row(page, "big data ✓.bin").get_by_role("link", name="Move").click()
+        page.wait_for_selector("#dest")
+        page.select_option("#dest", label="\u00a0\u00a0\u00a0Projects 2024")
+        page.click("form.focus button[type=submit]")
+        page.wait_for_selector(".notice.ok")
+        assert "Moved" in page.inner_text(".notice.ok")
+        assert row(page, "big data ✓.bin").count() == 0
+
+        # Previews: the text file shows its text, the image is an image.
+        row(page, "notes.txt").get_by_role("link", name="Preview").click()
+        assert "écrire la doc ✓" in page.inner_text(".preview pre")
+        page.go_back()
+        row(page, "photo.png").get_by_role("link", name="Preview").click()
+        page.wait_for_function("document.querySelector('.preview img') && "
+                               "document.querySelector('.preview img').naturalWidth === 96")
+        shot(page, "drive-preview.png")
+        page.go_back()
+
+        # Into the folder (breadcrumbs show the way), and download: the very same bytes.
+        row(page, "Projects 2024").locator("a.item").click()
+        page.wait_for_selector("ol.crumbs")
+        assert page.inner_text("ol.crumbs").split() == ["My", "Drive", "›", "Projects", "2024"] or \
+            "Projects 2024" in page.inner_text("ol.crumbs")
+        with page.expect_download() as dl:
+            row(page, "big data ✓.bin").locator("a.item").click()
+        path = dl.value.path()
+        assert dl.value.suggested_filename == "big data ✓.bin"
+        with open(path, "rb") as f:
+            assert f.read() == big
+
+        # Delete it (the page asks first).
+        page.once("dialog", lambda d: d.accept())
+        row(page, "big data ✓.bin").locator("a[data-action=delete]").click()
+        page.wait_for_selector(".notice.ok")
+        assert "Deleted" in page.inner_text(".notice.ok")
+        assert "This folder is empty" in page.content()
+
+        # Back at the root, on a phone-sized screen.
+        page.set_viewport_size({"width": 390, "height": 800})
+        page.click("ol.crumbs a")
+        page.wait_for_selector("table.items")
+        shot(page, "drive-phone.png")
+        ctx.close()
