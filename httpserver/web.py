@@ -410,9 +410,9 @@ def parse_range(value: str | None, size: int) -> tuple[int, int] | None:
             raise HTTPError(416, "The requested range is empty.", [("Content-Range", f"bytes */{size}")])
         return max(0, size - n), size - 1
     start = int(first)
+    if last and int(last) < start:
+        return None                      # invalid: ignore the header
     end = int(last) if last else size - 1
-    if end < start:
-        return None
     if start >= size:
         raise HTTPError(416, "The requested range is past the end of the file.",
                         [("Content-Range", f"bytes */{size}")])

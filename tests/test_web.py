@@ -1,0 +1,236 @@
+"""The framework without sockets: router, templates, ranges, conditional GET,
+sessions, throttling, CSRF rules."""
+
+import pytest
+
+from httpserver import templates
+from httpserver.http11 import Headers
+from httpserver.sessions import REFRESH_AFTER_S, Sessions
+from httpserver.templates import Markup, escape, render
+from httpserver.throttle import FREE_FAILURES, LoginThrottle
+from httpserver.web import (App, HTTPError, Request, Router, content_disposition, not_modified, parse_range,
+                            range_applies, text)
+from src.kv import MemoryKV
+
+
+class Body:
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def read(self, n=-1):
+        if n < 0:
+            n = len(self.data)
+        out, self.data = self.data[:n], self.data[n:]
+        return out
+
+
+def req(method="GET", target="/", headers=(), body=b""):
+    return Request(method, target, Headers([(k.lower(), v) for k, v in headers]), Body(body), "10.0.0.1")
+
+
+def test_router_patterns_and_statuses():
+    r = Router()
+    r.route("GET", "/drive/folder/<folder_id>", login=False)(lambda q, folder_id: text(f"folder {folder_id}"))
+    r.route("GET", "/files/<rest:path>", login=False)(lambda q, rest: text(rest))
+    r.route("POST", "/drive/folder/<folder_id>", login=False, csrf=False)(lambda q, folder_id: text("post"))
+    r.route("GET", "/", login=False)(lambda q: text("root"))
+    route, params = r.match("GET", "/drive/folder/a%20b%2Fc")
+    assert params == {"folder_id": "a b/c"}
+    assert r.match("GET", "/files/x/y%3F.txt")[1] == {"rest": "x/y?.txt"}
+    assert r.match("HEAD", "/")[0].method == "GET"
+    with pytest.raises(HTTPError) as ei:
+        r.match("GET", "/drive/folder/a/b")
+    assert ei.value.status == 404
+    with pytest.raises(HTTPError) as ei:
+        r.match("DELETE", "/drive/folder/x")
+    assert ei.value.status == 405 and ("Allow", "GET, HEAD, POST") in ei.value.headers
+    with pytest.raises(ValueError):
+        r.route("GET", "/", login=False)(lambda q: text("twice"))
+
+
+def test_templates_escape_everything_but_markup():
+    evil = '<script>alert("x")</script>&'
+    out = render("<p title='{t}'>{v}</p>{m}", t="'quoted'", v=evil, m=Markup("<b>ok</b>"))
+    assert out == ("<p title='&#x27;quoted&#x27;'>&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;&amp;</p>"
+                   "<b>ok</b>")
+    assert isinstance(out, Markup)
+    assert escape(out) is out
+    assert Markup("<br>").join(["<a>", Markup("<b>")]) == "&lt;a&gt;<br><b>"
+    with pytest.raises(KeyError):
+        render("{missing}")
+
+
+def test_page_layout_shows_user_admin_nav_and_csrf():
+    class S:
+        csrf, admin, sid, user = "tok<en>", True, "s", "bob"
+    q = req()
+    q.user, q.session = "bob<i>", S()
+    html = templates.page_html(q, "T<1>", Markup("<p>body</p>"), active="drive", css=["drive.css"])
+    assert "T&lt;1&gt; · PennCloud" in html and "bob&lt;i&gt;" in html and "bob<i>" not in html
+    assert 'name="csrf" value="tok&lt;en&gt;"' in html
+    assert 'href="/admin"' in html and 'href="/static/drive.css"' in html
+    assert '<a href="/drive" class="active"' in html
+    assert 'name="viewport"' in html
+    anon = templates.page_html(req(), "Welcome", Markup("x"))
+    assert "/logout" not in anon and 'href="/admin"' not in anon
+
+
+@pytest.mark.parametrize("header,size,want", [
+    ("bytes=0-99", 1000, (0, 99)), ("bytes=900-", 1000, (900, 999)), ("bytes=-100", 1000, (900, 999)),
+    ("bytes=990-2000", 1000, (990, 999)), ("bytes=-5000", 1000, (0, 999)), (None, 1000, None),
+    ("items=0-1", 1000, None), ("bytes=0-1,5-6", 1000, None), ("bytes=5-1", 1000, None), ("bytes=x-", 10, None),
+])
+def test_parse_range(header, size, want):
+    assert parse_range(header, size) == want
+
+
+@pytest.mark.parametrize("header,size", [("bytes=1000-", 1000), ("bytes=-0", 1000), ("bytes=0-", 0)])
+def test_unsatisfiable_range_is_416(header, size):
+    with pytest.raises(HTTPError) as ei:
+        parse_range(header, size)
+    assert ei.value.status == 416 and ("Content-Range", f"bytes */{size}") in ei.value.headers
+
+
+def test_conditional_get_and_if_range():
+    etag, mtime = '"abc"', 1_700_000_000.5
+    assert not_modified(req(headers=[("If-None-Match", '"x", W/"abc"')]), etag, mtime)
+    assert not not_modified(req(headers=[("If-None-Match", '"x"')]), etag, mtime)
+    assert not_modified(req(headers=[("If-None-Match", "*")]), etag, mtime)
+    assert not_modified(req(headers=[("If-Modified-Since", "Tue, 14 Nov 2023 22:13:20 GMT")]), etag, mtime)
+    assert not not_modified(req(headers=[("If-Modified-Since", "Tue, 14 Nov 2023 22:13:19 GMT")]), etag, mtime)
+    assert not not_modified(req("POST", headers=[("If-None-Match", "*")]), etag, mtime)
+    assert range_applies(req(headers=[("If-Range", '"abc"')]), etag, mtime)
+    assert not range_applies(req(headers=[("If-Range", '"old"')]), etag, mtime)
+    assert range_applies(req(), etag, mtime)
+
+
+def test_content_disposition_is_safe():
+    v = content_disposition('a";\r\nb é.txt')
+    assert "\r" not in v and "\n" not in v
+    assert v.startswith('attachment; filename="a___') and "filename*=UTF-8''a%22%3B%0D%0Ab%20%C3%A9.txt" in v
+
+
+def test_form_cap_and_query():
+    q = req("POST", "/x?a=1&a=2&b=", [("Content-Type", "application/x-www-form-urlencoded")],
+            b"name=%C3%A9+x&empty=")
+    assert q.query == {"a": ["1", "2"], "b": [""]} and q.arg("a") == "1" and q.arg("zz", "d") == "d"
+    assert q.form() == {"name": ["é x"], "empty": [""]}
+    big = req("POST", "/", [("Content-Type", "application/x-www-form-urlencoded")], b"a=" + b"x" * (1 << 20))
+    with pytest.raises(HTTPError) as ei:
+        big.form()
+    assert ei.value.status == 413
+
+
+def test_cookies_parse():
+    q = req(headers=[("Cookie", 'sid=abc; theme="dark"; =bad; x'), ("Cookie", "sid=second")])
+    assert q.cookies == {"sid": "abc", "theme": "dark"}
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_sessions_sliding_expiry_and_refresh_writes():
+    kv, clock = MemoryKV(), Clock()
+    s = Sessions(kv, ttl_s=300, clock=clock)
+    a = s.create("alice")
+    raw = kv.get(f"sess/{a.sid}", "s")
+    clock.t += REFRESH_AFTER_S / 2
+    assert s.get(a.sid).user == "alice"
+    assert kv.get(f"sess/{a.sid}", "s") == raw, "no write for a fresh session"
+    for _ in range(10):                       # used every 4 minutes: stays alive past the TTL
+        clock.t += 240
+        assert s.get(a.sid) is not None
+    clock.t += 301                            # idle longer than the TTL: gone
+    assert s.get(a.sid) is None
+    assert kv.cols(f"usess/alice") == []
+    assert s.get("not-a-valid-id") is None and s.get(None) is None
+
+
+def test_sessions_destroy_user_keeps_one():
+    kv = MemoryKV()
+    s = Sessions(kv)
+    keep, other1, other2 = s.create("bob"), s.create("bob"), s.create("bob")
+    carol = s.create("carol")
+    assert s.destroy_user("bob", keep=keep.sid) == 2
+    assert s.get(keep.sid) and not s.get(other1.sid) and not s.get(other2.sid) and s.get(carol.sid)
+    s.destroy(keep.sid)
+    assert s.get(keep.sid) is None
+
+
+def test_refresh_cannot_revive_a_logged_out_session():
+    kv, clock = MemoryKV(), Clock()
+    s = Sessions(kv, ttl_s=300, clock=clock)
+    a = s.create("alice")
+    clock.t += REFRESH_AFTER_S + 1
+    real_get = kv.get
+
+    def get_then_logout(row, col):  # a logout on another frontend lands between read and refresh
+        v = real_get(row, col)
+        s.destroy(a.sid, "alice")
+        return v
+    kv.get = get_then_logout
+    assert s.get(a.sid) is None
+    kv.get = real_get
+    assert s.get(a.sid) is None
+
+
+def test_throttle_rule():
+    clock = Clock()
+    t = LoginThrottle(clock)
+    for _ in range(FREE_FAILURES):
+        assert t.wait_time("eve", "1.2.3.4") == 0
+        t.failure("eve", "1.2.3.4")
+    assert t.wait_time("eve", "1.2.3.4") == 0    # 5 failures are free
+    t.failure("eve", "1.2.3.4")
+    assert t.wait_time("eve", "9.9.9.9") == pytest.approx(1.0)  # the account is locked from any address
+    clock.t += 1.01
+    assert t.wait_time("eve", "9.9.9.9") == 0
+    t.failure("eve", "9.9.9.9")
+    assert t.wait_time("eve", "5.5.5.5") == pytest.approx(2.0)
+    t.success("eve")
+    assert t.wait_time("eve", "5.5.5.5") == 0
+    for i in range(25):                           # one address guessing many accounts
+        t.failure(f"user{i}", "6.6.6.6")
+    assert t.wait_time("someone-new", "6.6.6.6") > 0
+    clock.t += 16 * 60                            # forgotten after the window
+    assert t.wait_time("someone-new", "6.6.6.6") == 0
+
+
+def _csrf_app():
+    sessions = Sessions(MemoryKV())
+    r = Router()
+    seen = []
+
+    @r.route("POST", "/do")
+    def do(q):
+        seen.append([(p.name, p.read()) for p in q.multipart()] if q.content_type == "multipart/form-data"
+                    else q.form())
+        return text("done")
+    return App(r, sessions), sessions, seen
+
+
+def test_csrf_rules_in_the_dispatcher():
+    app, sessions, seen = _csrf_app()
+    s = sessions.create("u")
+    cookie = ("Cookie", f"sid={s.sid}")
+    form = ("Content-Type", "application/x-www-form-urlencoded")
+    assert app(req("POST", "/do", [cookie, form], f"csrf={s.csrf}&a=1".encode())).status == 200
+    assert app(req("POST", "/do", [cookie, form], b"csrf=forged&a=1")).status == 403
+    assert app(req("POST", "/do", [cookie, form], b"a=1")).status == 403
+    assert app(req("POST", "/do", [cookie, ("X-CSRF-Token", s.csrf)])).status == 200
+    assert app(req("POST", "/do", [form], f"csrf={s.csrf}".encode())).status == 401   # no session
+    mp = ("Content-Type", "multipart/form-data; boundary=XX")
+
+    def multipart(*fields):
+        return b"".join(b'--XX\r\nContent-Disposition: form-data; name="%s"\r\n\r\n%s\r\n' % f for f in fields) \
+            + b"--XX--\r\n"
+    ok = app(req("POST", "/do", [cookie, mp], multipart((b"csrf", s.csrf.encode()), (b"f", b"data"))))
+    assert ok.status == 200 and seen[-1] == [("f", b"data")]
+    n = len(seen)
+    late = app(req("POST", "/do", [cookie, mp], multipart((b"f", b"data"), (b"csrf", s.csrf.encode()))))
+    assert late.status == 403 and len(seen) == n, "the token must be the first part"
