@@ -328,38 +328,60 @@ class SMTPConnection:
     # -- DATA ------------------------------------------------------------------
 
     def _read_data(self) -> Reply | None:
-        """Consume message lines from the buffer; the reply once CRLF.CRLF is seen, else None."""
+        """Consume whole message lines from the buffer; the reply once CRLF.CRLF is seen, else None."""
         buf = self._buf
-        while True:
+        if self._skipping_line:  # the rest of an over-long line: find its end
             i = buf.find(b"\r\n")
             if i < 0:
-                if len(buf) > MAX_TEXT_LINE:  # keep the last byte: it may be the CR of a CRLF
-                    self._skipping_line = True
-                    self._data_problem = self._data_problem or Reply(500, "5.5.2 Line too long")
-                    del buf[:-1]
+                del buf[:-1]  # keep the last byte: it may be the CR of a CRLF
                 return None
-            line = bytes(buf[:i])
             del buf[: i + 2]
-            if self._skipping_line:  # the end of an over-long line
-                self._skipping_line = False
-                continue
-            if i + 2 > MAX_TEXT_LINE:
-                self._data_problem = self._data_problem or Reply(500, "5.5.2 Line too long")
-                continue
-            if line == b".":
+            self._skipping_line = False
+        last = buf.rfind(b"\r\n")
+        if last >= 0:
+            block = bytes(buf[: last + 2])
+            end = (b"\r\n" + block).find(b"\r\n.\r\n")  # a line that is just "."
+            if end >= 0:
+                del buf[: end + 3]
+                self._take_lines(block[:end])
                 return self._end_of_data()
-            if line.startswith(b"."):
-                line = line[1:]
-            if b"\r" in line or b"\n" in line:
-                line = re.sub(rb"\r|\n", b"\r\n", line)
-            if self._data_problem is None:
-                if len(self._content) + len(line) + 2 > self.max_message_bytes:
-                    self._data_problem = Reply(552, f"5.3.4 Message too big (the limit is "
-                                                    f"{self.max_message_bytes} bytes)")
+            del buf[: last + 2]
+            self._take_lines(block)
+        if len(buf) > MAX_TEXT_LINE:  # an unfinished line already too long
+            self._data_problem = self._data_problem or Reply(500, "5.5.2 Line too long")
+            self._skipping_line = True
+            del buf[:-1]
+        return None
+
+    def _take_lines(self, block: bytes) -> None:
+        """Add whole lines (each ending in CRLF) to the message: unstuffed, bare CR/LF made CRLF."""
+        if not block or self._data_problem is not None:
+            return
+        crlfs = block.count(b"\r\n")
+        plain = (block[:1] != b"." and b"\r\n." not in block and block.count(b"\r") == crlfs
+                 and block.count(b"\n") == crlfs
+                 and (len(block) <= MAX_TEXT_LINE or max(map(len, block.split(b"\r\n"))) + 2 <= MAX_TEXT_LINE))
+        if plain:  # the common case, at C speed: nothing to change
+            out = block
+        else:
+            parts = []
+            for line in block.split(b"\r\n")[:-1]:
+                if len(line) + 2 > MAX_TEXT_LINE:
+                    self._data_problem = Reply(500, "5.5.2 Line too long")
                     self._content = bytearray()
-                else:
-                    self._content += line
-                    self._content += b"\r\n"
+                    return
+                if line[:1] == b".":
+                    line = line[1:]
+                if b"\r" in line or b"\n" in line:
+                    line = re.sub(rb"\r|\n", b"\r\n", line)
+                parts.append(line)
+                parts.append(b"\r\n")
+            out = b"".join(parts)
+        if len(self._content) + len(out) > self.max_message_bytes:
+            self._data_problem = Reply(552, f"5.3.4 Message too big (the limit is {self.max_message_bytes} bytes)")
+            self._content = bytearray()
+            return
+        self._content += out
 
     def _end_of_data(self) -> Reply:
         self._mode = "command"

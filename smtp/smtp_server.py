@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 import time
 from typing import Callable
 
@@ -34,6 +35,10 @@ log = logging.getLogger(__name__)
 IDLE_TIMEOUT_S = 300.0  # RFC 5321 4.5.3.2.7 asks servers to wait 5 minutes for the next command
 RECV_BYTES = 64 * 1024
 POSTMASTER_USER = "admin"  # mail to postmaster@ (RFC 5321 4.5.1) goes to the administrator
+# Accounts are never deleted, so "this user exists" may be remembered a while:
+# it saves a store round trip per recipient. "Unknown" is never cached (sign-up).
+KNOWN_USER_CACHE_S = 60.0
+KNOWN_USER_CACHE_MAX = 10_000
 
 
 class MailDelivery:
@@ -44,6 +49,22 @@ class MailDelivery:
         self.store = store
         self.domain = domain.lower()
         self.clock = clock
+        self._known: dict[str, float] = {}  # username -> when it was seen to exist
+        self._known_lock = threading.Lock()
+
+    def user_exists(self, user: str) -> bool:
+        now = self.clock()
+        with self._known_lock:
+            seen = self._known.get(user)
+        if seen is not None and now - seen < KNOWN_USER_CACHE_S:
+            return True
+        if user in RESERVED or not self.accounts.exists(user):
+            return False
+        with self._known_lock:
+            if len(self._known) >= KNOWN_USER_CACHE_MAX:
+                self._known.clear()
+            self._known[user] = now
+        return True
 
     def local_user(self, address: str) -> str | None:
         """The username an address of ours names (None for other domains); raises InvalidUsername."""
@@ -78,7 +99,7 @@ class MailDelivery:
                                   f"domains")
             return Reply(250, "2.1.5 OK, will relay")
         try:
-            known = user not in RESERVED and self.accounts.exists(user)
+            known = self.user_exists(user)
         except KVError:
             log.warning("RCPT check for %s failed: store unavailable", user)
             return Reply(451, "4.3.0 Temporary failure, try again later")

@@ -16,9 +16,7 @@ from __future__ import annotations
 import email.utils
 import os
 from dataclasses import dataclass
-from email import policy
 from email.header import decode_header, make_header
-from email.parser import BytesHeaderParser
 
 # Only this much of a message is parsed for its summary: headers are at the
 # top, and a message whose header block is larger is summarised from this part.
@@ -46,22 +44,45 @@ def header_block(raw: bytes, limit: int = MAX_HEADER_SCAN) -> bytes:
     return head
 
 
-def _text(value) -> str:
-    """A header value as readable text: RFC 2047 words decoded, folding removed."""
-    if value is None:
-        return ""
-    try:
-        s = str(make_header(decode_header(str(value))))
-    except (ValueError, LookupError, UnicodeError):
-        s = str(value)
+_SUMMARY_FIELDS = {b"from": "sender", b"to": "to", b"subject": "subject", b"date": "date",
+                   b"message-id": "message_id"}
+
+
+def _text(value: bytes) -> str:
+    """A header value as readable text: UTF-8 (RFC 6532), RFC 2047 words decoded, folding removed."""
+    s = value.decode("utf-8", "replace")
+    if "=?" in s:
+        try:
+            s = str(make_header(decode_header(s)))
+        except (ValueError, LookupError, UnicodeError):
+            pass
     return " ".join(s.split())[:1000]
 
 
 def summarize(raw: bytes) -> Summary:
-    """The From, To, Subject, Date and Message-ID of a message, decoded for display."""
-    msg = BytesHeaderParser(policy=policy.compat32).parsebytes(header_block(raw))
-    return Summary(sender=_text(msg.get("From")), to=_text(msg.get("To")), subject=_text(msg.get("Subject")),
-                   date=_text(msg.get("Date")), message_id=_text(msg.get("Message-ID")))
+    """The From, To, Subject, Date and Message-ID of a message (first of each), decoded for display.
+
+    A small hand-written header reader rather than the `email` package: it
+    runs for every delivered message and only needs five fields.
+    """
+    found: dict[str, bytes] = {}
+    current: str | None = None
+    for line in header_block(raw).split(b"\n"):
+        line = line.rstrip(b"\r")
+        if not line:
+            break
+        if line[:1] in (b" ", b"\t"):  # a folded continuation
+            if current is not None:
+                found[current] += b" " + line.strip()
+            continue
+        name, colon, value = line.partition(b":")
+        field = _SUMMARY_FIELDS.get(name.strip().lower()) if colon else None
+        if field is not None and field not in found:
+            found[field] = value.strip()
+            current = field
+        else:
+            current = None
+    return Summary(**{k: _text(v) for k, v in found.items()})
 
 
 def new_message_id(domain: str) -> str:

@@ -5,7 +5,9 @@ the relay worker (the queue) and the webmail (everything). Layout, one line
 per row (docs/mail.md explains it at length):
 
     mbox/<user>/<folder>   folder index: one column per message, named by its id;
-                           the value is the message's metadata as JSON
+                           the value is the message's metadata as JSON, and for a
+                           small message (at most inline_bytes) a LF and then
+                           the message itself, so it costs one write and one read
     mmsg/<user>/<id>       the message's exact bytes, in chunks: columns
                            "00000000", "00000001", ... of at most chunk_bytes each
     mailq                  the relay queue: one column per queued message (its
@@ -15,7 +17,7 @@ per row (docs/mail.md explains it at length):
 Invariants, and why they hold after a crash at any point:
 
 - A message is visible only through its index cell, and the index cell is
-  written after every chunk of its body. A crash mid-delivery leaves at worst
+  written after every chunk of its body (or holds the body itself). A crash mid-delivery leaves at worst
   an orphan body row that nothing refers to, never half a message.
 - One cell per message in the index, so concurrent deliveries to one mailbox
   never overwrite each other (no read-modify-write of a shared list).
@@ -48,6 +50,7 @@ from src.kv import KV, Exists, Mismatch, NotFound
 FOLDERS = ("Inbox", "Sent")
 FOLDER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _-]{0,63}$")
 DEFAULT_CHUNK_BYTES = 1024 * 1024
+DEFAULT_INLINE_BYTES = 8 * 1024
 QUEUE_ROW = b"mailq"
 _CAS_TRIES = 16
 
@@ -148,11 +151,13 @@ def _check_id(msg_id: str) -> str:
 class MailStore:
     """Mail operations over any `KV` (the cluster client, or MemoryKV in tests)."""
 
-    def __init__(self, kv: KV, chunk_bytes: int = DEFAULT_CHUNK_BYTES, clock: Callable[[], float] = time.time):
+    def __init__(self, kv: KV, chunk_bytes: int = DEFAULT_CHUNK_BYTES, clock: Callable[[], float] = time.time,
+                 inline_bytes: int = DEFAULT_INLINE_BYTES):
         if chunk_bytes < 1:
             raise ValueError("chunk_bytes must be positive")
         self.kv = kv
         self.chunk_bytes = chunk_bytes
+        self.inline_bytes = min(inline_bytes, chunk_bytes)
         self.clock = clock
 
     # -- ids and rows ----------------------------------------------------------
@@ -190,13 +195,15 @@ class MailStore:
         delivering the same id again stores nothing new.
         """
         msg_id = _check_id(msg_id) if msg_id else self.new_id()
-        body_row = self._body_row(user, msg_id)
-        chunks = self._write_chunks(body_row, raw)
+        index_row = self._index_row(user, folder)
+        inline = len(raw) <= self.inline_bytes
+        chunks = 0 if inline else self._write_chunks(self._body_row(user, msg_id), raw)
         s = mailfmt.summarize(raw)
         meta = {"from": s.sender, "to": s.to, "subject": s.subject, "date": s.date, "mid": s.message_id,
-                "size": len(raw), "chunks": chunks, "read": read, "t": self.clock()}
+                "size": len(raw), "chunks": chunks, "inline": inline, "read": read, "t": self.clock()}
+        value = _json(meta) + b"\n" + raw if inline else _json(meta)
         try:
-            self.kv.putnx(self._index_row(user, folder), msg_id.encode(), _json(meta))
+            self.kv.putnx(index_row, msg_id.encode(), value)
         except Exists:
             pass  # delivered before (a retry): the first copy stands
         return msg_id
@@ -206,7 +213,7 @@ class MailStore:
             value = self.kv.get(self._index_row(user, folder), _check_id(msg_id).encode())
         except NotFound:
             raise NoSuchMessage(f"no message {msg_id} in {folder}") from None
-        return value, json.loads(value)
+        return value, _meta_of(value)
 
     @staticmethod
     def _info(folder: str, msg_id: str, m: dict) -> MessageInfo:
@@ -223,7 +230,7 @@ class MailStore:
                 value = self.kv.get(row, col)
             except NotFound:
                 continue  # deleted while we listed
-            out.append(self._info(folder, col.decode(), json.loads(value)))
+            out.append(self._info(folder, col.decode(), _meta_of(value)))
         return out
 
     def info(self, user: str, folder: str, msg_id: str) -> MessageInfo:
@@ -231,7 +238,9 @@ class MailStore:
 
     def iter_raw(self, user: str, folder: str, msg_id: str) -> Iterator[bytes]:
         """The message's exact bytes, one chunk at a time (for big messages)."""
-        m = self._meta(user, folder, msg_id)[1]
+        value, m = self._meta(user, folder, msg_id)
+        if m.get("inline"):
+            return iter([value[value.index(b"\n") + 1:]])
         return self._read_chunks(self._body_row(user, msg_id), m["chunks"])
 
     def get_raw(self, user: str, folder: str, msg_id: str) -> bytes:
@@ -245,8 +254,9 @@ class MailStore:
             if m["read"] == read:
                 return
             m["read"] = read
+            new = _json(m) + old[old.index(b"\n"):] if m.get("inline") else _json(m)
             try:
-                self.kv.cput(row, msg_id.encode(), old, _json(m))
+                self.kv.cput(row, msg_id.encode(), old, new)
                 return
             except Mismatch:
                 continue
@@ -342,6 +352,12 @@ class MailStore:
             self.kv.delrow(self._queue_body_row(item.id))
         except NotFound:
             pass
+
+
+def _meta_of(value: bytes) -> dict:
+    """The metadata of an index cell (the JSON before an inline message's LF)."""
+    end = value.find(b"\n")
+    return json.loads(value if end < 0 else value[:end])
 
 
 def _json(d: dict) -> bytes:

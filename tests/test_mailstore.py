@@ -166,3 +166,33 @@ def test_bounce_is_a_delivery_status_report():
     assert b"Final-Recipient: rfc822; x@remote.test" in raw and b"Status: 5.1.1" in raw
     assert b"Hello Bob" not in raw  # the original's body is not sent back
     assert summarize(raw).subject == "Undelivered Mail Returned to Sender"
+
+
+def test_small_messages_live_in_their_index_cell():
+    kv = MemoryKV()
+    store = MailStore(kv, chunk_bytes=1024, inline_bytes=len(MSG))
+    small = store.deliver("bob", "Inbox", MSG)
+    big = store.deliver("bob", "Inbox", MSG + b"x\r\n")
+    assert store.info("bob", "Inbox", small).chunks == 0 and store.info("bob", "Inbox", big).chunks == 1
+    assert kv.cols(f"mmsg/bob/{small}") == [] and kv.cols(f"mmsg/bob/{big}") != []
+    store.mark_read("bob", "Inbox", small)
+    store.move("bob", "Inbox", "Sent", small)
+    [info] = store.list("bob", "Sent")
+    assert info.read and info.subject == "café time" and store.get_raw("bob", "Sent", small) == MSG
+    assert store.get_raw("bob", "Inbox", big) == MSG + b"x\r\n"
+    store.delete("bob", "Sent", small)
+    assert store.list("bob", "Sent") == []
+
+
+@pytest.mark.parametrize("raw,want", [
+    (b"Subject: a\r\n folded\r\n\tline\r\nFrom: x\r\n\r\nSubject: body\r\n", ("a folded line", "x")),
+    (b"subject: \xc3\xa9t\xc3\xa9\r\nFROM:y\r\n\r\n", ("été", "y")),  # UTF-8 header (RFC 6532), any case
+    (b"Subject: first\r\nSubject: second\r\n\r\n", ("first", "")),
+    (b"Subject: =?iso-8859-1?q?caf=E9?= ok\nFrom: z\n\nbody", ("café ok", "z")),  # bare LF too
+    (b"X-Other: 1\r\n\r\n", ("", "")),
+    (b"no headers at all", ("", "")),
+    (b"", ("", "")),
+])
+def test_summarize(raw, want):
+    s = summarize(raw)
+    assert (s.subject, s.sender) == want
