@@ -360,6 +360,11 @@ class ServerClient:
                 broken = True
                 log.debug("%s: pipeline broke after %d replies: %s", self.addr, len(out), e)
         if sender is not None:
+            if broken:
+                try:
+                    conn.sock.shutdown(socket.SHUT_RDWR)   # unblock a sender still writing
+                except OSError:
+                    pass
             sender.join()
             broken = broken or bool(send_error)
         while len(out) < len(requests):
@@ -575,10 +580,11 @@ class ClusterClient:
                     if unknown and settle is not None:
                         return settle(e)
                     raise
-            if time.monotonic() + delay > end:
+            remaining = end - time.monotonic()
+            if remaining <= 0:
                 cls = OutcomeUnknown if unknown else Unavailable
                 raise cls(f"{cmd} on row {row[:64]!r}: gave up after {self.deadline}s: {last}")
-            time.sleep(delay * random.uniform(0.5, 1.0))
+            time.sleep(min(delay * random.uniform(0.5, 1.0), remaining))
             delay = min(delay * 2, self.BACKOFF_MAX)
 
     # -- the KV interface --
