@@ -179,8 +179,6 @@ class LoadBalancer:
                 return
             if type(ev) is not Request:
                 return
-            with self._lock:
-                self.requests += 1
             try:
                 if not has_body(ev):
                     end = client.next_event()  # a body-less request ends at once
@@ -188,10 +186,13 @@ class LoadBalancer:
                         return
                 if ev.target.startswith(CONTROL_PREFIX):
                     self._control(client, ev, peer[0])
-                elif self.mode == "redirect":
-                    self._redirect(client, ev)
                 else:
-                    self._proxy(client, ev, peer[0])
+                    with self._lock:
+                        self.requests += 1  # visitors' requests only, not heartbeats
+                    if self.mode == "redirect":
+                        self._redirect(client, ev)
+                    else:
+                        self._proxy(client, ev, peer[0])
             except ChannelError as e:
                 if e.side == "client":
                     return

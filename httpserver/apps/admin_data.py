@@ -168,14 +168,14 @@ class ClusterView:
         if probe["ok"]:
             row["state"] = st.get("state", "?")
             row["load"] = f"{st.get('ops', '?')} ops, {st.get('keys', '?')} keys, {_size(st.get('disk_bytes'))}"
-            row["detail"] = f"log records {st.get('log_records', '?')}"
+            row["detail"] = f"{st.get('log_records', '?')} log records"
         else:
             row["state"] = "down"
             row["load"] = ""
             row["detail"] = probe["error"]
         if node is not None:
             master_state = node.get("state", "")
-            if master_state and master_state != "alive":
+            if master_state and master_state not in ("alive", row["state"]):
                 row["state"] = master_state if not probe["ok"] else f"{row['state']} ({master_state} for the master)"
             ms = node.get("last_seen_ms")
             row["heartbeat"] = f"{int(ms) / 1000:.1f} s ago" if ms and ms.isdigit() else ""
@@ -190,13 +190,13 @@ class ClusterView:
         if lbf is not None:
             row["addr"] = lbf["addr"]
             row["state"] = lbf["state"]
-            row["load"] = f"{lbf['load']:g} active, {lbf['assigned']} visitors sent"
+            row["load"] = f"load {lbf['load']:g}, {lbf['assigned']} visitors sent"
             age = lbf["last_beat_age_s"]
             row["heartbeat"] = "never" if age is None else f"{age:.1f} s ago (LB)"
             row["actions"] = ["enable" if not lbf["enabled"] else "disable"]
         elif beacon is not None:
-            row["state"] = beacon.get("state", "?")
-            row["load"] = f"{beacon.get('load', 0)} active"
+            row["state"] = str(beacon.get("state", "?"))
+            row["load"] = f"load {_num(beacon.get('load'))}"
             row["heartbeat"] = f"{beacon['age_s']:.1f} s ago"
             row["actions"] = []
         else:
@@ -219,7 +219,8 @@ class ClusterView:
     def _mail_row(self, proc_id: str, addr: str, role: str, beacon: dict | None, port_open: bool | None) -> dict:
         row = {"id": proc_id, "kind": "mail", "addr": addr, "role": role, "actions": [], "detail": ""}
         if beacon is not None:
-            row.update(state=beacon.get("state", "?"), load=f"{beacon.get('load', 0)}",
+            row.update(state=str(beacon.get("state", "?")),
+                       load="" if addr == "-" else f"{_num(beacon.get('load'))} connections",
                        heartbeat=f"{beacon['age_s']:.1f} s ago")
             if beacon.get("stale") and port_open:
                 row["state"] = "up"
@@ -262,6 +263,11 @@ def _parse_tablet_roles(text: str) -> dict[int, str]:
         if t.isdigit():
             out[int(t)] = role or "?"
     return out
+
+
+def _num(v) -> str:
+    """A number from a beacon (anything may be in the store) for display."""
+    return f"{v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else "?"
 
 
 def _size(v) -> str:
