@@ -330,6 +330,7 @@ class KVServer:
             lines += [f"memtable_bytes={s['memtable_bytes']}", f"cache_bytes={s['cache_bytes']}",
                       f"index_bytes={s['index_bytes']}", f"checkpoints={s['checkpoints']}"]
         lines.append(f"memory_budget={self.storage_cfg.memory_budget_bytes}")
+        lines.append(f"group_commit={int(self.storage_cfg.group_commit)}")
         return listing(lines)
 
     def role_of(self, tid: int) -> str:

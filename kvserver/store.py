@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 ROW_LOCK_STRIPES = 4096
 CHECK_INTERVAL_S = 0.5        # how often the checkpointer looks even when not woken
 ADMIT_WAIT_S = 30.0           # longest a writer waits for memory before going ahead
+MEM_RECHECK_S = 0.005         # how stale the writers' view of memtable memory may be
 
 
 def tablet_dir(data_dir: str, tablet_id: int) -> str:
@@ -61,6 +62,8 @@ class Store:
         self._room = threading.Condition()
         self._thread: threading.Thread | None = None
         self.checkpoints = 0
+        self._mem_cached = 0
+        self._mem_checked = 0.0
 
     # -- life cycle ----------------------------------------------------------------
 
@@ -116,10 +119,19 @@ class Store:
     def memtable_bytes(self) -> int:
         return sum(t.memtable_bytes for t in list(self.tablets.values()))
 
+    def _memtable_estimate(self) -> int:
+        """memtable_bytes, recomputed at most every MEM_RECHECK_S (writes are hot)."""
+        now = time.monotonic()
+        if now - self._mem_checked > MEM_RECHECK_S:
+            self._mem_cached = self.memtable_bytes
+            self._mem_checked = now
+        return self._mem_cached
+
     def admit(self) -> None:
         """Before a write: wait (bounded) while the memtables are far over their share."""
-        if self.memtable_bytes <= 2 * self.mem_share:
-            if self.memtable_bytes > self.mem_share:
+        mem = self._memtable_estimate()
+        if mem <= 2 * self.mem_share:
+            if mem > self.mem_share:
                 self._wake.set()
             return
         self._wake.set()
@@ -131,7 +143,7 @@ class Store:
 
     def wrote(self, t: Tablet) -> None:
         """After a write to `t`: wake the checkpointer if a threshold is passed."""
-        if t.log_bytes >= self.cfg.checkpoint_log_bytes or self.memtable_bytes > self.mem_share:
+        if t.log_bytes >= self.cfg.checkpoint_log_bytes or self._memtable_estimate() > self.mem_share:
             self._wake.set()
 
     # -- background checkpoints ---------------------------------------------------------
