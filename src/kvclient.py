@@ -124,11 +124,12 @@ class _Connection:
 
     def looks_closed(self) -> bool:
         """An idle connection with something to read has been closed (or is out of step)."""
+        poller = select.poll()      # not select.select: it fails for descriptors over 1023
+        poller.register(self.sock, select.POLLIN | select.POLLERR | select.POLLHUP)
         try:
-            r, _, _ = select.select([self.sock], [], [], 0)
-        except (OSError, ValueError):
+            return bool(poller.poll(0))
+        except OSError:
             return True
-        return bool(r)
 
     def close(self) -> None:
         try:

@@ -6,6 +6,7 @@ src/server.TCPServer, keeps its data in a MemoryKV, and has fault hooks
 applying a write). `FakeMaster` serves MAP from a list the test edits.
 """
 
+import os
 import threading
 import time
 
@@ -623,3 +624,22 @@ def test_cluster_write_unknown_until_deadline_is_outcome_unknown(fakes):
         assert a.store.get("r", "c") == b"v"
     finally:
         c.close()
+
+
+def test_pool_works_with_descriptors_over_1023(fakes):
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200:
+        pytest.skip("needs a descriptor limit of at least 1200")
+    s = fakes(FakeTabletServer)
+    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]   # push new sockets past 1023
+    try:
+        c = ServerClient(s.addr)
+        for i in range(5):
+            c.put("r", "c", b"%d" % i)
+        assert c._idle[0].sock.fileno() > 1023
+        assert s.accepted == 1              # the pooled connection was reused, not thrown away
+        c.close()
+    finally:
+        for fd in filler:
+            os.close(fd)
