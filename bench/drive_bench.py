@@ -2,15 +2,17 @@
 
     .venv/bin/python bench/drive_bench.py                    # 1 GiB (a few minutes)
     .venv/bin/python bench/drive_bench.py --size 128MiB      # a quick run
+    .venv/bin/python bench/drive_bench.py --cluster 3         # its own master + 3 tablet servers, R = 3
     .venv/bin/python bench/drive_bench.py --config configs/local.toml   # a running cluster (./run_all.sh)
 
 What it does. Without --config it starts its own standalone tablet server
 (`python -m kvserver --standalone --port 0 --data <tmp>`: every write
 fsynced before the reply, but one copy) and a frontend process
 (`python -m httpserver --config <tmp>/bench.toml --id fe1 --kv-server ...`).
-With --config it starts only a frontend, talking to the running cluster of
-that config through its master (writes replicated to every live replica
-before the reply). Then, with curl as the client for everything:
+With --cluster N it starts its own cluster on free ports: a master and N
+tablet servers with replication 3 (every chunk written to 3 servers, each
+fsyncing, before the reply). With --config it starts only a frontend, talking
+to the running cluster of that config through its master. Then, with curl as the client for everything:
 
   loopback   `python -m http.server` serves the same file from disk; curl
              downloads it: the ceiling for "bytes over loopback HTTP".
@@ -128,6 +130,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", type=parse_size, default=1 << 30, help="file size (default 1GiB)")
     ap.add_argument("--config", default=None, help="use the running cluster of this config (else a standalone server)")
+    ap.add_argument("--cluster", type=int, default=0, metavar="N",
+                    help="start a master and N tablet servers (replication 3) for the run")
     ap.add_argument("--tmp", default=None, help="where to put the file and data (default: a temp dir)")
     args = ap.parse_args()
     if not shutil.which("curl"):
@@ -142,7 +146,24 @@ def main() -> int:
         digest = make_file(src, args.size)
         py = sys.executable
 
-        if args.config:
+        if args.cluster:
+            cfg_path = os.path.join(tmp, "cluster.toml")
+            ports = [free_port() for _ in range(args.cluster + 1)]
+            with open(cfg_path, "w") as f:
+                f.write(f'data_dir = "{tmp}/data"\n[cluster]\ntablets = 24\nreplication = {min(3, args.cluster)}\n'
+                        f'[master]\nid = "master"\nhost = "127.0.0.1"\nport = {ports[0]}\n'
+                        f'[drive]\nquota_bytes = "{max(args.size * 2, 1 << 30)}"\n'
+                        '[[frontend]]\nid = "fe1"\nhost = "127.0.0.1"\nport = 0\n')
+                for i, p in enumerate(ports[1:], 1):
+                    f.write(f'[[kvserver]]\nid = "kv{i}"\nhost = "127.0.0.1"\nport = {p}\n')
+            children.append(Child([py, "-m", "master", "--config", cfg_path, "--id", "master"],
+                                  os.path.join(tmp, "master.log")))
+            for i in range(1, args.cluster + 1):
+                children.append(Child([py, "-m", "kvserver", "--config", cfg_path, "--id", f"kv{i}"],
+                                      os.path.join(tmp, f"kv{i}.log")))
+            fe_args = ["--config", cfg_path, "--id", "fe1"]
+            store = f"cluster: master + {args.cluster} tablet servers, replication {min(3, args.cluster)}"
+        elif args.config:
             cfg_path = os.path.abspath(args.config)
             fe_args = ["--config", cfg_path, "--id", "fe1", "--port", "0", "--data", os.path.join(tmp, "fe")]
             store = f"cluster of {os.path.basename(cfg_path)} (replicated)"
