@@ -1,0 +1,270 @@
+"""Accounts over real sockets: the fixed routes with their exact statuses,
+logout and password change ending sessions, CSRF, throttling, timing of an
+unknown user vs a wrong password, the admin account, and a session made on
+one frontend process being valid on another."""
+
+import http.client
+import os
+import re
+import statistics
+import threading
+import time
+import urllib.parse
+
+import pytest
+
+from httpserver.frontend import Frontend, admin_password
+from src.config import parse_config
+from src.kv import MemoryKV
+from tests.harness import free_port
+
+PASSWORD = "correct horse"
+
+
+class Client:
+    """A tiny browser: one keep-alive connection and a cookie jar of one cookie."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.sid: str | None = None
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+
+    def request(self, method, path, fields=None, headers=None):
+        h = dict(headers or {})
+        body = None
+        if fields is not None:
+            body = urllib.parse.urlencode(fields)
+            h["Content-Type"] = "application/x-www-form-urlencoded"
+        if self.sid:
+            h["Cookie"] = f"sid={self.sid}"
+        self.conn.request(method, path, body=body, headers=h)
+        r = self.conn.getresponse()
+        r.body = r.read().decode("utf-8", "replace")
+        cookie = r.getheader("Set-Cookie")
+        if cookie and cookie.startswith("sid="):
+            value = cookie.split(";", 1)[0][4:]
+            self.sid = value or None
+        return r
+
+    def get(self, path, **kw):
+        return self.request("GET", path, **kw)
+
+    def post(self, path, fields=None, **kw):
+        return self.request("POST", path, fields if fields is not None else {}, **kw)
+
+    def csrf(self, path="/home") -> str:
+        r = self.get(path)
+        m = re.search(r'name="csrf" value="([^"]+)"', r.body)
+        assert m, f"no csrf field on {path}"
+        return m.group(1)
+
+    def close(self):
+        self.conn.close()
+
+
+def make_cfg(tmp_path, **http):
+    http.setdefault("admin_password", "admin-secret-1")
+    return parse_config({"http": http, "lb": {"port": free_port()}}, "test.toml", str(tmp_path))
+
+
+@pytest.fixture
+def fe(tmp_path):
+    cfg = make_cfg(tmp_path)
+    f = Frontend(cfg, cfg.node("fe1") if cfg.frontends else _node(), MemoryKV(), port=0).start()
+    try:
+        yield f
+    finally:
+        f.stop()
+
+
+def _node():
+    from src.config import Node
+    return Node("fe1", "127.0.0.1", 0)
+
+
+@pytest.fixture
+def client(fe):
+    c = Client(fe.port)
+    yield c
+    c.close()
+
+
+def test_fixed_routes_statuses(fe, client):
+    r = client.get("/")
+    assert r.status == 200 and 'action="/login"' in r.body and 'action="/signup"' in r.body
+    assert client.get("/home").status == 303 and client.get("/home").getheader("Location") == "/"
+
+    r = client.post("/signup", {"username": "Alice", "password": PASSWORD})
+    assert r.status == 303 and r.getheader("Location") == "/home"
+    cookie = r.getheader("Set-Cookie")
+    assert re.match(r"sid=[A-Za-z0-9_-]{22}; ", cookie)
+    assert "HttpOnly" in cookie and "SameSite=Lax" in cookie and "Path=/" in cookie
+    home = client.get("/home")
+    assert home.status == 200 and "Hello, alice" in home.body and 'href="/drive"' in home.body
+    assert client.get("/").status == 303
+
+    anon = Client(fe.port)
+    r = anon.post("/signup", {"username": "alice", "password": "another password"})
+    assert r.status == 409 and "taken" in r.body and 'action="/signup"' in r.body and anon.sid is None
+    for fields in ({"username": "bad name!", "password": PASSWORD}, {"username": "bob", "password": "short"},
+                   {"username": "", "password": PASSWORD}, {}):
+        r = anon.post("/signup", fields)
+        assert r.status == 400 and 'action="/signup"' in r.body, fields
+    assert anon.post("/login", {"username": "alice", "password": "wrong password"}).status == 401
+    assert anon.post("/login", {"username": "nobody", "password": PASSWORD}).status == 401
+    r = anon.post("/login", {"username": "ALICE", "password": PASSWORD})
+    assert r.status == 303 and r.getheader("Location") == "/home" and anon.sid
+    assert anon.get("/account").status == 200
+    anon.close()
+
+
+def test_logout_ends_the_session_and_needs_csrf(client):
+    client.post("/signup", {"username": "carol", "password": PASSWORD})
+    sid = client.sid
+    token = client.csrf()
+    assert client.post("/logout", {"csrf": "forged"}).status == 403
+    assert client.get("/home").status == 200, "a forged logout must not end the session"
+    r = client.post("/logout", {"csrf": token})
+    assert r.status == 303 and r.getheader("Location") == "/"
+    assert client.sid is None
+    client.sid = sid                                  # replaying the old cookie does not work
+    r = client.get("/home")
+    assert r.status == 303 and r.getheader("Location") == "/"
+
+
+def test_password_change_ends_other_sessions(fe):
+    a, b = Client(fe.port), Client(fe.port)
+    a.post("/signup", {"username": "dave", "password": PASSWORD})
+    b.post("/login", {"username": "dave", "password": PASSWORD})
+    assert b.get("/home").status == 200
+    token = a.csrf("/account")
+    r = a.post("/account", {"csrf": token, "old": "not the password", "new": "new password 1",
+                            "confirm": "new password 1"})
+    assert r.status == 403 and "not right" in r.body
+    r = a.post("/account", {"csrf": token, "old": PASSWORD, "new": "new password 1", "confirm": "different"})
+    assert r.status == 400
+    r = a.post("/account", {"csrf": token, "old": PASSWORD, "new": "new password 1",
+                            "confirm": "new password 1"})
+    assert r.status == 200 and "was changed" in r.body
+    assert a.get("/home").status == 200, "the session that changed it stays"
+    assert b.get("/home").status == 303, "every other session ends"
+    c = Client(fe.port)
+    assert c.post("/login", {"username": "dave", "password": PASSWORD}).status == 401
+    assert c.post("/login", {"username": "dave", "password": "new password 1"}).status == 303
+    for x in (a, b, c):
+        x.close()
+
+
+def test_forged_or_missing_csrf_is_403(client):
+    client.post("/signup", {"username": "erin", "password": PASSWORD})
+    for fields in ({"old": PASSWORD, "new": "xxxxxxxxxx", "confirm": "xxxxxxxxxx"},
+                   {"csrf": "x" * 22, "old": PASSWORD, "new": "xxxxxxxxxx", "confirm": "xxxxxxxxxx"}):
+        r = client.post("/account", fields)
+        assert r.status == 403 and "reload" in r.body
+    r = client.post("/account", {"old": PASSWORD, "new": "xxxxxxxxxx", "confirm": "xxxxxxxxxx"},
+                    headers={"X-CSRF-Token": "wrong"})
+    assert r.status == 403
+    # Without a session a POST to a logged-in route is 401.
+    anon = Client(client.port)
+    assert anon.post("/account", {"csrf": "x"}).status == 401
+    anon.close()
+
+
+def test_login_throttling(client):
+    client.post("/signup", {"username": "frank", "password": PASSWORD})
+    other = Client(client.port)
+    for _ in range(6):
+        assert other.post("/login", {"username": "frank", "password": "wrong guess!"}).status == 401
+    r = other.post("/login", {"username": "frank", "password": PASSWORD})
+    assert r.status == 429 and int(r.getheader("Retry-After")) >= 1 and "wait" in r.body
+    time.sleep(1.1)  # the lock after the 6th failure is 1 s
+    assert other.post("/login", {"username": "frank", "password": PASSWORD}).status == 303
+    other.close()
+
+
+def test_unknown_user_costs_as_much_as_a_wrong_password(client):
+    client.post("/signup", {"username": "grace", "password": PASSWORD})
+    anon = Client(client.port)
+
+    def timed(username):
+        t = time.perf_counter()
+        r = anon.post("/login", {"username": username, "password": "wrong password"})
+        assert r.status == 401
+        return time.perf_counter() - t
+    wrong, unknown = [], []
+    for i in range(4):
+        wrong.append(timed("grace"))
+        unknown.append(timed(f"nobody{i}"))
+    ratio = statistics.median(unknown) / statistics.median(wrong)
+    assert 0.5 < ratio < 2.0, (wrong, unknown)
+    anon.close()
+
+
+def test_admin_account_and_admin_only_pages(fe, client):
+    admin = Client(fe.port)
+    assert admin.post("/login", {"username": "admin", "password": "admin-secret-1"}).status == 303
+    home = admin.get("/home")
+    assert 'href="/admin"' in home.body
+    client.post("/signup", {"username": "heidi", "password": PASSWORD})
+    assert 'href="/admin"' not in client.get("/home").body
+    if "admin" in fe.apps:
+        assert client.get("/admin").status == 403
+        assert admin.get("/admin").status == 200
+    admin.close()
+
+
+def test_admin_password_file_is_created_once(tmp_path):
+    cfg = make_cfg(tmp_path, admin_password="")
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(admin_password(cfg))) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    path = tmp_path / "admin.password"
+    assert len(set(results)) == 1 and len(results[0]) >= 8
+    assert path.read_text().strip() == results[0]
+    assert (os.stat(path).st_mode & 0o777) == 0o600
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    fe = Frontend(cfg, _node(), MemoryKV(), port=0).start()
+    try:
+        c = Client(fe.port)
+        assert c.post("/login", {"username": "admin", "password": results[0]}).status == 303
+        c.close()
+    finally:
+        fe.stop()
+
+
+def test_session_is_valid_on_a_second_frontend_process(procs, tmp_path):
+    kv = procs.start("kvserver", ["--standalone", "--port", "0", "--data", str(tmp_path / "kv")], name="kv")
+    cfg = tmp_path / "cluster.toml"
+    cfg.write_text(f"""
+data_dir = "{tmp_path / 'data'}"
+[[frontend]]
+id = "fe1"
+host = "127.0.0.1"
+port = 0
+[[frontend]]
+id = "fe2"
+host = "127.0.0.1"
+port = 0
+[lb]
+port = {free_port()}
+[http]
+admin_password = "admin-secret-1"
+""")
+    fes = [procs.start("httpserver", ["--config", str(cfg), "--id", name, "--kv-server", f"127.0.0.1:{kv.port}"],
+                       name=name) for name in ("fe1", "fe2")]
+    one, two = Client(fes[0].port), Client(fes[1].port)
+    assert one.post("/signup", {"username": "ivan", "password": PASSWORD}).status == 303
+    two.sid = one.sid
+    r = two.get("/home")
+    assert r.status == 200 and "Hello, ivan" in r.body
+    token = two.csrf()
+    assert two.post("/logout", {"csrf": token}).status == 303
+    assert one.get("/home").status == 303, "logged out on fe2 means logged out on fe1"
+    # the admin account was made by the processes, once
+    admin = Client(fes[1].port)
+    assert admin.post("/login", {"username": "admin", "password": "admin-secret-1"}).status == 303
+    for c in (one, two, admin):
+        c.close()
