@@ -218,9 +218,19 @@ def _roundtrip_all(c: _Client, requests: list[bytes]) -> None:
         got += 1
 
 
-def load_process(dialect_name, routes, total_tablets, op, client_ids, keys_per_client, value_size,
-                 seconds, barrier, results):
-    """Run the clients `client_ids` for `seconds` after the barrier; put (ops, errors, latencies)."""
+def load_process(*args):
+    """A load process: put (ops, errors, latencies), or an error text, on the results queue."""
+    barrier, results = args[-2], args[-1]
+    try:
+        results.put(_load(*args))
+    except BaseException as e:  # report every failure to the parent instead of hanging it
+        barrier.abort()
+        results.put(f"{type(e).__name__}: {e}")
+
+
+def _load(dialect_name, routes, total_tablets, op, client_ids, keys_per_client, value_size,
+          seconds, barrier, results):
+    """Run the clients `client_ids` for `seconds` after the barrier; return (ops, errors, latencies)."""
     dialect = DIALECTS[dialect_name]()
     value = (b"x" * value_size)
     pad = b"." * max(0, value_size - 20)
@@ -256,7 +266,7 @@ def load_process(dialect_name, routes, total_tablets, op, client_ids, keys_per_c
         c.sock.sendall(data)
         c.sock.setblocking(False)
 
-    barrier.wait()
+    barrier.wait(timeout=120)
     start = time.perf_counter()
     end = start + seconds
     lat: list[float] = []
@@ -292,7 +302,7 @@ def load_process(dialect_name, routes, total_tablets, op, client_ids, keys_per_c
             break                       # a server that stopped answering: report what we have
     for c in clients:
         c.sock.close()
-    results.put((ops, errors, lat))
+    return ops, errors, lat
 
 
 def run_cell(dialect_name, routes, total_tablets, op, clients, procs, seconds, keys, value_size):
@@ -313,7 +323,10 @@ def run_cell(dialect_name, routes, total_tablets, op, clients, procs, seconds, k
     lat: list[float] = []
     try:
         for _ in workers:
-            o, e, l_ = results.get(timeout=seconds + 120)
+            got = results.get(timeout=seconds + 180)
+            if isinstance(got, str):
+                raise RuntimeError(f"a load process failed: {got}")
+            o, e, l_ = got
             total_ops += o
             total_err += e
             lat += l_
