@@ -62,7 +62,7 @@ __all__ = [
 MAX_LINE = 65536                 # bytes of a request line before its CRLF
 MAX_NAME = 4096                  # bytes of a row or column name, decoded
 MAX_VALUE = 64 * 1024 * 1024     # default cell limit; servers pass their configured one
-MAX_LITERAL_DIGITS = 18          # `{N}` with more digits cannot be a real value: close
+MAX_LITERAL_DIGITS = 18          # `{N}` with more significant digits cannot be a real value: close
 MAX_REPLY_LINE = 1024 * 1024     # a reply's status or listing line (generous: clients trust servers)
 MAX_REPLY_VALUE = 1024 * 1024 * 1024   # a `$N` value or a whole `*N` listing, in bytes
 
@@ -477,7 +477,7 @@ class RequestParser:
                     if m is None:
                         problem = ProtocolErrorEvent(
                             "BADREQ", "bad literal (a value token may not begin with '{'; send %7B)")
-                    elif len(m.group(1)) > MAX_LITERAL_DIGITS:
+                    elif len(m.group(1).lstrip(b"0")) > MAX_LITERAL_DIGITS:
                         return self._fatal("literal length out of range")
                     else:
                         n = int(m.group(1))
@@ -524,7 +524,7 @@ class RequestParser:
         for t in toks:
             m = _LITERAL.fullmatch(t)
             if m:
-                if len(m.group(1)) > MAX_LITERAL_DIGITS:
+                if len(m.group(1).lstrip(b"0")) > MAX_LITERAL_DIGITS:
                     return self._fatal("literal length out of range")
                 literals.append(_Literal(-1, int(m.group(1)), keep=False))
         if spec is None:

@@ -86,6 +86,7 @@ REQUESTS = [
     ("literal, LF only", b"PUT a b {3}\nxyz\n", [R("PUT", b"a", b"b", b"xyz")]),
     ("empty literal", b"PUT a b {0}\r\n\r\n", [R("PUT", b"a", b"b", b"")]),
     ("leading zeros", b"PUT a b {003}\r\nxyz\r\n", [R("PUT", b"a", b"b", b"xyz")]),
+    ("many leading zeros", b"PUT a b {" + b"0" * 40 + b"3}\r\nxyz\r\n", [R("PUT", b"a", b"b", b"xyz")]),
     ("binary literal", b"PUT a b {4}\r\n\x00\r\n\xff\r\n", [R("PUT", b"a", b"b", b"\x00\r\n\xff")]),
     ("two literals in order", b"CPUT r c {3} {4}\r\nold\r\nnew!\r\n", [R("CPUT", b"r", b"c", b"old", b"new!")]),
     ("literal and token mixed", b"CPUT r c old {2}\r\nhi\r\n", [R("CPUT", b"r", b"c", b"old", b"hi")]),
