@@ -413,8 +413,14 @@ class Tablet:
 
     def apply(self, p: Pending) -> None:
         """Make a durable record visible to readers."""
-        p.mem.apply(p.record.effect)
-        self._done(p)
+        if p.done:
+            return
+        p.done = True
+        with self._inflight_cond:      # also keeps the memtable's byte count exact
+            p.mem.apply(p.record.effect)
+            p.mem.inflight -= 1
+            if p.mem.inflight == 0:
+                self._inflight_cond.notify_all()
 
     def abandon(self, p: Pending) -> None:
         """Give up a submitted record without applying it (it may still be on disk)."""
@@ -541,10 +547,17 @@ class Tablet:
                     if active.records == 0:
                         self.last_checkpoint_time = time.monotonic()
                         return False
+                    # Everything numbered so far goes to disk before the new
+                    # segment takes records, so segments never leave a gap.
+                    old_log = self.log
+                    try:
+                        old_log.flush()
+                    except LogError as e:
+                        self._fail(str(e))
+                        raise TabletError(str(e)) from None
                     frozen = active
                     frozen.sealed_seq, frozen.sealed_epoch = self.last_seq, self.epoch
                     self._view = (Memtable(), frozen, ckpt)
-                    old_log = self.log
                     self.log = self._new_segment(self.last_seq + 1)
                 else:
                     old_log = None      # a failed attempt left the freeze in place
@@ -554,6 +567,8 @@ class Tablet:
                     self._inflight_cond.wait(0.1)
                     if should_stop():
                         return False
+            if self.failed:
+                return False            # a record numbered into `frozen` may be missing
             if old_log is not None:
                 old_log.close()
             t0 = time.monotonic()

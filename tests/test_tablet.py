@@ -11,6 +11,7 @@ import pytest
 from kvserver.checkpoint import BlockCache, CheckpointReader, CorruptCheckpoint, write_checkpoint
 from kvserver.tablet import CHECKPOINT, CHECKPOINT_TMP, Memtable, Tablet, TabletError, _merge
 from kvserver.wal import DEL, DELROW, SET, Effect, LogRecord, read_segment
+from tests.harness import wait_until
 
 
 def open_tablet(path, **kw):
@@ -136,8 +137,10 @@ def test_corrupt_checkpoint_refuses_to_open(tmp_path):
 
 def test_cells_are_read_from_the_checkpoint_without_loading_the_tablet(tmp_path):
     t = open_tablet(tmp_path)
-    for i in range(2000):
-        t.write(Effect(SET, b"row%04d" % i, b"c", b"v" * 300))
+    pending = [t.submit(Effect(SET, b"row%04d" % i, b"c", b"v" * 300)) for i in range(2000)]
+    for p in pending:                            # distinct rows: one group commit for all
+        t.wait_durable(p)
+        t.apply(p)
     t.checkpoint()
     t.close()
     cache = BlockCache(64 * 1024)
@@ -232,3 +235,25 @@ def test_closed_tablet_refuses_writes(tmp_path):
     t.close(abandon=True)
     with pytest.raises(TabletError):
         t.write(Effect(SET, b"a", b"b", b"c"))
+
+
+def test_checkpoint_waits_for_records_in_flight_and_leaves_no_gap(tmp_path):
+    t = open_tablet(tmp_path)
+    t.write(Effect(SET, b"a", b"c", b"1"))
+    p = t.submit(Effect(SET, b"b", b"c", b"2"))        # numbered, not yet waited for
+    done = threading.Event()
+    th = threading.Thread(target=lambda: (t.checkpoint(), done.set()))
+    th.start()
+    # the rotation made seq 2 durable in the old segment before the new one took records
+    first = os.path.join(tmp_path, sorted(n for n in os.listdir(tmp_path) if n.endswith(".wal"))[0])
+    wait_until(lambda: [r.seq for r in read_segment(first).records] == [1, 2], timeout=5,
+               what="seq 2 durable")
+    t.write(Effect(SET, b"c", b"c", b"3"))            # writers go on meanwhile
+    assert not done.wait(0.2)                          # the checkpoint waits for seq 2's apply
+    t.wait_durable(p)
+    t.apply(p)
+    th.join(10)
+    assert done.is_set() and t.checkpoint_seq == 2
+    t.close()
+    t = open_tablet(tmp_path)
+    assert [t.get(r, b"c") for r in (b"a", b"b", b"c")] == [b"1", b"2", b"3"] and t.replayed == 1
