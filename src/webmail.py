@@ -344,9 +344,13 @@ def attachment_bytes(raw: bytes, index: int) -> tuple[str, str, bytes] | None:
     return None
 
 
+_RULE_RE = re.compile(r"^\s*[-_=*]{3,}")  # "-- Forwarded message --" lines and rules
+
+
 def preview(display: DisplayMessage, limit: int = PREVIEW_CHARS) -> str:
     """The first words of the body on one line, for the message list."""
-    lines = [ln for ln in display.body_text.splitlines() if ln.strip() and not ln.lstrip().startswith(">")]
+    lines = [ln for ln in display.body_text.splitlines()
+             if ln.strip() and not ln.lstrip().startswith(">") and not _RULE_RE.match(ln)]
     text = " ".join(" ".join(lines).split())
     return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
 
@@ -424,6 +428,9 @@ _ALLOWED_TAGS = frozenset("""
     thead tr tt u ul center font big
 """.split())
 _VOID_TAGS = frozenset({"br", "hr"})
+# Every void element of HTML: they have no end tag, so dropping one must not
+# wait for it (a `<link>` would otherwise swallow the rest of the message).
+_HTML_VOID = frozenset("area base br col embed hr img input keygen link meta param source track wbr".split())
 # Elements whose whole content is dropped (not shown as text).
 _DROP_CONTENT = frozenset("""
     script style head title iframe frame frameset object embed applet noscript noembed noframes
@@ -466,11 +473,12 @@ class _Sanitizer(HTMLParser):
     def handle_starttag(self, tag, attrs):
         tag = tag.lower()
         if self.dropping:
-            if tag in _DROP_CONTENT and tag not in _VOID_TAGS:
+            if tag in _DROP_CONTENT and tag not in _HTML_VOID:
                 self.dropping.append(tag)
             return
         if tag in _DROP_CONTENT:
-            self.dropping.append(tag)
+            if tag not in _HTML_VOID:
+                self.dropping.append(tag)
             return
         if tag == "img":
             alt = next((v for k, v in attrs if k == "alt" and v), "")
@@ -513,13 +521,14 @@ class _Sanitizer(HTMLParser):
             self.open.pop()
             self.out.append(f"</{tag}>")
         elif self.dropping and self.dropping[-1] == tag:
-            self.dropping.pop()
+            self.dropping.pop()  # a self-closed <svg/> or <script/>: nothing inside it
 
     def handle_endtag(self, tag):
         tag = tag.lower()
         if self.dropping:
-            if tag == self.dropping[-1]:
-                self.dropping.pop()
+            if tag in self.dropping:  # close it and anything left open inside it
+                while self.dropping.pop() != tag:
+                    pass
             return
         if tag not in self.open:
             return  # a stray end tag: never close what the page around us opened

@@ -363,6 +363,13 @@ def test_sanitiser_escapes_text_and_images_become_placeholders():
     assert sanitize_html('<img src="https://t.example/p.gif" alt="logo">') == "[image: logo]"
 
 
+def test_sanitiser_dropping_void_or_unbalanced_elements_keeps_the_rest():
+    assert sanitize_html("<link rel=stylesheet href=x><p>after link</p>") == "<p>after link</p>"
+    assert sanitize_html("<meta charset=utf-8><base href=x><embed src=x>text") == "text"
+    assert sanitize_html("<svg><title>t</svg><p>after svg</p>") == "<p>after svg</p>"
+    assert sanitize_html("<head><title>T</title><style>p{}</style></head><body><p>hi</p></body>") == "<p>hi</p>"
+
+
 def test_sanitiser_closes_open_tags_and_ignores_stray_end_tags():
     assert sanitize_html("</div></td><p>a<b>b") == "<p>a<b>b</b></p>"
     assert sanitize_html("<b><i>x</b>y") == "<b><i>x</i></b>y"
@@ -423,3 +430,10 @@ def test_send_to_postmaster_reaches_the_admin():
     raw = build_message(sender="alice@penncloud.local", to=["postmaster@penncloud.local"], domain=D)
     assert webmail.send(store, accounts, "alice", D, ["postmaster@penncloud.local"], raw).local == ["admin"]
     assert len(store.list("admin", "Inbox")) == 1
+
+
+def test_preview_of_a_forward_skips_the_separator():
+    _, d = _original()
+    f = forward_draft(d)
+    fwd = parse_message(build_message(sender="b@x.org", to=["c@x.org"], body="FYI" + f.body, domain=D))
+    assert webmail.preview(fwd).startswith("FYI From: alice@penncloud.local")

@@ -118,16 +118,15 @@ class MailApp:
         now = time.time()
         for m in shown:
             who = webmail.display_address(m.to if folder == "Sent" else m.sender) or "(nobody)"
-            if folder == "Sent":
-                who = "To: " + who
             rows.append(render(
                 ROW, cls="unread" if not m.read else "read", href=f"/mail/{slug}/{m.id}", who=who,
                 subject=m.subject or "(no subject)", preview=self.preview_of(req.user, folder, m.id),
                 date=short_date(m.date, m.received, now), full_date=m.date,
-                mark=Markup('<span class="mail-dot" title="unread">●</span>') if not m.read else "",
+                mark=Markup('<span class="mail-dot" title="Unread"><span class="sr">unread</span></span>')
+                if not m.read else "",
                 size=human_size(m.size)))
         if rows:
-            table = render(TABLE, rows=Markup("".join(rows)))
+            table = render(TABLE, rows=Markup("".join(rows)), who_label="To" if folder == "Sent" else "From")
         else:
             table = render(EMPTY, what="Your inbox is empty." if folder == "Inbox" else "You have not sent any mail yet.")
         pager = ""
@@ -140,7 +139,7 @@ class MailApp:
         unread = sum(1 for m in messages if not m.read)
         notice = render('<p class="mail-notice" role="status">Your message was sent.</p>') \
             if req.arg("sent") else ""
-        body = render(FOLDER_PAGE, title=folder, count=len(messages), notice=notice,
+        body = render(FOLDER_PAGE, title=folder, count=plural(len(messages), "message"), notice=notice,
                       unread=f", {unread} unread" if folder == "Inbox" and unread else "", table=table, pager=pager)
         return self.mail_page(req, folder, body, active_folder=slug)
 
@@ -168,7 +167,7 @@ class MailApp:
             items = Markup("".join(render(
                 ATT_ITEM, href=f"/mail/{slug}/{msg_id}/part/{a.index}", name=a.filename,
                 type=a.content_type, size=human_size(a.size)) for a in d.attachments))
-            atts = render(ATT_LIST, n=len(d.attachments), items=items)
+            atts = render(ATT_LIST, n=plural(len(d.attachments), "attachment"), items=items)
         cc_row = render(HEAD_ROW, k="Cc", v=d.cc) if d.cc else ""
         body = render(
             VIEW, subject=d.subject or "(no subject)", from_=d.from_, to=d.to or "(undisclosed)", cc_row=cc_row,
@@ -435,6 +434,10 @@ def _read_bounded(part, limit: int) -> bytes:
             raise HTTPError(413, "That is too large to send by mail. Share it from your drive instead.")
 
 
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def human_size(n: int) -> str:
     for unit in ("bytes", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
@@ -479,11 +482,12 @@ SIDEBAR = """<a class="button mail-compose" href="/mail/compose">✎ Compose</a>
 </ul>"""
 
 FOLDER_PAGE = """<header class="mail-head"><h1>{title}</h1>
-<span class="mail-muted">{count} messages{unread}</span></header>
+<span class="mail-muted">{count}{unread}</span></header>
 {notice}{table}{pager}"""
 
 TABLE = """<table class="mail-list">
-<thead><tr><th class="mail-col-mark"></th><th>From</th><th>Subject</th><th class="mail-col-date">Date</th></tr></thead>
+<thead><tr><th class="mail-col-mark"></th><th class="mail-col-who">{who_label}</th><th class="mail-col-subject">Subject</th>
+<th class="mail-col-date">Date</th></tr></thead>
 <tbody>{rows}</tbody></table>"""
 
 ROW = """<tr class="{cls}">
@@ -518,10 +522,10 @@ VIEW = """<article class="mail-message">
 </table>
 {attachments}
 <div class="mail-body">{toggle}{content}</div>
-<p class="mail-muted"><a href="/mail/{slug}/{id}/source">Download original (.eml)</a></p>
+<p class="mail-muted mail-source"><a href="/mail/{slug}/{id}/source">Download original (.eml)</a></p>
 </article>"""
 
-ATT_LIST = """<div class="mail-attachments"><h2>{n} attachment(s)</h2><ul>{items}</ul></div>"""
+ATT_LIST = """<div class="mail-attachments"><h2>{n}</h2><ul>{items}</ul></div>"""
 
 ATT_ITEM = """<li><a href="{href}" download>{name}</a> <span class="mail-muted">{type}, {size}</span></li>"""
 

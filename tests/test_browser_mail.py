@@ -1,0 +1,178 @@
+"""Webmail in a real browser (headless Chromium through Playwright): compose
+with an attachment, send to another user, read it there, reply, forward,
+delete. Screenshots go to docs/screenshots/mail-*.png."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+
+import pytest
+
+from src.config import parse_config
+from src.kv import MemoryKV
+
+pytestmark = pytest.mark.browser
+
+SHOTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "screenshots")
+
+
+@pytest.fixture
+def site(tmp_path):
+    from httpserver.frontend import Frontend
+    cfg = parse_config({"frontend": [{"id": "fe1", "host": "127.0.0.1", "port": 0}]}, data_dir=str(tmp_path))
+    kv = MemoryKV()
+    fe = Frontend(cfg, cfg.node("fe1"), kv, port=0)
+    fe.start()
+    try:
+        yield f"http://127.0.0.1:{fe.port}", kv
+    finally:
+        fe.stop()
+
+
+def _launcher():
+    """tests/browser.py's launch helper when it exists, else the same thing here."""
+    try:
+        from tests.browser import launch_browser
+        return launch_browser
+    except ImportError:
+        pass
+    sync_api = pytest.importorskip("playwright.sync_api")
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not exe:
+        pytest.skip("no chromium installed")
+
+    @contextlib.contextmanager
+    def launch_browser():
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox"])
+            try:
+                yield browser
+            finally:
+                browser.close()
+    return launch_browser
+
+
+def login_as(browser, base, name):
+    """A fresh browser context signed up (through the fixed /signup route) as `name`."""
+    ctx = browser.new_context(base_url=base, viewport={"width": 1200, "height": 800})
+    r = ctx.request.post("/signup", form={"username": name, "password": "correct horse"}, max_redirects=0)
+    assert r.status == 303, r.text()
+    page = ctx.new_page()
+    page.set_default_timeout(10_000)
+    return page
+
+
+def shot(page, name):
+    os.makedirs(SHOTS, exist_ok=True)
+    page.screenshot(path=os.path.join(SHOTS, name), full_page=True)
+
+
+def test_compose_send_read_reply_forward_delete(site, tmp_path):
+    site, _ = site
+    launch_browser = _launcher()
+    attachment = tmp_path / "notes.txt"
+    attachment.write_bytes(b"Meeting notes\nline two\n")
+    with launch_browser() as browser:
+        alice = login_as(browser, site, "alice")
+        bob = login_as(browser, site, "bob")
+        carol = login_as(browser, site, "carol")
+
+        # Alice writes to Bob, with a file from her computer.
+        alice.goto("/mail")
+        alice.get_by_role("link", name=re.compile("Compose")).click()
+        alice.wait_for_url(re.compile(r"/mail/compose"))
+        alice.fill("input[name=to]", "bob")
+        alice.fill("input[name=subject]", "Lunch on Friday? — café")
+        alice.fill("textarea[name=body]", "Hi Bob,\n\nlunch at noon on Friday?\nNotes attached.\n\nAlice")
+        alice.set_input_files("input[name=attachment]", str(attachment))
+        shot(alice, "mail-compose.png")
+        alice.get_by_role("button", name="Send").click()
+        alice.wait_for_url(re.compile(r"/mail/sent"))
+        assert "Your message was sent" in alice.content()
+        assert alice.get_by_text("Lunch on Friday? — café").count() == 1
+
+        # Bob sees it unread in his inbox and reads it.
+        bob.goto("/mail")
+        row = bob.locator("tr.unread")
+        assert row.count() == 1 and "Lunch on Friday" in row.inner_text()
+        shot(bob, "mail-inbox.png")
+        bob.get_by_role("link", name=re.compile("Lunch on Friday")).first.click()
+        bob.wait_for_url(re.compile(r"/mail/inbox/[0-9a-f]+$"))
+        assert "lunch at noon on Friday?" in bob.locator(".mail-body").inner_text()
+        assert bob.get_by_role("link", name="notes.txt").count() == 1
+        shot(bob, "mail-view.png")
+        with bob.expect_download() as dl:
+            bob.get_by_role("link", name="notes.txt").click()
+        assert open(dl.value.path(), "rb").read() == attachment.read_bytes()
+        assert dl.value.suggested_filename == "notes.txt"
+
+        # He replies; the form is pre-filled with the quoted original.
+        bob.get_by_role("link", name=re.compile("^↩ Reply$")).click()
+        bob.wait_for_url(re.compile(r"/mail/compose\?reply="))
+        assert bob.input_value("input[name=to]") == "alice@penncloud.local"
+        assert bob.input_value("input[name=subject]") == "Re: Lunch on Friday? — café"
+        quoted = bob.input_value("textarea[name=body]")
+        assert "> lunch at noon on Friday?" in quoted
+        bob.fill("textarea[name=body]", "Sounds good!\n" + quoted)
+        bob.get_by_role("button", name="Send").click()
+        bob.wait_for_url(re.compile(r"/mail/sent"))
+
+        # Alice reads the reply and forwards it to Carol.
+        alice.goto("/mail")
+        alice.get_by_role("link", name=re.compile("Re: Lunch on Friday")).first.click()
+        assert "Sounds good!" in alice.locator(".mail-body").inner_text()
+        alice.get_by_role("link", name=re.compile("Forward")).click()
+        alice.wait_for_url(re.compile(r"/mail/compose\?forward="))
+        assert alice.input_value("input[name=subject]") == "Fwd: Re: Lunch on Friday? — café"
+        alice.fill("input[name=to]", "carol@penncloud.local")
+        alice.get_by_role("button", name="Send").click()
+        alice.wait_for_url(re.compile(r"/mail/sent"))
+        shot(alice, "mail-sent.png")
+
+        # Carol gets the forward, with the forwarded text, and deletes it.
+        carol.goto("/mail")
+        carol.get_by_role("link", name=re.compile("Fwd: Re: Lunch")).first.click()
+        body = carol.locator(".mail-body").inner_text()
+        assert "Forwarded message" in body and "Sounds good!" in body
+        carol.get_by_role("button", name="Delete").click()
+        carol.wait_for_url(re.compile(r"/mail$"))
+        assert "Your inbox is empty" in carol.content()
+
+
+HOSTILE = (b"From: Newsletter <news@example.com>\r\nTo: bob@penncloud.local\r\n"
+           b"Subject: Your weekly digest\r\nDate: Sun, 22 Nov 2026 09:00:00 +0000\r\n"
+           b"MIME-Version: 1.0\r\nContent-Type: text/html; charset=utf-8\r\n\r\n"
+           b"<h2>This week</h2><p>Three <b>new</b> things, and a <a href='https://example.com/read'>link</a>."
+           b"</p><ul><li>One</li><li>Two</li></ul><blockquote>A quoted line</blockquote>"
+           b"<img src='http://127.0.0.2:9/pixel.gif' onerror='alert(1)'>"
+           b"<script>alert(2)</script><svg onload='alert(3)'></svg>"
+           b"<a href='javascript:alert(4)'>bad link</a>"
+           b"<div style='background:url(http://127.0.0.2:9/bg.png)'>styled</div>"
+           b"<iframe src='http://127.0.0.2:9/frame'></iframe><link rel=stylesheet href='http://127.0.0.2:9/x.css'>"
+           b"</div></main><p>after the breakout attempt</p>\r\n")
+
+
+def test_hostile_html_mail_runs_nothing_and_loads_nothing(site):
+    from src.mailstore import MailStore
+    base, kv = site
+    launch_browser = _launcher()
+    with launch_browser() as browser:
+        bob = login_as(browser, base, "bob")
+        mid = MailStore(kv).deliver("bob", "Inbox", HOSTILE)
+        dialogs, foreign = [], []
+        bob.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+        bob.on("request", lambda r: None if r.url.startswith(base) else foreign.append(r.url))
+        bob.goto(f"/mail/inbox/{mid}")
+        bob.wait_for_load_state("networkidle")
+        body = bob.locator(".mail-body")
+        assert "Three new things" in body.inner_text()
+        assert "after the breakout attempt" in body.inner_text()  # still inside the message box
+        assert bob.locator(".mail-body script, .mail-body img, .mail-body iframe, .mail-body svg").count() == 0
+        assert bob.locator(".mail-body a[href^=javascript]").count() == 0
+        shot(bob, "mail-html.png")
+        bob.get_by_text("bad link").click()  # an <a> with its href removed: goes nowhere
+        bob.wait_for_timeout(200)
+        assert dialogs == [] and foreign == []
