@@ -84,6 +84,12 @@ class Child:
                     return int(line.split()[1]) * 1024
         return 0
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time used so far."""
+        with open(f"/proc/{self.p.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         if self.p.poll() is None:
             self.p.send_signal(signal.SIGTERM)
@@ -209,12 +215,16 @@ def main() -> int:
         t_loop, _ = curl(["-o", out, f"http://127.0.0.1:{port}/big.bin"])
         os.unlink(out)
 
+        servers = [c for c in children if c is not fe]
+        cpu0 = (fe.cpu_seconds(), sum(c.cpu_seconds() for c in servers))
         t_up, reply = curl(["-H", f"Cookie: {cookie}", "-H", "Accept: application/json", "-F", f"csrf={csrf}",
                             "-F", f"file=@{src};filename=big.bin", f"http://127.0.0.1:{fe.port}/drive/upload/{root}"])
         rss_up = fe.peak_rss()
+        cpu1 = (fe.cpu_seconds(), sum(c.cpu_seconds() for c in servers))
         t_down, _ = curl(["-H", f"Cookie: {cookie}", "-o", out,
                           f"http://127.0.0.1:{fe.port}/drive/file/{root}/{quote('big.bin')}"])
         rss_down = fe.peak_rss()
+        cpu2 = (fe.cpu_seconds(), sum(c.cpu_seconds() for c in servers))
         ok = sha256_file(out) == digest
         os.unlink(out)
 
@@ -227,6 +237,9 @@ def main() -> int:
         print(f"{'download: curl <- frontend':<34}{t_down:>9.2f}{mb / t_down:>9.0f}{100 * t_loop / t_down:>12.0f}%")
         print(f"frontend peak RSS: {rss_idle / 2**20:.0f} MiB at start, {rss_up / 2**20:.0f} MiB after the upload, "
               f"{rss_down / 2**20:.0f} MiB after the download")
+        print(f"CPU seconds, upload: frontend {cpu1[0] - cpu0[0]:.1f}, store {cpu1[1] - cpu0[1]:.1f}; "
+              f"download: frontend {cpu2[0] - cpu1[0]:.1f}, store {cpu2[1] - cpu1[1]:.1f} "
+              f"(machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f})")
         print(f"downloaded bytes identical: {'yes' if ok else 'NO'}")
         return 0 if ok else 1
     finally:
