@@ -391,6 +391,10 @@ def reply_draft(d: DisplayMessage, me: str, reply_all: bool = False) -> Draft:
     author = _addr_list(d.reply_to) or _addr_list(d.from_)
     to = author[:]
     cc: list[str] = []
+    if [a.lower() for a in author] == [me.lower()]:
+        # Replying to one's own message (from Sent): write to its recipients again.
+        to = [a for a in _addr_list(d.to) if a.lower() != me.lower()] or author
+        author = to[:]
     if reply_all:
         mine = me.lower()
         seen = {a.lower() for a in to} | {mine}

@@ -357,3 +357,20 @@ def test_hostile_messages_are_shown_safely(site):
     assert a.getheader("Content-Type").startswith("application/octet-stream")
     assert a.getheader("Content-Disposition").startswith("attachment;")
     assert "sandbox" in a.getheader("Content-Security-Policy")
+
+
+def test_folders_are_paged_newest_first(site, monkeypatch):
+    from httpserver.apps import mail
+    monkeypatch.setattr(mail, "PAGE_SIZE", 2)
+    fe, kv = site
+    alice, bob = user(fe, "alice"), user(fe, "bob")
+    for i in range(5):
+        assert alice.send("bob", subject=f"number {i}", body="b").status == 303
+    subjects = lambda text: re.findall(r'class="mail-subject">number (\d)<', text)  # noqa: E731
+    first = bob.get("/mail").text
+    assert subjects(first) == ["4", "3"] and "Page 1 of 3" in first and "5 messages, 5 unread" in first
+    assert subjects(bob.get("/mail?page=2").text) == ["2", "1"]
+    assert subjects(bob.get("/mail?page=3").text) == ["0"]
+    assert subjects(bob.get("/mail?page=99").text) == ["0"]
+    assert subjects(bob.get("/mail?page=x").text) == ["4", "3"]
+    assert subjects(alice.get("/mail/sent?page=3").text) == ["0"]

@@ -437,3 +437,12 @@ def test_preview_of_a_forward_skips_the_separator():
     f = forward_draft(d)
     fwd = parse_message(build_message(sender="b@x.org", to=["c@x.org"], body="FYI" + f.body, domain=D))
     assert webmail.preview(fwd).startswith("FYI From: alice@penncloud.local")
+
+
+def test_reply_to_my_own_sent_message_goes_to_its_recipients():
+    raw = build_message(sender="alice@penncloud.local", to=["bob@penncloud.local", "c@x.org"], subject="s",
+                        domain=D)
+    r = reply_draft(parse_message(raw), "alice@penncloud.local")
+    assert r.to == "bob@penncloud.local, c@x.org"
+    r = reply_draft(parse_message(raw), "alice@penncloud.local", reply_all=True)
+    assert r.to == "bob@penncloud.local, c@x.org" and r.cc == ""

@@ -80,12 +80,6 @@ class MailApp:
         except (NoSuchMessage, MailStoreError):
             raise HTTPError(404, "That message does not exist (it may have been deleted).") from None
 
-    def unread_count(self, user: str) -> int:
-        try:
-            return sum(1 for m in self.store.list(user, "Inbox") if not m.read)
-        except MailStoreError:
-            return 0
-
     def preview_of(self, user: str, folder: str, msg_id: str) -> str:
         try:
             first = next(iter(self.store.iter_raw(user, folder, msg_id)), b"")
@@ -93,8 +87,12 @@ class MailApp:
             return ""
         return webmail.preview(webmail.parse_message(first[:PREVIEW_SCAN_BYTES]))
 
-    def mail_page(self, req, title: str, body: Markup, status: int = 200, active_folder: str = "") -> Response:
-        unread = self.unread_count(req.user)
+    def mail_page(self, req, title: str, body: Markup, status: int = 200, active_folder: str = "",
+                  unread: int | None = None) -> Response:
+        """The page in the shared layout with the mail sidebar. The unread
+        badge is shown when the caller knows the count (the Inbox page): it
+        costs a listing of the whole Inbox, too much for every page."""
+        unread = unread or 0
         side = render(SIDEBAR, inbox_cls="active" if active_folder == "inbox" else "",
                       sent_cls="active" if active_folder == "sent" else "",
                       unread=render(' <span class="mail-count">{n}</span>', n=unread) if unread else "")
@@ -141,7 +139,7 @@ class MailApp:
             if req.arg("sent") else ""
         body = render(FOLDER_PAGE, title=folder, count=plural(len(messages), "message"), notice=notice,
                       unread=f", {unread} unread" if folder == "Inbox" and unread else "", table=table, pager=pager)
-        return self.mail_page(req, folder, body, active_folder=slug)
+        return self.mail_page(req, folder, body, active_folder=slug, unread=unread if folder == "Inbox" else None)
 
     # -- one message ---------------------------------------------------------------
 
@@ -535,7 +533,7 @@ COMPOSE = """<header class="mail-head"><h1>New message</h1><span class="mail-mut
 {csrf}
 <input type="hidden" name="in_reply_to" value="{in_reply_to}">
 <input type="hidden" name="references" value="{references}">
-<label>To <input type="text" name="to" value="{to}" placeholder="bob, carol@example.com" autocomplete="off" required></label>
+<label>To <input type="text" name="to" value="{to}" placeholder="bob, carol@example.com" autocomplete="off"></label>
 <label>Cc <input type="text" name="cc" value="{cc}" placeholder="(optional)" autocomplete="off"></label>
 <label>Subject <input type="text" name="subject" value="{subject}"></label>
 <textarea name="body" rows="16" aria-label="Message">{body}</textarea>
