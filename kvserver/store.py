@@ -1,7 +1,8 @@
 """All tablets of one server: row locks, the memory budget, background checkpoints.
 
     store = Store(data_dir, tablet_ids, storage_cfg).open()   # recovers every tablet
-    store.tablet(7)            -> Tablet
+    store.tablet(7)            -> Tablet (None if not held)
+    store.add_tablet(9)        -> Tablet: open (recover or create) one more
     store.row_lock(7, row)     -> the lock a write holds from reading the old
                                   value until its effect is durable and applied
     store.admit()              memory back-pressure, called before a write
@@ -111,6 +112,16 @@ class Store:
 
     def tablet(self, tablet_id: int) -> Tablet | None:
         return self.tablets.get(tablet_id)
+
+    def add_tablet(self, tablet_id: int) -> Tablet:
+        """Open (recover or create) a tablet this server now holds."""
+        t = self.tablets.get(tablet_id)
+        if t is None:
+            t = Tablet(tablet_id, tablet_dir(self.data_dir, tablet_id), self.cache,
+                       self.cfg.group_commit).open()
+            self.tablets = {**self.tablets, tablet_id: t}
+            self.tablet_ids = sorted(self.tablets)
+        return t
 
     def row_lock(self, tablet_id: int, row: bytes) -> threading.Lock:
         return self._row_locks[hash((tablet_id, row)) % ROW_LOCK_STRIPES]
