@@ -42,6 +42,10 @@ class MailboxInUse(Exception):
     """Another session holds this mailbox."""
 
 
+class TemporaryFailure(Exception):
+    """A handler or maildrop cannot answer now (the store is down): -ERR [SYS/TEMP]."""
+
+
 class Maildrop(Protocol):
     def messages(self) -> list[tuple[str, int]]:
         """(unique id, size in bytes) of each message, oldest first; fixed for the session."""
@@ -272,13 +276,15 @@ class POP3Connection:
         return self._login(user, pw)
 
     def _login(self, user: str, password: str) -> bytes:
-        who = self.handler.authenticate(user, password)
-        if who is None:
-            return self._error("[AUTH] Invalid user name or password")
         try:
+            who = self.handler.authenticate(user, password)
+            if who is None:
+                return self._error("[AUTH] Invalid user name or password")
             drop = self.handler.open_maildrop(who)
         except MailboxInUse:
             return self._error("[IN-USE] Mailbox is in use by another session")
+        except TemporaryFailure:
+            return err("[SYS/TEMP] The mail store is unavailable; try again later")
         self._drop, self.user = drop, who
         self._msgs = list(drop.messages())
         self._deleted = set()
@@ -338,7 +344,11 @@ class POP3Connection:
         if i is None:
             return self._error("No such message")
         uid, size = self._msgs[i]
-        return _Concat(ok(f"{size} octets"), stuffed(self._drop.iter_message(uid)))
+        try:
+            chunks = self._drop.iter_message(uid)
+        except TemporaryFailure:
+            return err("[SYS/TEMP] The mail store is unavailable; try again later")
+        return _Concat(ok(f"{size} octets"), stuffed(chunks))
 
     def pop_TOP(self, arg: str) -> bytes | list:
         num, _, n = arg.partition(" ")
@@ -347,7 +357,10 @@ class POP3Connection:
             return self._error("No such message")
         if not n.strip().isdigit():
             return self._error("Syntax: TOP msg lines")
-        head = top_of(self._drop.iter_message(self._msgs[i][0]), int(n.strip()))
+        try:
+            head = top_of(self._drop.iter_message(self._msgs[i][0]), int(n.strip()))
+        except TemporaryFailure:
+            return err("[SYS/TEMP] The mail store is unavailable; try again later")
         return ok() + b"".join(stuffed([head]))
 
     def pop_DELE(self, arg: str) -> bytes:

@@ -20,7 +20,7 @@ import socket
 import time
 from typing import Callable, Iterator
 
-from smtp.pop3_proto import MailboxInUse, POP3Connection
+from smtp.pop3_proto import MailboxInUse, POP3Connection, TemporaryFailure
 from src.accounts import Accounts
 from src.config import Config
 from src.kv import KV, Exists, KVError, Mismatch, NotFound
@@ -103,15 +103,24 @@ class KVMaildrop:
 
     def iter_message(self, uid: str) -> Iterator[bytes]:
         try:
-            yield from self.store.iter_raw(self.user, FOLDER, uid)
+            chunks = self.store.iter_raw(self.user, FOLDER, uid)
         except NoSuchMessage:
-            return  # deleted meanwhile (webmail): an empty message, the session goes on
+            return iter(())  # deleted meanwhile (webmail): an empty message, the session goes on
+        except KVError as e:
+            raise TemporaryFailure() from e
+        return self._then_mark_read(uid, chunks)
+
+    def _then_mark_read(self, uid: str, chunks: Iterator[bytes]) -> Iterator[bytes]:
+        # A store failure mid-message raises out of the socket loop, which drops
+        # the connection: a message cut short must never look complete.
+        yield from chunks
         try:
             self.store.mark_read(self.user, FOLDER, uid)
-        except MailStoreError:
+        except (MailStoreError, KVError):
             pass
 
     def commit(self, deleted: list[str]) -> int:
+        """Delete at QUIT; a store failure part-way raises (the client hears -ERR [SYS/TEMP])."""
         n = 0
         for uid in deleted:
             try:
@@ -135,19 +144,28 @@ class POP3Mailboxes:
         self.accounts, self.store, self.lock_ttl_s = accounts, store, lock_ttl_s
 
     def authenticate(self, username: str, password: str) -> str | None:
-        who = self.accounts.verify(username, password)
+        try:
+            who = self.accounts.verify(username, password)
+        except KVError as e:
+            log.warning("POP3 log-in: store unavailable: %s", e)
+            raise TemporaryFailure() from None
         log.info("POP3 log-in as %r: %s", username[:64], "ok" if who else "refused")
         return who
 
     def open_maildrop(self, user: str) -> KVMaildrop:
         lock = MailboxLock(self.store.kv, user, self.lock_ttl_s)
-        if not lock.acquire():
-            raise MailboxInUse(user)
+        try:
+            if not lock.acquire():
+                raise MailboxInUse(user)
+        except KVError as e:
+            log.warning("POP3 mailbox of %s: store unavailable: %s", user, e)
+            raise TemporaryFailure() from None
         try:
             return KVMaildrop(self.store, user, lock)
-        except BaseException:
+        except KVError as e:
             lock.release()
-            raise
+            log.warning("POP3 mailbox of %s: store unavailable: %s", user, e)
+            raise TemporaryFailure() from None
 
 
 class POP3Server:
@@ -188,6 +206,10 @@ class POP3Server:
                             sock.sendall(chunk)
                 if conn.maildrop is not None:
                     conn.maildrop.keepalive()
+        except KVError as e:
+            # mid-message: the only honest thing is to drop the connection,
+            # so the client never takes a message cut short for a whole one
+            log.warning("POP3 session of %s ended: store unavailable: %s", conn.user, e)
         finally:
             conn.close()
 

@@ -91,6 +91,8 @@ class RelayWorker:
                 self.run_once()
             except (KVError, MailStoreError, OSError) as e:
                 log.warning("relay pass failed (will try again): %s", e)
+            except Exception:
+                log.exception("relay pass failed with a bug (will try again)")
             if stop.wait(self.poll_s):
                 return
 

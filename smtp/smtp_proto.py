@@ -45,6 +45,10 @@ MAX_RECIPIENTS = 100
 MAX_BAD_COMMANDS = 20
 
 
+class TemporaryFailure(Exception):
+    """A handler hook cannot answer now (the store is down): the client should try again later."""
+
+
 class Reply(NamedTuple):
     code: int
     text: str
@@ -82,7 +86,7 @@ class Envelope:
 
 class SMTPHandler(Protocol):
     def handle_AUTH(self, session: Session, username: str, password: str) -> str | None:
-        """The canonical username if the credentials are right, else None."""
+        """The canonical username if the credentials are right, else None (TemporaryFailure: 454)."""
 
     def handle_MAIL(self, session: Session, envelope: Envelope, address: str) -> Reply:
         """Accept (250) or refuse the reverse path."""
@@ -447,7 +451,10 @@ class SMTPConnection:
             user, pw = user_b.decode("utf-8"), pw_b.decode("utf-8")
         except UnicodeDecodeError:
             return Reply(535, "5.7.8 Authentication credentials invalid")
-        who = self.handler.handle_AUTH(self.session, user, pw)
+        try:
+            who = self.handler.handle_AUTH(self.session, user, pw)
+        except TemporaryFailure:
+            return Reply(454, "4.7.0 Temporary authentication failure; try again later")
         if who is None:
             return Reply(535, "5.7.8 Authentication credentials invalid")
         self.session.auth_user = who

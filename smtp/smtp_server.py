@@ -22,7 +22,7 @@ import threading
 import time
 from typing import Callable
 
-from smtp.smtp_proto import Envelope, Reply, Session, SMTPConnection
+from smtp.smtp_proto import Envelope, Reply, Session, SMTPConnection, TemporaryFailure
 from src import mailfmt
 from src.accounts import RESERVED, Accounts, InvalidUsername, normalize_username
 from src.config import Config
@@ -78,7 +78,11 @@ class MailDelivery:
         return normalize_username(local)
 
     def handle_AUTH(self, session: Session, username: str, password: str) -> str | None:
-        who = self.accounts.verify(username, password)
+        try:
+            who = self.accounts.verify(username, password)
+        except KVError as e:
+            log.warning("AUTH from %s: store unavailable: %s", session.peer_ip, e)
+            raise TemporaryFailure() from None
         log.info("AUTH from %s as %r: %s", session.peer_ip, username[:64], "ok" if who else "refused")
         return who
 

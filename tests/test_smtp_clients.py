@@ -258,3 +258,62 @@ def test_swaks_auth_plain_submission(mail):
     r = subprocess.run(["swaks", "--server", f"127.0.0.1:{mail.smtp_port}", "--from", "x@spam.test",
                         "--to", "victim@elsewhere.test", "--timeout", "20"], capture_output=True, timeout=40)
     assert r.returncode != 0 and b"554 5.7.1" in r.stdout
+
+
+class FailingKV(MemoryKV):
+    """A MemoryKV that can be switched to fail every request, as an unreachable cluster does."""
+
+    failing = False
+
+    def _check(self):
+        if self.failing:
+            from src.kv import Unavailable
+            raise Unavailable("store down (test)")
+
+    def get(self, *a):
+        self._check()
+        return super().get(*a)
+
+    def put(self, *a):
+        self._check()
+        return super().put(*a)
+
+    def putnx(self, *a):
+        self._check()
+        return super().putnx(*a)
+
+    def cols(self, *a):
+        self._check()
+        return super().cols(*a)
+
+
+def test_store_outage_gives_temporary_errors_not_crashes(tmp_path):
+    cfg = parse_config({}, data_dir=str(tmp_path))
+    kv = FailingKV()
+    Accounts(kv).create("bob", PW["bob"])
+    smtp = make_smtp_server(cfg, kv, host="127.0.0.1", port=0).start()
+    pop = make_pop3_server(cfg, kv, host="127.0.0.1", port=0).start()
+    try:
+        with smtplib.SMTP("127.0.0.1", smtp.port, timeout=10) as s:
+            s.ehlo("c")
+            s.mail("carol@example.org")
+            assert s.rcpt("bob@penncloud.local")[0] == 250
+            kv.failing = True
+            code, _ = s.data(b"Subject: x\r\n\r\ny\r\n")
+            assert code == 451  # not stored, and the client knows to retry
+            with pytest.raises(smtplib.SMTPAuthenticationError) as e:
+                s.login("bob", PW["bob"])
+            assert e.value.smtp_code == 454
+            assert s.noop()[0] == 250  # the session is still fine
+        p = poplib.POP3("127.0.0.1", pop.port, timeout=10)
+        p.user("bob")
+        with pytest.raises(poplib.error_proto, match="SYS/TEMP"):
+            p.pass_(PW["bob"])
+        kv.failing = False
+        p.user("bob")
+        p.pass_(PW["bob"])
+        assert p.stat()[0] == 0
+        p.quit()
+    finally:
+        smtp.stop()
+        pop.stop()
