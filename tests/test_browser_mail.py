@@ -4,19 +4,15 @@ delete. Screenshots go to docs/screenshots/mail-*.png."""
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
-import shutil
 
 import pytest
 
 from src.config import parse_config
 from src.kv import MemoryKV
+from tests.browser import launch_browser, screenshot
 
 pytestmark = pytest.mark.browser
-
-SHOTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "screenshots")
 
 
 @pytest.fixture
@@ -32,29 +28,6 @@ def site(tmp_path):
         fe.stop()
 
 
-def _launcher():
-    """tests/browser.py's launch helper when it exists, else the same thing here."""
-    try:
-        from tests.browser import launch_browser
-        return launch_browser
-    except ImportError:
-        pass
-    sync_api = pytest.importorskip("playwright.sync_api")
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    if not exe:
-        pytest.skip("no chromium installed")
-
-    @contextlib.contextmanager
-    def launch_browser():
-        with sync_api.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox"])
-            try:
-                yield browser
-            finally:
-                browser.close()
-    return launch_browser
-
-
 def login_as(browser, base, name):
     """A fresh browser context signed up (through the fixed /signup route) as `name`."""
     ctx = browser.new_context(base_url=base, viewport={"width": 1200, "height": 800})
@@ -66,13 +39,11 @@ def login_as(browser, base, name):
 
 
 def shot(page, name):
-    os.makedirs(SHOTS, exist_ok=True)
-    page.screenshot(path=os.path.join(SHOTS, name), full_page=True)
+    screenshot(page, name.removesuffix(".png"))
 
 
 def test_compose_send_read_reply_forward_delete(site, tmp_path):
     site, _ = site
-    launch_browser = _launcher()
     attachment = tmp_path / "notes.txt"
     attachment.write_bytes(b"Meeting notes\nline two\n")
     with launch_browser() as browser:
@@ -158,7 +129,6 @@ HOSTILE = (b"From: Newsletter <news@example.com>\r\nTo: bob@penncloud.local\r\n"
 def test_hostile_html_mail_runs_nothing_and_loads_nothing(site):
     from src.mailstore import MailStore
     base, kv = site
-    launch_browser = _launcher()
     with launch_browser() as browser:
         bob = login_as(browser, base, "bob")
         mid = MailStore(kv).deliver("bob", "Inbox", HOSTILE)
