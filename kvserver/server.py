@@ -26,9 +26,15 @@ Seams for the cluster layer (helper E), both passed to the constructor:
   the record to the secondaries, `tablet.wait_durable`, waits for their
   acks, then `tablet.apply`.
 
-A refused write logs nothing. A write that fails after it was submitted (the
-log failed, or KILL) answers `-ERR RETRY`: it was not acknowledged, though it
-may be on disk, like any write in flight at a crash.
+- `internal_commands` ({name: (CommandSpec, handler(conn, *args))}) adds
+  the cluster's own commands (replication, catch-up); like admin commands
+  they need AUTH when a secret is set.
+
+A refused write logs nothing. A write dropped by KILL before it reached the
+disk answers `-ERR RETRY` (it was not applied). A write whose log failed
+with an I/O error while it was in flight (`WriteOutcomeUnknown`) may or may
+not be on disk: the connection is closed without a reply, as for
+`DropConnection`, and the tablet takes no more writes until a restart.
 
 KILL drops the store as a crash would (`Store.crash`), closes every other
 connection, and answers data commands `-ERR RETRY killed` until WAKE, which
@@ -52,7 +58,7 @@ from src.server import TCPServer
 
 from kvserver.checkpoint import CorruptCheckpoint
 from kvserver.store import Store
-from kvserver.tablet import Tablet, TabletError
+from kvserver.tablet import Tablet, TabletError, WriteOutcomeUnknown
 from kvserver.wal import DEL, DELROW, SET, Effect, LogRecord
 
 log = logging.getLogger(__name__)
@@ -210,7 +216,7 @@ class KVServer:
             if req.cmd in self._restricted and not conn.authed:
                 raise Denied("AUTH first")
             return self._dispatch[req.cmd](conn, *req.args)
-        except DropConnection as e:
+        except (DropConnection, WriteOutcomeUnknown) as e:
             log.warning("%s: closing the connection without a reply: %s", req.cmd, e)
             conn.closing = True
             return b""

@@ -73,6 +73,12 @@ class TabletError(Exception):
     """The tablet cannot serve: its log failed or it was closed (KILL)."""
 
 
+class WriteOutcomeUnknown(TabletError):
+    """The log failed (an I/O error) while this write was on its way to disk:
+    it may or may not be there. The server must not answer RETRY ("not
+    applied"); it closes the connection, which a client reads as unknown."""
+
+
 class SeqGap(TabletError):
     """A replicated record does not follow the tablet's last seq."""
 
@@ -409,7 +415,9 @@ class Tablet:
         except LogError as e:
             self._fail(str(e))
             self.abandon(p)
-            raise TabletError(str(e)) from None
+            if p.log.failed:
+                raise WriteOutcomeUnknown(str(e)) from None
+            raise TabletError(str(e)) from None     # closed (KILL): never written
 
     def apply(self, p: Pending) -> None:
         """Make a durable record visible to readers."""
@@ -469,6 +477,14 @@ class Tablet:
         the log no longer holds all of them (use snapshot())."""
         if seq >= self.last_seq:
             return []
+        for _ in range(3):     # a checkpoint may delete an old segment while we read
+            try:
+                return self._records_after(seq)
+            except FileNotFoundError:
+                continue
+        return None
+
+    def _records_after(self, seq: int) -> list[LogRecord] | None:
         segs = self._segments()
         start = None
         for i, (first, _) in enumerate(segs):

@@ -267,6 +267,11 @@ class TabletLog:
         self.syncs = 0
 
     @property
+    def failed(self) -> bool:
+        """A write or sync failed: what was in flight may or may not be on disk."""
+        return self._error is not None
+
+    @property
     def durable_bytes(self) -> int:
         return self._durable
 

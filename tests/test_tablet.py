@@ -257,3 +257,28 @@ def test_checkpoint_waits_for_records_in_flight_and_leaves_no_gap(tmp_path):
     t.close()
     t = open_tablet(tmp_path)
     assert [t.get(r, b"c") for r in (b"a", b"b", b"c")] == [b"1", b"2", b"3"] and t.replayed == 1
+
+
+def test_a_failed_sync_stops_writes_and_reports_an_unknown_outcome(tmp_path, monkeypatch):
+    from kvserver import wal
+    from kvserver.tablet import WriteOutcomeUnknown
+    t = open_tablet(tmp_path)
+    t.write(Effect(SET, b"a", b"c", b"before"))
+
+    def broken_sync(fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(wal.os, "fdatasync", broken_sync)
+    with pytest.raises(WriteOutcomeUnknown):
+        t.write(Effect(SET, b"a", b"c", b"during"))
+    monkeypatch.undo()
+    with pytest.raises(TabletError):              # no more writes until a restart
+        t.write(Effect(SET, b"b", b"c", b"after"))
+    assert t.get(b"a", b"c") == b"before"         # reads go on; the failed write is not visible
+    with pytest.raises(TabletError):              # nor checkpoints
+        t.checkpoint()
+    t.close(abandon=True)
+    t = open_tablet(tmp_path)                     # a restart recovers whatever reached the disk
+    assert t.get(b"a", b"c") in (b"before", b"during")
+    t.write(Effect(SET, b"b", b"c", b"after"))
+    assert t.get(b"b", b"c") == b"after"
