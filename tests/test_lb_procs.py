@@ -9,6 +9,8 @@ redirect mode answers 302.
 from __future__ import annotations
 
 import http.client
+import subprocess
+import sys
 import time
 from urllib.parse import urlencode
 
@@ -177,3 +179,17 @@ def test_redirect_mode_sends_302_to_a_live_frontend(procs, tmp_path):
     host_port = locations[0].split("/")[2]
     r = request(int(host_port.split(":")[1]), "GET", "/")
     assert r.status == 200
+
+
+def test_lb_process_serves_503_without_frontends_and_stops_on_sigterm(procs, tmp_path):
+    cfg = tmp_path / "c.toml"
+    write_config(cfg, free_port(), [free_port()], free_port())
+    lb = procs.start("lb", ["--config", str(cfg), "--id", "lb", "--data", str(tmp_path / "data"), "--port", "0"])
+    r = request(lb.port, "GET", "/")
+    assert r.status == 503 and r.getheader("Retry-After") == "2"
+    lb.terminate()
+    assert lb.popen.returncode == 0
+    # an id that is not the LB is refused with a clear error
+    out = subprocess.run([sys.executable, "-m", "lb", "--config", str(cfg), "--id", "fe1"], capture_output=True,
+                         text=True, timeout=20)
+    assert out.returncode == 2 and "not the load balancer" in out.stderr

@@ -316,3 +316,25 @@ def test_malformed_request_gets_400_and_lb_keeps_serving(tmp_path, backends):
         assert get(lb.port)[0].status == 200
     finally:
         lb.stop()
+
+
+def test_expect_100_continue_is_answered_by_the_lb(tmp_path, backends):
+    cfg = make_cfg(tmp_path, [b.port for b in backends[:1]])
+    lb = start_lb(cfg)
+    try:
+        beat(lb, cfg, backends[:1])
+        body = b"y" * 100_000
+        with socket.create_connection(("127.0.0.1", lb.port), timeout=5) as s:
+            s.sendall(b"POST /up HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                      b"Content-Length: %d\r\n\r\n" % len(body))
+            assert s.recv(100).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+            s.sendall(body)
+            data = b""
+            while b"}" not in data:
+                chunk = s.recv(65536)
+                assert chunk
+                data += chunk
+        assert data.startswith(b"HTTP/1.1 200")
+        assert hashlib.sha256(body).hexdigest().encode() in data
+    finally:
+        lb.stop()
