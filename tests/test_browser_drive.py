@@ -5,9 +5,7 @@ compared) and delete. Screenshots go to docs/screenshots/drive-*.png."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
 import struct
 import zlib
 
@@ -15,12 +13,10 @@ import pytest
 
 from src.config import parse_config
 from src.kv import MemoryKV
+from tests.browser import SHOTS, launch_browser
 
 pytestmark = pytest.mark.browser
 
-SHOTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "screenshots")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
 @pytest.fixture
@@ -34,29 +30,6 @@ def site(tmp_path):
         yield f"http://127.0.0.1:{fe.port}"
     finally:
         fe.stop()
-
-
-def _launcher():
-    """tests/browser.py's launch helper when it exists, else the same thing here."""
-    try:
-        from tests.browser import launch_browser
-        return launch_browser
-    except ImportError:
-        pass
-    sync_api = pytest.importorskip("playwright.sync_api")
-    exe = "/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else shutil.which("chromium")
-    if not exe:
-        pytest.skip("no chromium installed (/usr/bin/chromium)")
-
-    @contextlib.contextmanager
-    def launch_browser():
-        with sync_api.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=exe, chromium_sandbox=False, args=ARGS)
-            try:
-                yield browser
-            finally:
-                browser.close()
-    return launch_browser
 
 
 def shot(page, name):
@@ -80,7 +53,6 @@ def row(page, name):
 
 
 def test_drive_in_the_browser(site, tmp_path):
-    launch_browser = _launcher()
     big = os.urandom(3 * 1024 * 1024 + 12345)  # 13 chunks of 256 KiB
     (tmp_path / "dataset.bin").write_bytes(big)
     (tmp_path / "notes.txt").write_text("Meeting notes\n- ship the drive\n- écrire la doc ✓\n", encoding="utf-8")
