@@ -65,6 +65,7 @@ log = logging.getLogger(__name__)
 
 RECV_BYTES = 256 * 1024
 JOIN_REPLIES_UNDER = 64 * 1024     # smaller reply batches are joined into one send
+HOLD_REPLIES_BYTES = 256 * 1024    # replies to pipelined requests are sent once this many wait
 MAX_ROWS_LIMIT = 10000             # ROWS's <limit>
 SERVER_COMMANDS = {**DATA_COMMANDS, **ADMIN_COMMANDS}
 ADMIN = frozenset(("STATUS", "TABLETS", "ROWS", "KILL", "WAKE"))
@@ -184,12 +185,13 @@ class KVServer:
         conn = Connection(sock, peer, authed=not self.secret)
         parser = RequestParser(self.commands, max_literal=self.storage_cfg.max_cell_bytes)
         out: list = []
+        out_bytes = 0
         while True:
             ev = parser.next_event()
             if ev is NEED_DATA:
                 if out:
                     send_parts(sock, out)
-                    out = []
+                    out, out_bytes = [], 0
                 data = sock.recv(RECV_BYTES)
                 if not data:
                     return
@@ -204,11 +206,17 @@ class KVServer:
             reply = self.dispatch(conn, ev)
             if isinstance(reply, tuple):
                 out.extend(reply)
+                out_bytes += sum(len(b) for b in reply)
             else:
                 out.append(reply)
+                out_bytes += len(reply)
             if conn.closing:
                 send_parts(sock, out)
                 return
+            if out_bytes >= HOLD_REPLIES_BYTES:
+                # a long pipeline of big GETs: send now rather than hold it all
+                send_parts(sock, out)
+                out, out_bytes = [], 0
 
     def dispatch(self, conn: Connection, req: Request):
         """The reply to one request: bytes, or a tuple of buffers."""
