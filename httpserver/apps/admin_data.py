@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 import time
 import unicodedata
 from concurrent.futures import ThreadPoolExecutor
@@ -53,14 +54,16 @@ class ClusterView:
         self.timeout = timeout
         self.secret = cfg.cluster.secret
         self._clients: dict[str, ServerClient] = {}
+        self._clients_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="admin-probe")
 
     def client(self, addr: str) -> ServerClient:
         """A short-timeout admin client of one server (master or tablet server)."""
-        c = self._clients.get(addr)
-        if c is None:
-            c = self._clients[addr] = ServerClient(addr, timeout=self.timeout, secret=self.secret, pool_size=2)
-        return c
+        with self._clients_lock:
+            c = self._clients.get(addr)
+            if c is None:
+                c = self._clients[addr] = ServerClient(addr, timeout=self.timeout, secret=self.secret, pool_size=2)
+            return c
 
     def server_node(self, server_id: str):
         for n in self.cfg.kvservers:
