@@ -88,7 +88,7 @@ class MailApp:
         return webmail.preview(webmail.parse_message(first[:PREVIEW_SCAN_BYTES]))
 
     def mail_page(self, req, title: str, body: Markup, status: int = 200, active_folder: str = "",
-                  unread: int | None = None) -> Response:
+                  unread: int | None = None, js: tuple[str, ...] = ()) -> Response:
         """The page in the shared layout with the mail sidebar. The unread
         badge is shown when the caller knows the count (the Inbox page): it
         costs a listing of the whole Inbox, too much for every page."""
@@ -96,9 +96,8 @@ class MailApp:
         side = render(SIDEBAR, inbox_cls="active" if active_folder == "inbox" else "",
                       sent_cls="active" if active_folder == "sent" else "",
                       unread=render(' <span class="mail-count">{n}</span>', n=unread) if unread else "")
-        resp = page(req, title, render(LAYOUT, side=side, main=body), active="mail", css=("mail.css",))
-        resp.status = status
-        return resp
+        return page(req, title, render(LAYOUT, side=side, main=body), active="mail", css=("mail.css",), js=js,
+                    status=status)
 
     # -- folders -----------------------------------------------------------------
 
@@ -261,7 +260,7 @@ class MailApp:
             error=render('<p class="mail-error" role="alert">{e}</p>', e=error) if error else "",
             me=self.address(req.user), max_size=human_size(self.cfg.mail.max_message_bytes))
         title = "New message" if not draft.subject else draft.subject
-        return self.mail_page(req, title, body, status=status, active_folder="compose")
+        return self.mail_page(req, title, body, status=status, active_folder="compose", js=("mail.js",))
 
     def drive_picker(self, req) -> Markup | str:
         files = drive_files(self.ctx, req.user)
