@@ -88,21 +88,29 @@ class Headers:
     case they were given in. Values are str (latin-1, as bytes on the wire).
     """
 
-    __slots__ = ("items",)
+    __slots__ = ("items", "_lower")
 
-    def __init__(self, items: Iterable[tuple[str, str]] = ()):
+    def __init__(self, items: Iterable[tuple[str, str]] = (), lower: bool = False):
         self.items: list[tuple[str, str]] = list(items)
+        self._lower = lower          # every name is lower-case already (parsed headers)
 
     def get(self, name: str, default: str | None = None) -> str | None:
         """The first value of `name`, or `default`."""
         name = name.lower()
+        if self._lower:
+            for n, v in self.items:
+                if n == name:
+                    return v
+            return default
         for n, v in self.items:
-            if n == name or n.lower() == name:
+            if n.lower() == name:
                 return v
         return default
 
     def get_all(self, name: str) -> list[str]:
         name = name.lower()
+        if self._lower:
+            return [v for n, v in self.items if n == name]
         return [v for n, v in self.items if n.lower() == name]
 
     def tokens(self, name: str) -> list[str]:
@@ -362,7 +370,7 @@ class _ChunkedReader:
                 if buf[:2] == b"\r\n":
                     del buf[:2]
                     self.state = "done"
-                    return EndOfMessage(Headers(self.trailers) if self.trailers else None)
+                    return EndOfMessage(Headers(self.trailers, lower=True) if self.trailers else None)
                 end = buf.find(b"\r\n\r\n")
                 if end < 0:
                     if len(buf) > self.max_header:
@@ -374,7 +382,7 @@ class _ChunkedReader:
                 del buf[:end + 4]
                 _parse_fields(lines, self.max_line, self.trailers)
                 self.state = "done"
-                return EndOfMessage(Headers(self.trailers))
+                return EndOfMessage(Headers(self.trailers, lower=True))
             else:
                 return EndOfMessage()
 
@@ -535,7 +543,7 @@ class Connection:
             raise ProtocolError(400, "malformed request line")
         items: list = []
         _parse_fields(lines[1:], self.max_line, items)
-        headers = Headers(items)
+        headers = Headers(items, lower=True)
         v = "1.0" if m.group(2) == b"0" else "1.1"
         hosts = headers.get_all("host")
         if len(hosts) > 1 or (v == "1.1" and not hosts):
@@ -575,7 +583,7 @@ class Connection:
         status = int(m.group(3))
         items: list = []
         _parse_fields(lines[1:], self.max_line, items)
-        headers = Headers(items)
+        headers = Headers(items, lower=True)
         v = "1.0" if m.group(2) == b"0" else "1.1"
         reason = (m.group(4) or b"").decode("latin-1")
         if 100 <= status < 200:

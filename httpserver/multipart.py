@@ -216,7 +216,7 @@ class MultipartParser:
                 # Browsers send file names as raw UTF-8: re-decode what latin-1 gave us.
                 items = [(n, _utf8(v)) for n, v in items]
                 self._state = "body"
-                return PartStart(Headers(items))
+                return PartStart(Headers(items, lower=True))
             if st == "preamble":
                 if buf.startswith(self._first):
                     del buf[:len(self._first)]

@@ -27,6 +27,8 @@ import logging
 import mimetypes
 import os
 import re
+import stat
+import time
 from typing import Callable, Iterable, Iterator
 from urllib.parse import parse_qs, quote, unquote
 
@@ -469,35 +471,63 @@ def _content_type(path: str) -> str:
     return ctype
 
 
+class _StaticEntry:
+    __slots__ = ("path", "checked", "mtime", "size", "data", "ctype", "etag", "headers")
+
+
 class StaticFiles:
-    """Files of one directory served at /static/<name>, small ones cached in memory."""
+    """Files of one directory served at /static/<name>, small ones cached in memory.
+
+    Names are checked lexically (no '..' segment, no backslash or NUL), then
+    resolved once with realpath, so a symlink cannot lead out of the root.
+    A cached file is re-checked with one stat at most every RECHECK_S, so an
+    edited file is served fresh within that time.
+    """
 
     CACHE_MAX_FILE = 512 * 1024
+    RECHECK_S = 1.0
+    MAX_ENTRIES = 1024
 
     def __init__(self, root: str):
         self.root = os.path.realpath(root)
-        self._cache: dict[str, tuple[float, int, bytes, str]] = {}
+        self._cache: dict[str, _StaticEntry] = {}
 
-    def serve(self, req: Request, name: str) -> Response:
-        path = os.path.realpath(os.path.join(self.root, name))
+    def _lookup(self, name: str) -> _StaticEntry:
+        now = time.monotonic()
+        e = self._cache.get(name)
+        if e is not None and now - e.checked < self.RECHECK_S:
+            return e
+        if "\\" in name or "\0" in name or any(seg in ("", ".", "..") for seg in name.split("/")):
+            raise HTTPError(404, "No such file.")
+        path = e.path if e is not None else os.path.realpath(os.path.join(self.root, name))
         if not path.startswith(self.root + os.sep):
             raise HTTPError(404, "No such file.")
         try:
             st = os.stat(path)
         except OSError:
+            self._cache.pop(name, None)
             raise HTTPError(404, "No such file.") from None
-        if not os.path.isfile(path):
+        if not stat.S_ISREG(st.st_mode):
             raise HTTPError(404, "No such file.")
-        hit = self._cache.get(path)
-        if hit is None or hit[0] != st.st_mtime or hit[1] != st.st_size:
+        if e is None or e.mtime != st.st_mtime or e.size != st.st_size:
             with open(path, "rb") as f:
                 data = f.read()
-            hit = (st.st_mtime, len(data), data, _content_type(path))
-            if len(data) <= self.CACHE_MAX_FILE:
-                self._cache[path] = hit
-        mtime, size, data, ctype = hit
-        etag = f'"{int(mtime * 1000):x}-{size:x}"'
-        return send_bytes(req, data, ctype, etag=etag, last_modified=mtime,
+            e = _StaticEntry()
+            e.path, e.mtime, e.size, e.data, e.ctype = path, st.st_mtime, len(data), data, _content_type(path)
+            e.etag = f'"{int(st.st_mtime * 1000):x}-{len(data):x}"'
+            e.headers = [("Accept-Ranges", "bytes"), ("ETag", e.etag),
+                         ("Last-Modified", http_date(st.st_mtime)), ("Cache-Control", "public, max-age=300")]
+        e.checked = now
+        if e.size <= self.CACHE_MAX_FILE and len(self._cache) < self.MAX_ENTRIES:
+            self._cache[name] = e
+        return e
+
+    def serve(self, req: Request, name: str) -> Response:
+        e = self._lookup(name)
+        h = req.headers
+        if h.get("range") is None and h.get("if-none-match") is None and h.get("if-modified-since") is None:
+            return Response(200, e.data, list(e.headers), content_type=e.ctype)   # the common case, fast
+        return send_bytes(req, e.data, e.ctype, etag=e.etag, last_modified=e.mtime,
                           cache_control="public, max-age=300")
 
 
