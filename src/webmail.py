@@ -334,14 +334,23 @@ def parse_message(raw: bytes) -> DisplayMessage:
 def attachment_bytes(raw: bytes, index: int) -> tuple[str, str, bytes] | None:
     """(filename, content type, decoded bytes) of the leaf part `index`, if it
     is one `parse_message` listed as an attachment; None otherwise."""
-    info = next((a for a in parse_message(raw).attachments if a.index == index), None)
-    if info is None:
-        return None
+    found = attachments_bytes(raw, [index])
+    return found[0] if found else None
+
+
+def attachments_bytes(raw: bytes, indexes) -> list[tuple[str, str, bytes]]:
+    """`attachment_bytes` for several parts at once (one parse), in message order;
+    indexes that are not attachments are left out."""
+    wanted = set(indexes)
+    infos = {a.index: a for a in parse_message(raw).attachments if a.index in wanted}
+    if not infos:
+        return []
+    out = []
     msg = BytesParser(policy=INCOMING).parsebytes(raw)
     for i, part in enumerate(_leaves(msg)):
-        if i == index:
-            return info.filename, info.content_type, part.get_payload(decode=True) or b""
-    return None
+        if i in infos:
+            out.append((infos[i].filename, infos[i].content_type, part.get_payload(decode=True) or b""))
+    return out
 
 
 _RULE_RE = re.compile(r"^\s*[-_=*]{3,}")  # "-- Forwarded message --" lines and rules

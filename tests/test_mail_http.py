@@ -263,6 +263,9 @@ def test_attach_from_the_drive(site):
     assert "report.pdf" in view and "application/pdf" in view
     [part] = re.findall(rf"/mail/inbox/{mid}/part/(\d+)", view)
     assert bob.get(f"/mail/inbox/{mid}/part/{part}").body == data
+    # A form sent back with an error keeps the drive file ticked.
+    r = alice.send("bob@@", subject="report", body="attached", extra=[("drive_file", _html.unescape(ref))])
+    assert r.status == 400 and f'value="{ref}" checked' in r.text
     # Another user's drive file reference finds nothing.
     eve = user(fe, "eve")
     r = eve.send("bob", subject="steal", body="x", extra=[("drive_file", _html.unescape(ref))])
@@ -374,3 +377,14 @@ def test_folders_are_paged_newest_first(site, monkeypatch):
     assert subjects(bob.get("/mail?page=99").text) == ["0"]
     assert subjects(bob.get("/mail?page=x").text) == ["4", "3"]
     assert subjects(alice.get("/mail/sent?page=3").text) == ["0"]
+
+
+def test_form_fields_are_bounded(site):
+    fe, kv = site
+    alice, _bob = user(fe, "alice"), user(fe, "bob")
+    many = [(f"x{i}", "y" * 500_000) for i in range(6)]
+    r = alice.post_multipart("/mail/send", [("to", "bob"), ("subject", "s"), *many])
+    assert r.status == 413
+    r = alice.send("bob", subject="s", body="z" * (1024 * 1024 + 1))
+    assert r.status == 413
+    assert MailStore(kv).list("bob", "Inbox") == []

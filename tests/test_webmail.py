@@ -121,6 +121,7 @@ def test_attachments_make_a_multipart_message_byte_exact():
                      ("notes.txt", "text/plain", len(text_file)),
                      ("résumé ✓.pdf", "application/pdf", 13)]
     got = [webmail.attachment_bytes(raw, a.index) for a in d.attachments]
+    assert webmail.attachments_bytes(raw, [a.index for a in d.attachments][::-1] + [0, 99]) == got
     assert got[0] == ("data.bin", "application/octet-stream", blob)
     assert got[1][2] == text_file
     assert got[2][2] == b"%PDF-1.4 fake"

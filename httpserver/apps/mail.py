@@ -47,7 +47,8 @@ PAGE_SIZE = 50
 # Only this much of a message's first chunk is parsed for its preview line.
 PREVIEW_SCAN_BYTES = 16 * 1024
 MAX_DRIVE_ATTACHMENTS = 20
-MAX_FORM_FIELD_BYTES = 1024 * 1024    # to/cc/subject/body and the hidden fields
+MAX_FORM_FIELD_BYTES = 1024 * 1024    # one of to/cc/subject/body and the hidden fields
+MAX_FORM_FIELDS_BYTES = 2 * MAX_FORM_FIELD_BYTES   # all of them together
 READ_CHUNK = 64 * 1024
 
 
@@ -223,37 +224,37 @@ class MailApp:
     # -- compose -------------------------------------------------------------------
 
     def source_of(self, req, ref: str | None):
-        """(slug, id, DisplayMessage) for a `<folder>/<id>` reference, or None."""
-        if not ref or "/" not in ref:
+        """(slug, id, DisplayMessage, raw) for a `<folder>/<id>` reference of the
+        user's own mail; 404 if there is no such message, None without a reference."""
+        if not ref:
             return None
         slug, _, msg_id = ref.partition("/")
         _, raw = self.load(req, slug, msg_id)
-        return slug, msg_id, webmail.parse_message(raw)
+        return slug, msg_id, webmail.parse_message(raw), raw
 
     def compose(self, req) -> Response:
         draft = Draft(to=req.arg("to", "") or "")
         fwd = None
         if req.arg("reply") or req.arg("replyall"):
-            _, _, d = self.source_of(req, req.arg("reply") or req.arg("replyall"))
+            _, _, d, _ = self.source_of(req, req.arg("reply") or req.arg("replyall"))
             draft = webmail.reply_draft(d, self.address(req.user), reply_all=bool(req.arg("replyall")))
         elif req.arg("forward"):
-            slug, msg_id, d = self.source_of(req, req.arg("forward"))
-            draft = webmail.forward_draft(d)
-            fwd = (slug, msg_id, d)
+            fwd = self.source_of(req, req.arg("forward"))
+            draft = webmail.forward_draft(fwd[2])
         return self.compose_page(req, draft, fwd=fwd)
 
     def compose_page(self, req, draft: Draft, *, error: str = "", fwd=None, status: int = 200,
-                     fwd_checked: set[int] | None = None) -> Response:
+                     fwd_checked: set[int] | None = None, drive_chosen: set[str] = frozenset()) -> Response:
         fwd_block = ""
         if fwd is not None:
-            slug, msg_id, d = fwd
+            slug, msg_id, d, _ = fwd
             items = Markup("".join(render(
                 FWD_ITEM, index=a.index, name=a.filename, size=human_size(a.size),
                 checked="checked" if fwd_checked is None or a.index in fwd_checked else "")
                 for a in d.attachments))
             fwd_block = render(FWD_BLOCK, ref=f"{slug}/{msg_id}", items=items) if d.attachments else \
                 render('<input type="hidden" name="fwd" value="{ref}">', ref=f"{slug}/{msg_id}")
-        drive_block = self.drive_picker(req)
+        drive_block = self.drive_picker(req, drive_chosen)
         body = render(
             COMPOSE, csrf=csrf_field(req), to=draft.to, cc=draft.cc, subject=draft.subject, body=draft.body,
             in_reply_to=draft.in_reply_to, references=draft.references, fwd=fwd_block, drive=drive_block,
@@ -262,19 +263,21 @@ class MailApp:
         title = "New message" if not draft.subject else draft.subject
         return self.mail_page(req, title, body, status=status, active_folder="compose", js=("mail.js",))
 
-    def drive_picker(self, req) -> Markup | str:
+    def drive_picker(self, req, chosen: set[str] = frozenset()) -> Markup | str:
         files = drive_files(self.ctx, req.user)
         if not files:
             return ""
-        items = Markup("".join(render(DRIVE_ITEM, id=f_id, path=path, size=human_size(size))
+        items = Markup("".join(render(DRIVE_ITEM, id=f_id, path=path, size=human_size(size),
+                                      checked="checked" if f_id in chosen else "")
                                for f_id, path, size in files))
-        return render(DRIVE_BLOCK, items=items)
+        return render(DRIVE_BLOCK, items=items, open="open" if chosen else "")
 
     def send(self, req) -> Response:
         limit = self.cfg.mail.max_message_bytes
         fields: dict[str, list[str]] = {}
         uploads: list[Attachment] = []
         total = 0
+        field_bytes = 0
         for part in req.multipart():
             if part.filename is not None:
                 if part.name != "attachment":
@@ -286,8 +289,11 @@ class MailApp:
                 total += len(data)
                 uploads.append(Attachment(part.filename, part.content_type or "", data))
             else:
-                value = _read_bounded(part, MAX_FORM_FIELD_BYTES).decode("utf-8", "replace")
-                fields.setdefault(part.name or "", []).append(value)
+                data = _read_bounded(part, MAX_FORM_FIELD_BYTES)
+                field_bytes += len(data)
+                if field_bytes > MAX_FORM_FIELDS_BYTES:
+                    raise HTTPError(413, "That message is too long.")
+                fields.setdefault(part.name or "", []).append(data.decode("utf-8", "replace"))
 
         def field(name: str) -> str:
             return fields.get(name, [""])[0]
@@ -302,14 +308,8 @@ class MailApp:
             to = webmail.parse_recipients(draft.to, self.domain)
             cc = webmail.parse_recipients(draft.cc, self.domain)
             attachments = list(uploads)
-            if fwd is not None:
-                slug, msg_id, d = fwd
-                _, raw_orig = self.load(req, slug, msg_id)
-                for a in d.attachments:
-                    if a.index in fwd_checked:
-                        got = webmail.attachment_bytes(raw_orig, a.index)
-                        if got:
-                            attachments.append(Attachment(got[0], got[1], got[2]))
+            if fwd is not None and fwd_checked:
+                attachments += [Attachment(*got) for got in webmail.attachments_bytes(fwd[3], fwd_checked)]
             attachments += self.drive_attachments(req, fields.get("drive_file", []))
             if sum(len(a.data) for a in attachments) > limit:
                 raise ComposeError(f"The attachments are larger than the {human_size(limit)} limit.")
@@ -324,7 +324,8 @@ class MailApp:
             error = str(e)
             if uploads:
                 error += " (Please choose the files to attach again.)"
-            return self.compose_page(req, draft, error=error, fwd=fwd, status=400, fwd_checked=fwd_checked)
+            return self.compose_page(req, draft, error=error, fwd=fwd, status=400, fwd_checked=fwd_checked,
+                                     drive_chosen=set(fields.get("drive_file", [])))
         log.info("web mail from %s: %d local, %d remote recipients, %d bytes", req.user, len(result.local),
                  len(result.remote), len(raw))
         return redirect(f"/mail/sent?sent={result.sent_id}")
@@ -550,9 +551,9 @@ FWD_BLOCK = """<fieldset class="mail-attach"><legend>Attachments of the forwarde
 
 FWD_ITEM = """<label class="mail-check"><input type="checkbox" name="fwd_part" value="{index}" {checked}> {name} <span class="mail-muted">({size})</span></label>"""
 
-DRIVE_BLOCK = """<details class="mail-attach"><summary>Attach files from your drive</summary>{items}</details>"""
+DRIVE_BLOCK = """<details class="mail-attach" {open}><summary>Attach files from your drive</summary>{items}</details>"""
 
-DRIVE_ITEM = """<label class="mail-check"><input type="checkbox" name="drive_file" value="{id}"> {path} <span class="mail-muted">({size})</span></label>"""
+DRIVE_ITEM = """<label class="mail-check"><input type="checkbox" name="drive_file" value="{id}" {checked}> {path} <span class="mail-muted">({size})</span></label>"""
 
 
 def register(router, ctx) -> None:
