@@ -134,6 +134,22 @@ def test_drive_in_the_browser(site, tmp_path):
         assert "Deleted" in page.inner_text(".notice.ok")
         assert "This folder is empty" in page.content()
 
+        # Drag and drop: a file dropped anywhere on the page is uploaded, with its own bar.
+        page.evaluate("""() => {
+            const dt = new DataTransfer();
+            dt.items.add(new File(["dropped bytes \u2713"], "dropped.txt", {type: "text/plain"}));
+            for (const type of ["dragenter", "dragover", "drop"]) {
+                document.querySelector("table, .empty").dispatchEvent(
+                    new DragEvent(type, {bubbles: true, cancelable: true, dataTransfer: dt}));
+            }
+        }""")
+        page.wait_for_selector("#uploads li.done")
+        page.wait_for_selector("table.items a.item span:text-is('dropped.txt')", timeout=10_000)
+        with page.expect_download() as dl:
+            row(page, "dropped.txt").locator("a.item").click()
+        with open(dl.value.path(), "rb") as f:
+            assert f.read() == "dropped bytes ✓".encode()
+
         # Back at the root, on a phone-sized screen.
         page.set_viewport_size({"width": 390, "height": 800})
         page.click("ol.crumbs a")

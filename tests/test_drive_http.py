@@ -448,6 +448,27 @@ def test_no_session_no_csrf(site):
     assert listed(alice, root) == ["f.txt"]
 
 
+def test_client_gone_mid_upload_leaves_nothing(site):
+    """A browser closed half-way through an upload: no file, and its chunks are deleted at once."""
+    fe, kv = site
+    c = login(fe.port, "alice")
+    root = root_of(c)
+    boundary = uuid.uuid4().hex
+    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="csrf"\r\n\r\n{c.csrf}\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="half.bin"\r\n\r\n').encode()
+    s = socket.create_connection(("127.0.0.1", fe.port), timeout=10)
+    s.sendall((f"POST /drive/upload/{root} HTTP/1.1\r\nHost: x\r\nCookie: sid={c.cookies['sid']}\r\n"
+               f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(head) + 190_000}\r\n"
+               "\r\n").encode() + head + os.urandom(150 * CB))
+    wait_until(lambda: len([r for r in kv._rows if r.startswith(b"drive/c/")]) >= 20, timeout=10,
+               what="chunks of the upload")
+    s.close()
+    wait_until(lambda: not [r for r in kv._rows if r.startswith(b"drive/c/")], timeout=10,
+               what="the aborted upload's chunks to be deleted")
+    assert listed(c, root) == []
+    assert "0 bytes of" in c.get("/drive").text
+
+
 # -- a frontend process SIGKILLed mid-upload --------------------------------------------------
 
 def _rows_with(client, prefix: bytes, tablets: int) -> list[bytes]:

@@ -48,7 +48,7 @@ from src.kv import KVError
 
 log = logging.getLogger(__name__)
 
-READ_BYTES = 256 * 1024          # how much of an upload we take from the socket at a time
+READ_BYTES = 64 * 1024           # how much of an upload we take from the socket at a time
 TEXT_PREVIEW_BYTES = 64 * 1024   # a text preview shows at most this much
 SWEEP_INTERVAL_S = 30.0
 FORM_OVERHEAD = 64 * 1024        # what a multipart body may add to the files' sizes
