@@ -427,8 +427,8 @@ class Tablet:
         with self._inflight_cond:      # also keeps the memtable's byte count exact
             p.mem.apply(p.record.effect)
             p.mem.inflight -= 1
-            if p.mem.inflight == 0:
-                self._inflight_cond.notify_all()
+            if p.mem.inflight == 0 and p.mem is not self._view[0]:
+                self._inflight_cond.notify_all()      # a checkpoint waits for this frozen one
 
     def abandon(self, p: Pending) -> None:
         """Give up a submitted record without applying it (it may still be on disk)."""
@@ -440,7 +440,7 @@ class Tablet:
         p.done = True
         with self._inflight_cond:
             p.mem.inflight -= 1
-            if p.mem.inflight == 0:
+            if p.mem.inflight == 0 and p.mem is not self._view[0]:
                 self._inflight_cond.notify_all()
 
     def _fail(self, why: str) -> None:
