@@ -2,13 +2,15 @@
 
     .venv/bin/python bench/smtp_bench.py                     # the table (about a minute)
     .venv/bin/python bench/smtp_bench.py --seconds 5 --rounds 3 --sessions 10 --size 2048
-    .venv/bin/python bench/smtp_bench.py --cluster 127.0.0.1:7000   # over a running cluster
+    .venv/bin/python bench/smtp_bench.py --cluster 3        # its own master + 3 tablet servers, R = 3
+    .venv/bin/python bench/smtp_bench.py --master 127.0.0.1:7000    # a running cluster
 
 What it does. It starts, each as its own process:
 
 - a standalone tablet server (`python -m kvserver --standalone`), and our SMTP
   server over it (`python -m smtp --id smtp --kv-server ...`); with
-  `--cluster MASTER` our SMTP server uses that running cluster instead;
+  `--cluster N` a master and N tablet servers (replication min(3, N)) on free
+  ports instead, and with `--master ADDR` the running cluster of that master;
 - aiosmtpd (the reference, from this file: `--serve-aiosmtpd DIR`) with a
   handler that writes each message to its own file and fsyncs it before
   answering 250 (in the event loop's thread pool, so fsyncs of concurrent
@@ -20,7 +22,7 @@ sending `--size`-byte messages to one local recipient over one session
 (MAIL, RCPT, DATA per message, no pipelining) for `--seconds`. Counted:
 messages answered 250 inside the window. Each server is measured `--rounds`
 times, the servers taking turns; the table shows the median round. Our 250 means the message is in the
-store's write-ahead log (fsynced; on every replica with --cluster); for
+store's write-ahead log (fsynced; on every live replica in cluster mode); for
 aiosmtpd, on disk as said above.
 
 Postfix's `smtp-source` is used as the load instead when it is installed.
@@ -185,7 +187,9 @@ def main() -> int:
                     help="measurements per server, interleaved (the table shows the median)")
     ap.add_argument("--sessions", type=int, default=10)
     ap.add_argument("--size", type=int, default=2048)
-    ap.add_argument("--cluster", help="MASTER_HOST:PORT of a running cluster (else a standalone tablet server)")
+    ap.add_argument("--cluster", type=int, default=0, metavar="N",
+                    help="start a master and N tablet servers (replication min(3, N)) instead of a standalone server")
+    ap.add_argument("--master", help="HOST:PORT of the master of a running cluster")
     ap.add_argument("--serve-aiosmtpd", metavar="DIR", help=argparse.SUPPRESS)
     ap.add_argument("--fsync-dir", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -203,17 +207,32 @@ def main() -> int:
     load = "smtp-source" if use_source else "smtplib threads"
     try:
         cfg = os.path.join(tmp, "bench.toml")
-        master = ""
-        if args.cluster:
-            host, _, port = args.cluster.rpartition(":")
-            master = f'[master]\nhost = "{host}"\nport = {port}\n'
+        master_addr = args.master
         with open(cfg, "w") as f:
-            f.write(f'data_dir = "{tmp}/data"\n{master}[mail]\ndomain = "penncloud.local"\n'
-                    f'max_message_bytes = "25MiB"\n')
+            f.write(f'data_dir = "{tmp}/data"\n[mail]\ndomain = "penncloud.local"\nmax_message_bytes = "25MiB"\n')
+            if args.cluster:
+                from tests.harness import free_port
+                ports = [free_port() for _ in range(args.cluster + 1)]
+                f.write(f'[cluster]\ntablets = 24\nreplication = {min(3, args.cluster)}\n'
+                        f'[master]\nid = "master"\nhost = "127.0.0.1"\nport = {ports[0]}\n')
+                for i, p in enumerate(ports[1:], 1):
+                    f.write(f'[[kvserver]]\nid = "kv{i}"\nhost = "127.0.0.1"\nport = {p}\n')
+                master_addr = f"127.0.0.1:{ports[0]}"
+            elif master_addr:
+                host, _, port = master_addr.rpartition(":")
+                f.write(f'[master]\nhost = "{host}"\nport = {port}\n')
         if args.cluster:
-            kv = ClusterClient(args.cluster)
+            children.append(Child(["-m", "master", "--config", cfg, "--id", "master", "--log-level", "WARNING"],
+                                  os.path.join(tmp, "master.log")))
+            for i in range(1, args.cluster + 1):
+                children.append(Child(["-m", "kvserver", "--config", cfg, "--id", f"kv{i}", "--log-level", "WARNING"],
+                                      os.path.join(tmp, f"kv{i}.log")))
+            store_name = f"cluster: {args.cluster} tablet servers, R={min(3, args.cluster)}"
+        elif master_addr:
+            store_name = f"running cluster at {master_addr}"
+        if master_addr:
+            kv = ClusterClient(master_addr, deadline=60)
             smtp_args = ["-m", "smtp", "--config", cfg, "--id", "smtp", "--port", "0"]
-            store_name = f"cluster at {args.cluster}"
         else:
             kvp = Child(["-m", "kvserver", "--standalone", "--port", "0", "--data", os.path.join(tmp, "kv"),
                          "--log-level", "WARNING"], os.path.join(tmp, "kv.log"))
