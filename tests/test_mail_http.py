@@ -388,3 +388,44 @@ def test_form_fields_are_bounded(site):
     r = alice.send("bob", subject="s", body="z" * (1024 * 1024 + 1))
     assert r.status == 413
     assert MailStore(kv).list("bob", "Inbox") == []
+
+
+def test_web_mail_reaches_pop3_and_other_domains_unchanged(site):
+    """Mail sent from the web takes the SMTP server's paths: Thunderbird (POP3)
+    gets the exact bytes, and the relay delivers it to another domain's MX."""
+    import poplib
+
+    from smtp.pop3_server import POP3Mailboxes, POP3Server
+    from smtp.relay import RelayWorker
+    from src.accounts import Accounts
+    from tests.mailpeers import DNSStub, PeerHandler, SMTPPeer
+
+    fe, kv = site
+    alice, _bob = user(fe, "alice"), user(fe, "bob")
+    store = MailStore(kv)
+    r = alice.send("bob, carol@remote.test", subject="Ünïcode to everyone", body="Grüße\n.a line with a dot",
+                   files=[("attachment", "a.bin", "application/octet-stream", bytes(range(256)))])
+    assert r.status == 303
+    [sent] = store.list("alice", "Sent")
+    raw = store.get_raw("alice", "Sent", sent.id)
+
+    pop = POP3Server("127.0.0.1", 0, POP3Mailboxes(Accounts(kv), store, lock_ttl_s=30)).start()
+    try:
+        p = poplib.POP3("127.0.0.1", pop.port, timeout=10)
+        p.user("bob")
+        p.pass_("correct horse")
+        _, lines, _ = p.retr(1)
+        p.quit()
+    finally:
+        pop.stop()
+    assert b"\r\n".join(lines) + b"\r\n" == raw
+
+    records = {"remote.test": {"MX": ["10 mx.remote.test."]}, "mx.remote.test": {"A": ["127.0.0.1"]}}
+    with DNSStub(records) as dns_server, SMTPPeer(PeerHandler()) as peer:
+        worker = RelayWorker(store, domain=DOMAIN, worker_id="relay", resolver=dns_server.addr,
+                             relay_port=peer.port, smtp_timeout_s=5)
+        assert worker.run_once() == 1
+    [(mail_from, rcpts, content)] = peer.handler.received
+    assert mail_from == "alice@penncloud.local" and rcpts == ["carol@remote.test"]
+    assert content == raw
+    assert store.queue() == []
