@@ -573,3 +573,14 @@ def test_move_and_delete_of_one_item_at_once(drive, kv):
             assert read_all(drive, "alice", drive.entry("alice", dest.id, name)) == b"payload"
         else:
             assert not in_dest and not in_root
+
+
+def test_slow_upload_keeps_its_lease(drive, clock, kv):
+    """Bytes trickling in slower than a chunk per lease still renew the lease."""
+    root = drive.root("alice")
+    up = drive.start_upload("alice", root, "trickle.bin")
+    for _ in range(10):
+        clock.t += drive.lease_s / 2  # each write comes half a lease after the last
+        up.write(b"x")                # (far less than a chunk)
+        assert drive.sweep() == 0
+    assert read_all(drive, "alice", up.commit()) == b"x" * 10
