@@ -220,6 +220,8 @@ class PeerStream:
         self.sock: socket.socket | None = None
         self.down_since = time.monotonic()
         self.was_up = False
+        self.last_send = 0.0            # when something was last sent / answered:
+        self.last_reply = 0.0           # an idle stream is not a dead one
         self.thread = threading.Thread(target=self._run, name=f"stream-{peer}", daemon=True)
         self.thread.start()
 
@@ -283,6 +285,7 @@ class PeerStream:
                 self.q.clear()
             if not items:
                 continue
+            self.last_send = time.monotonic()
             bufs = []
             for item in _coalesce(items):
                 if item[0] == "catchup":
@@ -300,9 +303,15 @@ class PeerStream:
         parser = ReplyParser()
         try:
             while True:
-                data = sock.recv(65536)
+                try:
+                    data = sock.recv(65536)
+                except socket.timeout:
+                    if self.last_reply >= self.last_send or time.monotonic() - self.last_send < IO_TIMEOUT_S:
+                        continue              # idle, or just sent: not a dead peer
+                    raise
                 if not data:
                     break
+                self.last_reply = time.monotonic()
                 parser.feed(data)
                 while True:
                     ev = parser.next_event()

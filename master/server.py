@@ -138,20 +138,21 @@ class Master:
     def _reports(self, tablet: int) -> dict[str, tuple[int, int]]:
         return {sid: s.reports[tablet] for sid, s in self.servers.items() if tablet in s.reports}
 
-    def _apply(self, fn, server: str, why: str) -> None:
-        """Run a per-tablet transition for every tablet; save and publish if anything changed.
-        Caller holds _change_lock."""
+    def _apply(self, fn, servers: list[str], why: str, alive: set[str] | None = None) -> None:
+        """Run a per-tablet transition for each of `servers` on every tablet;
+        save and publish if anything changed. Caller holds _change_lock."""
         views = dict(self.views)
-        alive = self._alive()
-        changed = []
-        for t, v in views.items():
-            load = placement.primary_counts(views.values())
-            nv = fn(v, server, alive, self._reports(t), load)
-            if nv != v:
-                views[t] = nv
-                changed.append(nv)
+        alive = self._alive() if alive is None else alive
+        changed = {}
+        for server in servers:
+            for t, v in views.items():
+                load = placement.primary_counts(views.values())
+                nv = fn(v, server, alive, self._reports(t), load)
+                if nv != v:
+                    views[t] = nv
+                    changed[t] = nv
         if changed:
-            self._publish(views, changed, why)
+            self._publish(views, list(changed.values()), why)
 
     def _publish(self, views: dict[int, TabletView], changed: list[TabletView], why: str) -> None:
         self.store.save(self.cc.tablets, self.cc.replication, self.ids, views, self.boots)
@@ -169,17 +170,24 @@ class Master:
                 log.exception("failure detector")
 
     def _detect_once(self, now: float) -> None:
-        for sid, s in self.servers.items():
-            timeout = self.cc.failure_timeout_s
-            if not s.heard:
-                timeout *= STARTUP_GRACE_FACTOR
-            if s.alive and now - s.last_seen > timeout:
-                with self._change_lock:
-                    if not (s.alive and now - s.last_seen > timeout):
-                        continue
-                    s.alive = False
-                    log.warning("server %s is dead (silent %.2fs)", sid, now - s.last_seen)
-                    self._apply(placement.on_server_dead, sid, f"{sid} dead")
+        """Declare dead every server silent for the failure timeout. All of
+        one pass are marked dead before any tablet is re-elected, so servers
+        that died together are not elected for each other."""
+        def expired(s):
+            timeout = self.cc.failure_timeout_s * (1 if s.heard else STARTUP_GRACE_FACTOR)
+            return s.alive and now - s.last_seen > timeout
+
+        if not any(expired(s) for s in self.servers.values()):
+            return
+        with self._change_lock:
+            dead = [sid for sid, s in self.servers.items() if expired(s)]
+            for sid in dead:
+                log.warning("server %s is dead (silent %.2fs)", sid, now - self.servers[sid].last_seen)
+            # New views first, then the flags: MAP never shows a dead primary
+            # as "-" while its view still names it.
+            self._apply(placement.on_server_dead, dead, f"{','.join(dead)} dead", self._alive() - set(dead))
+            for sid in dead:
+                self.servers[sid].alive = False
 
     def heartbeat(self, sid: str, boot: str, state: str, report: dict[int, tuple[int, int]]) -> list[str]:
         """A tablet server's heartbeat: note it, react to a restart or a return, answer its views."""
@@ -208,7 +216,7 @@ class Master:
                 self._publish(views, changed, f"{sid} restarted")   # saves the boot id too
             elif came_back:
                 log.info("server %s is alive again", sid)
-                self._apply(placement.on_server_alive, sid, f"{sid} alive")
+                self._apply(placement.on_server_alive, [sid], f"{sid} alive")
             views = self.views
         return [view_line(v) for v in views.values()]
 
@@ -218,10 +226,10 @@ class Master:
         with self._change_lock:
             if self.boots.get(sid) != boot or not s.alive:
                 return
+            log.warning("server %s was killed", sid)
+            self._apply(placement.on_server_dead, [sid], f"{sid} killed", self._alive() - {sid})
             s.alive = False
             s.killed = True
-            log.warning("server %s was killed", sid)
-            self._apply(placement.on_server_dead, sid, f"{sid} killed")
 
     def view_change(self, tablet: int, epoch: int, op: str, server: str, requester: str) -> TabletView | None:
         with self._change_lock:
