@@ -429,3 +429,46 @@ def test_web_mail_reaches_pop3_and_other_domains_unchanged(site):
     assert mail_from == "alice@penncloud.local" and rcpts == ["carol@remote.test"]
     assert content == raw
     assert store.queue() == []
+
+
+@pytest.mark.slow
+def test_real_processes_thunderbird_and_web_talk_to_each_other(procs, tmp_path):
+    """A standalone tablet server, a frontend, the SMTP and the POP3 server as
+    real processes: mail from an SMTP client (as Thunderbird sends it) is read
+    on the web, the web reply comes out of POP3."""
+    import poplib
+    import smtplib
+
+    kvp = procs.start("kvserver", ["--standalone", "--port", "0", "--data", str(tmp_path / "kv")], name="kv")
+    cfg = tmp_path / "mail.toml"
+    cfg.write_text(f'data_dir = "{tmp_path / "data"}"\n[mail]\ndomain = "{DOMAIN}"\n'
+                   '[[frontend]]\nid = "fe1"\nhost = "127.0.0.1"\nport = 0\n')
+    kv_arg = ["--kv-server", f"127.0.0.1:{kvp.port}", "--port", "0"]
+    fe = procs.start("httpserver", ["--config", str(cfg), "--id", "fe1", *kv_arg], name="fe1")
+    smtp = procs.start("smtp", ["--config", str(cfg), "--id", "smtp", *kv_arg], name="smtp")
+    pop = procs.start("smtp", ["--config", str(cfg), "--id", "pop3", *kv_arg], name="pop3")
+    alice, _bob = user(fe, "alice"), user(fe, "bob")
+
+    with smtplib.SMTP("127.0.0.1", smtp.port, timeout=10) as s:
+        s.login("bob", "correct horse")
+        s.sendmail("bob@penncloud.local", ["alice@penncloud.local"],
+                   b"From: bob@penncloud.local\r\nTo: alice@penncloud.local\r\nSubject: from thunderbird\r\n"
+                   b"Message-ID: <tb1@penncloud.local>\r\n\r\nSent with a mail client.\r\n")
+    [mid] = ids_in(alice)
+    view = alice.get(f"/mail/inbox/{mid}").text
+    assert "from thunderbird" in view and "Sent with a mail client." in view
+    r = alice.get(f"/mail/compose?reply=inbox/{mid}")
+    import html as _html
+    irt = _html.unescape(re.search(r'name="in_reply_to" value="([^"]*)"', r.text).group(1))
+    assert irt == "<tb1@penncloud.local>"
+    assert alice.send("bob", subject="Re: from thunderbird", body="Read it on the web.",
+                      extra=[("in_reply_to", irt), ("references", irt)]).status == 303
+
+    p = poplib.POP3("127.0.0.1", pop.port, timeout=10)
+    p.user("bob")
+    p.pass_("correct horse")
+    _, lines, _ = p.retr(1)
+    p.quit()
+    m = email.message_from_bytes(b"\r\n".join(lines), policy=policy.default)
+    assert m["Subject"] == "Re: from thunderbird" and m["In-Reply-To"] == "<tb1@penncloud.local>"
+    assert m.get_content().strip() == "Read it on the web."
