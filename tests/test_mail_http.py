@@ -472,3 +472,35 @@ def test_real_processes_thunderbird_and_web_talk_to_each_other(procs, tmp_path):
     m = email.message_from_bytes(b"\r\n".join(lines), policy=policy.default)
     assert m["Subject"] == "Re: from thunderbird" and m["In-Reply-To"] == "<tb1@penncloud.local>"
     assert m.get_content().strip() == "Read it on the web."
+
+
+def test_list_previews_are_read_once_per_frontend(site, monkeypatch):
+    fe, kv = site
+    alice, bob = user(fe, "alice"), user(fe, "bob")
+    for i in range(3):
+        alice.send("bob", subject=f"s{i}", body=f"body number {i}")
+    body_reads = []
+    real_get = kv.get
+
+    def counting_get(row, col):
+        if bytes(row if isinstance(row, bytes) else row.encode()).startswith(b"mmsg/"):
+            body_reads.append(row)
+        return real_get(row, col)
+
+    monkeypatch.setattr(kv, "get", counting_get)
+    page = bob.get("/mail").text
+    assert all(f"body number {i}" in page for i in range(3))
+    assert len(body_reads) == 3
+    body_reads.clear()
+    assert "body number 2" in bob.get("/mail").text
+    assert body_reads == []
+
+
+def test_preview_cache_is_bounded_lru():
+    from httpserver.apps.mail import PreviewCache
+    c = PreviewCache(2)
+    c.put("a", "1")
+    c.put("b", "2")
+    assert c.get("a") == "1"
+    c.put("c", "3")  # evicts b, the least recently used
+    assert c.get("b") is None and c.get("a") == "1" and c.get("c") == "3"

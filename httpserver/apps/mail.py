@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
 import time
+from collections import OrderedDict
 
 from httpserver.templates import Markup, csrf_field, page, render
 from httpserver.web import HTTPError, Response, redirect
@@ -46,6 +48,10 @@ FOLDERS = {"inbox": "Inbox", "sent": "Sent"}
 PAGE_SIZE = 50
 # Only this much of a message's first chunk is parsed for its preview line.
 PREVIEW_SCAN_BYTES = 16 * 1024
+# Previews are remembered per frontend: a stored message never changes, so a
+# preview computed once is right for ever, and a list page then costs no body
+# reads for the messages it showed before.
+PREVIEW_CACHE_ENTRIES = 20_000
 MAX_DRIVE_ATTACHMENTS = 20
 MAX_FORM_FIELD_BYTES = 1024 * 1024    # one of to/cc/subject/body and the hidden fields
 MAX_FORM_FIELDS_BYTES = 2 * MAX_FORM_FIELD_BYTES   # all of them together
@@ -59,7 +65,7 @@ class MailApp:
         self.domain = ctx.config.mail.domain
         self.store = MailStore(ctx.kv)
         self.accounts = ctx.accounts
-        self.drive = getattr(ctx, "drive", None)
+        self.previews = PreviewCache(PREVIEW_CACHE_ENTRIES)
 
     # -- helpers -----------------------------------------------------------------
 
@@ -82,11 +88,16 @@ class MailApp:
             raise HTTPError(404, "That message does not exist (it may have been deleted).") from None
 
     def preview_of(self, user: str, folder: str, msg_id: str) -> str:
-        try:
-            first = next(iter(self.store.iter_raw(user, folder, msg_id)), b"")
-        except (MailStoreError, StopIteration):
-            return ""
-        return webmail.preview(webmail.parse_message(first[:PREVIEW_SCAN_BYTES]))
+        key = (user, folder, msg_id)
+        text = self.previews.get(key)
+        if text is None:
+            try:
+                first = next(iter(self.store.iter_raw(user, folder, msg_id)), b"")
+            except (MailStoreError, StopIteration):
+                return ""
+            text = webmail.preview(webmail.parse_message(first[:PREVIEW_SCAN_BYTES]))
+            self.previews.put(key, text)
+        return text
 
     def mail_page(self, req, title: str, body: Markup, status: int = 200, active_folder: str = "",
                   unread: int | None = None, js: tuple[str, ...] = ()) -> Response:
@@ -344,6 +355,29 @@ class MailApp:
                 raise ComposeError("A file chosen from the drive no longer exists.")
             out.append(Attachment(*got))
         return out
+
+
+class PreviewCache:
+    """A bounded least-recently-used map, safe to share between request threads."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._items: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key, value) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
 
 
 # -- the drive (helper F's src/drive.py), used read-only --------------------------
