@@ -317,3 +317,23 @@ def test_store_outage_gives_temporary_errors_not_crashes(tmp_path):
     finally:
         smtp.stop()
         pop.stop()
+
+
+def test_logs_hold_no_passwords_or_bodies(mail, caplog):
+    import logging
+    caplog.set_level(logging.DEBUG)
+    secret_body = b"Subject: s\r\n\r\nTOP-SECRET-BODY-TEXT\r\n"
+    with smtplib.SMTP("127.0.0.1", mail.smtp_port, timeout=10) as s:
+        s.login("alice", PW["alice"])
+        s.sendmail("alice@penncloud.local", ["bob@penncloud.local"], secret_body)
+        with pytest.raises(smtplib.SMTPAuthenticationError):
+            smtplib.SMTP("127.0.0.1", mail.smtp_port, timeout=10).login("bob", "wrong-password-xyz")
+    p = poplib.POP3("127.0.0.1", mail.pop_port, timeout=10)
+    p.user("bob")
+    p.pass_(PW["bob"])
+    p.retr(1)
+    p.quit()
+    text = caplog.text
+    assert "AUTH" in text and "accepted" in text  # it does log what happened
+    for secret in (PW["alice"], PW["bob"], "wrong-password-xyz", "TOP-SECRET-BODY-TEXT"):
+        assert secret not in text

@@ -1,0 +1,43 @@
+"""The POP3 mailbox lock cell: one holder at a time, released with CPUT, freed by expiry after a crash."""
+
+from smtp.pop3_server import MailboxLock
+from src.kv import MemoryKV
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_one_holder_release_and_reacquire():
+    kv, clock = MemoryKV(), Clock()
+    a, b = MailboxLock(kv, "bob", 60, clock), MailboxLock(kv, "bob", 60, clock)
+    assert a.acquire()
+    assert not b.acquire()
+    assert MailboxLock(kv, "alice", 60, clock).acquire()  # other mailboxes are independent
+    a.release()
+    assert kv.get("maillock/bob", "pop3") == b""
+    assert b.acquire()
+    a.release()  # a stale holder's release does not free b's lock
+    assert not MailboxLock(kv, "bob", 60, clock).acquire()
+
+
+def test_crashed_holder_expires_and_renewal_keeps_it():
+    kv, clock = MemoryKV(), Clock()
+    dead = MailboxLock(kv, "bob", 60, clock)
+    assert dead.acquire()  # ... and its process is SIGKILLed: no release
+    other = MailboxLock(kv, "bob", 60, clock)
+    clock.t += 59
+    assert not other.acquire()
+    clock.t += 2
+    assert other.acquire()
+    # the holder renews while active, so it is not taken from under it
+    for _ in range(5):
+        clock.t += 40
+        other.renew()
+    assert not MailboxLock(kv, "bob", 60, clock).acquire()
+    dead.release()  # the old holder's late release changes nothing
+    assert not MailboxLock(kv, "bob", 60, clock).acquire()
