@@ -1,0 +1,94 @@
+"""run_all.sh as a user runs it: start a whole (small) cluster from a config,
+report status, restart only what died, stop everything."""
+
+import os
+import signal
+import subprocess
+
+import pytest
+
+from tests.harness import REPO, free_port, wait_until
+
+
+def write_config(tmp_path):
+    p = {name: free_port() for name in ("master", "kv1", "kv2", "kv3", "fe1", "smtp", "pop3", "lb")}
+    cfg = f"""
+data_dir = "{tmp_path / 'data'}"
+[cluster]
+tablets = 6
+replication = 2
+[http]
+admin_password = "admin password"
+[master]
+port = {p['master']}
+[[kvserver]]
+id = "kv1"
+port = {p['kv1']}
+[[kvserver]]
+id = "kv2"
+port = {p['kv2']}
+[[kvserver]]
+id = "kv3"
+port = {p['kv3']}
+[[frontend]]
+id = "fe1"
+port = {p['fe1']}
+[lb]
+port = {p['lb']}
+[mail.smtp]
+port = {p['smtp']}
+[mail.pop3]
+port = {p['pop3']}
+"""
+    path = tmp_path / "small.toml"
+    path.write_text(cfg)
+    return str(path), p
+
+
+def run_all(*args, timeout=180):
+    return subprocess.run([os.path.join(REPO, "run_all.sh"), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+def status(config):
+    out = run_all("status", "--config", config).stdout
+    return {line.split()[0]: line.split() for line in out.splitlines()}
+
+
+@pytest.mark.slow
+def test_start_status_restart_stop(tmp_path):
+    config, ports = write_config(tmp_path)
+    try:
+        r = run_all("start", "--config", config)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert f"http://127.0.0.1:{ports['lb']}/" in r.stdout
+        assert "password admin password" not in r.stdout  # the config's password is not echoed
+        st = status(config)
+        assert set(st) == {"master", "kv1", "kv2", "kv3", "fe1", "smtp", "pop3", "relay", "lb"}
+        for name, fields in st.items():
+            assert len(fields) == 4 and fields[3] == "up", fields
+        assert st["kv2"][2] == f"127.0.0.1:{ports['kv2']}"
+        assert (tmp_path / "data" / "log" / "kv2.log").exists()
+
+        # A crash: only the dead process is started again, the others keep their pids.
+        os.kill(int(st["kv2"][1]), signal.SIGKILL)
+        wait_until(lambda: status(config)["kv2"][3] == "down", 10, what="kv2 reported down")
+        r = run_all("start", "--config", config)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "kv2      started" in r.stdout and "kv1      already running" in r.stdout
+        st2 = status(config)
+        assert st2["kv1"][1] == st["kv1"][1] and st2["kv2"][1] != st["kv2"][1]
+        assert all(f[3] == "up" for f in st2.values())
+    finally:
+        r = run_all("stop", "--config", config)
+    assert r.returncode == 0
+    st = status(config)
+    assert all(f[1] == "-" and f[3] == "down" for f in st.values()), st
+
+
+def test_bad_config_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[cluster]\ntablets = 'many'\n")
+    r = run_all("status", "--config", str(bad))
+    assert r.returncode == 2
+    assert "cluster.tablets: must be an integer" in r.stderr
