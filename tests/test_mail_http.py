@@ -480,14 +480,13 @@ def test_list_previews_are_read_once_per_frontend(site, monkeypatch):
     for i in range(3):
         alice.send("bob", subject=f"s{i}", body=f"body number {i}")
     body_reads = []
-    real_get = kv.get
+    real_iter_raw = MailStore.iter_raw
 
-    def counting_get(row, col):
-        if bytes(row if isinstance(row, bytes) else row.encode()).startswith(b"mmsg/"):
-            body_reads.append(row)
-        return real_get(row, col)
+    def counting_iter_raw(self, user, folder, msg_id):
+        body_reads.append(msg_id)
+        return real_iter_raw(self, user, folder, msg_id)
 
-    monkeypatch.setattr(kv, "get", counting_get)
+    monkeypatch.setattr(MailStore, "iter_raw", counting_iter_raw)
     page = bob.get("/mail").text
     assert all(f"body number {i}" in page for i in range(3))
     assert len(body_reads) == 3
