@@ -232,7 +232,7 @@ class SMTPConnection:
 
     def smtp_HELO(self, arg: str) -> Reply:
         if not arg:
-            return Reply(501, "Syntax: HELO hostname")
+            return Reply(501, "5.5.4 Syntax: HELO hostname")
         self._reset()
         self.session.helo, self.session.esmtp = arg.split()[0], False
         return Reply(250, self.session.hostname)
