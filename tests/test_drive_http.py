@@ -147,6 +147,10 @@ def test_upload_download_round_trip(site, size):
     assert r.status == 303, r.text
     assert r.getheader("Location").startswith("/drive?ok=")
     assert "Uploaded" in c.get(r.getheader("Location")).text
+    # The message is signed for this session: a link from elsewhere cannot put words on the page.
+    forged = r.getheader("Location").split("&sig=")[0].replace("Uploaded", "Your+account+is+suspended")
+    assert "suspended" not in c.get(forged).text
+    assert "Uploaded" not in login(fe.port, "mallory").get(r.getheader("Location")).text
     assert listed(c, root) == ["blob.bin"]
     r = c.get(file_url(root, "blob.bin"))
     assert r.status == 200

@@ -31,6 +31,8 @@ served inline with its own type (the preview shows it as text).
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import os
 import random
@@ -219,9 +221,18 @@ class DriveApp:
             '<div id="drop-overlay" hidden>Drop files to upload them here</div>\n'
             '{table}</div>',
             crumbs=self._crumbs(crumbs, root), quota=quota_bar(usage),
-            notices=notices(req.arg("ok"), error or req.arg("err")),
+            notices=notices(*self._messages(req), error),
             folder=folder, csrf=csrf_field(req), table=self._table(req, folder, root, items, sort, desc))
         return page(req, title, body, active="drive", css=("drive.css",), js=("drive.js",), status=status)
+
+    @staticmethod
+    def _messages(req) -> tuple[str | None, str | None]:
+        """The ?ok= / ?err= message of a redirect, shown only if this session signed it
+        (so a link from elsewhere cannot put its own words on our page)."""
+        sig = req.arg("sig") or ""
+        ok, err = req.arg("ok"), req.arg("err")
+        return (ok if ok and hmac.compare_digest(sig, sign(req, "ok", ok)) else None,
+                err if err and hmac.compare_digest(sig, sign(req, "err", err)) else None)
 
     def _crumbs(self, crumbs, root) -> Markup:
         parts = []
@@ -423,7 +434,7 @@ class DriveApp:
     def _done(self, req, folder, message: str, **extra):
         if wants_json(req):
             return json_response(dict(ok=True, message=message, **extra))
-        return redirect(folder_url(folder, self._root(req), ok=message))
+        return redirect(folder_url(folder, self._root(req), ok=message, sig=sign(req, "ok", message)))
 
     def _refused(self, req, folder, err: Exception, status: int):
         msg = str(err)
@@ -534,8 +545,8 @@ class DriveApp:
                 return json_response(dict(ok=not failed, message=msg, saved=[e.name for e in saved],
                                           failed=[n for n, _ in failed], **extra),
                                      status=200 if not failed else 207)
-            return redirect(folder_url(folder, self._root(req), ok=msg if not failed else "",
-                                       err=msg if failed else ""))
+            kind = "err" if failed else "ok"
+            return redirect(folder_url(folder, self._root(req), **{kind: msg}, sig=sign(req, kind, msg)))
         return self._act(req, folder, act)
 
 
@@ -570,6 +581,12 @@ def _past_end(header: str, size: int) -> bool:
     return bool(m) and int(m.group(1)) >= size and (not m.group(2) or int(m.group(2)) >= int(m.group(1)))
 
 
+def sign(req, kind: str, message: str) -> str:
+    """A MAC of a redirect's message, keyed by the session's CSRF token."""
+    key = (req.session.csrf if req.session is not None else "").encode()
+    return hmac.new(key, f"{kind}:{message}".encode(), hashlib.sha256).hexdigest()[:24]
+
+
 def first(form: dict, key: str) -> str:
     v = form.get(key) or [""]
     return v[0]
@@ -597,7 +614,9 @@ def quota_bar(u: Usage) -> Markup:
                   full=" full" if u.fraction >= 0.95 else "")
 
 
-def notices(ok: str | None, err: str | None) -> Markup:
+def notices(ok: str | None, err: str | None, error: str | None = None) -> Markup:
+    """The page's messages: a redirect's (ok / err) and this request's own error."""
+    err = error or err
     out = Markup("")
     if ok:
         out += render('<p class="notice ok" role="status">{m}</p>', m=ok)

@@ -45,10 +45,10 @@
       if (failed) msg += ", " + failed + " failed";
       document.body.setAttribute("data-uploads-done", msg);
       if (!failed) {
-        // Show the new files in the listing.
+        // Show the new files in the listing, and the message once more after the reload.
+        try { window.sessionStorage.setItem("drive-notice", msg); } catch (err) { /* private mode */ }
         var url = new URL(window.location.href);
-        url.searchParams.set("ok", msg);
-        url.searchParams.delete("err");
+        ["ok", "err", "sig"].forEach(function (k) { url.searchParams.delete(k); });
         setTimeout(function () { window.location.assign(url.toString()); }, 400);
       }
     }
@@ -113,6 +113,20 @@
       input.value = "";
     }
   });
+
+  // A message left by the uploads before the page reloaded.
+  try {
+    var notice = window.sessionStorage.getItem("drive-notice");
+    if (notice) {
+      window.sessionStorage.removeItem("drive-notice");
+      var p = document.createElement("p");
+      p.className = "notice ok";
+      p.setAttribute("role", "status");
+      p.textContent = notice;
+      var tools = document.querySelector(".drive-tools");
+      tools.parentNode.insertBefore(p, tools);
+    }
+  } catch (err) { /* no sessionStorage: no message */ }
 
   // -- drag and drop ------------------------------------------------------------------
   var depth = 0;
