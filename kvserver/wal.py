@@ -294,11 +294,15 @@ class TabletLog:
         """Return once the record with this ticket is on disk; LogError if it never will be."""
         with self._cond:
             while self._durable < ticket:
-                if self._closed or self._error:
+                if self._error:
                     raise LogError(self._why())
                 if self._flushing:
+                    # Even after close(abandon=True): the batch being written may
+                    # hold this record, and then it is durable, not dropped.
                     self._cond.wait()
                     continue
+                if self._closed:
+                    raise LogError(self._why())
                 self._flush_locked()
 
     def append(self, rec: LogRecord) -> None:

@@ -8,6 +8,8 @@ import zlib
 
 import pytest
 
+from tests.harness import wait_until
+
 from kvserver.wal import (
     DEL, DELROW, SET, Effect, LogError, LogRecord, TabletLog, encode_record, encoded_size,
     read_segment, recover_segment, segment_first_seq, segment_name,
@@ -195,3 +197,48 @@ def test_reopen_appends_after_existing_records(tmp_path):
         lg.append(r)
     lg.close()
     assert read_segment(str(p)).records == rs
+
+
+def test_abandon_keeps_the_batch_being_written(tmp_path, monkeypatch):
+    """A record a leader is already writing when KILL comes becomes durable:
+    its writer must hear success, not "dropped" (which would promise it was
+    not applied)."""
+    from kvserver import wal
+    p = tmp_path / "race.wal"
+    lg = TabletLog(str(p), 0)
+    in_sync, release = threading.Event(), threading.Event()
+    real_sync = os.fdatasync
+
+    def slow_sync(fd):
+        in_sync.set()
+        release.wait(10)
+        real_sync(fd)
+
+    monkeypatch.setattr(wal.os, "fdatasync", slow_sync)
+    t1 = lg.enqueue(LogRecord(1, 0, Effect(SET, b"a", b"b", b"leader's")))
+    t2 = lg.enqueue(LogRecord(2, 0, Effect(SET, b"c", b"d", b"in the same batch")))
+    leader = threading.Thread(target=lg.wait_durable, args=(t1,))
+    leader.start()
+    assert in_sync.wait(10)                       # the leader took both records and is syncing
+    t3 = lg.enqueue(LogRecord(3, 0, Effect(SET, b"e", b"f", b"still pending")))
+    closer = threading.Thread(target=lg.close, kwargs={"abandon": True})
+    closer.start()
+    wait_until(lambda: lg._closed, timeout=5, what="close to begin")
+    result = {}
+
+    def late_waiter():
+        try:
+            lg.wait_durable(t2)
+            result["t2"] = "durable"
+        except LogError:
+            result["t2"] = "dropped"
+
+    w = threading.Thread(target=late_waiter)
+    w.start()
+    release.set()
+    for t in (leader, closer, w):
+        t.join(10)
+    assert result["t2"] == "durable"
+    with pytest.raises(LogError):
+        lg.wait_durable(t3)                       # never written: dropped
+    assert [r.seq for r in read_segment(str(p)).records] == [1, 2]
