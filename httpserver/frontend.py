@@ -36,6 +36,7 @@ APPS = ("accounts", "home", "drive", "mail", "admin")
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 ADMIN_USER = "admin"
 ADMIN_PASSWORD_FILE = "admin.password"
+ADMIN_WAIT_S = 5.0
 
 
 @dataclass
@@ -125,12 +126,16 @@ class Frontend:
         self._admin_thread: threading.Thread | None = None
 
     def start(self) -> "Frontend":
+        """Listen, and make sure the admin account exists.
+
+        Waits at most ADMIN_WAIT_S for the admin account (normally a few
+        milliseconds); if the store is not reachable yet, the frontend serves
+        anyway and a background thread keeps trying every second.
+        """
         self.http.start()
-        if not self._ensure_admin():
-            # The store may still be starting: keep trying in the background.
-            self._admin_thread = threading.Thread(target=self._admin_loop, name=f"{self.node.id}-admin",
-                                                  daemon=True)
-            self._admin_thread.start()
+        self._admin_thread = threading.Thread(target=self._admin_loop, name=f"{self.node.id}-admin", daemon=True)
+        self._admin_thread.start()
+        self._admin_thread.join(ADMIN_WAIT_S)
         return self
 
     def _ensure_admin(self) -> bool:
@@ -143,8 +148,8 @@ class Frontend:
             return False
 
     def _admin_loop(self) -> None:
-        while not self._stop.wait(1.0):
-            if self._ensure_admin():
+        while not self._ensure_admin():
+            if self._stop.wait(1.0):
                 return
 
     @property

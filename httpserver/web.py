@@ -631,11 +631,8 @@ class App:
             route, params = self.router.match(req.method, req.raw_path)
             req.route = route
             req.params = params
-            if route.session and self.sessions is not None:
-                s = self.sessions.get(req.cookies.get("sid"))
-                if s is not None:
-                    req.session = s
-                    req.user = s.user
+            if route.session:
+                self._load_session(req)
             if route.login and req.user is None:
                 if req.method in ("GET", "HEAD"):
                     return redirect("/")
@@ -648,6 +645,8 @@ class App:
         except (ClientGone, ConnectionError):
             raise
         except HTTPError as e:
+            if req.route is None:
+                self._load_session(req)     # a 404/405 page still shows who is logged in
             resp = error_page(req, e.status, e.message)
             resp.headers.extend(e.headers)
             return resp
@@ -657,6 +656,19 @@ class App:
         except Exception:
             log.exception("handler for %s %s failed", req.method, req.raw_path)
             return error_page(req, 500, "An unexpected error happened. It has been logged.")
+
+    def _load_session(self, req: Request) -> None:
+        if self.sessions is None or req.session is not None:
+            return
+        try:
+            s = self.sessions.get(req.cookies.get("sid"))
+        except KVError:
+            if req.route is None:
+                return              # only for an error page: do without
+            raise
+        if s is not None:
+            req.session = s
+            req.user = s.user
 
     @staticmethod
     def _check_csrf(req: Request) -> None:

@@ -104,3 +104,7 @@ def test_admin_sees_the_admin_card(site, browser_page):
     assert page.locator(".app-card.app-admin").is_visible()
     assert page.locator("nav.nav a", has_text="Admin").is_visible()
     screenshot(page, "accounts-home-admin")
+    r = page.goto(site + "/no/such/<page>")
+    assert r.status == 404 and page.locator("h1").inner_text() == "Page not found"
+    assert page.locator(".who .user").inner_text() == "admin", "error pages keep the site's header"
+    screenshot(page, "accounts-error-404")
