@@ -337,3 +337,26 @@ def test_logs_hold_no_passwords_or_bodies(mail, caplog):
     assert "AUTH" in text and "accepted" in text  # it does log what happened
     for secret in (PW["alice"], PW["bob"], "wrong-password-xyz", "TOP-SECRET-BODY-TEXT"):
         assert secret not in text
+
+
+def test_idle_pop3_session_is_closed_without_deleting(tmp_path):
+    cfg = parse_config({}, data_dir=str(tmp_path))
+    kv = MemoryKV()
+    Accounts(kv).create("bob", PW["bob"])
+    MailStore(kv).deliver("bob", "Inbox", b"Subject: keep me\r\n\r\nx\r\n")
+    srv = make_pop3_server(cfg, kv, host="127.0.0.1", port=0, idle_timeout_s=0.3).start()
+    try:
+        p = poplib.POP3("127.0.0.1", srv.port, timeout=10)
+        p.user("bob")
+        p.pass_(PW["bob"])
+        p.dele(1)
+        assert p.file.readline() == b""  # the server closed the idle session, silently
+        p.close()
+        assert [m.subject for m in MailStore(kv).list("bob", "Inbox")] == ["keep me"]
+        p = poplib.POP3("127.0.0.1", srv.port, timeout=10)  # and gave the mailbox back
+        p.user("bob")
+        p.pass_(PW["bob"])
+        assert p.stat()[0] == 1
+        p.quit()
+    finally:
+        srv.stop()
