@@ -503,3 +503,24 @@ def test_preview_cache_is_bounded_lru():
     assert c.get("a") == "1"
     c.put("c", "3")  # evicts b, the least recently used
     assert c.get("b") is None and c.get("a") == "1" and c.get("c") == "3"
+
+
+def test_alternative_parts_toggle_and_mark_unread(site):
+    fe, kv = site
+    bob = user(fe, "bob")
+    raw = (b"From: a@example.com\r\nTo: bob@penncloud.local\r\nSubject: alt\r\nMIME-Version: 1.0\r\n"
+           b"Content-Type: multipart/alternative; boundary=z\r\n\r\n"
+           b"--z\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nPLAIN version\r\n"
+           b"--z\r\nContent-Type: text/html; charset=utf-8\r\n\r\n<p><i>HTML</i> version</p>\r\n--z--\r\n")
+    mid = MailStore(kv).deliver("bob", "Inbox", raw)
+    r = bob.get(f"/mail/inbox/{mid}")
+    assert "<i>HTML</i> version" in r.text and "PLAIN version" not in r.text
+    assert f'href="/mail/inbox/{mid}?as=text"' in r.text
+    r = bob.get(f"/mail/inbox/{mid}?as=text")
+    assert "PLAIN version" in r.text and "<i>HTML</i>" not in r.text
+    assert 'class="unread"' not in bob.get("/mail").text
+    r = bob.post_form(f"/mail/inbox/{mid}/unread", {})
+    assert r.status == 303 and r.getheader("Location") == "/mail"
+    assert 'class="unread"' in bob.get("/mail").text
+    src = bob.get(f"/mail/inbox/{mid}/source")
+    assert src.body == raw and src.getheader("Content-Disposition").startswith("attachment;")
