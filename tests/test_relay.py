@@ -196,3 +196,15 @@ def test_relay_with_dnsmasq(tmp_path):
     finally:
         p.kill()
         p.wait(5)
+
+
+def test_5xx_after_data_bounces_every_recipient(dns_server):
+    store = MailStore(MemoryKV())
+    store.enqueue_outgoing("alice", "alice@penncloud.local", ["a@remote.test", "b@remote.test"], MSG)
+    with SMTPPeer(PeerHandler(["554 5.6.0 content rejected"])) as peer:
+        worker(store, dns_server, peer.port).run_once()
+        assert peer.handler.received == [] and peer.handler.attempts == 1
+    assert store.queue() == []
+    [b] = store.list("alice", "Inbox")
+    raw = store.get_raw("alice", "Inbox", b.id)
+    assert raw.count(b"Action: failed") == 2 and b"Status: 5.6.0" in raw and b"554 5.6.0 content rejected" in raw
