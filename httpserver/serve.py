@@ -110,7 +110,7 @@ class HTTPServer:
         self.trusted_proxies = trusted_proxies
         self.server_header = server_header
         self.tcp = TCPServer(host, port, self._handle, name=name)
-        self.requests = 0            # served since start (approximate: no lock on the counter)
+        self.requests = 0            # answered (or abandoned) since start
         self._active = 0
         self._lock = threading.Lock()
 
@@ -181,10 +181,10 @@ class HTTPServer:
                 conn.keep_alive = False
                 return
             self._send(sock, conn, req, resp)
-            self.requests += 1
         finally:
             with self._lock:
                 self._active -= 1
+                self.requests += 1
         if conn.in_state == "body" and conn.keep_alive:
             if conn.they_are_waiting_for_100_continue or not self._drain(body):
                 conn.keep_alive = False

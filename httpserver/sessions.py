@@ -11,7 +11,7 @@ its own CSRF token, also 128 random bits.
 
 Sliding expiry without a write per request: a session is valid while
 `now - last_seen < ttl`. `last_seen` is rewritten only when it is more than
-REFRESH_AFTER_S old, with CPUT, so a refresh can never bring back a session
+REFRESH_AFTER_S (or a quarter of the TTL, if shorter) old, with CPUT, so a refresh can never bring back a session
 that a logout (on any frontend) deleted meanwhile. Expired sessions are
 deleted when someone presents them, and index entries pointing at gone
 sessions are pruned at every log-in of that user.
@@ -69,6 +69,9 @@ class Sessions:
         self.kv = kv
         self.ttl = ttl_s
         self.clock = clock
+        # A refresh a minute late costs at most a minute of a 30-minute TTL;
+        # short TTLs (tests) refresh at a quarter of their length.
+        self.refresh_after = min(REFRESH_AFTER_S, ttl_s / 4)
 
     def create(self, user: str, admin: bool = False) -> Session:
         """A new session for `user` (already authenticated)."""
@@ -94,7 +97,7 @@ class Sessions:
         if now - s.last_seen >= self.ttl:
             self.destroy(sid, s.user)
             return None
-        if now - s.last_seen > REFRESH_AFTER_S:
+        if now - s.last_seen > self.refresh_after:
             old = raw
             s.last_seen = now
             try:

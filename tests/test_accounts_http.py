@@ -213,6 +213,25 @@ def test_admin_account_and_admin_only_pages(fe, client):
     admin.close()
 
 
+def test_sliding_expiry_over_http(tmp_path):
+    cfg = make_cfg(tmp_path, session_ttl_s=2.0)
+    f = Frontend(cfg, _node(), MemoryKV(), port=0).start()
+    try:
+        c = Client(f.port)
+        r = c.post("/signup", {"username": "judy", "password": PASSWORD})
+        assert "Max-Age" not in r.getheader("Set-Cookie"), "the server, not the browser, decides expiry"
+        start = time.monotonic()
+        while time.monotonic() - start < 3.0:      # active for longer than the TTL: still logged in
+            assert c.get("/home").status == 200
+            time.sleep(0.25)
+        time.sleep(2.2)                             # idle for longer than the TTL: gone
+        r = c.get("/home")
+        assert r.status == 303 and r.getheader("Location") == "/"
+        c.close()
+    finally:
+        f.stop()
+
+
 def test_admin_password_file_is_created_once(tmp_path):
     cfg = make_cfg(tmp_path, admin_password="")
     results = []

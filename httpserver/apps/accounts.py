@@ -90,7 +90,6 @@ def register(router: Router, ctx) -> None:
     sessions = ctx.sessions
     throttle = ctx.throttle
     domain = ctx.config.mail.domain
-    ttl = int(ctx.config.http.session_ttl_s)
 
     def landing(req: Request, status: int = 200, error: str = "", login_user: str = "",
                 signup_user: str = "", anchor: str = ""):
@@ -104,7 +103,9 @@ def register(router: Router, ctx) -> None:
             sessions.destroy(req.session.sid, req.session.user)
         s = sessions.create(user, admin=accounts.is_admin(user))
         resp = redirect("/home")
-        resp.set_cookie(COOKIE, s.sid, max_age=ttl)
+        # No Max-Age: the browser keeps the cookie while it runs, and the
+        # server's sliding expiry decides how long the session lives.
+        resp.set_cookie(COOKIE, s.sid)
         return resp
 
     @router.route("GET", "/", login=False)
