@@ -41,7 +41,6 @@ import logging
 import mimetypes
 import re
 import secrets
-import threading
 import time
 import unicodedata
 import zlib

@@ -19,7 +19,7 @@ import pytest
 from src.config import parse_config
 from src.drive import JOURNAL_SHARDS, LEASE_S, TOMB_LEASES, Drive
 from src.kv import MemoryKV
-from tests.harness import REPO, wait_until
+from tests.harness import wait_until
 
 CB = 1000  # chunk bytes in these tests: "many chunks" stays small
 
@@ -471,6 +471,35 @@ def test_client_gone_mid_upload_leaves_nothing(site):
                what="the aborted upload's chunks to be deleted")
     assert listed(c, root) == []
     assert "0 bytes of" in c.get("/drive").text
+
+
+def test_frontend_runs_the_sweeper_and_stops_it(tmp_path):
+    """Each frontend sweeps the drive journal in the background; the thread ends with the frontend."""
+    import threading
+    from httpserver.frontend import Frontend
+    cfg = make_config(tmp_path)
+    kv = MemoryKV()
+    # An upload abandoned long ago (its lease expired), as a crashed frontend leaves it.
+    crashed = Drive(kv, chunk_bytes=CB, clock=lambda: time.time() - 10 * LEASE_S)
+    up = crashed.start_upload("alice", crashed.root("alice"), "lost.bin")
+    up.write(os.urandom(5 * CB))
+    up._wait_one()
+    assert [r for r in kv._rows if r.startswith(b"drive/c/")]
+    import httpserver.apps.drive as app
+    before = app.SWEEP_INTERVAL_S
+    app.SWEEP_INTERVAL_S = 1.5  # so the first sweep comes within a second or so
+    try:
+        fe = Frontend(cfg, cfg.node("fe1"), kv, port=0).start()
+    finally:
+        app.SWEEP_INTERVAL_S = before
+    try:
+        assert any(t.name == "drive-sweeper" for t in threading.enumerate())
+        wait_until(lambda: not [r for r in kv._rows if r.startswith(b"drive/c/")], timeout=10,
+                   what="the frontend's sweeper to reclaim the abandoned chunks")
+    finally:
+        fe.stop()
+    wait_until(lambda: not any(t.name == "drive-sweeper" and t.is_alive() for t in threading.enumerate()),
+               timeout=5, what="the sweeper thread to end with its frontend")
 
 
 # -- a frontend process SIGKILLed mid-upload --------------------------------------------------

@@ -42,7 +42,7 @@ import time
 import weakref
 from urllib.parse import quote, urlencode
 
-from httpserver.templates import Markup, csrf_field, escape, page, render
+from httpserver.templates import Markup, csrf_field, page, render
 from httpserver.web import (HTTPError, Response, content_disposition, etag_matches, http_date, json_response,
                             parse_range, redirect)
 from src.drive import Drive, DriveError, Entry, Usage, human_size
@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 READ_BYTES = 64 * 1024           # how much of an upload we take from the socket at a time
 TEXT_PREVIEW_BYTES = 64 * 1024   # a text preview shows at most this much
 SWEEP_INTERVAL_S = 30.0
+SWEEPER_TICK_S = 1.0             # how often the sweeper thread looks whether its frontend stopped
 FORM_OVERHEAD = 64 * 1024        # what a multipart body may add to the files' sizes
 
 # Served inline with their own type for previews: none of these can run script.
@@ -159,21 +160,33 @@ class DriveApp:
     def start_sweeper(self) -> None:
         """Every frontend sweeps the drive journal now and then (docs/drive.md).
 
-        The thread holds only a weak reference, so it ends with its app (in
-        tests, many frontends come and go in one process).
+        The thread checks once a second whether its frontend has stopped
+        (there is no stop hook for apps yet, so it looks at the frontend's
+        stop event) and holds only a weak reference to the app, so it ends
+        with either (in tests, many frontends come and go in one process).
         """
-        # Stop with the frontend when it says so (AppContext.frontend), else with this app.
-        stop = getattr(getattr(self.ctx, "frontend", None), "_stop", None)
-        if not isinstance(stop, threading.Event):
-            stop = threading.Event()
         ref = weakref.ref(self)
-        self._sweeper_stop = stop
+        frontend = weakref.ref(self.ctx.frontend) if getattr(self.ctx, "frontend", None) is not None else None
+        interval = SWEEP_INTERVAL_S
+
+        def stopped() -> bool:
+            if ref() is None:
+                return True
+            if frontend is None:
+                return False
+            fe = frontend()
+            ev = getattr(fe, "_stop", None)
+            return fe is None or (isinstance(ev, threading.Event) and ev.is_set())
 
         def loop():
             # Start at a random point so frontends started together do not sweep in step.
-            wait = random.uniform(1.0, SWEEP_INTERVAL_S)
-            while not stop.wait(wait):
-                wait = SWEEP_INTERVAL_S
+            next_sweep = time.monotonic() + random.uniform(min(1.0, interval), interval)
+            while not self_stop.wait(SWEEPER_TICK_S):
+                if stopped():
+                    return
+                if time.monotonic() < next_sweep:
+                    continue
+                next_sweep = time.monotonic() + interval
                 app = ref()
                 if app is None:
                     return
@@ -183,6 +196,8 @@ class DriveApp:
                     log.warning("drive sweep failed; will retry", exc_info=True)
                 del app
 
+        self_stop = threading.Event()
+        self._sweeper_stop = self_stop
         threading.Thread(target=loop, name="drive-sweeper", daemon=True).start()
 
     # -- pages -------------------------------------------------------------------------
