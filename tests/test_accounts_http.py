@@ -287,3 +287,23 @@ admin_password = "admin-secret-1"
     assert admin.post("/login", {"username": "admin", "password": "admin-secret-1"}).status == 303
     for c in (one, two, admin):
         c.close()
+
+
+@pytest.mark.skipif(__import__("shutil").which("curl") is None, reason="curl is not installed")
+def test_fixed_routes_through_curl(fe):
+    import subprocess
+    base = f"http://127.0.0.1:{fe.port}"
+
+    def curl(*args):
+        out = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{redirect_url}",
+                              "--max-time", "10", *args], capture_output=True, text=True, timeout=20).stdout
+        return out.strip()
+    jar = str(fe.cfg.data_dir) + "/cookies.txt"
+    assert curl("-c", jar, "-d", "username=curly", "-d", f"password={PASSWORD}", base + "/signup") == \
+        f"303 {base}/home"
+    assert curl("-d", "username=curly", "-d", f"password={PASSWORD}", base + "/signup").startswith("409")
+    assert curl("-d", "username=curly", "-d", "password=wrong password", base + "/login").startswith("401")
+    assert curl("-b", jar, base + "/home").startswith("200")
+    assert curl(base + "/home") == f"303 {base}/"
+    assert curl("-b", jar, "-d", "csrf=forged", base + "/logout").startswith("403")
+    assert curl("-b", jar, base + "/home").startswith("200")

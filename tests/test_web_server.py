@@ -343,3 +343,13 @@ def test_http_client_and_curl_agree(server):
         status = int(lines[0].split()[1])
         hdrs = {k.lower(): v for k, _, v in (line.partition(": ") for line in lines[1:])}
         assert (status, rest, hdrs.get("content-type"), hdrs.get("allow")) == py, (method, path)
+
+
+def test_stalled_body_gets_408(server):
+    s = connect(server)
+    s.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+    start = time.monotonic()
+    r = read_responses(s, 1, ["POST"])[0]
+    assert r[0] == 408 and time.monotonic() - start < 3.0
+    assert closed(s)
+    s.close()
