@@ -38,6 +38,15 @@
     return { li: li, bar: bar, status: status };
   }
 
+  function explain(status) {
+    if (status === 401 || status === 303 || status === 0) return "you are logged out; log in again and retry";
+    if (status === 403) return "this page is out of date; reload it and retry";
+    if (status === 404) return "this folder no longer exists";
+    if (status === 413) return "the file is too large";
+    if (status === 503) return "the storage is unavailable; try again in a moment";
+    return "the server answered " + status;
+  }
+
   function finished() {
     running--;
     if (running === 0) {
@@ -81,7 +90,7 @@
         succeeded++;
       } else {
         ui.li.classList.add("failed");
-        ui.status.textContent = "failed: " + (reply && reply.error ? reply.error : "error " + xhr.status);
+        ui.status.textContent = "failed: " + (reply && reply.error ? reply.error : explain(xhr.status));
         failed++;
       }
       finished();
