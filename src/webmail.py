@@ -310,30 +310,50 @@ def parse_message(raw: bytes) -> DisplayMessage:
     htmls: list[str] = []
     try:
         for i, part in enumerate(_leaves(msg)):
-            ctype = part.get_content_type()
-            if _is_attachment(part):
-                payload = part.get_payload(decode=True) or b""
-                d.attachments.append(AttachmentInfo(i, clean_filename(part.get_filename()), ctype, len(payload)))
-            elif ctype == "text/plain":
+            info = _attachment_info(i, part)
+            if info is not None:
+                d.attachments.append(info)
+            elif part.get_content_type() == "text/plain":
                 texts.append(_part_text(part))
-            elif ctype == "text/html":
+            elif part.get_content_type() == "text/html":
                 htmls.append(_part_text(part))
-            elif part.get_content_maintype() not in ("text", "multipart"):
-                # An inline image or other file without a name: still downloadable.
-                payload = part.get_payload(decode=True) or b""
-                ext = mimetypes.guess_extension(ctype) or ".bin"
-                d.attachments.append(AttachmentInfo(i, f"part{i + 1}{ext}", ctype, len(payload)))
     except Exception:
         texts = [raw.decode("utf-8", "replace")]
         htmls = []
+        d.attachments = []
     d.text = "\n".join(texts)
     d.html = sanitize_html("\n".join(htmls)) if htmls else ""
     return d
 
 
+def _attachment_info(i: int, part: Message) -> AttachmentInfo | None:
+    """What the message page lists for leaf part `i`, if it is a file: a named
+    or `attachment` part, or a non-text part without a name (an inline image)."""
+    ctype = part.get_content_type()
+    if _is_attachment(part):
+        name = clean_filename(part.get_filename())
+    elif part.get_content_maintype() not in ("text", "multipart", "message"):
+        name = f"part{i + 1}{mimetypes.guess_extension(ctype) or '.bin'}"
+    else:
+        return None
+    return AttachmentInfo(i, name, ctype, _decoded_size(part))
+
+
+_B64_JUNK = re.compile(rb"[^A-Za-z0-9+/]")
+
+
+def _decoded_size(part: Message) -> int:
+    """The decoded size of a part, without decoding base64 (it is counted)."""
+    if part.get("Content-Transfer-Encoding", "").strip().lower() == "base64":
+        payload = part.get_payload()
+        if isinstance(payload, str):
+            return len(_B64_JUNK.sub(b"", payload.encode("ascii", "ignore"))) * 3 // 4
+    return len(part.get_payload(decode=True) or b"")
+
+
 def attachment_bytes(raw: bytes, index: int) -> tuple[str, str, bytes] | None:
     """(filename, content type, decoded bytes) of the leaf part `index`, if it
-    is one `parse_message` listed as an attachment; None otherwise."""
+    is one `parse_message` lists as an attachment; None otherwise."""
     found = attachments_bytes(raw, [index])
     return found[0] if found else None
 
@@ -342,14 +362,16 @@ def attachments_bytes(raw: bytes, indexes) -> list[tuple[str, str, bytes]]:
     """`attachment_bytes` for several parts at once (one parse), in message order;
     indexes that are not attachments are left out."""
     wanted = set(indexes)
-    infos = {a.index: a for a in parse_message(raw).attachments if a.index in wanted}
-    if not infos:
-        return []
     out = []
-    msg = BytesParser(policy=INCOMING).parsebytes(raw)
-    for i, part in enumerate(_leaves(msg)):
-        if i in infos:
-            out.append((infos[i].filename, infos[i].content_type, part.get_payload(decode=True) or b""))
+    try:
+        msg = BytesParser(policy=INCOMING).parsebytes(raw)
+        for i, part in enumerate(_leaves(msg)):
+            if i in wanted:
+                info = _attachment_info(i, part)
+                if info is not None:
+                    out.append((info.filename, info.content_type, part.get_payload(decode=True) or b""))
+    except Exception:
+        return []
     return out
 
 
