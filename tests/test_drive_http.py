@@ -350,6 +350,9 @@ def test_item_page_and_preview(site):
     r = c.get(file_url(root, "page.html"))
     assert r.getheader("Content-Disposition").startswith("attachment")
     assert "sandbox" in r.getheader("Content-Security-Policy")
+    c.upload(root, [("logo.svg", b'<svg xmlns="http://www.w3.org/2000/svg"><script>alert(1)</script></svg>')])
+    r = c.get(file_url(root, "logo.svg", "view"))
+    assert r.getheader("Content-Type").startswith("text/plain") and r.getheader("X-Content-Type-Options") == "nosniff"
     r = c.get(file_url(root, "pic.png", "view"))
     assert r.getheader("Content-Type") == "image/png" and r.getheader("Content-Disposition").startswith("inline")
     # A folder's item page offers to open it, and its picker leaves out the folder itself.
