@@ -262,18 +262,22 @@ def _part_text(part: Message) -> str:
 
 
 def _decode_text(part: Message) -> str:
-    try:
-        content = part.get_content()
-        if isinstance(content, str):
-            return content
-    except (LookupError, ValueError, AttributeError, AssertionError, TypeError):
-        pass
+    """A text part as str. With a charset it names (or none, or us-ascii, as
+    many mailers send UTF-8 or Windows-1252 unlabelled), bytes that do not fit
+    are read as UTF-8 if they are valid UTF-8, else as Windows-1252."""
     payload = part.get_payload(decode=True) or b""
-    charset = part.get_content_charset() or "utf-8"
-    try:
-        return payload.decode(charset, "replace")
-    except LookupError:
-        return payload.decode("utf-8", "replace")
+    charset = (part.get_content_charset() or "us-ascii").lower()
+    if charset not in ("us-ascii", "ascii"):
+        try:
+            return payload.decode(charset)
+        except (LookupError, UnicodeDecodeError):
+            pass
+    for fallback in ("utf-8", "cp1252"):
+        try:
+            return payload.decode(fallback)
+        except UnicodeDecodeError:
+            continue
+    return payload.decode("utf-8", "replace")
 
 
 def _leaves(msg: Message):

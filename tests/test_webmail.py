@@ -447,3 +447,15 @@ def test_reply_to_my_own_sent_message_goes_to_its_recipients():
     assert r.to == "bob@penncloud.local, c@x.org"
     r = reply_draft(parse_message(raw), "alice@penncloud.local", reply_all=True)
     assert r.to == "bob@penncloud.local, c@x.org" and r.cc == ""
+
+
+@pytest.mark.parametrize("raw,want", [
+    (b"Subject: x\r\n\r\ncaf\xc3\xa9\r\n", "café\n"),                         # unlabelled UTF-8
+    (b"Subject: x\r\n\r\ncaf\xe9 \x93q\x94\r\n", "café “q”\n"),               # unlabelled Windows-1252
+    (b"Content-Type: text/plain; charset=iso-8859-1\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n"
+     b"caf=E9\r\n", "café\n"),
+    (b"Content-Type: text/plain; charset=utf-8\r\n\r\ncaf\xe9\r\n", "café\n"),  # mislabelled
+    (b"Content-Type: text/plain; charset=koi8-r\r\n\r\n\xf0\xd2\xc9\xd7\xc5\xd4\r\n", "Привет\n"),
+])
+def test_body_charsets(raw, want):
+    assert parse_message(raw).text == want
