@@ -43,7 +43,7 @@ from urllib.parse import quote, urlencode
 
 from httpserver.templates import Markup, csrf_field, page, render
 from httpserver.web import (HTTPError, Response, content_disposition, etag_matches, http_date, json_response,
-                            parse_range, redirect)
+                            parse_range, range_applies, redirect)
 from src.drive import Drive, DriveError, Entry, Usage, human_size
 from src.kv import KVError
 
@@ -419,8 +419,7 @@ class DriveApp:
             return Response(304, headers=headers)
         start, end, status = 0, e.size - 1, 200
         rng = req.headers.get("Range")
-        if_range = req.headers.get("If-Range")
-        if rng and (not if_range or if_range.strip() == etag):
+        if rng and range_applies(req, etag, None):  # If-Range: only our strong ETag keeps the range
             try:
                 r = parse_range(rng, e.size)
             except HTTPError:
@@ -466,7 +465,7 @@ class DriveApp:
         except KVError:
             log.warning("drive action failed on the KV store", exc_info=True)
             return self._refused(req, folder, Exception(
-                "The storage is not reachable right now; nothing was changed. Please try again."), 503)
+                "The storage is not reachable right now; please try again in a moment."), 503)
 
     def mkdir(self, req, folder):
         f = req.form()
