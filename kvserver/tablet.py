@@ -548,8 +548,32 @@ class Tablet:
             self.log = self._new_segment(self.last_seq + 1)
             self._view = (Memtable(), None, ckpt)
             self.failed = None
-        for rec in records:
-            self.append_replicated(rec)
+        self.append_replicated_batch(records)
+
+    def append_replicated_batch(self, records: Iterable[LogRecord]) -> int:
+        """append_replicated for many records, sharing syncs; returns how many were new."""
+        pending: list[Pending] = []
+        try:
+            with self._seq_lock:
+                self._check()
+                for rec in records:
+                    if rec.seq <= self.last_seq:
+                        continue
+                    if rec.seq != self.last_seq + 1:
+                        raise SeqGap(f"tablet {self.id}: got seq {rec.seq}, expected {self.last_seq + 1}")
+                    self.epoch = max(self.epoch, rec.epoch)
+                    pending.append(self._enqueue_locked(rec))
+        finally:
+            # whatever was enqueued is made durable and applied, in order
+            for i, p in enumerate(pending):
+                try:
+                    self.wait_durable(p)
+                except TabletError:
+                    for q in pending[i + 1:]:
+                        self.abandon(q)
+                    raise
+                self.apply(p)
+        return len(pending)
 
     # -- checkpoints ----------------------------------------------------------------------
 

@@ -282,3 +282,20 @@ def test_a_failed_sync_stops_writes_and_reports_an_unknown_outcome(tmp_path, mon
     assert t.get(b"a", b"c") in (b"before", b"during")
     t.write(Effect(SET, b"b", b"c", b"after"))
     assert t.get(b"b", b"c") == b"after"
+
+
+def test_replicated_batch_applies_the_contiguous_prefix(tmp_path):
+    from kvserver.tablet import SeqGap
+    prim = open_tablet(tmp_path / "p")
+    for i in range(10):
+        prim.write(Effect(SET, b"r%d" % i, b"c", b"v%d" % i))
+    recs = prim.records_after(0)
+    sec = open_tablet(tmp_path / "s")
+    assert sec.append_replicated_batch(recs[:4]) == 4
+    assert sec.append_replicated_batch(recs[2:6]) == 2          # 3 and 4 already held
+    with pytest.raises(SeqGap):
+        sec.append_replicated_batch(recs[6:7] + recs[8:])        # 7 then a gap
+    assert sec.last_seq == 7 and sec.get(b"r6", b"c") == b"v6" and sec.get(b"r8", b"c") is None
+    sec.close()
+    sec = open_tablet(tmp_path / "s")
+    assert sec.last_seq == 7
