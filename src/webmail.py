@@ -6,6 +6,8 @@ The web pages (httpserver/apps/mail.py) are a thin shell around this module:
     stored bytes ──parse_message──► DisplayMessage (decoded headers, text,
                                      sanitised HTML, attachment list)
     DisplayMessage ──reply_draft / forward_draft──► Draft (pre-filled form)
+    RFC 5322 bytes ──send──► local Inboxes, the relay queue, the sender's Sent
+                             (src/mailstore.py, as the SMTP server delivers)
 
 Invariants the pages rely on:
 
@@ -26,17 +28,17 @@ Invariants the pages rely on:
 
 from __future__ import annotations
 
+import datetime as _dt
 import html
 import mimetypes
 import re
 from dataclasses import dataclass, field
 from email import policy as email_policy
-from email.headerregistry import Address
 from email.message import EmailMessage, Message
 from email.parser import BytesParser
 from email.utils import format_datetime, getaddresses, make_msgid, parsedate_to_datetime
 from html.parser import HTMLParser
-import datetime as _dt
+from urllib.parse import quote as percent_quote
 
 # Limits for what a user may type into the compose form.
 MAX_RECIPIENTS = 100
@@ -655,9 +657,8 @@ def content_disposition(filename: str, inline: bool = False) -> str:
     an ASCII fallback in `filename=` and the exact name in `filename*=`."""
     name = clean_filename(filename)
     fallback = "".join(ch if 32 < ord(ch) < 127 and ch not in '"\\%;' else "_" for ch in name) or "attachment"
-    from urllib.parse import quote as _pct
     kind = "inline" if inline else "attachment"
-    return f"{kind}; filename=\"{fallback}\"; filename*=UTF-8''{_pct(name, safe='')}"
+    return f"{kind}; filename=\"{fallback}\"; filename*=UTF-8''{percent_quote(name, safe='')}"
 
 
 def display_address(value: str) -> str:
@@ -665,10 +666,6 @@ def display_address(value: str) -> str:
     pairs = getaddresses([value]) if value else []
     names = [(n or a) for n, a in pairs if n or a]
     return ", ".join(names) if names else value
-
-
-def format_address(username: str, domain: str) -> str:
-    return str(Address(addr_spec=f"{username}@{domain}"))
 
 
 # -- sending --------------------------------------------------------------------
