@@ -287,6 +287,10 @@ admin_password = "admin-secret-1"
     assert admin.post("/login", {"username": "admin", "password": "admin-secret-1"}).status == 303
     for c in (one, two, admin):
         c.close()
+    # SIGTERM stops a frontend cleanly (exit code 0), promptly
+    start = time.monotonic()
+    fes[0].terminate(timeout=10)
+    assert fes[0].popen.returncode == 0 and time.monotonic() - start < 8
 
 
 @pytest.mark.skipif(__import__("shutil").which("curl") is None, reason="curl is not installed")
