@@ -23,6 +23,7 @@ The write path, and the seam for replication (helper E's layer):
 
     tablet.append_replicated(rec) # a secondary: same, for a record the primary
                                   # numbered; ignores seq <= last_seq (idempotent)
+    tablet.append_replicated_batch(recs)   # many at once, sharing syncs
     tablet.records_after(seq)     # catch-up: log records after seq, or None when
                                   # the log no longer reaches back that far
     tablet.snapshot() / tablet.install_snapshot(chunks, records)
@@ -194,7 +195,9 @@ class Tablet:
 
     def open(self) -> "Tablet":
         """Recover from disk: checkpoint, then the log records above it (docs/storage.md)."""
-        os.makedirs(self.path, exist_ok=True)
+        if not os.path.isdir(self.path):
+            os.makedirs(self.path)
+            fsync_dir(os.path.dirname(os.path.abspath(self.path)))   # the new directory's entry
         tmp = os.path.join(self.path, CHECKPOINT_TMP)
         if os.path.exists(tmp):
             log.info("tablet %d: removing unfinished %s", self.id, CHECKPOINT_TMP)
