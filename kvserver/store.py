@@ -36,6 +36,7 @@ from src.config import StorageConfig
 
 from kvserver.checkpoint import BlockCache, CheckpointAborted
 from kvserver.tablet import Tablet, TabletError
+from kvserver.wal import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,9 @@ class Store:
 
     def open(self) -> "Store":
         """Recover every tablet from disk and start the checkpointer."""
-        os.makedirs(self.data_dir, exist_ok=True)
+        if not os.path.isdir(self.data_dir):
+            os.makedirs(self.data_dir)
+            fsync_dir(os.path.dirname(os.path.abspath(self.data_dir)))
         t0 = time.monotonic()
         for tid in self.tablet_ids:
             self.tablets[tid] = Tablet(tid, tablet_dir(self.data_dir, tid), self.cache,
