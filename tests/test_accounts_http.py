@@ -311,3 +311,48 @@ def test_fixed_routes_through_curl(fe):
     assert curl(base + "/home") == f"303 {base}/"
     assert curl("-b", jar, "-d", "csrf=forged", base + "/logout").startswith("403")
     assert curl("-b", jar, base + "/home").startswith("200")
+
+
+def test_frontend_over_the_cluster_survives_sigkill(procs, tmp_path):
+    """The default KV client (the cluster: master + tablet servers): sessions
+    live in the store, so a SIGKILLed and restarted frontend still knows them."""
+    p = {n: free_port() for n in ("master", "kv1", "kv2", "fe1", "lb")}
+    cfg = tmp_path / "cluster.toml"
+    cfg.write_text(f"""
+data_dir = "{tmp_path / 'data'}"
+[cluster]
+tablets = 4
+replication = 2
+[http]
+admin_password = "admin-secret-1"
+[master]
+port = {p['master']}
+[[kvserver]]
+id = "kv1"
+port = {p['kv1']}
+[[kvserver]]
+id = "kv2"
+port = {p['kv2']}
+[[frontend]]
+id = "fe1"
+port = {p['fe1']}
+[lb]
+port = {p['lb']}
+""")
+    procs.start("master", ["--config", str(cfg), "--id", "master"], name="master")
+    for k in ("kv1", "kv2"):
+        procs.start("kvserver", ["--config", str(cfg), "--id", k], name=k)
+    fe = procs.start("httpserver", ["--config", str(cfg), "--id", "fe1"], name="fe1")
+    c = Client(fe.port)
+    assert c.post("/signup", {"username": "zed", "password": PASSWORD}).status == 303
+    assert c.get("/home").status == 200
+    c.close()
+    fe.kill()
+    fe.start()
+    assert fe.port == p["fe1"]
+    c2 = Client(fe.port)
+    c2.sid = c.sid
+    r = c2.get("/home")
+    assert r.status == 200 and "Hello, zed" in r.body
+    assert Client(fe.port).post("/login", {"username": "admin", "password": "admin-secret-1"}).status == 303
+    c2.close()
