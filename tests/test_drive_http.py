@@ -568,3 +568,54 @@ def test_frontend_killed_mid_upload(procs, tmp_path):
     assert [c for k in range(JOURNAL_SHARDS) for c in kv.cols(f"drive/j/{k}")] == []
     assert c.get(file_url(root, "kept.bin")).status == 200
     kv.close()
+
+
+# -- a tablet server SIGKILLed mid-upload (replicated cluster) ------------------------------
+
+def _read_response(s: socket.socket) -> tuple[int, dict, bytes]:
+    f = s.makefile("rb")
+    status = int(f.readline().split()[1])
+    headers = {}
+    while True:
+        line = f.readline().strip()
+        if not line:
+            break
+        k, _, v = line.decode().partition(":")
+        headers[k.strip().lower()] = v.strip()
+    body = f.read(int(headers.get("content-length", "0")))
+    return status, headers, body
+
+
+@pytest.mark.slow
+def test_upload_survives_a_tablet_server_killed_mid_upload(procs, tmp_path):
+    """The store fails over under a running upload: the file arrives whole (or not at all)."""
+    from tests.clusterkit import Cluster
+    cl = Cluster(procs, tmp_path, servers=4, tablets=6, replication=3)
+    with open(cl.config, "a") as f:
+        f.write('[drive]\nchunk_bytes = "64KiB"\n[[frontend]]\nid = "fe1"\nport = 0\n')
+    cl.start_all()
+    fe = procs.start("httpserver", ["--config", cl.config, "--id", "fe1"], name="fe1")
+    c = login(fe.port, "alice")
+    root = root_of(c)
+    data = os.urandom(6 * 1024 * 1024)
+    boundary = uuid.uuid4().hex
+    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="csrf"\r\n\r\n{c.csrf}\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.bin"\r\n\r\n').encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    s = socket.create_connection(("127.0.0.1", fe.port), timeout=60)
+    s.sendall((f"POST /drive/upload/{root} HTTP/1.1\r\nHost: x\r\nCookie: sid={c.cookies['sid']}\r\n"
+               f"Accept: application/json\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
+               f"Content-Length: {len(head) + len(data) + len(tail)}\r\n\r\n").encode() + head + data[:len(data) // 2])
+    cl.kill("kv1")  # half the file is on its way; kv1 is primary of some tablets, secondary of others
+    s.sendall(data[len(data) // 2:] + tail)
+    status, _, body = _read_response(s)
+    s.close()
+    if status == 200:
+        assert json.loads(body)["size"] == len(data)
+        assert listed(c, root) == ["big.bin"]
+        assert c.get(file_url(root, "big.bin")).body == data
+    else:  # the store could not take it in time: then nothing is visible
+        assert status == 503, body
+        assert listed(c, root) == []
+    cl.start("kv1")
+    assert c.get(file_url(root, "big.bin")).body == data or status == 503
