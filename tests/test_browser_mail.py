@@ -55,8 +55,14 @@ def test_compose_send_read_reply_forward_delete(site, tmp_path):
         alice.goto("/mail")
         alice.get_by_role("link", name=re.compile("Compose")).click()
         alice.wait_for_url(re.compile(r"/mail/compose"))
-        alice.fill("input[name=to]", "bob")
+        # A wrong address first: the form comes back with the error and what was typed.
+        alice.fill("input[name=to]", "bob@@nowhere")
         alice.fill("input[name=subject]", "Lunch on Friday? — café")
+        alice.set_input_files("input[name=attachment]", str(attachment))
+        alice.get_by_role("button", name="Send").click()
+        alice.get_by_text("is not a valid e-mail address").wait_for()
+        assert alice.input_value("input[name=subject]") == "Lunch on Friday? — café"
+        alice.fill("input[name=to]", "bob")
         alice.fill("textarea[name=body]", "Hi Bob,\n\nlunch at noon on Friday?\nNotes attached.\n\nAlice")
         alice.set_input_files("input[name=attachment]", str(attachment))
         shot(alice, "mail-compose.png")

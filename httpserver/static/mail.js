@@ -1,19 +1,39 @@
 // Webmail: the compose form works without this file. With it, a message
-// cannot be sent twice by a double click, and the button says what is going on.
+// cannot be sent twice by a double click, and a message with files shows a
+// progress bar while they upload (the same POST, sent by XMLHttpRequest).
 document.addEventListener("DOMContentLoaded", function () {
   var form = document.querySelector("form.mail-compose-form");
   if (!form) return;
   var button = form.querySelector("button[type=submit]");
   var label = button ? button.textContent : "";
-  // Coming back to this page (the Back button) makes the form usable again.
-  window.addEventListener("pageshow", function () {
+  var status = document.createElement("div");
+  status.className = "mail-progress";
+  status.hidden = true;
+  status.innerHTML = '<progress max="100" value="0"></progress> <span></span>';
+  (button ? button.parentNode : form).appendChild(status);
+  var bar = status.querySelector("progress");
+  var text = status.querySelector("span");
+
+  function idle() {
     delete form.dataset.sending;
     if (button) {
       button.textContent = label;
       button.removeAttribute("aria-disabled");
       button.classList.remove("mail-sending");
     }
-  });
+  }
+
+  function fileBytes() {
+    var total = 0;
+    form.querySelectorAll("input[type=file]").forEach(function (input) {
+      for (var i = 0; i < input.files.length; i++) total += input.files[i].size;
+    });
+    return total;
+  }
+
+  // Coming back to this page (the Back button) makes the form usable again.
+  window.addEventListener("pageshow", function () { idle(); status.hidden = true; });
+
   form.addEventListener("submit", function (ev) {
     if (form.dataset.sending) { ev.preventDefault(); return; }
     form.dataset.sending = "1";
@@ -22,5 +42,35 @@ document.addEventListener("DOMContentLoaded", function () {
       button.setAttribute("aria-disabled", "true");
       button.classList.add("mail-sending");
     }
+    if (!fileBytes() || !window.FormData || !window.XMLHttpRequest) return;  // the plain form post
+
+    ev.preventDefault();
+    var xhr = new XMLHttpRequest();
+    xhr.open("POST", form.action);
+    status.hidden = false;
+    text.textContent = "Uploading…";
+    xhr.upload.addEventListener("progress", function (e) {
+      if (!e.lengthComputable) return;
+      var pct = Math.floor(100 * e.loaded / e.total);
+      bar.value = pct;
+      text.textContent = pct < 100 ? "Uploading… " + pct + "%" : "Sending…";
+    });
+    xhr.addEventListener("load", function () {
+      var url = xhr.responseURL || "";
+      if (xhr.status === 200 && /\/mail\/sent(\?|$)/.test(url.replace(/^https?:\/\/[^/]+/, ""))) {
+        window.location.href = url;  // sent: show the Sent folder, as the plain post would
+        return;
+      }
+      // An error page or the form with its error message: show it as it is.
+      document.open();
+      document.write(xhr.responseText);
+      document.close();
+    });
+    xhr.addEventListener("error", function () {
+      idle();
+      bar.value = 0;
+      text.textContent = "The message could not be sent: the connection failed. Try again.";
+    });
+    xhr.send(new FormData(form));
   });
 });
