@@ -24,6 +24,7 @@ the client reads our answer instead of a connection reset.
 
 from __future__ import annotations
 
+import email.utils
 import logging
 import socket
 import threading
@@ -197,8 +198,15 @@ class HTTPServer:
 
     def _send(self, sock: socket.socket, conn: Connection, req: Request, resp: Response) -> None:
         headers = resp.headers
+        present = {n.lower() for n, _ in headers}
+        headers.append(("Date", _http_date_now()))
         if self.server_header:
             headers.append(("Server", self.server_header))
+        # Defaults a handler may override: no MIME sniffing, no framing by other sites.
+        if "x-content-type-options" not in present:
+            headers.append(("X-Content-Type-Options", "nosniff"))
+        if "x-frame-options" not in present:
+            headers.append(("X-Frame-Options", "SAMEORIGIN"))
         if resp.content_type:
             headers.append(("Content-Type", resp.content_type))
         body = resp.body
@@ -270,6 +278,18 @@ class HTTPServer:
                 seen += len(data)
         except OSError:
             pass
+
+
+_date_cache = (0, "")
+
+
+def _http_date_now() -> str:
+    """The Date header value (RFC 9110 §6.6.1), formatted once per second."""
+    global _date_cache
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, email.utils.formatdate(now, usegmt=True))
+    return _date_cache[1]
 
 
 def _esc(s: str) -> str:
