@@ -59,7 +59,9 @@ def test_compose_send_read_reply_forward_delete(site, tmp_path):
         alice.fill("input[name=to]", "bob@@nowhere")
         alice.fill("input[name=subject]", "Lunch on Friday? — café")
         alice.set_input_files("input[name=attachment]", str(attachment))
-        alice.get_by_role("button", name="Send").click()
+        # With files attached, mail.js posts the form by XMLHttpRequest (for its progress bar).
+        with alice.expect_request(lambda r: r.url.endswith("/mail/send") and r.resource_type == "xhr"):
+            alice.get_by_role("button", name="Send").click()
         alice.get_by_text("is not a valid e-mail address").wait_for()
         assert alice.input_value("input[name=subject]") == "Lunch on Friday? — café"
         alice.fill("input[name=to]", "bob")
