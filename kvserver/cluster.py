@@ -77,6 +77,9 @@ TICK_S = 0.2                   # the replication state machines' logical clock
 MAX_BATCH_RECORDS = 1000       # records per REPL (each is a `{N}` token on the line)
 MAX_BATCH_BYTES = 4 << 20      # ... and bytes of values per REPL (one big value may exceed it)
 SNAPSHOT_CHUNK = 4 << 20       # bytes of checkpoint file per SNAPCHUNK
+LANES = 4                      # streams (connections) per peer; tablet t uses lane t % LANES, so
+                               # a replica logs several tablets' records at once (one connection
+                               # is served by one thread, one fsync at a time)
 RECONNECT_S = 0.1
 INCOMING = "snapshot.incoming"
 
@@ -210,10 +213,11 @@ class TabletGlue:
 class PeerStream:
     """Ordered, pipelined stream of replication messages to one peer server."""
 
-    def __init__(self, node: "ClusterNode", peer: str, addr: str):
+    def __init__(self, node: "ClusterNode", peer: str, addr: str, lane: int):
         self.node = node
         self.peer = peer
         self.addr = addr
+        self.lane = lane
         self.q: collections.deque = collections.deque()
         self.cv = threading.Condition()
         self.connected = False
@@ -222,7 +226,7 @@ class PeerStream:
         self.was_up = False
         self.last_send = 0.0            # when something was last sent / answered:
         self.last_reply = 0.0           # an idle stream is not a dead one
-        self.thread = threading.Thread(target=self._run, name=f"stream-{peer}", daemon=True)
+        self.thread = threading.Thread(target=self._run, name=f"stream-{peer}-{lane}", daemon=True)
         self.thread.start()
 
     def put(self, item) -> None:
@@ -250,7 +254,7 @@ class PeerStream:
                     sock.sendall(b"".join(encode_request("AUTH", self.node.secret.encode())))
                 reader.start()
                 self.connected, self.was_up = True, True
-                self.node.peer_up(self.peer)
+                self.node.peer_up(self.peer, self.lane)
                 self._send_loop(sock)
             except (OSError, ValueError, TabletError) as e:
                 if not stop.is_set():
@@ -273,7 +277,7 @@ class PeerStream:
         # the failure timeout (peers start one by one; let the master decide first).
         if not connect or self.was_up or time.monotonic() - self.down_since > self.node.cc.failure_timeout_s:
             self.was_up = False
-            self.node.peer_down(self.peer)
+            self.node.peer_down(self.peer, self.lane)
 
     def _send_loop(self, sock) -> None:
         stop = self.node.stopped
@@ -537,14 +541,14 @@ class ClusterNode:
         """Carry out a state machine's actions. Caller holds g.lock; no I/O here."""
         for a in actions:
             if isinstance(a, rp.Send):
-                self.stream(a.peer).put(("msg", a.msg))
+                self.stream(a.peer, g.tablet.id).put(("msg", a.msg))
             elif isinstance(a, rp.Committed):
                 g.cond.notify_all()
             elif isinstance(a, rp.Aborted):
                 g.aborted.update(a.seqs)
                 g.cond.notify_all()
             elif isinstance(a, rp.CatchUp):
-                self.stream(a.peer).put(("catchup", g.tablet.id, a.after_seq, a.after_epoch))
+                self.stream(a.peer, g.tablet.id).put(("catchup", g.tablet.id, a.after_seq, a.after_epoch))
             elif isinstance(a, (rp.AskRemove, rp.AskAdmit)):
                 with self._requests_cv:
                     self._requests.append((g.tablet.id, a))
@@ -552,11 +556,13 @@ class ClusterNode:
             elif isinstance(a, rp.RefreshView):
                 self._beat_now.set()
 
-    def stream(self, peer: str) -> PeerStream:
+    def stream(self, peer: str, tablet: int) -> PeerStream:
+        """The stream that carries `tablet`'s messages to `peer` (started on first use)."""
+        key = (peer, tablet % LANES)
         with self._streams_lock:
-            s = self.streams.get(peer)
+            s = self.streams.get(key)
             if s is None:
-                s = self.streams[peer] = PeerStream(self, peer, self.addrs[peer])
+                s = self.streams[key] = PeerStream(self, peer, self.addrs[peer], key[1])
             return s
 
     @staticmethod
@@ -564,17 +570,20 @@ class ClusterNode:
         host, port = addr.rsplit(":", 1)
         return host, int(port)
 
-    def peer_up(self, peer: str) -> None:
-        for g in self.glue.values():
+    def peer_up(self, peer: str, lane: int) -> None:
+        for g in self._lane(lane):
             with g.lock:
                 if g.sm.is_primary and peer in g.sm.peers:
                     self._act(g, g.sm.peer_up(peer))
 
-    def peer_down(self, peer: str) -> None:
-        for g in self.glue.values():
+    def peer_down(self, peer: str, lane: int) -> None:
+        for g in self._lane(lane):
             with g.lock:
                 if g.sm.is_primary and peer in g.sm.peers:
                     self._act(g, g.sm.peer_down(peer))
+
+    def _lane(self, lane: int) -> list[TabletGlue]:
+        return [g for tid, g in self.glue.items() if tid % LANES == lane]
 
     def on_reply(self, peer: str, reply: rp.Reply) -> None:
         g = self.glue.get(reply.tablet)
@@ -596,7 +605,7 @@ class ClusterNode:
                     log.info("tablet %d: primary at epoch %d (members %s)", v.tablet, v.epoch, ",".join(v.members))
                 for p, peer in g.sm.peers.items():
                     if peer.state == rp.CONNECTING:
-                        s = self.stream(p)
+                        s = self.stream(p, v.tablet)
                         if s.connected:
                             self._act(g, g.sm.peer_up(p))
             elif was == rp.PRIMARY:

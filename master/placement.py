@@ -87,6 +87,9 @@ def elect(view: TabletView, alive: Iterable[str], reports: Mapping[str, Report],
     started, not yet timed out either: keeping a member costs nothing but
     waiting for it), and has a new epoch. With no live member the members are kept as
     they are (they are who the tablet waits for) and the epoch is unchanged.
+    With live members but none in `alive` (all `presumed`: not known dead,
+    not heard from lately either), nobody is elected yet: the tablet waits
+    (primary None, members kept) until one is heard from or known dead.
     Ties in (epoch, seq) go to the current primary (a restarted one keeps its
     tablets), then to the member leading the fewest tablets.
     """
@@ -105,13 +108,16 @@ def elect(view: TabletView, alive: Iterable[str], reports: Mapping[str, Report],
 
 
 def on_server_dead(view: TabletView, server: str, alive: Iterable[str],
-                   reports: Mapping[str, Report], load: Mapping[str, int] | None = None) -> TabletView:
-    """`server` stopped heartbeating (or was killed)."""
+                   reports: Mapping[str, Report], load: Mapping[str, int] | None = None,
+                   presumed: Iterable[str] = ()) -> TabletView:
+    """`server` stopped heartbeating (or was killed). `alive`: servers that may
+    be elected; `presumed`: servers not known dead, kept in views but not elected."""
     alive = set(alive) - {server}
+    presumed = set(presumed) - {server}
     if server not in view.members:
         return view
     if view.primary == server:
-        return elect(view, alive, reports, load)
+        return elect(view, alive, reports, load, presumed)
     if view.primary is not None and view.primary in alive:
         # A dead member would block every commit: drop it (it recovers later).
         return replace(view, epoch=view.epoch + 1, members=tuple(m for m in view.members if m != server))
@@ -136,10 +142,11 @@ def on_server_restarted(view: TabletView, server: str, alive: Iterable[str],
 
 
 def on_server_alive(view: TabletView, server: str, alive: Iterable[str],
-                    reports: Mapping[str, Report], load: Mapping[str, int] | None = None) -> TabletView:
+                    reports: Mapping[str, Report], load: Mapping[str, int] | None = None,
+                    presumed: Iterable[str] = ()) -> TabletView:
     """`server` is heard from (again): a tablet waiting for a member gets a primary."""
     if view.primary is None and server in view.members:
-        return elect(view, set(alive) | {server}, reports, load)
+        return elect(view, set(alive) | {server}, reports, load, presumed)
     return view
 
 

@@ -45,7 +45,8 @@ log = logging.getLogger(__name__)
 
 MAX_REPORT_BYTES = 1024 * 1024     # a heartbeat's report literal (24 tablets take ~600 bytes)
 RECV_BYTES = 65536
-STARTUP_GRACE_FACTOR = 2.0         # after a (re)start, servers get this many timeouts to say hello
+STARTUP_GRACE_S = 5.0              # after the master (re)starts, servers get this long to say hello
+                                   # (a tablet server recovering its tablets on a busy machine is slow)
 
 INTERNAL_COMMANDS = {
     "HEARTBEAT": CommandSpec((RAW, RAW, RAW, VALUE)),
@@ -128,26 +129,34 @@ class Master:
     # -- decisions ---------------------------------------------------------------------
 
     def _alive(self) -> set[str]:
-        """Servers an election may count on: heard from since this master started, and not silent since."""
-        return {sid for sid, s in self.servers.items() if s.alive and s.heard}
+        """Servers an election may choose: heard from lately (within half the
+        failure timeout). One that is late but not yet dead may have died
+        with the server being replaced: electing it would shrink the view to
+        a dead server."""
+        now = time.monotonic()
+        fresh = self.cc.failure_timeout_s / 2
+        return {sid for sid, s in self.servers.items() if s.alive and s.heard and now - s.last_seen < fresh}
 
     def _presumed(self) -> set[str]:
-        """Not heard from since this master started, not timed out yet either."""
-        return {sid for sid, s in self.servers.items() if s.alive and not s.heard}
+        """Not known dead, but not electable now (not heard from since this
+        master started, or late): kept in views, never chosen."""
+        return {sid for sid, s in self.servers.items() if s.alive} - self._alive()
 
     def _reports(self, tablet: int) -> dict[str, tuple[int, int]]:
         return {sid: s.reports[tablet] for sid, s in self.servers.items() if tablet in s.reports}
 
-    def _apply(self, fn, servers: list[str], why: str, alive: set[str] | None = None) -> None:
-        """Run a per-tablet transition for each of `servers` on every tablet;
-        save and publish if anything changed. Caller holds _change_lock."""
+    def _apply(self, fn, servers: list[str], why: str, dead: set[str] = frozenset()) -> None:
+        """Run a per-tablet transition for each of `servers` on every tablet
+        (`dead`: servers being declared dead); save and publish if anything
+        changed. Caller holds _change_lock."""
         views = dict(self.views)
-        alive = self._alive() if alive is None else alive
+        alive = self._alive() - dead
+        presumed = self._presumed() - dead
         changed = {}
         for server in servers:
             for t, v in views.items():
                 load = placement.primary_counts(views.values())
-                nv = fn(v, server, alive, self._reports(t), load)
+                nv = fn(v, server, alive, self._reports(t), load, presumed)
                 if nv != v:
                     views[t] = nv
                     changed[t] = nv
@@ -174,7 +183,7 @@ class Master:
         one pass are marked dead before any tablet is re-elected, so servers
         that died together are not elected for each other."""
         def expired(s):
-            timeout = self.cc.failure_timeout_s * (1 if s.heard else STARTUP_GRACE_FACTOR)
+            timeout = self.cc.failure_timeout_s if s.heard else max(STARTUP_GRACE_S, 2 * self.cc.failure_timeout_s)
             return s.alive and now - s.last_seen > timeout
 
         if not any(expired(s) for s in self.servers.values()):
@@ -185,7 +194,7 @@ class Master:
                 log.warning("server %s is dead (silent %.2fs)", sid, now - self.servers[sid].last_seen)
             # New views first, then the flags: MAP never shows a dead primary
             # as "-" while its view still names it.
-            self._apply(placement.on_server_dead, dead, f"{','.join(dead)} dead", self._alive() - set(dead))
+            self._apply(placement.on_server_dead, dead, f"{','.join(dead)} dead", set(dead))
             for sid in dead:
                 self.servers[sid].alive = False
 
@@ -214,9 +223,11 @@ class Master:
                         views[t] = nv
                         changed.append(nv)
                 self._publish(views, changed, f"{sid} restarted")   # saves the boot id too
-            elif came_back:
-                log.info("server %s is alive again", sid)
-                self._apply(placement.on_server_alive, [sid], f"{sid} alive")
+            else:
+                if came_back:
+                    log.info("server %s is alive again", sid)
+                if any(v.primary is None and sid in v.members for v in self.views.values()):
+                    self._apply(placement.on_server_alive, [sid], f"{sid} alive")
             views = self.views
         return [view_line(v) for v in views.values()]
 
@@ -227,7 +238,7 @@ class Master:
             if self.boots.get(sid) != boot or not s.alive:
                 return
             log.warning("server %s was killed", sid)
-            self._apply(placement.on_server_dead, [sid], f"{sid} killed", self._alive() - {sid})
+            self._apply(placement.on_server_dead, [sid], f"{sid} killed", {sid})
             s.alive = False
             s.killed = True
 

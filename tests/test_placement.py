@@ -102,3 +102,18 @@ def test_state_round_trip_and_mismatch(tmp_path):
     (tmp_path / "m" / "state.json").write_text(json.dumps(raw))
     with pytest.raises(StateError):
         st.load(6, 3, SERVERS[:4])
+
+
+def test_a_late_member_is_kept_but_not_elected():
+    # P dies while S1 is late (maybe dying too): nobody is elected yet, nobody dropped.
+    v = TabletView(0, 5, "p", ("p", "s1", "s2"), ("p", "s1", "s2"))
+    w = placement.on_server_dead(v, "p", set(), {}, presumed={"s1", "s2"})
+    assert w.primary is None and w.members == v.members and w.epoch == 5
+    # s1 turns out dead as well: s2 (a member) is still who the tablet waits for
+    w2 = placement.on_server_dead(w, "s1", set(), {}, presumed={"s2"})
+    assert w2 == w
+    # s2 is heard from: elected; the late s1 stays a member only while presumed
+    w3 = placement.on_server_alive(w2, "s2", {"s2"}, {}, presumed={"s1"})
+    assert w3.primary == "s2" and w3.members == ("s2", "s1") and w3.epoch == 6
+    w4 = placement.on_server_alive(w2, "s2", {"s2"}, {})
+    assert w4.members == ("s2",)
