@@ -110,10 +110,15 @@
   }
 
   form.addEventListener("submit", function (e) {
-    if (!input.files || input.files.length === 0) return;  // let the server say "choose a file"
+    // Picking files already started their uploads (below); the button then
+    // just opens the picker again, so it never navigates away from running uploads.
     e.preventDefault();
-    uploadAll(input.files);
-    input.value = "";
+    if (input.files && input.files.length) {
+      uploadAll(input.files);
+      input.value = "";
+    } else {
+      input.click();
+    }
   });
   // Picking files starts the upload at once.
   input.addEventListener("change", function () {
