@@ -485,8 +485,7 @@ class Connection:
                 # A client parses pipelined responses back to back; a server
                 # pauses until its response is out (start_next_cycle).
                 self._in = "head" if self.role == CLIENT and self.keep_alive else "done"
-            else:
-                self.they_are_waiting_for_100_continue = False
+            self.they_are_waiting_for_100_continue = False   # the body is coming (or came)
             return ev
         if self._in == "done":
             if self.role == CLIENT and self._eof:
@@ -566,7 +565,7 @@ class Connection:
         if expect is not None:
             if expect.lower() != "100-continue":
                 raise ProtocolError(417, f"unknown expectation {expect!r}")
-            self.they_are_waiting_for_100_continue = v == "1.1"
+            self.they_are_waiting_for_100_continue = v == "1.1" and bool(chunked or length)
         if chunked:
             self._reader = _ChunkedReader(self.max_body, self.max_line, self.max_header)
         else:
