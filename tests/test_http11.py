@@ -268,6 +268,13 @@ def test_expect_100_continue():
     conn.next_event()
     out = conn.send(Response(413, [("Content-Length", "0")]))
     assert b"Connection: close" in out and not conn.keep_alive
+    # Nothing to wait for without a body: the connection stays reusable.
+    conn = Connection(SERVER, **LIMITS)
+    conn.receive_data(b"GET / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n\r\n")
+    conn.next_event()
+    assert not conn.they_are_waiting_for_100_continue
+    conn.send(Response(200, [("Content-Length", "0")]))
+    assert conn.keep_alive
 
 
 # -- the client direction (used by the load balancer's proxy) -------------------------
