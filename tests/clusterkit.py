@@ -27,10 +27,12 @@ class Unknown(Exception):
     """The write was sent but its outcome is unknown."""
 
 
-def write_config(tmp_path, servers=4, tablets=6, replication=3, heartbeat=0.1, timeout=1.0, secret=""):
+def write_config(tmp_path, servers=4, tablets=6, replication=3, heartbeat=0.1, timeout=1.0, secret="",
+                 checkpoint_log_bytes="64MiB"):
     lines = [f'data_dir = "{tmp_path / "data"}"', "[cluster]", f"tablets = {tablets}",
              f"replication = {replication}", f'secret = "{secret}"', f"heartbeat_interval_s = {heartbeat}",
              f"failure_timeout_s = {timeout}", "[storage]", 'memory_budget = "32MiB"',
+             f'checkpoint_log_bytes = "{checkpoint_log_bytes}"',
              "[master]", f"port = {free_port()}"]
     for i in range(servers):
         lines += ["[[kvserver]]", f'id = "kv{i + 1}"', f"port = {free_port()}"]
@@ -42,6 +44,7 @@ def write_config(tmp_path, servers=4, tablets=6, replication=3, heartbeat=0.1, t
 class Cluster:
     def __init__(self, procs, tmp_path, servers=4, tablets=6, replication=3, **kw):
         self.procs = procs
+        self.tmp_path = tmp_path
         self.tablets = tablets
         self.config = write_config(tmp_path, servers, tablets, replication, **kw)
         from src.config import load_config

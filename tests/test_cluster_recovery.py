@@ -98,8 +98,11 @@ def test_stale_replica_is_never_elected(procs, tmp_path):
         c.close()
 
 
-def test_replica_that_missed_writes_catches_up_and_failover_to_it_loses_nothing(procs, tmp_path):
-    cl = Cluster(procs, tmp_path).start_all()
+@pytest.mark.parametrize("catch_up", ["log", "snapshot"])
+def test_replica_that_missed_writes_catches_up_and_failover_to_it_loses_nothing(procs, tmp_path, catch_up):
+    # "snapshot": checkpoints every 4 KiB of log, so while the lagger is down the
+    # primary's log stops reaching back to it and it must be sent the checkpoint.
+    cl = Cluster(procs, tmp_path, checkpoint_log_bytes="4KiB" if catch_up == "snapshot" else "64MiB").start_all()
     t = 2
     primary = cl.primary(t)
     lagger = [m for m in cl.members(t) if m != primary][0]
@@ -111,8 +114,17 @@ def test_replica_that_missed_writes_catches_up_and_failover_to_it_loses_nothing(
         cl.kill(lagger)
         wait_until(lambda: lagger not in cl.members(t), 10, what="the lagger leaving the view")
         write_rows(c, t, cl.tablets, "b", 20, acked)          # missed while down
+        if catch_up == "snapshot":
+            big = b"y" * 3000                                  # several checkpoints' worth of log
+            for i in range(12):
+                row = row_in(t, cl.tablets, "big", start=i * 1000)
+                c.put(row, b"c", big + b"%d" % i)
+                acked[row] = big + b"%d" % i
         cl.start(lagger)
         cl.wait_members(t, {primary, lagger, other})          # caught up and re-admitted
+        log = (cl.tmp_path / f"{primary}.log").read_text()
+        snap = f"tablet {t}: sending {lagger} a snapshot"
+        assert (snap in log) == (catch_up == "snapshot"), "wrong catch-up path taken"
         write_rows(c, t, cl.tablets, "c", 5, acked)
         cl.kill(primary, other)                               # only the lagger is left
         wait_until(lambda: cl.primary(t) == lagger, 10, what="failover to the former lagger")
