@@ -619,3 +619,26 @@ def test_upload_survives_a_tablet_server_killed_mid_upload(procs, tmp_path):
         assert listed(c, root) == []
     cl.start("kv1")
     assert c.get(file_url(root, "big.bin")).body == data or status == 503
+
+
+def test_stale_pages_do_not_act_on_the_wrong_item(site):
+    """A form from an old page names an item by folder + name + id: if the name now means
+    another item (deleted and re-uploaded in another tab), nothing happens to it."""
+    fe, _ = site
+    c = login(fe.port, "alice")
+    root = root_of(c)
+    c.upload(root, [("report.txt", b"first version")])
+    old_id = re.search(r'data-name="report.txt" data-id="([0-9a-f]{32})"', c.get("/drive").text).group(1)
+    c.post(f"/drive/delete/{root}", {"name": "report.txt", "id": old_id})
+    c.upload(root, [("report.txt", b"second version")])
+    for action, fields in (("delete", {}), ("rename", {"new_name": "x.txt"}), ("move", {"dest": root})):
+        r = c.post(f"/drive/{action}/{root}", {"name": "report.txt", "id": old_id, **fields})
+        assert r.status == 404 and "has changed" in html_unescape(r.text), action
+    assert c.get(file_url(root, "report.txt")).body == b"second version"
+    # A folder deleted in another tab: its page, uploads into it and new folders in it say so.
+    gone = mkdir(c, root, "gone")
+    c.post(f"/drive/delete/{root}", {"name": "gone"})
+    assert c.get(f"/drive/f/{gone}").status == 404
+    assert c.upload(gone, [("late.txt", b"x")]).status == 404
+    assert c.post(f"/drive/mkdir/{gone}", {"name": "late"}).status == 404
+    assert listed(c, root) == ["report.txt"]
