@@ -351,6 +351,8 @@ class Drive:
 
         Of two operations on one item (a move and a delete, two moves), only
         the first to claim it goes on; the other sees the item has changed.
+        `opid` is unique per operation, so the new value always differs from
+        every value read before (even one left marked by a failed operation).
         """
         d = json.loads(raw)
         d["op"] = opid
@@ -676,7 +678,7 @@ class Drive:
         return e
 
     def _delete_entry(self, user: str, folder: str, raw: bytes, e: Entry) -> None:
-        self._claim(user, folder, raw, e, "rm")
+        self._claim(user, folder, raw, e, "rm-" + new_id())
         if e.is_folder:
             self._rmdir(user, folder, e)
         else:

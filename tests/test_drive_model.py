@@ -584,3 +584,18 @@ def test_slow_upload_keeps_its_lease(drive, clock, kv):
         up.write(b"x")                # (far less than a chunk)
         assert drive.sweep() == 0
     assert read_all(drive, "alice", up.commit()) == b"x" * 10
+
+
+def test_a_failed_operation_leaves_no_claim_that_a_later_one_could_share(drive, kv):
+    """An entry still marked by an operation that failed half-way can be claimed by one
+    new operation only."""
+    root = drive.root("alice")
+    drive.upload("alice", root, "f", b"data")
+    dest = drive.mkdir("alice", root, "dest")
+    raw, e = drive._entry_raw("alice", root, "f")
+    drive._claim("alice", root, raw, e, "rm-" + "0" * 32)  # a delete that died right after claiming
+    raw, e = drive._entry_raw("alice", root, "f")
+    drive._claim("alice", root, raw, e, "rm-" + "1" * 32)  # a new delete claims it...
+    with pytest.raises(ItemNotFound, match="just been changed"):
+        drive._claim("alice", root, raw, e, "mv-" + "2" * 32)  # ...so a move that read the same value cannot
+    assert [x.name for x in drive.listing("alice", dest.id)] == []
