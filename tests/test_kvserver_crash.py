@@ -178,7 +178,7 @@ def run_round(addr, models, history, seed, crash):
         w.start()
     # let the writers work for a random while, then crash
     wait_until(lambda: sum(w.acked for w in writers) >= 50, timeout=20, what="writers making progress")
-    threading.Event().wait(random.Random(seed).uniform(0.2, 1.0))
+    threading.Event().wait(random.Random(seed).uniform(0.1, 1.2))
     crash()
     stop.set()
     for w in writers:
@@ -194,7 +194,7 @@ def test_sigkill_at_random_moments_loses_no_acknowledged_write(procs, tmp_path):
     models = [dict() for _ in range(N_WRITERS)]
     history = History()
     total = 0
-    for rnd in range(4):
+    for rnd in range(6):
         addr = f"127.0.0.1:{p.port}"
         writers = run_round(addr, models, history, rnd + 1, p.kill)
         total += sum(w.acked for w in writers)
@@ -214,7 +214,7 @@ def test_kill_and_wake_through_the_protocol(procs, tmp_path):
     admin = ServerClient(addr, timeout=20)
     models = [dict() for _ in range(N_WRITERS)]
     history = History()
-    for rnd in range(3):
+    for rnd in range(4):
         writers = run_round(addr, models, history, 10 + rnd, admin.kill)
         st = admin.status()
         assert st["state"] == "killed"
