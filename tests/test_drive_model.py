@@ -1,6 +1,7 @@
 """The drive data model (src/drive.py) over MemoryKV: round trips, names,
 trees, quota, races and crash recovery of every multi-step operation."""
 
+import json
 import os
 import random
 import threading
@@ -599,3 +600,19 @@ def test_a_failed_operation_leaves_no_claim_that_a_later_one_could_share(drive, 
     with pytest.raises(ItemNotFound, match="just been changed"):
         drive._claim("alice", root, raw, e, "mv-" + "2" * 32)  # ...so a move that read the same value cannot
     assert [x.name for x in drive.listing("alice", dest.id)] == []
+
+
+def test_each_delete_claims_with_its_own_mark(clock):
+    kv = CrashingKV()
+    d = Drive(kv, chunk_bytes=CB, clock=clock, window=1)
+    root = d.root("alice")
+    d.upload("alice", root, "f", b"data")
+    marks = []
+    for _ in range(2):
+        kv.countdown = 1  # the claim goes through, the next write "crashes"
+        with pytest.raises(Crash):
+            d.delete("alice", root, "f")
+        kv.countdown = None
+        marks.append(json.loads(kv.get(f"drive/d/alice/{root}", b"e/f"))["op"])
+    assert marks[0] != marks[1]
+    d.close()
