@@ -35,10 +35,10 @@ import socket
 import threading
 import time
 import urllib.parse
-from http.cookies import CookieError, SimpleCookie
 
 from httpserver.http11 import (REASONS, SERVER, ConnectionClosed, Connection, Data, EndOfMessage,
                                InformationalResponse, ProtocolError, Request, Response)
+from httpserver.web import parse_cookies
 from lb.balancer import Balancer, UnknownFrontend
 from lb.proxy import Channel, ChannelError, UpstreamPool, end_to_end, has_body, read_response_head, \
     stream_body, upstream_request
@@ -333,7 +333,7 @@ class LoadBalancer:
                     tried.add(fe.id)
                 continue
             break
-        self._respond(client, up, req, resp, fe, assigned)
+        self._respond(client, up, resp, fe, set_cookie=assigned or sticky != fe.id)
 
     def _exchange(self, client: Channel, up, out: Request, body: bool) -> Response:
         """Send the request (streaming its body) and read the response head."""
@@ -353,16 +353,20 @@ class LoadBalancer:
             up.send(EndOfMessage())
         return read_response_head(up)
 
-    def _respond(self, client: Channel, up, req: Request, resp: Response, fe, assigned: bool) -> None:
+    def _respond(self, client: Channel, up, resp: Response, fe, set_cookie: bool) -> None:
         items = end_to_end(resp.headers)
         items.append((FRONTEND_HEADER, fe.id))
-        if assigned or _cookie(req, STICKY_COOKIE) != fe.id:
+        if set_cookie:
             items.append(("Set-Cookie", f"{STICKY_COOKIE}={fe.id}; Path=/; HttpOnly; SameSite=Lax"))
         if not client.conn.keep_alive:
             items.append(("Connection", "close"))
-        client.send(Response(resp.status, items, resp.reason))
         try:
-            stream_body(up, client)
+            first = up.next_event()  # sent with the head: one write for a small answer
+            client.send(Response(resp.status, items, resp.reason), first)
+            if type(first) is Data:
+                stream_body(up, client)
+            elif type(first) is not EndOfMessage:
+                raise ChannelError("upstream", f"unexpected {first!r}")
         except ChannelError:
             up.close()
             raise
@@ -382,12 +386,4 @@ def _raw_error(sock: socket.socket, status: int) -> None:
 
 
 def _cookie(req: Request, name: str) -> str | None:
-    for header in req.headers.get_all("cookie"):
-        try:
-            c = SimpleCookie()
-            c.load(header)
-        except CookieError:
-            continue
-        if name in c:
-            return c[name].value
-    return None
+    return parse_cookies(req.headers.get_all("cookie")).get(name)
