@@ -205,7 +205,7 @@ class TabletGlue:
         self.lock = threading.Lock()
         self.cond = threading.Condition(self.lock)
         self.aborted: set[int] = set()
-
+        self.inflight: dict = {}          # seq -> Pending: proposed here, not yet applied
 
 # -- the stream to one peer ------------------------------------------------------------------
 
@@ -354,19 +354,23 @@ def _sendall(sock, bufs) -> None:
 
 
 def _coalesce(items):
-    """Merge consecutive Appends of one tablet that follow each other into one."""
-    out = []
+    """Merge each tablet's queued Appends that follow one another into one
+    (fewer requests, one fsync on the replica). Per tablet the order is kept;
+    a catch-up item stays in its tablet's place."""
+    per: dict[int, list] = {}
     for it in items:
+        tid = it[1].tablet if it[0] == "msg" else it[1]
+        out = per.setdefault(tid, [])
         if it[0] == "msg" and isinstance(it[1], Append) and out and out[-1][0] == "msg":
             prev = out[-1][1]
             m = it[1]
-            if (isinstance(prev, Append) and prev.tablet == m.tablet and prev.epoch == m.epoch and prev.records
-                    and m.records and prev.records[-1].seq == m.prev_seq and prev.records[-1].epoch == m.prev_epoch
+            if (isinstance(prev, Append) and prev.epoch == m.epoch and prev.records and m.records
+                    and prev.records[-1].seq == m.prev_seq and prev.records[-1].epoch == m.prev_epoch
                     and len(prev.records) < MAX_BATCH_RECORDS):
                 out[-1] = ("msg", Append(m.tablet, m.epoch, prev.prev_seq, prev.prev_epoch, prev.records + m.records))
                 continue
         out.append(it)
-    return out
+    return [it for out in per.values() for it in out]
 
 
 def _encode_msg(m) -> list:
@@ -516,11 +520,9 @@ class ClusterNode:
             p = tablet.submit(effect)
             if p.record.seq != rec.seq:      # cannot be: both advance together under g.lock
                 raise TabletError(f"tablet {tablet.id}: seq {p.record.seq} != {rec.seq}")
+            g.inflight[rec.seq] = p
             self._act(g, actions)
-        try:
-            tablet.wait_durable(p)
-        except TabletError:
-            raise
+        tablet.wait_durable(p)
         with g.lock:
             self._act(g, g.sm.local_durable(rec.seq))
             while (g.sm.commit < rec.seq and rec.seq not in g.aborted and g.sm.is_primary
@@ -528,9 +530,12 @@ class ClusterNode:
                 g.cond.wait(0.5)
             committed = g.sm.commit >= rec.seq and rec.seq not in g.aborted
             g.aborted.discard(rec.seq)
-        # Applied either way: the record is in the local log, and memtable = log
-        # is what a replica keeps (a later re-sync fixes a divergent tail).
-        tablet.apply(p)
+            # Applied under g.lock (a memtable update, no I/O), so a record from
+            # a newer primary can never be applied before this older one.
+            # Applied either way: it is in the local log, and memtable = log is
+            # what a replica keeps (a later re-sync replaces a divergent tail).
+            if g.inflight.pop(rec.seq, None) is not None:
+                tablet.apply(p)
         if not committed:
             raise OutcomeUnknown(f"tablet {tablet.id} seq {rec.seq}: primary deposed before commit")
         return p.record
@@ -545,6 +550,12 @@ class ClusterNode:
             elif isinstance(a, rp.Committed):
                 g.cond.notify_all()
             elif isinstance(a, rp.Aborted):
+                # Deposed: apply what is pending now, in seq order, before any
+                # record of the new primary can be (see write()).
+                for seq in a.seqs:
+                    p = g.inflight.pop(seq, None)
+                    if p is not None:
+                        g.tablet.apply(p)
                 g.aborted.update(a.seqs)
                 g.cond.notify_all()
             elif isinstance(a, rp.CatchUp):
@@ -682,6 +693,7 @@ class ClusterNode:
         t = g.tablet
         with g.lock:
             recs, reply = g.sm.on_append(msg)
+            self._act(g, g.sm.take_aborted())
             pend = []
             for r in recs:
                 t.epoch = r.epoch
@@ -709,6 +721,7 @@ class ClusterNode:
         msg = Snapshot(t.id, int(epoch), int(seq), int(seq_epoch))
         with g.lock:
             install, reply = g.sm.on_snapshot(msg)
+            self._act(g, g.sm.take_aborted())
             if install:
                 size = int(total)
                 if size:

@@ -242,6 +242,7 @@ class TabletReplica:
     peers: dict[str, Peer] = field(default_factory=dict)
     admitting: set = field(default_factory=set)
     pending: dict[int, Record] = field(default_factory=dict)   # primary: seq -> uncommitted record
+    orphans: list = field(default_factory=list)                # aborted by _adopt, for take_aborted
 
     def __post_init__(self):
         self.durable = self.last_seq
@@ -515,7 +516,20 @@ class TabletReplica:
     def _adopt(self, epoch: int) -> None:
         """A newer epoch seen in a primary's message: only that epoch's primary sends it."""
         if self.role == PRIMARY:
-            # Deposed without having heard from the master yet; the glue's
-            # next set_view aborts what is pending. Stop proposing now.
+            # Deposed without having heard from the master yet: stop
+            # proposing; what is pending is aborted (the glue collects it
+            # with take_aborted before it applies the new primary's records).
             self.role = REPLICA
+            self.peers = {}
+            self.admitting = set()
+            if self.pending:
+                self.orphans += sorted(self.pending)
+                self.pending.clear()
         self.epoch = epoch
+
+    def take_aborted(self) -> list[Action]:
+        """Pending records aborted by a newer epoch seen in a message."""
+        if not self.orphans:
+            return []
+        out, self.orphans = [Aborted(tuple(self.orphans))], []
+        return out

@@ -321,3 +321,17 @@ def test_duplicate_and_overlapping_appends_are_idempotent():
     assert recs == () and rep == Stale(0, 1)
 
 
+
+
+def test_primary_deposed_by_a_newer_primary_message_aborts_its_pending_writes():
+    net = started()
+    a = net.nodes["a"]
+    rec = net.propose("a", "pending")
+    net.wire.clear()
+    recs, reply = a.sm.on_append(Append(0, 7, 0, 0, ()))      # b became primary at epoch 7
+    assert not a.sm.is_primary and a.sm.epoch == 7
+    assert isinstance(reply, Gap) and (reply.last_seq, reply.last_epoch) == (1, 1)
+    assert a.sm.take_aborted() == [Aborted((rec.seq,))]
+    assert a.sm.take_aborted() == []
+    with pytest.raises(NotPrimary):
+        a.sm.propose("x")
