@@ -112,6 +112,8 @@ def processes_html(req, snap: dict) -> Markup:
 
 def map_html(snap: dict) -> Markup:
     m = snap["map"]
+    if not m["servers"]:
+        return Markup("<p>This cluster's config names no tablet servers.</p>")
     tablets = range(m["tablets"])
     has_primary = {t for cells in m["cells"].values() for t, r in cells.items() if r == "P"}
     head = Markup("").join(

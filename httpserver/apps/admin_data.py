@@ -41,7 +41,13 @@ PREVIEW_BYTES = 4096
 
 
 def _err(e: BaseException) -> str:
+    """A short reason for the Detail column."""
     text = str(e) or type(e).__name__
+    low = text.lower()
+    for needle, short in (("refused", "connection refused"), ("timed out", "timed out"),
+                          ("timeout", "timed out"), ("denied", "refused: wrong or missing cluster secret")):
+        if needle in low:
+            return short
     return text[:200]
 
 
