@@ -22,13 +22,14 @@ from tests.harness import free_port, wait_until
 FRONTENDS = ("fe1", "fe2", "fe3")
 
 
-def write_config(path, kv_port, fe_ports, lb_port, mode="proxy", policy="round_robin"):
+def write_config(path, kv_port, fe_ports, lb_port, mode="proxy", policy="round_robin", secret=""):
     fes = "\n".join(f'[[frontend]]\nid = "{fid}"\nhost = "127.0.0.1"\nport = {p}\n'
                     for fid, p in zip(FRONTENDS, fe_ports))
     path.write_text(f"""
 [cluster]
 tablets = 8
 replication = 1
+secret = "{secret}"
 
 [master]
 port = {free_port()}
@@ -56,22 +57,22 @@ admin_password = "admin password 1"
 
 
 class Stack:
-    def __init__(self, procs, tmp_path, mode="proxy", n_frontends=3):
+    def __init__(self, procs, tmp_path, mode="proxy", n_frontends=3, secret=""):
         self.procs = procs
         self.kv_port = free_port()
         self.fe_ports = [free_port() for _ in range(n_frontends)]
         self.lb_port = free_port()
         self.config = tmp_path / "cluster.toml"
         data = str(tmp_path / "data")
-        write_config(self.config, self.kv_port, self.fe_ports, self.lb_port, mode=mode)
+        write_config(self.config, self.kv_port, self.fe_ports, self.lb_port, mode=mode, secret=secret)
         procs.start("kvserver", ["--standalone", "--port", str(self.kv_port), "--data", str(tmp_path / "kv1"),
-                                 "--tablets", "8"], name="kv1")
+                                 "--tablets", "8"] + (["--secret", secret] if secret else []), name="kv1")
         self.lb = procs.start("lb", ["--config", str(self.config), "--id", "lb", "--data", data], name="lb")
         self.fes = {}
         for fid in FRONTENDS[:n_frontends]:
             self.fes[fid] = procs.start("httpserver", ["--config", str(self.config), "--id", fid, "--data", data,
                                                        "--kv-server", f"127.0.0.1:{self.kv_port}"], name=fid)
-        self.ctl = LBControlClient("127.0.0.1", self.lb_port)
+        self.ctl = LBControlClient("127.0.0.1", self.lb_port, secret)
         wait_until(lambda: all(f["live"] for f in self.status()["frontends"][:n_frontends]), timeout=10,
                    what="every frontend registered with the LB")
 
@@ -168,7 +169,9 @@ def test_policy_kill_and_disable_with_real_frontends(procs, tmp_path):
 
 @pytest.mark.slow
 def test_redirect_mode_sends_302_to_a_live_frontend(procs, tmp_path):
-    s = Stack(procs, tmp_path, mode="redirect", n_frontends=2)
+    # With a cluster secret: the frontends' heartbeats carry it (else they would never register).
+    s = Stack(procs, tmp_path, mode="redirect", n_frontends=2, secret="cluster secret")
+    assert request(s.lb_port, "GET", "/_lb/status").status == 403
     locations = []
     for _ in range(4):
         r = request(s.lb_port, "GET", "/home?x=1")
