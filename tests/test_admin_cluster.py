@@ -1,4 +1,5 @@
-"""The admin console on a real replicated cluster (master + three tablet servers).
+"""The admin console on a real replicated cluster (master + three tablet servers),
+with a cluster secret, so every admin command and LB call must carry it.
 
 KILL then WAKE of a tablet server from the console, while a writer keeps
 writing through the cluster client: every acknowledged write is there
@@ -34,6 +35,7 @@ data_dir = "{tmp_path / 'data'}"
 [cluster]
 tablets = 6
 replication = 3
+secret = "cluster secret"
 heartbeat_interval_s = 0.1
 failure_timeout_s = 1.0
 [storage]
@@ -65,7 +67,7 @@ def cluster(procs, tmp_path):
     procs.start("master", ["--config", path, "--id", "master"], name="master")
     for n in cfg.kvservers:
         procs.start("kvserver", ["--config", path, "--id", n.id], name=n.id)
-    kv = ClusterClient(cfg.master.addr, deadline=20.0, timeout=3.0)
+    kv = ClusterClient(cfg.master.addr, secret=cfg.cluster.secret, deadline=20.0, timeout=3.0)
     wait_until(lambda: kv.put(b"probe", b"c", b"1") is None, timeout=30, what="the cluster serving")
     fe = Frontend(cfg, cfg.node("fe1"), kv, port=0).start()
     try:
@@ -97,7 +99,7 @@ class Writer(threading.Thread):
 
 
 def nodes(cfg) -> dict:
-    m = ServerClient(cfg.master.addr, timeout=2)
+    m = ServerClient(cfg.master.addr, timeout=2, secret=cfg.cluster.secret)
     try:
         return {d["id"]: d for d in m.nodes()}
     finally:
@@ -149,7 +151,7 @@ def whole_system(cluster, procs):
 
     cfg, kv, fe = cluster
     lb = LoadBalancer(cfg, cfg.lb.node).start()
-    beat = LBHeartbeat(LBControlClient(cfg.lb.node.host, lb.port), "fe1", lambda: fe.port,
+    beat = LBHeartbeat(LBControlClient(cfg.lb.node.host, lb.port, cfg.cluster.secret), "fe1", lambda: fe.port,
                        lambda: fe.stats()["active_requests"], 0.5).start()
     for name in ("smtp", "pop3", "relay"):
         procs.start("smtp", ["--config", cfg.path, "--id", name], name=name)
