@@ -67,6 +67,8 @@ RECV_BYTES = 256 * 1024
 JOIN_REPLIES_UNDER = 64 * 1024     # smaller reply batches are joined into one send
 HOLD_REPLIES_BYTES = 256 * 1024    # replies to pipelined requests are sent once this many wait
 MAX_ROWS_LIMIT = 10000             # ROWS's <limit>
+BIG_REQUEST_BYTES = 4 * 1024 * 1024    # a request buffering more than this needs a big-request slot
+BIG_REQUEST_WAIT_S = 30.0              # longest wait for a slot before `-ERR RETRY busy` and close
 SERVER_COMMANDS = {**DATA_COMMANDS, **ADMIN_COMMANDS}
 ADMIN = frozenset(("STATUS", "TABLETS", "ROWS", "KILL", "WAKE"))
 
@@ -104,13 +106,14 @@ class LocalWriter:
 class Connection:
     """Per-connection state."""
 
-    __slots__ = ("sock", "peer", "authed", "closing")
+    __slots__ = ("sock", "peer", "authed", "closing", "big")
 
     def __init__(self, sock: socket.socket, peer, authed: bool):
         self.sock = sock
         self.peer = peer
         self.authed = authed
         self.closing = False
+        self.big = False          # holds one of the server's big-request slots
 
 
 def send_parts(sock: socket.socket, parts: list) -> None:
@@ -147,6 +150,10 @@ class KVServer:
         self.store: Store | None = None
         self.state = "recovering"
         self._state_lock = threading.Lock()
+        # Big literals in flight at once: what the memory budget can hold of
+        # them, at least 2 (docs/storage.md, "Memory").
+        self.big_request_slots = max(2, storage.memory_budget_bytes // max(storage.max_cell_bytes, 1))
+        self._big_requests = threading.BoundedSemaphore(self.big_request_slots)
         self._ops_lock = threading.Lock()
         self.ops = 0                       # data commands served
         self.tcp = TCPServer(host, port, self._handle, name=f"kvserver {node_id}")
@@ -183,6 +190,32 @@ class KVServer:
 
     def _handle(self, sock: socket.socket, peer) -> None:
         conn = Connection(sock, peer, authed=not self.secret)
+        try:
+            self._serve(conn)
+        finally:
+            if conn.big:
+                self._big_requests.release()
+
+    def _admit(self, conn: Connection, buffered: int) -> None:
+        """Before reading more of a request: a request holding more than
+        BIG_REQUEST_BYTES (a big literal) needs one of a few slots, so
+        concurrent uploads of 64 MiB values cannot exhaust memory. The slot
+        is held only while the bytes arrive, never while a command runs (a
+        replicated write waits on other servers, whose receivers may wait
+        for slots here)."""
+        self._free_slot(conn, buffered)
+        if not conn.big and buffered > BIG_REQUEST_BYTES:
+            if not self._big_requests.acquire(timeout=BIG_REQUEST_WAIT_S):
+                raise Retry("busy: too many big requests at once")
+            conn.big = True
+
+    def _free_slot(self, conn: Connection, buffered: int) -> None:
+        if conn.big and buffered <= BIG_REQUEST_BYTES:
+            conn.big = False
+            self._big_requests.release()
+
+    def _serve(self, conn: Connection) -> None:
+        sock = conn.sock
         parser = RequestParser(self.commands, max_literal=self.storage_cfg.max_cell_bytes)
         out: list = []
         out_bytes = 0
@@ -192,11 +225,17 @@ class KVServer:
                 if out:
                     send_parts(sock, out)
                     out, out_bytes = [], 0
+                try:
+                    self._admit(conn, parser.buffered)
+                except Retry as e:
+                    sock.sendall(error_for(e))     # mid-literal: answer, then close
+                    return
                 data = sock.recv(RECV_BYTES)
                 if not data:
                     return
                 parser.feed(data)
                 continue
+            self._free_slot(conn, parser.buffered)     # the request is in
             if isinstance(ev, ProtocolErrorEvent):
                 out.append(ev.reply())
                 if ev.close:

@@ -3,7 +3,9 @@ get the documented error without hurting the server or other clients."""
 
 import os
 import random
+import select
 import socket
+import threading
 import time
 
 import pytest
@@ -311,4 +313,36 @@ def test_admin_commands_need_the_secret(procs, tmp_path):
     good.wake()
     assert good.get(b"a", b"b") == b"c"
     for x in (c, good):
+        x.close()
+
+
+def test_concurrent_big_uploads_take_turns(procs, tmp_path):
+    """Big literals in flight are bounded (here 2 at once), so many clients
+    uploading 64 MiB values cannot exhaust the server's memory; small
+    requests are served meanwhile."""
+    p = procs.start("kvserver", ["--standalone", "--port", "0", "--data", str(tmp_path / "d"),
+                                 "--tablets", "2", "--max-cell-bytes", "16MiB", "--memory-budget", "4MiB"],
+                    name="kvbig")
+    size = 12 * 1024 * 1024
+    body = b"B" * size
+    holders = [Raw(p.port), Raw(p.port)]
+    for i, c in enumerate(holders):                 # two uploads stall half-way, holding both slots
+        c.send(b"PUT big%d v {%d}\r\n" % (i, size) + body[:6 * 1024 * 1024])
+    third = Raw(p.port)
+    sender = threading.Thread(target=lambda: third.send(b"PUT big2 v {%d}\r\n" % size + body + b"\r\n"))
+    sender.start()
+    third.sock.settimeout(30)
+    readable, _, _ = select.select([third.sock], [], [], 1.0)
+    assert not readable                             # no answer: it waits for a slot
+    assert alive(p)                                 # small requests go on
+    holders[0].send(body[6 * 1024 * 1024:] + b"\r\n")
+    assert holders[0].line() == b"+OK"
+    assert third.line() == b"+OK"                   # got the freed slot
+    sender.join(30)
+    holders[1].send(body[6 * 1024 * 1024:] + b"\r\n")
+    assert holders[1].line() == b"+OK"
+    c = ServerClient(f"127.0.0.1:{p.port}", timeout=30)
+    assert [len(c.get(b"big%d" % i, b"v")) for i in range(3)] == [size] * 3
+    c.close()
+    for x in holders + [third]:
         x.close()
