@@ -439,3 +439,23 @@ def test_power_loss_in_the_middle_of_a_checkpoint(tmp_path, monkeypatch):
         t = open_tablet(root)
         check(t, model)
         t.close()
+
+
+def test_corruption_in_the_middle_of_the_log_is_reported(tmp_path, caplog):
+    import logging
+    t = open_tablet(tmp_path)
+    for i in range(10):
+        t.write(Effect(SET, b"r%d" % i, b"c", b"v%d" % i))
+    seg = t.log.path
+    t.close()
+    data = bytearray(open(seg, "rb").read())
+    data[len(data) // 2] ^= 0x20                   # inside record 5 or 6
+    open(seg, "wb").write(bytes(data))
+    with caplog.at_level(logging.WARNING):
+        t = open_tablet(tmp_path)
+    assert 3 <= t.last_seq < 10
+    assert [t.get(b"r%d" % i, b"c") for i in range(t.last_seq)] == [b"v%d" % i for i in range(t.last_seq)]
+    assert any("corrupt record" in r.message for r in caplog.records)
+    t.write(Effect(SET, b"new", b"c", b"x"))       # the log goes on after the cut
+    t.close()
+    assert open_tablet(tmp_path).get(b"new", b"c") == b"x"
