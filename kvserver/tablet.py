@@ -58,7 +58,7 @@ from typing import Callable, Iterable, Iterator
 
 from kvserver.checkpoint import BigValue, BlockCache, CheckpointReader, Value, write_checkpoint
 from kvserver.wal import (
-    DEL, DELROW, SET, Effect, LogError, LogRecord, TabletLog, fsync_dir, iter_segment,
+    DELROW, SET, Effect, LogError, LogRecord, TabletLog, fsync_dir, iter_segment,
     recover_segment, segment_first_seq, segment_name,
 )
 

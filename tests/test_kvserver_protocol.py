@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from src.kv import BadRequest, Denied, Exists, Mismatch, NotFound, tablet_of
+from src.kv import Denied, Exists, Mismatch, NotFound, tablet_of
 from src.kvclient import ServerClient
-from tests.harness import ProcSet, wait_until
+from tests.harness import ProcSet
 
 TABLETS = 4
 MAX_CELL = 1 << 20

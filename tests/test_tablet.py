@@ -4,14 +4,13 @@ catch-up records and snapshots."""
 import itertools
 import os
 import random
-import shutil
 import threading
 
 import pytest
 
-from kvserver.checkpoint import BlockCache, CheckpointReader, CorruptCheckpoint, write_checkpoint
+from kvserver.checkpoint import BlockCache, CorruptCheckpoint, write_checkpoint
 from kvserver.tablet import CHECKPOINT, CHECKPOINT_TMP, Memtable, Tablet, TabletError, _merge
-from kvserver.wal import DEL, DELROW, SET, Effect, LogRecord, read_segment
+from kvserver.wal import DEL, DELROW, SET, Effect, read_segment
 from tests.harness import wait_until
 
 
