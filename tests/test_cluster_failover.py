@@ -8,6 +8,7 @@ value, and the recorded history of the shared cells must be linearizable.
 
 import time
 
+from src import kv
 from src.kv import tablet_of
 from src.kvclient import ServerClient
 from tests.clusterkit import Cluster, Workload
@@ -82,3 +83,35 @@ def test_kill_and_wake_go_through_the_crash_paths(procs, tmp_path):
     cl.wait_members(t, set(cl.replicas(t)))
     wait_until(lambda: cl.nodes()[victim]["state"] == "alive", 20, what="every tablet of the woken server current")
     settle_and_check(cl, wl)
+
+
+def test_non_primary_answers_moved_and_master_commands(procs, tmp_path):
+    cl = Cluster(procs, tmp_path).start_all()
+    row = b"some row"
+    t = tablet_of(row, cl.tablets)
+    m = cl.master()
+    try:
+        assert m.ping()
+        entry = m.lookup(row)
+        assert entry.tablet == t and entry.primary == cl.addr[cl.primary(t)]
+        assert {cl.by_addr[a] for a in entry.secondaries} == set(cl.members(t)) - {cl.primary(t)}
+        nodes = cl.nodes()
+        assert set(nodes) == set(cl.names) and all(n["state"] == "alive" for n in nodes.values())
+        assert sum(int(n["primary"]) for n in nodes.values()) == cl.tablets
+    finally:
+        m.close()
+    primary = cl.primary(t)
+    for name in cl.names:
+        if name == primary:
+            continue
+        s = ServerClient(cl.addr[name], timeout=5)
+        try:
+            try:
+                s.put(row, b"c", b"v")
+                raise AssertionError(f"{name} accepted a write for tablet {t} it does not lead")
+            except kv.Moved as e:
+                assert (e.tablet, e.addr) == (t, cl.addr[primary])
+            status = s.status()
+            assert status["id"] == name and status["state"] == "serving"
+        finally:
+            s.close()
