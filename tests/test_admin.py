@@ -229,7 +229,9 @@ def test_raw_browser_pages_through_a_tablet(cluster):
         url = html.unescape(nxt.group(1)) if nxt else None
         pages += 1
     assert pages >= 3
-    assert seen == want
+    assert seen == sorted(set(seen))  # in order, none twice
+    # the tablet may also hold the app's own rows (sessions, accounts): ours are all there
+    assert [r for r in seen if r in set(want)] == want
     assert "<script>alert" not in texts
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in texts
 
