@@ -226,14 +226,14 @@ def test_dead_frontend_is_invisible_to_gets(tmp_path, backends):
 
 
 def test_heartbeat_timeout_and_no_frontend(tmp_path, backends):
-    cfg = make_cfg(tmp_path, [b.port for b in backends[:1]], timeout=0.5)
+    cfg = make_cfg(tmp_path, [b.port for b in backends[:1]], timeout=1.5)
     lb = start_lb(cfg)
     try:
         r, body = get(lb.port)
         assert r.status == 503 and b"try again" in body
         beat(lb, cfg, backends[:1])
         assert get(lb.port)[0].status == 200
-        wait_until(lambda: get(lb.port)[0].status == 503, timeout=3, what="fe1 timed out")
+        wait_until(lambda: get(lb.port)[0].status == 503, timeout=6, what="fe1 timed out")
     finally:
         lb.stop()
 
