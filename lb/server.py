@@ -77,7 +77,7 @@ class LoadBalancer:
                                  disabled=set(self._load_disabled()))
         self._lock = threading.Lock()  # guards balancer and the counters; never held across I/O
         self.requests = 0
-        self.retries = 0
+        self.failures = 0  # frontends found dead by the proxy
         self.pool = UpstreamPool(cfg.http.max_line_bytes, cfg.http.max_header_bytes, cfg.http.max_body_bytes)
         self.allowed_ips = self._cluster_ips(cfg)
         self.server = TCPServer(node.host, node.port if port is None else port, self._handle, name=node.id)
@@ -144,7 +144,7 @@ class LoadBalancer:
             return {"id": self.node.id, "addr": f"{self.node.host}:{self.port}", "mode": self.mode,
                     "policy": self.balancer.policy, "timeout_s": self.balancer.timeout_s,
                     "uptime_s": round(now - self.started, 1), "requests": self.requests,
-                    "retries": self.retries, "connections": self.server.connection_count,
+                    "frontend_failures": self.failures, "connections": self.server.connection_count,
                     "frontends": self.balancer.snapshot(now)}
 
     def pick(self, sticky: str | None, exclude: set[str]):
@@ -158,7 +158,7 @@ class LoadBalancer:
     def mark_failed(self, fe_id: str) -> None:
         with self._lock:
             self.balancer.mark_failed(fe_id)
-            self.retries += 1
+            self.failures += 1
         self.pool.drop(fe_id)
         log.warning("frontend %s failed; out of rotation until its next heartbeat", fe_id)
 
@@ -195,6 +195,12 @@ class LoadBalancer:
                         self._proxy(client, ev, peer[0])
             except ChannelError as e:
                 if e.side == "client":
+                    if isinstance(e.cause, ProtocolError) and client.conn.out_state == "idle":
+                        try:  # a malformed body: answer it if nothing was answered yet
+                            self._reply(client, e.cause.status, "Bad request", "The request could not be read.",
+                                        close=True)
+                        except ChannelError:
+                            pass
                     return
                 log.warning("proxying %s %s failed: %s", ev.method, ev.target.split("?")[0], e)
                 return
@@ -203,18 +209,14 @@ class LoadBalancer:
             client.conn.start_next_cycle()
 
     def _reply(self, client: Channel, status: int, title: str, text: str, close: bool = False,
-               headers=(), quiet: bool = False, body: bytes | None = None, content_type: str = "text/html; charset=utf-8"):
+               headers=(), body: bytes | None = None, content_type: str = "text/html; charset=utf-8"):
         if body is None:
             body = _page(title, text)
         items = [("Content-Type", content_type), ("Content-Length", str(len(body))),
                  ("Cache-Control", "no-store"), *headers]
         if close or client.conn.in_state not in ("done",):
             items.append(("Connection", "close"))
-        try:
-            client.send(Response(status, items), Data(body), EndOfMessage())
-        except ChannelError:
-            if not quiet:
-                raise
+        client.send(Response(status, items), Data(body), EndOfMessage())
 
     # -- control endpoints -----------------------------------------------------------------
 

@@ -338,3 +338,19 @@ def test_expect_100_continue_is_answered_by_the_lb(tmp_path, backends):
         assert hashlib.sha256(body).hexdigest().encode() in data
     finally:
         lb.stop()
+
+
+def test_malformed_chunked_body_gets_400(tmp_path, backends):
+    cfg = make_cfg(tmp_path, [b.port for b in backends[:1]])
+    lb = start_lb(cfg)
+    try:
+        beat(lb, cfg, backends[:1])
+        with socket.create_connection(("127.0.0.1", lb.port), timeout=5) as s:
+            s.sendall(b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        assert data.startswith(b"HTTP/1.1 400"), data[:80]  # one clear answer, then the connection ends
+        assert get(lb.port)[0].status == 200
+    finally:
+        lb.stop()
