@@ -117,3 +117,18 @@ def test_group_commit_can_be_switched_off(procs, tmp_path):
     c = client(q)
     assert c.status()["group_commit"] == "1"
     c.close()
+
+
+def test_sigterm_stops_cleanly(procs, tmp_path):
+    p = start(procs, tmp_path / "data")
+    c = client(p)
+    for i in range(30):
+        c.put(b"term%d" % i, b"c", b"v%d" % i)
+    c.close()
+    p.terminate()
+    assert p.popen.returncode == 0
+    assert "stopping" in (tmp_path / "kv.log").read_text()
+    p.start()
+    c = client(p)
+    assert [c.get(b"term%d" % i, b"c") for i in range(30)] == [b"v%d" % i for i in range(30)]
+    c.close()
