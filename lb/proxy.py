@@ -89,9 +89,16 @@ class Channel:
 
 
 def end_to_end(headers) -> list[tuple[str, str]]:
-    """The header fields a proxy passes on: all but the hop-by-hop ones."""
-    named = set(headers.tokens("connection"))
-    return [(n, v) for n, v in headers if n.lower() not in HOP_BY_HOP and n.lower() not in named]
+    """The header fields a proxy passes on: all but the hop-by-hop ones.
+
+    `headers` are parsed ones, whose names the codec has lower-cased.
+    """
+    items = headers.items
+    named = HOP_BY_HOP
+    for n, v in items:
+        if n == "connection":
+            named = named | {t.strip().lower() for t in v.split(",")}
+    return [(n, v) for n, v in items if n not in named]
 
 
 def has_body(req: Request) -> bool:
@@ -193,20 +200,33 @@ def stream_body(src: Channel, dst: Channel) -> None:
             raise ChannelError(src.side, f"unexpected {ev!r} inside a body")
 
 
+_REFRAMED = frozenset({"expect", "content-length", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
+
+
 def upstream_request(req: Request, client_ip: str) -> Request:
     """The request as sent to a frontend: end-to-end headers, our framing, X-Forwarded-*."""
-    items = [(n, v) for n, v in end_to_end(req.headers)
-             if n.lower() not in ("expect", "content-length", "x-forwarded-for", "x-forwarded-proto",
-                                  "x-forwarded-host")]
-    forwarded_for = req.headers.get("x-forwarded-for")
+    items, forwarded_for, host, length, chunked = [], None, None, None, False
+    for n, v in end_to_end(req.headers):
+        if n in _REFRAMED:
+            if n == "x-forwarded-for":
+                forwarded_for = v
+            elif n == "content-length" and length is None:
+                length = v.split(",")[0].strip()
+            continue
+        if n == "host":
+            host = v
+        items.append((n, v))
+    for n, _ in req.headers.items:
+        if n == "transfer-encoding":
+            chunked = True  # the codec accepts no coding but chunked
     items.append(("X-Forwarded-For", f"{forwarded_for}, {client_ip}" if forwarded_for else client_ip))
     items.append(("X-Forwarded-Proto", "http"))
-    if req.headers.get("host"):
-        items.append(("X-Forwarded-Host", req.headers.get("host")))
+    if host is not None:
+        items.append(("X-Forwarded-Host", host))
     else:  # HTTP/1.0 without Host: the frontend still needs one
         items.append(("Host", "penncloud"))
-    if req.headers.get("transfer-encoding") is not None:
+    if chunked:
         items.append(("Transfer-Encoding", "chunked"))
-    elif req.headers.get("content-length") is not None:
-        items.append(("Content-Length", req.headers.get("content-length").split(",")[0].strip()))
+    elif length is not None:
+        items.append(("Content-Length", length))
     return Request(req.method, req.target, items)
