@@ -9,8 +9,8 @@ behalf, so the frontends need no config). Then drives, with keep-alive
 connections from separate load processes (bench/http_bench.py's generator):
 
   * one frontend directly, a static file;
-  * the LB, the same static file (round robin over the frontends);
-  * the LB, a 1 MiB static-size body (streaming through the proxy).
+  * the LB, the same static file (round robin over the frontends, since the
+    load generator sends no cookie: every request is a new visitor).
 
 Prints one table. On a 2-core machine the LB, the frontends and the load
 generator share the cores, so the proxied rate is bounded by that sharing,
