@@ -36,11 +36,11 @@ import threading
 import time
 import urllib.parse
 
-from httpserver.http11 import (REASONS, SERVER, ConnectionClosed, Connection, Data, EndOfMessage,
-                               InformationalResponse, ProtocolError, Request, Response)
+from httpserver.http11 import (NEED_DATA, REASONS, SERVER, Connection, Data, EndOfMessage, InformationalResponse,
+                               ProtocolError, Request, Response)
 from httpserver.web import parse_cookies
 from lb.balancer import Balancer, UnknownFrontend
-from lb.proxy import Channel, ChannelError, UpstreamPool, end_to_end, has_body, read_response_head, \
+from lb.proxy import RECV_BYTES, Channel, ChannelError, UpstreamPool, end_to_end, has_body, read_response_head, \
     stream_body, upstream_request
 from src.config import Config, Node
 from src.heartbeat import CONTROL_PREFIX, SECRET_HEADER
@@ -169,14 +169,7 @@ class LoadBalancer:
         h = self.cfg.http
         client = Channel(sock, Connection(SERVER, h.max_line_bytes, h.max_header_bytes, h.max_body_bytes), "client")
         while True:
-            try:
-                ev = client.next_event()
-            except ChannelError as e:
-                if isinstance(e.cause, ProtocolError) and client.conn.out_state == "idle":
-                    _raw_error(sock, e.cause.status)
-                return
-            if type(ev) is ConnectionClosed:
-                return
+            ev = self._read_head(client)
             if type(ev) is not Request:
                 return
             try:
@@ -207,6 +200,40 @@ class LoadBalancer:
             if not client.conn.keep_alive or client.conn.in_state != "done" or client.conn.out_state != "done":
                 return
             client.conn.start_next_cycle()
+
+    def _read_head(self, client: Channel):
+        """The next request head, or None to close the connection.
+
+        The whole head must arrive within `idle_timeout_s` (a client dripping
+        one byte at a time cannot hold a thread longer); a malformed head gets
+        its status and a close, a stalled one 408.
+        """
+        conn, sock = client.conn, client.sock
+        idle = self.cfg.http.idle_timeout_s
+        deadline = time.monotonic() + idle
+        try:
+            while True:
+                ev = conn.next_event()
+                if ev is not NEED_DATA:
+                    return ev if type(ev) is Request else None
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError()
+                sock.settimeout(left)
+                conn.receive_data(sock.recv(RECV_BYTES))
+        except ProtocolError as e:
+            _raw_error(sock, e.status)
+        except (TimeoutError, socket.timeout):
+            if conn.trailing_data[0]:
+                _raw_error(sock, 408)
+        except OSError:
+            pass
+        finally:
+            try:
+                sock.settimeout(idle)
+            except OSError:
+                pass
+        return None
 
     def _reply(self, client: Channel, status: int, title: str, text: str, close: bool = False,
                headers=(), body: bytes | None = None, content_type: str = "text/html; charset=utf-8"):
@@ -378,7 +405,8 @@ class LoadBalancer:
 def _raw_error(sock: socket.socket, status: int) -> None:
     """Answer a request the codec could not parse (it has no request to answer), then close."""
     reason = REASONS.get(status, "Error")
-    body = _page(f"{status} {reason}", "The request could not be understood.")
+    body = _page(f"{status} {reason}", "The request took too long to arrive." if status == 408
+                 else "The request could not be understood.")
     head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/html; charset=utf-8\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
     try:

@@ -5,9 +5,11 @@ ways, retry of a GET when a frontend is gone, redirect mode, control-endpoint
 protection. tests/test_lb_procs.py runs it with real PennCloud frontends.
 """
 
+import dataclasses
 import hashlib
 import http.client
 import json
+import select
 import socket
 import threading
 import time
@@ -352,5 +354,29 @@ def test_malformed_chunked_body_gets_400(tmp_path, backends):
                 data += chunk
         assert data.startswith(b"HTTP/1.1 400"), data[:80]  # one clear answer, then the connection ends
         assert get(lb.port)[0].status == 200
+    finally:
+        lb.stop()
+
+
+def test_a_head_dripping_in_gets_408_within_the_idle_timeout(tmp_path, backends):
+    cfg = make_cfg(tmp_path, [b.port for b in backends[:1]])
+    cfg = dataclasses.replace(cfg, http=dataclasses.replace(cfg.http, idle_timeout_s=1.0))
+    lb = start_lb(cfg)
+    try:
+        with socket.create_connection(("127.0.0.1", lb.port), timeout=5) as s:
+            t0 = time.monotonic()
+            got = b""
+            for ch in b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 40:
+                try:
+                    s.sendall(bytes([ch]))
+                    time.sleep(0.1)
+                except OSError:
+                    break
+                r, _, _ = select.select([s], [], [], 0)
+                if r:
+                    got = s.recv(200)
+                    break
+            assert got.startswith(b"HTTP/1.1 408"), got
+            assert time.monotonic() - t0 < 3
     finally:
         lb.stop()
