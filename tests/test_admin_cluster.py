@@ -210,6 +210,8 @@ def test_console_in_a_browser(whole_system, tmp_path):
                 "() => (document.querySelector('#adm-procs').textContent.match(/serving/g) || []).length === 3",
                 timeout=30_000)
 
+            wait_until(lambda: all(d["state"] == "alive" for d in nodes(cfg).values()), timeout=30,
+                       what="the master seeing every server alive")
             page.goto(base + "/admin")
             shot = tmp_path / "admin.png"
             page.screenshot(path=str(shot), full_page=True)

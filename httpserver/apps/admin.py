@@ -98,10 +98,11 @@ def processes_html(req, snap: dict) -> Markup:
                 url=url, q=f"{label} {p['id']}?", csrf=csrf_field(req), danger=danger, label=label))
         rows.append(render(
             '<tr><td><strong>{id}</strong>{kind}</td><td class="adm-mono">{addr}</td>'
-            '<td><span class="adm-state {cls}">{state}</span></td><td>{role}</td><td>{load}</td>'
+            '<td><span class="adm-state {cls}">{state}</span>{note}</td><td>{role}</td><td>{load}</td>'
             '<td>{hb}</td><td class="adm-detail">{detail}</td><td class="adm-actions">{actions}</td></tr>',
             id=p["id"], kind=render('<div class="adm-sub">{k}</div>', k=p["kind"]) if p["kind"] != p["id"] else "",
             addr=p["addr"], cls=_state_class(p["state"]), state=p["state"],
+            note=render('<div class="adm-sub">{n}</div>', n=p["note"]) if p.get("note") else "",
             role=p.get("role", ""), load=p.get("load", ""), hb=p.get("heartbeat", ""),
             detail=p.get("detail", ""), actions=Markup("").join(actions)))
     return render(

@@ -185,7 +185,10 @@ class ClusterView:
         if node is not None:
             master_state = node.get("state", "")
             if master_state and master_state not in ("alive", row["state"]):
-                row["state"] = master_state if not probe["ok"] else f"{row['state']} ({master_state} for the master)"
+                if probe["ok"]:
+                    row["note"] = f"master: {master_state}"
+                else:
+                    row["state"] = master_state
             ms = node.get("last_seen_ms")
             row["heartbeat"] = f"{int(ms) / 1000:.1f} s ago" if ms and ms.isdigit() else ""
         else:
