@@ -380,3 +380,20 @@ def test_a_head_dripping_in_gets_408_within_the_idle_timeout(tmp_path, backends)
             assert time.monotonic() - t0 < 3
     finally:
         lb.stop()
+
+
+def test_http10_client_without_host(tmp_path, backends):
+    cfg = make_cfg(tmp_path, [b.port for b in backends[:1]])
+    lb = start_lb(cfg)
+    try:
+        beat(lb, cfg, backends[:1])
+        with socket.create_connection(("127.0.0.1", lb.port), timeout=5) as s:
+            s.sendall(b"GET /ten HTTP/1.0\r\n\r\n")
+            data = b""
+            while chunk := s.recv(65536):  # HTTP/1.0 without keep-alive: the LB closes after the answer
+                data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and b"chunked" not in head.lower()
+        assert json.loads(body)["path"] == "/ten"
+    finally:
+        lb.stop()
