@@ -58,9 +58,9 @@ import time
 
 from master.placement import initial_views
 from src.config import Config, ConfigError
-from src.kv import Moved, Retry
-from src.kvproto import (NEED_DATA, RAW, TEXT, VALUE, CommandSpec, Error, Listing, Ok, ReplyParser, encode_request,
-                         ok)
+from src.kv import KVError, Moved, Retry
+from src.kvproto import (NEED_DATA, RAW, TEXT, VALUE, CommandSpec, Error, Listing, Ok, ProtocolErrorEvent,
+                         ReplyParser, RequestParser, encode_request, error, ok)
 
 from kvserver import replication as rp
 from kvserver.server import DropConnection
@@ -81,9 +81,11 @@ LANES = 4                      # streams (connections) per peer; tablet t uses l
                                # a replica logs several tablets' records at once (one connection
                                # is served by one thread, one fsync at a time)
 RECONNECT_S = 0.1
+RECV_BYTES = 256 * 1024
 INCOMING = "snapshot.incoming"
 
 INTERNAL_COMMANDS = {
+    "REPLSTREAM": CommandSpec(()),
     "REPL": CommandSpec((RAW, RAW, RAW, RAW, VALUE, VALUE), variadic=True),
     "SNAPCHUNK": CommandSpec((RAW, RAW, RAW, VALUE)),
     "SNAPSHOT": CommandSpec((RAW, RAW, RAW, RAW, RAW, VALUE, VALUE), variadic=True),
@@ -250,13 +252,12 @@ class PeerStream:
                 self.sock = sock
             reader = threading.Thread(target=self._read, args=(sock,), name=f"stream-{self.peer}-rd", daemon=True)
             try:
-                if self.node.secret:
-                    sock.sendall(b"".join(encode_request("AUTH", self.node.secret.encode())))
+                self._handshake(sock)
                 reader.start()
                 self.connected, self.was_up = True, True
                 self.node.peer_up(self.peer, self.lane)
                 self._send_loop(sock)
-            except (OSError, ValueError, TabletError) as e:
+            except (OSError, ValueError, TabletError, ConnectionError) as e:
                 if not stop.is_set():
                     log.info("stream to %s broke: %s", self.peer, e)
             finally:
@@ -271,6 +272,21 @@ class PeerStream:
                 self.down_since = time.monotonic()
             self._failed(connect=False)
             stop.wait(RECONNECT_S)
+
+    def _handshake(self, sock) -> None:
+        """AUTH (with a secret), then REPLSTREAM; both answered before anything else is sent."""
+        reqs = [("AUTH", self.node.secret)] if self.node.secret else []
+        reqs.append(("REPLSTREAM",))
+        parser = ReplyParser()
+        for req in reqs:
+            sock.sendall(b"".join(encode_request(*req, commands={**INTERNAL_COMMANDS, **MASTER_INTERNAL})))
+            while (ev := parser.next_event()) is NEED_DATA:
+                data = sock.recv(4096)
+                if not data:
+                    raise ConnectionError(f"{self.peer} closed the stream during the handshake")
+                parser.feed(data)
+            if isinstance(ev, Error):
+                raise ConnectionError(f"{self.peer} refused {req[0]}: {ev.code} {ev.text}")
 
     def _failed(self, connect: bool) -> None:
         # A connection that broke: at once. One that never came up: only after
@@ -685,12 +701,16 @@ class ClusterNode:
         return self.glue[int(tablet)]
 
     def cmd_REPL(self, conn, tablet, epoch, prev_seq, prev_epoch, meta, *values):
-        g = self._glue_for(tablet)
-        msg = Append(g.tablet.id, int(epoch), int(prev_seq), int(prev_epoch), decode_records(meta, list(values)))
-        return self._append(g, msg)
+        g, pend, reply = self._submit_append(tablet, epoch, prev_seq, prev_epoch, meta, values)
+        self._finish_appends([(g, pend)])
+        return reply_text(reply)
 
-    def _append(self, g: TabletGlue, msg: Append) -> bytes:
+    def _submit_append(self, tablet, epoch, prev_seq, prev_epoch, meta, values):
+        """Check an Append against the state machine and enqueue its records
+        in the local log (not yet durable): (glue, pendings, reply)."""
+        g = self._glue_for(tablet)
         t = g.tablet
+        msg = Append(t.id, int(epoch), int(prev_seq), int(prev_epoch), decode_records(meta, list(values)))
         with g.lock:
             recs, reply = g.sm.on_append(msg)
             self._act(g, g.sm.take_aborted())
@@ -698,11 +718,85 @@ class ClusterNode:
             for r in recs:
                 t.epoch = r.epoch
                 pend.append(t.submit(r.effect))
-        for p in pend:
-            t.wait_durable(p)
-        for p in pend:
-            t.apply(p)
-        return reply_text(reply)
+        return g, pend, reply
+
+    @staticmethod
+    def _finish_appends(batch) -> None:
+        """Wait until every submitted record is durable (one group-commit flush
+        per tablet log), then apply them in order. Only then may the ACKs go."""
+        for g, pend in batch:
+            for p in pend:
+                g.tablet.wait_durable(p)
+        for g, pend in batch:
+            for p in pend:
+                g.tablet.apply(p)
+
+    def cmd_REPLSTREAM(self, conn, *args):
+        """A primary's stream: from here on this connection carries only
+        replication requests, served by `_stream_loop` (batched fsyncs)."""
+        if self.stopped.is_set():
+            raise Retry("not serving")
+        conn.sock.sendall(ok("streaming"))
+        try:
+            self._stream_loop(conn.sock)
+        finally:
+            conn.closing = True
+        return b""
+
+    def _stream_loop(self, sock) -> None:
+        """Serve replication requests in batches: every request already
+        received is handled (its records enqueued in the local logs) before
+        any waits for the disk, so a batch shares one flush per tablet log,
+        and the replies go together, in order. The stream's primary sent
+        nothing after REPLSTREAM until it was answered, so nothing was left
+        in the server's own parser."""
+        parser = RequestParser(INTERNAL_COMMANDS, max_literal=self.cfg.storage.max_cell_bytes)
+        while not self.stopped.is_set():
+            batch = []
+            while True:
+                ev = parser.next_event()
+                if ev is NEED_DATA:
+                    break
+                batch.append(ev)
+            if not batch:
+                data = sock.recv(RECV_BYTES)
+                if not data:
+                    return
+                parser.feed(data)
+                continue
+            out, pending, close = [], [], False
+            for ev in batch:
+                if isinstance(ev, ProtocolErrorEvent):
+                    out.append(ev.reply())
+                    close = close or ev.close
+                    continue
+                try:
+                    if ev.cmd == "REPL":
+                        g, pend, reply = self._submit_append(*ev.args[:5], ev.args[5:])
+                        pending.append((g, pend))
+                        out.append(reply_text(reply))
+                    else:
+                        # SNAPCHUNK / SNAPSHOT: after everything before them is durable
+                        self._finish_appends(pending)
+                        pending = []
+                        handler = {"SNAPCHUNK": self.cmd_SNAPCHUNK, "SNAPSHOT": self.cmd_SNAPSHOT}.get(ev.cmd)
+                        if handler is None:
+                            out.append(error("BADREQ", f"{ev.cmd} on a replication stream"))
+                        else:
+                            out.append(handler(None, *ev.args))
+                except (KVError, TabletError, ValueError) as e:
+                    # The stream is out of step with this replica: answer, and end it.
+                    out.append(error("RETRY", str(e)))
+                    close = True
+                    break
+            try:
+                self._finish_appends(pending)
+            except TabletError as e:
+                out = [error("RETRY", str(e))]
+                close = True
+            sock.sendall(b"".join(out))
+            if close:
+                return
 
     def cmd_SNAPCHUNK(self, conn, tablet, epoch, offset, data):
         g = self._glue_for(tablet)
