@@ -265,3 +265,37 @@ def test_raw_browser_rows_columns_values_escaped(cluster):
     assert admin.get(f"/admin/data/kv1/{t}/value?r={row.hex()}&c=6e6f").status == 404
     assert admin.get(f"/admin/data/kv1/{t}/row?r=zz").status == 400
     assert admin.get("/admin/data/kv9").status == 404
+
+
+def test_disable_and_enable_a_frontend_from_the_console(cluster):
+    from lb.server import LoadBalancer
+    from src.heartbeat import LBControlClient
+
+    cfg, kv, fe = cluster
+    admin = admin_client(fe)
+    # without a load balancer the console says what went wrong
+    r = admin.post("/admin/frontends/fe1/disable", {"confirm": "yes"})
+    assert r.status == 303 and "ok=0" in r.getheader("Location")
+    assert "Could not disable fe1" in admin.get(r.getheader("Location")).text
+
+    lb = LoadBalancer(cfg, cfg.lb.node).start()
+    try:
+        ctl = LBControlClient(cfg.lb.node.host, lb.port)
+        ctl.heartbeat("fe1", fe.port, 0)
+        assert "Disable" in admin.get("/admin").text
+        r = admin.post("/admin/frontends/fe1/disable")  # asks first
+        assert r.status == 200 and "Disable fe1?" in r.text
+        assert ctl.status()["frontends"][0]["enabled"] is True
+        r = admin.post("/admin/frontends/fe1/disable", {"confirm": "yes"})
+        assert r.status == 303 and "ok=1" in r.getheader("Location")
+        assert "fe1 is disabled" in admin.get(r.getheader("Location")).text
+        assert ctl.status()["frontends"][0]["enabled"] is False
+        procs = {p["id"]: p for p in json.loads(admin.get("/admin/status.json").text)["snapshot"]["processes"]}
+        assert procs["fe1"]["state"] == "disabled" and procs["fe1"]["actions"] == ["enable"]
+        r = admin.post("/admin/frontends/fe1/enable", {"confirm": "yes"})
+        assert r.status == 303 and "ok=1" in r.getheader("Location")
+        assert ctl.status()["frontends"][0]["enabled"] is True
+        assert admin.post("/admin/frontends/fe9/disable", {"confirm": "yes"}).status == 404
+        assert admin.post("/admin/frontends/fe1/restart", {"confirm": "yes"}).status == 404
+    finally:
+        lb.stop()
