@@ -81,5 +81,7 @@ def test_snapshot_of_a_cluster_that_is_down_is_quick_and_complete(tmp_path):
     assert list(states) == ["master", "kv1", "kv2", "kv3", "fe1", "lb", "smtp", "pop3", "relay"]
     assert states["master"] == "down" and states["kv1"] == "down" and states["lb"] == "down"
     assert states["smtp"] == "down" and states["relay"] == "up"
+    kv1 = snap["processes"][1]
+    assert kv1["actions"] == [] and "not running" in kv1["detail"]  # no Kill/Wake for a dead process
     assert snap["map"]["servers"] == ["kv1", "kv2", "kv3"] and snap["map"]["down"] == ["kv1", "kv2", "kv3"]
     json.dumps(snap)  # the JSON endpoint serves it as is

@@ -193,8 +193,14 @@ class ClusterView:
             row["heartbeat"] = f"{int(ms) / 1000:.1f} s ago" if ms and ms.isdigit() else ""
         else:
             row["heartbeat"] = "answered now" if probe["ok"] else ""
-        killed = row["state"].startswith("killed")
-        row["actions"] = ["wake"] if killed else (["kill"] if probe["ok"] else ["wake"])
+        # KILL and WAKE are commands to a running server; one that does not answer
+        # (crashed, stopped) needs its process restarted: ./run_all.sh starts what is missing.
+        if not probe["ok"]:
+            row["actions"] = []
+            if "refused" in row["detail"]:
+                row["detail"] = "not running (./run_all.sh restarts it)"
+        else:
+            row["actions"] = ["wake"] if row["state"] == "killed" else ["kill"]
         return row
 
     def _frontend_row(self, n, lbf: dict | None, beacon: dict | None, lb_ok: bool) -> dict:
