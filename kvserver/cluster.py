@@ -77,9 +77,9 @@ TICK_S = 0.2                   # the replication state machines' logical clock
 MAX_BATCH_RECORDS = 1000       # records per REPL (each is a `{N}` token on the line)
 MAX_BATCH_BYTES = 4 << 20      # ... and bytes of values per REPL (one big value may exceed it)
 SNAPSHOT_CHUNK = 4 << 20       # bytes of checkpoint file per SNAPCHUNK
-LANES = 4                      # streams (connections) per peer; tablet t uses lane t % LANES, so
-                               # a replica logs several tablets' records at once (one connection
-                               # is served by one thread, one fsync at a time)
+LANES = 1                      # streams (connections) per peer; tablet t uses lane t % LANES.
+                               # Measured (docs/performance.md): with the replica's batching
+                               # stream loop, one stream per peer batches best; 2 and 4 were slower
 RECONNECT_S = 0.1
 RECV_BYTES = 256 * 1024
 INCOMING = "snapshot.incoming"
