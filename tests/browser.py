@@ -12,19 +12,26 @@ Playwright for Python. Nothing is ever downloaded (no `playwright install`).
 Import the fixture into a test module (`from tests.browser import
 browser_page  # noqa: F401`) to use it. Tests skip with a clear reason only
 when Chromium or Playwright is missing.
+
+Screenshots go to a temporary folder, so a test run does not rewrite the
+tracked pictures; `PENNCLOUD_SCREENSHOTS=1 ./tests/run.sh -m browser` (or any
+test selection) refreshes docs/screenshots/ for the README and the docs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 
 import pytest
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
-SHOTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "screenshots")
+DOC_SHOTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "screenshots")
+SHOTS = DOC_SHOTS if os.environ.get("PENNCLOUD_SCREENSHOTS") else os.path.join(
+    tempfile.gettempdir(), "penncloud-screenshots")
 
 
 def _require():

@@ -20,11 +20,11 @@ import pytest
 from src.config import load_config
 from src.kv import KVError, tablet_of
 from src.kvclient import ClusterClient, ServerClient
-from tests.harness import REPO, free_port, wait_until
+from tests.browser import SHOTS, launch_browser
+from tests.harness import free_port, wait_until
 from tests.test_admin import Client
 
 ADMIN_PW = "admin password 1"
-CHROMIUM = "/usr/bin/chromium"
 
 
 def write_config(tmp_path) -> str:
@@ -165,71 +165,61 @@ def whole_system(cluster, procs):
 @pytest.mark.browser
 @pytest.mark.slow
 def test_console_in_a_browser(whole_system, tmp_path):
-    if not os.path.exists(CHROMIUM):
-        pytest.skip("needs /usr/bin/chromium")
-    from playwright.sync_api import sync_playwright
-
     cfg, kv, fe, lb = whole_system
     base = f"http://127.0.0.1:{lb.port}"  # through the load balancer, as a user would
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, chromium_sandbox=False, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run"])
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.goto(base + "/")
-            page.fill("form[action='/login'] input[name=username]", "admin")
-            page.fill("form[action='/login'] input[name=password]", ADMIN_PW)
-            page.click("form[action='/login'] button[type=submit]")
-            page.goto(base + "/admin")
-            assert page.locator("#adm-procs").inner_text().count("serving") == 3
-            # every process of the system is up (the mail beacons may take a moment)
-            page.wait_for_function(
-                "() => document.querySelectorAll('#adm-procs .adm-state.ok').length === 9", timeout=15_000)
+    with launch_browser() as browser:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(base + "/")
+        page.fill("form[action='/login'] input[name=username]", "admin")
+        page.fill("form[action='/login'] input[name=password]", ADMIN_PW)
+        page.click("form[action='/login'] button[type=submit]")
+        page.goto(base + "/admin")
+        assert page.locator("#adm-procs").inner_text().count("serving") == 3
+        # every process of the system is up (the mail beacons may take a moment)
+        page.wait_for_function(
+            "() => document.querySelectorAll('#adm-procs .adm-state.ok').length === 9", timeout=15_000)
 
-            # The page refreshes itself: the time stamp changes without a reload.
-            first = page.inner_text("#adm-updated")
-            page.wait_for_function("t => document.getElementById('adm-updated').textContent !== t", arg=first,
-                                   timeout=10_000)
+        # The page refreshes itself: the time stamp changes without a reload.
+        first = page.inner_text("#adm-updated")
+        page.wait_for_function("t => document.getElementById('adm-updated').textContent !== t", arg=first,
+                               timeout=10_000)
 
-            # Kill asks first; dismissing the dialog does nothing.
-            questions = []
-            page.once("dialog", lambda d: (questions.append(d.message), d.dismiss()))
-            page.click("form[action='/admin/servers/kv3/kill'] button")
-            assert questions == ["Kill kv3?"] and page.url == base + "/admin"
-            page.once("dialog", lambda d: d.accept())
-            page.click("form[action='/admin/servers/kv3/kill'] button")
-            page.wait_for_url("**/admin?*did=kill*")
-            assert "kv3 was killed" in page.inner_text(".adm-flash")
-            page.wait_for_function(
-                "() => document.querySelector('#adm-procs').textContent.includes('killed')", timeout=10_000)
-            page.once("dialog", lambda d: d.accept())
-            page.click("form[action='/admin/servers/kv3/wake'] button")
-            page.wait_for_url("**/admin?*did=wake*")
-            page.wait_for_function(
-                "() => (document.querySelector('#adm-procs').textContent.match(/serving/g) || []).length === 3",
-                timeout=30_000)
+        # Kill asks first; dismissing the dialog does nothing.
+        questions = []
+        page.once("dialog", lambda d: (questions.append(d.message), d.dismiss()))
+        page.click("form[action='/admin/servers/kv3/kill'] button")
+        assert questions == ["Kill kv3?"] and page.url == base + "/admin"
+        page.once("dialog", lambda d: d.accept())
+        page.click("form[action='/admin/servers/kv3/kill'] button")
+        page.wait_for_url("**/admin?*did=kill*")
+        assert "kv3 was killed" in page.inner_text(".adm-flash")
+        page.wait_for_function(
+            "() => document.querySelector('#adm-procs').textContent.includes('killed')", timeout=10_000)
+        page.once("dialog", lambda d: d.accept())
+        page.click("form[action='/admin/servers/kv3/wake'] button")
+        page.wait_for_url("**/admin?*did=wake*")
+        page.wait_for_function(
+            "() => (document.querySelector('#adm-procs').textContent.match(/serving/g) || []).length === 3",
+            timeout=30_000)
 
-            wait_until(lambda: all(d["state"] == "alive" for d in nodes(cfg).values()), timeout=30,
-                       what="the master seeing every server alive")
-            page.goto(base + "/admin")
-            shot = tmp_path / "admin.png"
-            page.screenshot(path=str(shot), full_page=True)
-            out = os.path.join(REPO, "docs", "screenshots")
-            os.makedirs(out, exist_ok=True)
-            shutil.copy(shot, os.path.join(out, "admin.png"))
+        wait_until(lambda: all(d["state"] == "alive" for d in nodes(cfg).values()), timeout=30,
+                   what="the master seeing every server alive")
+        page.goto(base + "/admin")
+        shot = tmp_path / "admin.png"
+        page.screenshot(path=str(shot), full_page=True)
+        out = SHOTS
+        os.makedirs(out, exist_ok=True)
+        shutil.copy(shot, os.path.join(out, "admin.png"))
 
-            # The raw data browser, down to one value.
-            kv.put(b"demo/notes", b"readme", "Hello from the raw data browser.\nRows, columns and values "
-                   "are bytes; this one is UTF-8 text.\n".encode())
-            t = tablet_of(b"demo/notes", cfg.cluster.tablets)
-            page.goto(base + "/admin/data/kv2")
-            page.click(f"a[href='/admin/data/kv2/{t}']")
-            assert f"Tablet {t} on kv2" in page.inner_text("h1")
-            page.click("text=demo/notes")
-            page.click("text=readme")
-            assert "shown as text" in page.inner_text("main")
-            page.screenshot(path=str(tmp_path / "admin-data.png"), full_page=True)
-            shutil.copy(tmp_path / "admin-data.png", os.path.join(out, "admin-data.png"))
-        finally:
-            browser.close()
+        # The raw data browser, down to one value.
+        kv.put(b"demo/notes", b"readme", "Hello from the raw data browser.\nRows, columns and values "
+               "are bytes; this one is UTF-8 text.\n".encode())
+        t = tablet_of(b"demo/notes", cfg.cluster.tablets)
+        page.goto(base + "/admin/data/kv2")
+        page.click(f"a[href='/admin/data/kv2/{t}']")
+        assert f"Tablet {t} on kv2" in page.inner_text("h1")
+        page.click("text=demo/notes")
+        page.click("text=readme")
+        assert "shown as text" in page.inner_text("main")
+        page.screenshot(path=str(tmp_path / "admin-data.png"), full_page=True)
+        shutil.copy(tmp_path / "admin-data.png", os.path.join(out, "admin-data.png"))
