@@ -214,7 +214,7 @@ def test_raw_browser_pages_through_a_tablet(cluster):
         kv.put(name, "c", b"v")
     want = sorted(names + extra)
 
-    r = admin.get(f"/admin/data/kv1")
+    r = admin.get("/admin/data/kv1")
     assert r.status == 200 and f'href="/admin/data/kv1/{t}"' in r.text
 
     seen, url, pages, texts = [], f"/admin/data/kv1/{t}?limit=20", 0, ""

@@ -20,7 +20,7 @@ import pytest
 from lb.server import LoadBalancer
 from src.config import parse_config
 from src.heartbeat import LBControlClient, LBControlError
-from tests.harness import free_port, wait_until
+from tests.harness import wait_until
 
 
 class Backend:

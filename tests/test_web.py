@@ -147,7 +147,7 @@ def test_sessions_sliding_expiry_and_refresh_writes():
         assert s.get(a.sid) is not None
     clock.t += 301                            # idle longer than the TTL: gone
     assert s.get(a.sid) is None
-    assert kv.cols(f"usess/alice") == []
+    assert kv.cols("usess/alice") == []
     assert s.get("not-a-valid-id") is None and s.get(None) is None
 
 

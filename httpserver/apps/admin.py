@@ -34,7 +34,7 @@ import logging
 import time
 
 from httpserver.apps.admin_data import ClusterView, preview, show_name
-from httpserver.templates import Markup, csrf_field, escape, page, render
+from httpserver.templates import Markup, csrf_field, page, render
 from httpserver.web import HTTPError, json_response, redirect
 from src.heartbeat import LBControlError
 from src.kv import KVError, NotFound
