@@ -13,7 +13,9 @@ kinds of background threads:
     streams     one `PeerStream` per peer server this server leads tablets
                 with: a sender thread (pipelined REPL / SNAPCHUNK / SNAPSHOT
                 requests, coalesced per tablet) and a reader thread (their
-                answers, fed to TabletReplica.on_reply).
+                answers, fed to TabletReplica.on_reply). On the replica the
+                connection is served by `_stream_loop`, in batches that share
+                one flush per tablet log.
     control     view changes the state machine asks for (VIEWCHANGE to the
                 master), and the logical clock (`tick`) that re-probes
                 lagging replicas.
@@ -39,6 +41,7 @@ survive the failover. Its client gets no reply: the connection is closed
 
 Internal commands (docs/replication.md has the grammar):
 
+    REPLSTREAM                                   (once: this connection is a stream)
     REPL <tablet> <epoch> <prev_seq> <prev_epoch> <meta> <value>...
     SNAPCHUNK <tablet> <epoch> <offset> <bytes>
     SNAPSHOT <tablet> <epoch> <seq> <seq_epoch> <ckpt_bytes> <meta> <value>...
