@@ -9,69 +9,22 @@ than a page, and shows hostile names escaped.
 from __future__ import annotations
 
 import html
-import http.client
 import json
 import re
-from urllib.parse import urlencode
 
 import pytest
 
 from src.config import parse_config
 from src.kv import Retry, tablet_of
 from src.kvclient import ServerClient
+from tests import webclient
 from tests.harness import free_port, wait_until
 
 ADMIN_PW = "admin password 1"
 TABLETS = 8
 
 
-class Client:
-    """A browser-like client: keeps cookies, reads the CSRF token from pages."""
-
-    def __init__(self, port: int):
-        self.port = port
-        self.cookies: dict[str, str] = {}
-        self.csrf = ""
-
-    def request(self, method, path, body=b"", headers=None):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=15)
-        try:
-            h = dict(headers or {})
-            if self.cookies:
-                h["Cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
-            conn.request(method, path, body=body, headers=h)
-            r = conn.getresponse()
-            data = r.read()
-        finally:
-            conn.close()
-        for v in r.headers.get_all("Set-Cookie") or []:
-            name, _, rest = v.partition("=")
-            value = rest.split(";", 1)[0]
-            if "max-age=0" in v.lower() or value == "":
-                self.cookies.pop(name.strip(), None)
-            else:
-                self.cookies[name.strip()] = value
-        r.text = data.decode("utf-8", "replace")
-        m = re.search(r'name="csrf" value="([^"]+)"', r.text)
-        if m:
-            self.csrf = m.group(1)
-        return r
-
-    def get(self, path):
-        return self.request("GET", path)
-
-    def post(self, path, fields=None, csrf=True):
-        fields = dict(fields or {})
-        if csrf:
-            fields = {"csrf": self.csrf, **fields}
-        return self.request("POST", path, urlencode(fields).encode(),
-                            {"Content-Type": "application/x-www-form-urlencoded"})
-
-    def login(self, user, password):
-        r = self.post("/login", {"username": user, "password": password}, csrf=False)
-        assert r.status == 303, r.text
-        self.get("/home")
-        return self
+Client = webclient.Client
 
 
 @pytest.fixture

@@ -5,80 +5,31 @@ tablet server)."""
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import re
 import socket
 import time
 import uuid
-from urllib.parse import quote, urlencode
+from urllib.parse import quote
 
 import pytest
 
 from src.config import parse_config
 from src.drive import JOURNAL_SHARDS, LEASE_S, TOMB_LEASES, Drive
 from src.kv import MemoryKV
+from tests import webclient
 from tests.harness import wait_until
 
 CB = 1000  # chunk bytes in these tests: "many chunks" stays small
 
 
-class Client:
-    """A browser-like client: keeps the `sid` cookie and the page's CSRF token."""
-
-    def __init__(self, port: int):
-        self.port = port
-        self.cookies: dict[str, str] = {}
-        self.csrf = ""
-
-    def request(self, method, path, body=b"", headers=None):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=20)
-        try:
-            h = dict(headers or {})
-            if self.cookies:
-                h["Cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
-            conn.request(method, path, body=body, headers=h)
-            r = conn.getresponse()
-            data = r.read()
-        finally:
-            conn.close()
-        for v in r.headers.get_all("Set-Cookie") or []:
-            name, _, rest = v.partition("=")
-            value = rest.split(";", 1)[0]
-            if "max-age=0" in v.lower() or value == "":
-                self.cookies.pop(name.strip(), None)
-            else:
-                self.cookies[name.strip()] = value
-        r.body = data
-        r.text = data.decode("utf-8", "replace")
-        m = re.search(r'name="csrf" value="([^"]+)"', r.text)
-        if m:
-            self.csrf = m.group(1)
-        return r
-
-    def get(self, path, headers=None):
-        return self.request("GET", path, headers=headers)
-
-    def post(self, path, fields, csrf=True, headers=None):
-        fields = dict(fields)
-        if csrf:
-            fields = {"csrf": self.csrf, **fields}
-        return self.request("POST", path, urlencode(fields).encode(),
-                            {"Content-Type": "application/x-www-form-urlencoded", **(headers or {})})
-
+class Client(webclient.Client):
     def upload(self, folder, files, csrf=True, headers=None):
         """`files`: list of (filename, bytes). Returns the response."""
-        boundary = uuid.uuid4().hex
-        out = []
-        if csrf:
-            out.append(f'--{boundary}\r\nContent-Disposition: form-data; name="csrf"\r\n\r\n{self.csrf}\r\n'.encode())
-        for filename, data in files:
-            out.append(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
-                       f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n")
-        out.append(f"--{boundary}--\r\n".encode())
-        return self.request("POST", f"/drive/upload/{folder}", b"".join(out),
-                            {"Content-Type": f"multipart/form-data; boundary={boundary}", **(headers or {})})
+        return self.post_multipart(f"/drive/upload/{folder}", (),
+                                   [("file", name, "application/octet-stream", data) for name, data in files],
+                                   csrf=csrf, headers=headers)
 
 
 def make_config(tmp_path, **drive):

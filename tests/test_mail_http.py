@@ -6,18 +6,16 @@ attacks: another user's ids, missing CSRF tokens, hostile HTML."""
 from __future__ import annotations
 
 import email
-import http.client
 import os
 import re
-import uuid
 from email import policy
-from urllib.parse import urlencode
 
 import pytest
 
 from src.config import parse_config
 from src.kv import MemoryKV
 from src.mailstore import MailStore
+from tests import webclient
 
 DOMAIN = "penncloud.local"
 MAX_MESSAGE = 256 * 1024
@@ -25,64 +23,11 @@ MAX_MESSAGE = 256 * 1024
 
 # -- a small browser-like client --------------------------------------------------
 
-class Client:
-    """Keeps the `sid` cookie and reads the CSRF token from the last page."""
-
+class Client(webclient.Client):
     def __init__(self, port: int):
-        self.port = port
-        self.cookies: dict[str, str] = {}
-        self.csrf = ""
+        super().__init__(port, timeout=10)
 
-    def request(self, method, path, body=b"", headers=None):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-        try:
-            h = dict(headers or {})
-            if self.cookies:
-                h["Cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
-            conn.request(method, path, body=body, headers=h)
-            r = conn.getresponse()
-            data = r.read()
-        finally:
-            conn.close()
-        for v in r.headers.get_all("Set-Cookie") or []:
-            name, _, rest = v.partition("=")
-            value = rest.split(";", 1)[0]
-            if "max-age=0" in v.lower() or value == "":
-                self.cookies.pop(name.strip(), None)
-            else:
-                self.cookies[name.strip()] = value
-        text = data.decode("utf-8", "replace")
-        m = re.search(r'name="csrf" value="([^"]+)"', text)
-        if m:
-            self.csrf = m.group(1)
-        r.body = data
-        r.text = text
-        return r
-
-    def get(self, path):
-        return self.request("GET", path)
-
-    def post_form(self, path, fields, csrf=True):
-        fields = dict(fields)
-        if csrf:
-            fields = {"csrf": self.csrf, **fields}
-        return self.request("POST", path, urlencode(fields, doseq=True).encode(),
-                            {"Content-Type": "application/x-www-form-urlencoded"})
-
-    def post_multipart(self, path, fields, files=(), csrf=True):
-        """`fields`: list of (name, value); `files`: list of (name, filename, type, bytes)."""
-        boundary = uuid.uuid4().hex
-        out = []
-        items = ([("csrf", self.csrf)] if csrf else []) + list(fields)
-        for name, value in items:
-            out.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode()
-                       + value.encode() + b"\r\n")
-        for name, filename, ctype, data in files:
-            out.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
-                       f"Content-Type: {ctype}\r\n\r\n".encode() + data + b"\r\n")
-        out.append(f"--{boundary}--\r\n".encode())
-        return self.request("POST", path, b"".join(out),
-                            {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    post_form = webclient.Client.post
 
     def send(self, to, subject="", body="", cc="", files=(), extra=()):
         return self.post_multipart("/mail/send", [("to", to), ("cc", cc), ("subject", subject),
