@@ -15,6 +15,10 @@ Files (under the data dir: ./data, or $PENNCLOUD_DATA, or --data):
 
 A process counts as running when its pid file names a live process whose
 command line carries `--id <name>` (so a recycled pid is not mistaken for it).
+
+Spread over several hosts, every host runs `./run_all.sh` with the same config:
+each starts only the processes whose `host` is one of its own addresses, and
+`status` reports the others by whether their port answers (pid `-`).
 """
 
 from __future__ import annotations
@@ -59,6 +63,17 @@ def process_specs(cfg: Config) -> list[ProcessSpec]:
     return specs
 
 
+def is_local(host: str) -> bool:
+    """Whether `host` is an address of this machine (so we can bind it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+        return True
+    except OSError:
+        return False
+
+
 def module_exists(module: str) -> bool:
     return os.path.exists(os.path.join(REPO, module, "__main__.py"))
 
@@ -100,7 +115,7 @@ class Launcher:
 
     def answers(self, spec: ProcessSpec) -> bool:
         if not spec.port:
-            return self.running_pid(spec) is not None
+            return self.running_pid(spec) is not None  # no port to ask (the relay)
         try:
             with socket.create_connection((spec.host, spec.port), timeout=1.0):
                 return True
@@ -114,6 +129,9 @@ class Launcher:
         os.makedirs(self.log_dir, exist_ok=True)
         failures = 0
         for spec in process_specs(self.cfg):
+            if not is_local(spec.host):
+                self.say(f"  {spec.name:<8} runs on {spec.host}, not here: start it there")
+                continue
             if not module_exists(spec.module):
                 self.say(f"  {spec.name:<8} not built yet ({spec.module}/ has no __main__.py), skipped")
                 continue
@@ -193,7 +211,7 @@ class Launcher:
     def status(self) -> int:
         for spec in process_specs(self.cfg):
             pid = self.running_pid(spec)
-            up = pid is not None and self.answers(spec)
+            up = self.answers(spec) if pid is not None or not is_local(spec.host) else False
             self.say(f"{spec.name} {pid if pid is not None else '-'} {spec.addr} {'up' if up else 'down'}")
         return 0
 

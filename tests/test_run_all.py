@@ -92,3 +92,10 @@ def test_bad_config_is_a_clear_error(tmp_path):
     r = run_all("status", "--config", str(bad))
     assert r.returncode == 2
     assert "cluster.tablets: must be an integer" in r.stderr
+
+
+def test_only_this_hosts_processes_are_started_here():
+    # Binding tells whether an address is ours; no packet is sent anywhere.
+    from src.launcher import is_local
+    assert is_local("127.0.0.1")
+    assert not is_local("192.0.2.1")  # TEST-NET-1, never assigned to a machine
