@@ -6,11 +6,14 @@ after the faults every acknowledged write must be readable with its exact
 value, and the recorded history of the shared cells must be linearizable.
 """
 
+import socket
 import time
 
+from kvserver.cluster import INTERNAL_COMMANDS, MASTER_INTERNAL
 from src import kv
 from src.kv import tablet_of
 from src.kvclient import ServerClient
+from src.kvproto import NEED_DATA, Error, ReplyParser, encode_request
 from tests.clusterkit import Cluster, Workload
 from tests.harness import wait_until
 from tests.linearizability import check
@@ -115,3 +118,33 @@ def test_non_primary_answers_moved_and_master_commands(procs, tmp_path):
             assert status["id"] == name and status["state"] == "serving"
         finally:
             s.close()
+
+
+def test_cluster_with_a_secret(procs, tmp_path):
+    cl = Cluster(procs, tmp_path, secret="s3cret").start_all()
+    wl = Workload(cl, writers=2, seed=7).start()
+    wait_until(lambda: wl.count >= 20, 20, what="writes with a secret set")
+    t = tablet_of(wl.shared[0], cl.tablets)
+    victim = cl.primary(t)
+    cl.kill(victim)
+    wait_until(lambda: cl.primary(t) not in (None, victim), 10, what="failover with a secret set")
+    cl.start(victim)
+    cl.wait_members(t, set(cl.replicas(t)))
+    # internal commands without AUTH are refused, on the master and on a tablet server
+    for addr in (cl.master_addr, cl.addr[victim]):
+        s = ServerClient(addr, timeout=5)
+        try:
+            r = s.request("PING")
+            assert r.word == "PONG"
+        finally:
+            s.close()
+    for addr, req in ((cl.master_addr, encode_request("BYE", "kv1", "x", commands=MASTER_INTERNAL)),
+                      (cl.addr[victim], encode_request("REPLSTREAM", commands=INTERNAL_COMMANDS))):
+        host, port = addr.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(b"".join(req))
+            p = ReplyParser()
+            while (ev := p.next_event()) is NEED_DATA:
+                p.feed(sock.recv(4096))
+            assert isinstance(ev, Error) and ev.code == "DENIED", ev
+    settle_and_check(cl, wl, min_more=10)
