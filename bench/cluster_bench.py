@@ -42,7 +42,7 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, BENCH)
 
 import kv_bench  # noqa: E402
-from kv_bench import Route, Started, _ready_line, run_cell, start_kvserver  # noqa: E402
+from kv_bench import Route, _ready_line, run_cell, start_kvserver  # noqa: E402
 
 from src import kv  # noqa: E402
 from src.kvclient import OutcomeUnknown, ServerClient, Unreachable  # noqa: E402

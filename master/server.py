@@ -27,6 +27,7 @@ Internal commands need AUTH first when the cluster has a secret.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import socket
 import threading
@@ -37,7 +38,7 @@ from master.placement import TabletView
 from master.state import MasterState
 from src.config import Config
 from src.kv import tablet_of
-from src.kvproto import (MASTER_COMMANDS, NAME, NEED_DATA, RAW, VALUE, CommandSpec, ProtocolErrorEvent,
+from src.kvproto import (MASTER_COMMANDS, NEED_DATA, RAW, VALUE, CommandSpec, ProtocolErrorEvent,
                          RequestParser, error, listing, ok, pong)
 from src.server import TCPServer
 
@@ -59,12 +60,6 @@ COMMANDS = {**MASTER_COMMANDS, **INTERNAL_COMMANDS}
 def view_line(v: TabletView) -> str:
     """`<tablet> <epoch> <primary|-> <member,...|-> <replica,...>` (heartbeat answers)."""
     return f"{v.tablet} {v.epoch} {v.primary or '-'} {','.join(v.members) or '-'} {','.join(v.replicas)}"
-
-
-def parse_view_line(line: str) -> TabletView:
-    t, e, p, m, r = line.split()
-    return TabletView(int(t), int(e), None if p == "-" else p,
-                      () if m == "-" else tuple(m.split(",")), tuple(r.split(",")))
 
 
 class _Server:
@@ -341,7 +336,7 @@ class Master:
         return None
 
     def cmd_AUTH(self, args, conn):
-        if args[0].decode("utf-8", "replace") != self.cc.secret:
+        if not hmac.compare_digest(args[0], self.cc.secret.encode()):
             return error("DENIED", "wrong secret")
         conn["authed"] = True
         return ok()

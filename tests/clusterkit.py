@@ -18,9 +18,9 @@ import time
 import zlib
 
 from src import kv
-from src.kvclient import OutcomeUnknown, ServerClient, Unreachable, parse_map
+from src.kvclient import OutcomeUnknown, ServerClient, Unreachable
 from tests.harness import free_port, wait_until
-from tests.linearizability import UNKNOWN, History
+from tests.linearizability import History
 
 
 class Unknown(Exception):

@@ -81,7 +81,7 @@ def test_random_histories_from_a_real_register_pass_and_tampered_ones_fail():
     for trial in range(30):
         # simulate 4 clients on one atomic register; each op takes effect at a random
         # instant inside its interval
-        state, t, ops = None, 0.0, []
+        state, ops = None, []
         events = []
         for c in range(4):
             for i in range(6):
