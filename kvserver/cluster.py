@@ -52,6 +52,7 @@ Internal commands (docs/replication.md has the grammar):
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import logging
 import os
 import secrets
@@ -85,6 +86,7 @@ LANES = 1                      # streams (connections) per peer; tablet t uses l
                                # stream loop, one stream per peer batches best; 2 and 4 were slower
 RECONNECT_S = 0.1
 RECV_BYTES = 256 * 1024
+FLUSH_THREADS = 4              # a replica flushes this many tablet logs of one batch at once
 INCOMING = "snapshot.incoming"
 
 INTERNAL_COMMANDS = {
@@ -484,6 +486,7 @@ class ClusterNode:
         self._beat_now = threading.Event()
         self._threads: list[threading.Thread] = []
         self._masters: dict[str, Conn] = {}          # one connection per thread that calls the master
+        self.flusher = concurrent.futures.ThreadPoolExecutor(FLUSH_THREADS, thread_name_prefix="flush")
 
     # -- life cycle --------------------------------------------------------------------
 
@@ -778,10 +781,22 @@ class ClusterNode:
                 pend.append(t.submit(r.effect))
         return g, pend, reply
 
-    @staticmethod
-    def _finish_appends(batch) -> None:
+    def _finish_appends(self, batch) -> None:
         """Wait until every submitted record is durable (one group-commit flush
-        per tablet log), then apply them in order. Only then may the ACKs go."""
+        per tablet log; the logs of different tablets are flushed at the same
+        time, fsync releases the GIL), then apply them in order. Only then may
+        the ACKs go."""
+        last: dict[int, object] = {}
+        for g, pend in batch:
+            if pend:
+                last[g.tablet.id] = (g.tablet, pend[-1])
+        flushes = list(last.values())
+        if len(flushes) > 1:
+            # each tablet's last record: waiting for it flushes that log up to it
+            futures = [self.flusher.submit(t.wait_durable, p) for t, p in flushes[1:]]
+            flushes[0][0].wait_durable(flushes[0][1])
+            for f in futures:
+                f.result()
         for g, pend in batch:
             for p in pend:
                 g.tablet.wait_durable(p)
