@@ -884,24 +884,33 @@ class ClusterNode:
         t = g.tablet
         recs = decode_records(meta, list(values))
         path = os.path.join(t.path, INCOMING)
+        size = int(total)
+        chunks = []
+        if size:
+            try:
+                with open(path, "rb") as f:
+                    data = f.read(size + 1)
+            except FileNotFoundError:
+                data = b""
+            if len(data) != size:
+                raise Retry(f"snapshot of tablet {t.id}: {len(data)} checkpoint bytes, expected {size}")
+            chunks = [data]
         msg = Snapshot(t.id, int(epoch), int(seq), int(seq_epoch))
         with g.lock:
             install, reply = g.sm.on_snapshot(msg)
             self._act(g, g.sm.take_aborted())
-            if install:
-                size = int(total)
-                if size:
-                    with open(path, "rb") as f:
-                        data = f.read(size + 1)
-                    if len(data) != size:
-                        raise Retry(f"snapshot of tablet {t.id}: {len(data)} bytes, expected {size}")
-                    chunks = [data]
-                else:
-                    chunks = []
+        if install:
+            # Outside the tablet lock (disk I/O; heartbeats must not wait on
+            # it): this stream is the only writer of a replica's tablet.
+            try:
                 t.install_snapshot(chunks, [LogRecord(r.seq, r.epoch, r.effect) for r in recs])
-                if t.last_seq != msg.seq:
-                    log.error("tablet %d: snapshot ended at seq %d, expected %d", t.id, t.last_seq, msg.seq)
-                log.info("tablet %d: installed a snapshot up to seq %d", t.id, t.last_seq)
+            except Exception:
+                with g.lock:       # the state machine must describe the log as it is
+                    g.sm.last_seq, g.sm.last_epoch = t.last_seq, t.epoch
+                raise
+            if t.last_seq != msg.seq:
+                log.error("tablet %d: snapshot ended at seq %d, expected %d", t.id, t.last_seq, msg.seq)
+            log.info("tablet %d: installed a snapshot up to seq %d", t.id, t.last_seq)
         try:
             os.unlink(path)
         except FileNotFoundError:
