@@ -11,7 +11,11 @@ connection (src.server.TCPServer gives us the thread and TCP_NODELAY):
                                    cannot hold the thread longer than that
       call the app                 the body is read by the handler, on demand,
                                    through `BodyStream` (100 Continue is sent
-                                   at the first read)
+                                   at the first read); each recv waits at most
+                                   idle_timeout_s, and every idle_timeout_s the
+                                   body must have moved MIN_BODY_RATE bytes/s,
+                                   so a client dripping a byte just under the
+                                   timeout is cut off too (408)
       send the response            bytes in one sendall; iterables streamed
       drain what the handler left  up to DRAIN_LIMIT, else close
       keep-alive? next cycle : close
@@ -39,6 +43,7 @@ log = logging.getLogger(__name__)
 
 RECV_BYTES = 256 * 1024
 DRAIN_LIMIT = 1024 * 1024          # unread body we will swallow to keep a connection alive
+MIN_BODY_RATE = 1024               # bytes/s a body must average over each idle_timeout_s window
 LINGER_S = 1.0
 
 
@@ -51,6 +56,21 @@ class BodyStream:
         self.conn = conn
         self.done = False
         self._buf = b""
+        self._window_start = time.monotonic()
+        self._window_bytes = 0
+
+    def _count(self, n: int) -> None:
+        """Enforce MIN_BODY_RATE over windows of idle_timeout_s (slow-drip bodies)."""
+        self._window_bytes += n
+        now = time.monotonic()
+        elapsed = now - self._window_start
+        if elapsed < self.server.idle_timeout:
+            return
+        if self._window_bytes < MIN_BODY_RATE * elapsed:
+            self.conn.keep_alive = False
+            self.done = True
+            raise HTTPError(408, "The upload is too slow.")
+        self._window_start, self._window_bytes = now, 0
 
     def _next_data(self) -> bytes:
         conn = self.conn
@@ -74,6 +94,7 @@ class BodyStream:
                     self.done = True
                     conn.keep_alive = False
                     raise ClientGone()
+                self._count(len(data))
                 conn.receive_data(data)
                 continue
             if type(ev) is Data:

@@ -345,6 +345,29 @@ def test_http_client_and_curl_agree(server):
         assert (status, rest, hdrs.get("content-type"), hdrs.get("allow")) == py, (method, path)
 
 
+def test_dripping_body_gets_408(server):
+    """A body sent a byte at a time, each just inside the recv timeout, is cut off
+    by the minimum body rate: the thread is not held for ever."""
+    s = connect(server)
+    s.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+    start = time.monotonic()
+    s.settimeout(0.4)
+    got = b""
+    while time.monotonic() - start < 5:
+        try:
+            s.send(b"a")
+            got += s.recv(4096)
+        except socket.timeout:
+            continue
+        except OSError:
+            break
+        if got:
+            break
+    assert got.startswith(b"HTTP/1.1 408 "), got[:80]
+    assert time.monotonic() - start < 3.0
+    s.close()
+
+
 def test_stalled_body_gets_408(server):
     s = connect(server)
     s.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
