@@ -599,7 +599,13 @@ class ClusterNode:
                 raise TabletError(f"tablet {tablet.id}: seq {p.record.seq} != {rec.seq}")
             g.inflight[rec.seq] = p
             self._act(g, actions)
-        tablet.wait_durable(p)
+        try:
+            tablet.wait_durable(p)
+        except TabletError as e:
+            # The local log failed or was dropped (KILL) after the record went
+            # to the replicas: it may survive there, so no RETRY (which says
+            # "not applied"): the outcome is unknown.
+            raise OutcomeUnknown(f"tablet {tablet.id} seq {rec.seq}: {e}") from None
         with g.lock:
             self._act(g, g.sm.local_durable(rec.seq))
             while (g.sm.commit < rec.seq and rec.seq not in g.aborted and g.sm.is_primary
