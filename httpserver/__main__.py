@@ -9,49 +9,32 @@ Prints `READY <port>` once it serves; SIGTERM stops it cleanly.
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
-import signal
 import sys
-import threading
 
-from src import logsetup
-from src.config import ConfigError, load_config
+from src import logsetup, process
 
 log = logging.getLogger("httpserver")
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m httpserver", description=__doc__.split("\n")[0])
-    ap.add_argument("--config", required=True)
-    ap.add_argument("--id", required=True)
-    ap.add_argument("--data", default=None, help="data directory (default: $PENNCLOUD_DATA or the config's)")
+    ap = process.argument_parser("python -m httpserver", __doc__.split("\n")[0])
     ap.add_argument("--kv-server", default=None, metavar="HOST:PORT",
                     help="use one standalone tablet server instead of the cluster")
     ap.add_argument("--port", type=int, default=None, help="listen on this port instead of the config's")
-    ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args(argv)
 
     logsetup.configure(args.id, args.log_level)
     try:
-        cfg = load_config(args.config, args.data or os.environ.get("PENNCLOUD_DATA") or None)
+        cfg = process.load(args)
         node = cfg.node(args.id)
-    except ConfigError as e:
-        print(f"httpserver: {e}", file=sys.stderr)
-        return 2
-
-    from src import kvclient
-    if args.kv_server:
-        kv = kvclient.ServerClient(args.kv_server)
-    else:
-        kv = kvclient.ClusterClient(cfg.master.addr, secret=cfg.cluster.secret)
+    except process.ConfigError as e:
+        return process.fail("httpserver", e)
+    kv = process.kv_client(cfg, args.kv_server)
 
     from httpserver.frontend import Frontend
     fe = Frontend(cfg, node, kv, port=args.port)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop = process.stop_event()
     try:
         fe.start()
     except OSError as e:
@@ -64,16 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     beats = [LBHeartbeat(LBControlClient(lb.host, lb.port, cfg.cluster.secret), node.id, lambda: fe.port,
                          load, lb_beat_interval(cfg.lb.heartbeat_timeout_s)).start(),
              ProcessBeacon(kv, node.id, "web frontend", f"{node.host}:{fe.port}", load_fn=load).start()]
-    print(f"READY {fe.port}", flush=True)
+    process.announce_ready(fe.port)
     while not stop.wait(1.0):
         pass
     log.info("stopping")
     for b in beats:
         b.stop()
     fe.stop()
-    close = getattr(kv, "close", None)
-    if close:
-        close()
+    kv.close()
     return 0
 
 

@@ -15,50 +15,29 @@ Standalone: no master, primary of every tablet, data in DIR. Prints
 
 from __future__ import annotations
 
-import argparse
-import faulthandler
 import logging
-import os
-import re
-import signal
 import sys
-import threading
 
-from src import logsetup
-from src.config import ConfigError, StorageConfig, load_config
+from src import logsetup, process
+from src.config import StorageConfig
 
 from kvserver.checkpoint import CorruptCheckpoint
 from kvserver.server import KVServer, standalone_server
 
 log = logging.getLogger("kvserver")
 
-_SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|K|M|G)?\s*$", re.I)
-_UNIT = {"b": 1, "kib": 1 << 10, "k": 1 << 10, "mib": 1 << 20, "m": 1 << 20, "gib": 1 << 30, "g": 1 << 30}
-
-
-def size(text: str) -> int:
-    m = _SIZE.match(text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size such as 4MiB: {text!r}")
-    return int(m.group(1)) * _UNIT[(m.group(2) or "b").lower()]
-
-
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m kvserver", description="PennCloud tablet server")
-    p.add_argument("--config", help="cluster config file (cluster mode)")
-    p.add_argument("--id", help="this server's id in the config (cluster mode)")
-    p.add_argument("--data", help="data directory (default: $PENNCLOUD_DATA or the config's)")
+    p = process.argument_parser("python -m kvserver", "PennCloud tablet server", config_required=False)
     p.add_argument("--standalone", action="store_true", help="no master: primary of every tablet")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--tablets", type=int, default=24)
-    p.add_argument("--memory-budget", type=size)
-    p.add_argument("--checkpoint-log-bytes", type=size)
+    p.add_argument("--memory-budget", type=process.size_arg)
+    p.add_argument("--checkpoint-log-bytes", type=process.size_arg)
     p.add_argument("--checkpoint-interval", type=float)
-    p.add_argument("--max-cell-bytes", type=size)
+    p.add_argument("--max-cell-bytes", type=process.size_arg)
     p.add_argument("--no-group-commit", action="store_true")
     p.add_argument("--secret", default="", help="require AUTH <secret> for admin commands")
-    p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
 
@@ -75,7 +54,7 @@ def storage_config(args, base: StorageConfig = StorageConfig()) -> StorageConfig
 
 def build_server(args) -> KVServer:
     if args.standalone:
-        data = args.data or os.environ.get("PENNCLOUD_DATA")
+        data = process.data_dir(args)
         if not data:
             raise SystemExit("kvserver: --standalone needs --data DIR (or $PENNCLOUD_DATA)")
         if not 1 <= args.tablets <= 4096:
@@ -84,7 +63,7 @@ def build_server(args) -> KVServer:
                                  host=args.host, secret=args.secret)
     if not args.config or not args.id:
         raise SystemExit("kvserver: give --standalone --port P --data DIR, or --config FILE --id NAME")
-    cfg = load_config(args.config, args.data or os.environ.get("PENNCLOUD_DATA"))
+    cfg = process.load(args)
     from kvserver.cluster import cluster_server      # cluster mode: kvserver/cluster.py
     return cluster_server(cfg, args.id)
 
@@ -95,21 +74,16 @@ def main(argv=None) -> int:
     try:
         server = build_server(args)
         server.start()
-    except ConfigError as e:
-        print(f"kvserver: {e}", file=sys.stderr)
-        return 2
+    except process.ConfigError as e:
+        return process.fail("kvserver", e)
     except CorruptCheckpoint as e:
         log.error("cannot start: %s", e)
         return 1
     except OSError as e:
         log.error("cannot start: %s", e)
         return 1
-    stop = threading.Event()
-    faulthandler.register(signal.SIGUSR1)      # `kill -USR1 <pid>`: every thread's stack to stderr
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    sys.stdout.write(f"READY {server.port}\n")
-    sys.stdout.flush()
+    stop = process.stop_event()
+    process.announce_ready(server.port)
     stop.wait()
     log.info("stopping")
     server.stop()

@@ -130,6 +130,14 @@ _UNITS = {"b": 1, "kib": KiB, "mib": MiB, "gib": GiB, "tib": 1024 * GiB,
           "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4}
 
 
+def parse_size(text: str) -> int:
+    """Bytes in a size such as "64MiB", "1 GiB" or "4096"; ValueError otherwise."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise ValueError(f"not a size such as 64MiB: {text!r}")
+    return int(m.group(1)) * _UNITS[(m.group(2) or "b").lower()]
+
+
 class _Reader:
     """Reads typed values out of one TOML table, naming file and key in errors."""
 
@@ -178,10 +186,10 @@ class _Reader:
     def size(self, key: str, default: int, lo: int = 0) -> int:
         v = self.take(key, default)
         if isinstance(v, str):
-            m = _SIZE_RE.match(v)
-            if not m:
+            try:
+                v = parse_size(v)
+            except ValueError:
                 self.fail(key, f"must be a size such as 64MiB, not {v!r}")
-            v = int(m.group(1)) * _UNITS[(m.group(2) or "b").lower()]
         elif isinstance(v, bool) or not isinstance(v, int):
             self.fail(key, f"must be a size in bytes or a string such as '64MiB', not {v!r}")
         self._range(key, v, lo, None)
