@@ -25,6 +25,10 @@ from it. An item goes through these states (docs/mail.md draws them):
   the queue item *before* the bounce is delivered, and delivery with an
   explicit id is idempotent, so a crash in between never bounces twice.
   Mail with the null sender <> is never bounced (no bounce loops).
+- Between passes the worker also sweeps orphaned message bodies (a crash
+  between a body row and its index cell leaves one; src/mailsweep.py): a
+  round every `sweep_every_s`, done a few seconds per loop turn so queued
+  mail never waits long behind it.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from smtp.mx import DNSError, mail_hosts, make_resolver
 from src import mailfmt
 from src.kv import KVError
 from src.mailstore import MailStore, MailStoreError, QueueItem
+from src.mailsweep import SWEEP_BUDGET_S, SWEEP_EVERY_S, MailSweeper, SweepStats, lister_for
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +74,8 @@ class RelayWorker:
     def __init__(self, store: MailStore, *, domain: str, worker_id: str, resolver: str = "", relay_port: int = 25,
                  retry_initial_s: float = 60.0, retry_for_s: float = 4 * 24 * 3600.0, lease_s: float = LEASE_S,
                  poll_s: float = POLL_S, smtp_timeout_s: float = SMTP_TIMEOUT_S,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, sweeper: MailSweeper | None = None,
+                 sweep_every_s: float = SWEEP_EVERY_S, sweep_budget_s: float = SWEEP_BUDGET_S):
         self.store = store
         self.domain = domain
         self.worker_id = worker_id
@@ -82,17 +88,22 @@ class RelayWorker:
         self.poll_s = poll_s
         self.smtp_timeout_s = smtp_timeout_s
         self.clock = clock
+        self.sweeper = sweeper
+        self.sweep_every_s = sweep_every_s
+        self.sweep_budget_s = sweep_budget_s
+        self._next_sweep_at = 0.0  # the first round starts at once
 
     # -- the loop ------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
         while True:
-            try:
-                self.run_once()
-            except (KVError, MailStoreError, OSError) as e:
-                log.warning("relay pass failed (will try again): %s", e)
-            except Exception:
-                log.exception("relay pass failed with a bug (will try again)")
+            for job in (self.run_once, self.sweep_if_due):
+                try:
+                    job()
+                except (KVError, MailStoreError, OSError) as e:
+                    log.warning("relay %s failed (will try again): %s", job.__name__, e)
+                except Exception:
+                    log.exception("relay %s failed with a bug (will try again)", job.__name__)
             if stop.wait(self.poll_s):
                 return
 
@@ -108,6 +119,17 @@ class RelayWorker:
             self._process(mine)
             n += 1
         return n
+
+    def sweep_if_due(self) -> SweepStats | None:
+        """Go on with the orphan sweep for up to `sweep_budget_s`; the round's stats when one ends."""
+        if self.sweeper is None:
+            return None
+        if not self.sweeper.in_round and self.clock() < self._next_sweep_at:
+            return None
+        stats = self.sweeper.step(self.sweep_budget_s)
+        if stats is not None:
+            self._next_sweep_at = self.clock() + self.sweep_every_s
+        return stats
 
     def _claimable(self, item: QueueItem, now: float) -> bool:
         # A lease of another worker that has not run out is respected. One of our
@@ -243,8 +265,10 @@ class RelayWorker:
 
 
 def make_relay_worker(cfg, kv, poll_s: float = POLL_S, lease_s: float = LEASE_S) -> RelayWorker:
-    """The relay worker of `cfg` over `kv`."""
-    return RelayWorker(MailStore(kv, chunk_bytes=cfg.drive.chunk_bytes), domain=cfg.mail.domain,
-                       worker_id=cfg.mail.relay_id, resolver=cfg.mail.resolver, relay_port=cfg.mail.relay_port,
-                       retry_initial_s=cfg.mail.retry_initial_s, retry_for_s=cfg.mail.retry_for_s,
-                       poll_s=poll_s, lease_s=lease_s)
+    """The relay worker of `cfg` over `kv` (which also sweeps orphaned bodies when `kv` can list rows)."""
+    store = MailStore(kv, chunk_bytes=cfg.drive.chunk_bytes)
+    lister = lister_for(kv)
+    return RelayWorker(store, domain=cfg.mail.domain, worker_id=cfg.mail.relay_id, resolver=cfg.mail.resolver,
+                       relay_port=cfg.mail.relay_port, retry_initial_s=cfg.mail.retry_initial_s,
+                       retry_for_s=cfg.mail.retry_for_s, poll_s=poll_s, lease_s=lease_s,
+                       sweeper=MailSweeper(store, lister) if lister else None)
