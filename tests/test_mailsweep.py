@@ -454,3 +454,31 @@ def test_the_relay_process_sweeps_a_real_tablet_server(procs, tmp_path):
     wait_until(lambda: kv.cols(old_orphan) == [], timeout=20, what="the relay's sweep")
     assert kv.cols(fresh_orphan) == [b"00000000"]
     assert store.get_raw("alice", "Inbox", kept) == BIG
+
+
+@pytest.mark.slow
+def test_sweep_over_a_replicated_cluster_after_a_primary_dies(procs, tmp_path):
+    """ROWS goes to each tablet's primary (with the cluster secret); a dead one is found again via MAP."""
+    from src.kvclient import ClusterClient
+    from tests.clusterkit import Cluster
+
+    cl = Cluster(procs, tmp_path, servers=3, tablets=6, replication=3, secret="sweep-secret").start_all()
+    kv = ClusterClient(cl.master_addr, secret="sweep-secret", deadline=20)
+    store = MailStore(kv, chunk_bytes=64, inline_bytes=32)
+    kept = [store.deliver(u, "Inbox", BIG + u.encode(), msg_id=old_id(store, 2 * GRACE_S))
+            for u in ("alice", "bob", "carol", "dave")]
+    lost = orphan(kv, store, "alice", n=8, age_s=GRACE_S + 60)
+    fresh = orphan(kv, store, "bob", n=2)
+    assert len({tablet_of(r, cl.tablets) for r in lost}) > 1
+    victim_tablet = tablet_of(lost[0], cl.tablets)
+    before = kv.map(refresh=True)                      # the client's cached map names the victim
+    victim = before.primary(victim_tablet)
+    cl.kill(cl.by_addr[victim])
+    wait_until(lambda: kv.master.map().primary(victim_tablet) not in (None, victim), timeout=20,
+               what="a new primary")
+    assert kv.map() is before                          # still the stale map: the lister must refresh it
+    s = MailSweeper(store, lister_for(kv), page_rows=3).sweep()
+    assert s.tablets_skipped == 0 and s.reclaimed == len(lost) and s.young == len(fresh)
+    assert all(kv.cols(r) == [] for r in lost) and all(kv.cols(r) == [b"00000000"] for r in fresh)
+    for u, mid in zip(("alice", "bob", "carol", "dave"), kept):
+        assert store.get_raw(u, "Inbox", mid) == BIG + u.encode()
