@@ -80,7 +80,7 @@ SWEEP_EVERY_S = 600.0          # the relay starts a round this long after the la
 SWEEP_BUDGET_S = 5.0           # the relay gives a round at most this long per loop turn
 
 _ID_TIME_RE = re.compile(r"^[0-9a-f]{16}")
-_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")         # what MailStore accepts as an id (fullmatch)
 
 
 # -- listing rows ------------------------------------------------------------------
@@ -139,10 +139,9 @@ def lister_for(kv) -> RowLister | None:
     return None
 
 
-def rows_under(lister: RowLister, tablet: int, prefix: bytes, page_rows: int = PAGE_ROWS,
-               after: bytes | None = None) -> Iterator[list[bytes]]:
+def rows_under(lister: RowLister, tablet: int, prefix: bytes, page_rows: int = PAGE_ROWS) -> Iterator[list[bytes]]:
     """The rows of `tablet` that start with `prefix`, page by page (each page one request)."""
-    after = prefix if after is None else after
+    after = prefix
     while True:
         names = lister.page(tablet, after, page_rows)
         mine = [n for n in names if n.startswith(prefix)]
@@ -166,7 +165,7 @@ def parse_body_row(row: bytes) -> tuple[str, str] | None:
     """(user, id) of an `mmsg/<user>/<id>` row name; None for a name mailstore never writes."""
     try:
         user, sep, msg_id = row[len(BODY_PREFIX):].decode("ascii").partition("/")
-        if sep and normalize_username(user) == user and _ID_RE.match(msg_id):
+        if sep and normalize_username(user) == user and _ID_RE.fullmatch(msg_id):
             return user, msg_id
     except (UnicodeDecodeError, InvalidUsername, AttributeError):
         pass
@@ -179,7 +178,7 @@ def parse_queue_body_row(row: bytes) -> str | None:
         qid = row[len(QUEUE_BODY_PREFIX):].decode("ascii")
     except UnicodeDecodeError:
         return None
-    return qid if _ID_RE.match(qid) else None
+    return qid if _ID_RE.fullmatch(qid) else None
 
 
 # -- the sweeper ----------------------------------------------------------------------
@@ -187,7 +186,7 @@ def parse_queue_body_row(row: bytes) -> str | None:
 
 @dataclass
 class SweepStats:
-    """What one round saw and did."""
+    """What one round saw and did (a page tried again after a store error is counted again)."""
 
     bodies: int = 0           # body rows listed
     young: int = 0            # left alone: within the grace period
@@ -376,7 +375,7 @@ def _parse_index_row(row: bytes) -> tuple[str, str] | tuple[None, None]:
     """(user, folder) of an `mbox/<user>/<folder>` row name, or (None, None)."""
     try:
         user, sep, folder = row[len(INDEX_PREFIX):].decode("ascii").partition("/")
-        if sep and normalize_username(user) == user and FOLDER_RE.match(folder):
+        if sep and normalize_username(user) == user and FOLDER_RE.fullmatch(folder):
             return user, folder
     except (UnicodeDecodeError, InvalidUsername, AttributeError):
         pass

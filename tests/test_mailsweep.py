@@ -106,10 +106,11 @@ def test_names_and_ages():
     assert id_time("not-an-id") is None and id_time("0123") is None
     assert parse_body_row(b"mmsg/alice/0123456789abcdef00ff00ff") == ("alice", "0123456789abcdef00ff00ff")
     for bad in (b"mmsg/Alice/0123456789abcdef", b"mmsg/alice", b"mmsg/al/ice/x", b"mmsg/alice/",
-                b"mmsg/\xff/0123456789abcdef", b"mmsg/alice/a b"):
+                b"mmsg/\xff/0123456789abcdef", b"mmsg/alice/a b", b"mmsg/alice/0123456789abcdef\n"):
         assert parse_body_row(bad) is None, bad
     assert parse_queue_body_row(b"mqmsg/0123456789abcdef") == "0123456789abcdef"
     assert parse_queue_body_row(b"mqmsg/x/y") is None and parse_queue_body_row(b"mqmsg/\xff") is None
+    assert parse_queue_body_row(b"mqmsg/0123456789abcdef\n") is None
 
 
 # -- crashes leave orphans; the sweep takes exactly those -----------------------------------
@@ -202,7 +203,7 @@ def test_a_pending_bounce_under_an_old_id_is_never_swept():
 def test_names_it_did_not_write_are_left_alone():
     kv, clock, store, sweeper = make()
     strangers = [b"mmsg/Alice/00000000000000000000", b"mmsg/alice/not-a-time-id", b"mmsg/al/ice/x",
-                 b"mqmsg/x/y", b"mmsg/\xff\xfe"]
+                 b"mqmsg/x/y", b"mmsg/\xff\xfe", b"mmsg/alice/0123456789abcdef\n"]
     for row in strangers:
         kv.put(row, b"00000000", b"x")
     kv.put(b"mmsf/alice/0000000000000000", b"00000000", b"not a body row")
