@@ -127,7 +127,7 @@ def _chunk_col(i: int) -> bytes:
 
 
 def check_folder(folder: str) -> str:
-    if not isinstance(folder, str) or not FOLDER_RE.match(folder):
+    if not isinstance(folder, str) or not FOLDER_RE.fullmatch(folder):
         raise BadFolder(f"not a folder name: {folder!r}")
     return folder
 

@@ -196,3 +196,11 @@ def test_small_messages_live_in_their_index_cell():
 def test_summarize(raw, want):
     s = summarize(raw)
     assert (s.subject, s.sender) == want
+
+
+@pytest.mark.parametrize("folder", ["Inbox\n", "", "../x", "a/b", "Inbox\x00", "x" * 65])
+def test_bad_folder_names_are_refused(folder):
+    from src.mailstore import BadFolder
+    store = MailStore(MemoryKV())
+    with pytest.raises(BadFolder):
+        store.deliver("alice", folder, b"Subject: x\r\n\r\nbody\r\n")
