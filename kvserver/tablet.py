@@ -531,19 +531,24 @@ class Tablet:
                 f.flush()
                 os.fsync(f.fileno())
             final = os.path.join(self.path, CHECKPOINT)
-            if wrote:
-                ckpt = CheckpointReader(tmp, self.cache)     # validates before it replaces anything
+            ckpt = CheckpointReader(tmp, self.cache) if wrote else None   # validates before it replaces anything
+            # The old log goes BEFORE the checkpoint is replaced: a crash in
+            # between then leaves the old checkpoint alone (a true prefix of
+            # this replica's old log), never the new checkpoint under old
+            # records above its seq (another history, with a (seq, epoch)
+            # claim that could match the primary's and be ACKed as its prefix).
+            if self.log is not None:
+                self.log.close(abandon=True)
+            for _, name in self._segments():
+                os.unlink(os.path.join(self.path, name))
+            fsync_dir(self.path)
+            if ckpt is not None:
                 os.replace(tmp, final)
                 ckpt.path = final
             else:
                 os.unlink(tmp)
                 if os.path.exists(final):
                     os.unlink(final)
-                ckpt = None
-            if self.log is not None:
-                self.log.close(abandon=True)
-            for _, name in self._segments():
-                os.unlink(os.path.join(self.path, name))
             fsync_dir(self.path)
             self.checkpoint_seq = ckpt.last_seq if ckpt else 0
             self.epoch = ckpt.last_epoch if ckpt else 0

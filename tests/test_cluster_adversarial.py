@@ -184,3 +184,110 @@ def test_two_clients_same_cput_one_after_an_unknown_outcome(procs, tmp_path):
         dying.close()
         a.close()
         b.close()
+
+
+# -- a replica crashing in the middle of installing a snapshot ------------------------
+
+
+class Crash(Exception):
+    """Stands for a SIGKILL at this exact step (every earlier syscall took effect)."""
+
+
+def _tablet_state(t):
+    return {row: {c: t.get(row, c) for c in t.cols(row)} for row in t.rows(None, 10 ** 6)}
+
+
+def _model(history):
+    from kvserver.wal import SET
+    state = {}
+    for _, e in history:
+        if e.kind == SET:
+            state.setdefault(e.row, {})[e.col] = e.value
+        else:
+            state.get(e.row, {}).pop(e.col, None)
+            if not state.get(e.row, True):
+                del state[e.row]
+    return state
+
+
+def test_replica_killed_while_installing_a_snapshot_recovers_a_true_prefix(tmp_path, monkeypatch):
+    """A replica with a divergent tail (records 6..9 of an old epoch) installs
+    its new primary's snapshot (checkpoint at 7 of epoch 2, then 8..9) and is
+    killed at each file-system step of the install. On restart, its log's
+    claim (last seq, epoch), which is what the master elects on and what the
+    primary's probe compares, must describe what it holds: the state of one
+    real history's prefix up to that seq. Otherwise the probe sees a matching
+    (seq, epoch), ACKs, and the replica silently keeps values no primary wrote."""
+    import os
+    import shutil
+
+    from kvserver.checkpoint import BlockCache
+    from kvserver.tablet import Tablet
+    from kvserver.wal import SET, Effect
+
+    def open_t(path):
+        return Tablet(0, str(path), BlockCache(1 << 20)).open()
+
+    common = [(1, Effect(SET, b"k%d" % i, b"c", b"v%d" % i)) for i in range(5)]
+    r_tail = [(1, Effect(SET, b"k%d" % (i % 4), b"c", b"R%d" % i)) for i in range(6, 10)]
+    p_tail = [(2, Effect(SET, b"k%d" % (i % 4), b"c", b"P%d" % i)) for i in range(6, 10)]
+
+    def build(path, history, ckpt_after):
+        t = open_t(path)
+        for i, (epoch, e) in enumerate(history, 1):
+            t.epoch = epoch
+            t.write(e)
+            if i == ckpt_after:
+                t.checkpoint()
+        return t
+
+    prim = build(tmp_path / "primary", common + p_tail, ckpt_after=7)
+    snap = prim.snapshot()
+    assert snap.last_seq == 7 and [r.seq for r in snap.records] == [8, 9]
+    chunks = list(snap.checkpoint_chunks())
+    build(tmp_path / "template", common + r_tail, ckpt_after=5).close()
+    histories = {1: common + r_tail, 2: common + p_tail}
+
+    real_replace, real_unlink = os.replace, os.unlink
+    for crash_at in range(20):
+        rdir = tmp_path / f"replica{crash_at}"
+        shutil.copytree(tmp_path / "template", rdir)
+        rep = open_t(rdir)
+        calls = [0]
+
+        def step(fn):
+            def wrapped(*a, **kw):
+                if calls[0] == crash_at:
+                    raise Crash()
+                calls[0] += 1
+                return fn(*a, **kw)
+            return wrapped
+
+        monkeypatch.setattr(os, "replace", step(real_replace))
+        monkeypatch.setattr(os, "unlink", step(real_unlink))
+        try:
+            rep.install_snapshot(chunks, snap.records)
+            crashed = False
+        except Crash:
+            crashed = True
+        finally:
+            monkeypatch.setattr(os, "replace", real_replace)
+            monkeypatch.setattr(os, "unlink", real_unlink)
+        rep.close(abandon=True)
+        back = open_t(rdir)
+        s, e = back.last_seq, back.epoch
+        if s <= 5:
+            expected = _model(common[:s])
+        else:
+            h = histories.get(e)
+            assert h is not None and h[s - 1][0] == e, f"crash at step {crash_at}: claims ({s}, {e})"
+            expected = _model(h[:s])
+        assert _tablet_state(back) == expected, (
+            f"crash at step {crash_at}: the replica claims (seq {s}, epoch {e}) but holds another state")
+        back.close()
+        if not crashed:
+            assert (s, e) == (9, 2)
+            break
+    else:
+        raise AssertionError("install_snapshot never finished")
+    prim.close()
