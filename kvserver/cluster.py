@@ -564,6 +564,10 @@ class ClusterNode:
 
     def check(self, tid: int) -> None:
         """May this server serve tablet `tid` now? Raises Moved or Retry if not."""
+        if self.stopped.is_set():
+            # Stopping (KILL, SIGTERM): BYE may already have made the master
+            # fail over, while the lease from the last heartbeat still runs.
+            raise Retry("stopping")
         g = self.glue.get(tid)
         if g is None:
             v = self.views.get(tid)

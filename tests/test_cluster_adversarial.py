@@ -291,3 +291,53 @@ def test_replica_killed_while_installing_a_snapshot_recovers_a_true_prefix(tmp_p
     else:
         raise AssertionError("install_snapshot never finished")
     prim.close()
+
+
+# -- a primary that stops cleanly (SIGTERM) --------------------------------------------
+
+
+def test_primary_stopping_cleanly_serves_no_stale_read_after_its_bye(procs, tmp_path):
+    """KVServer.stop (SIGTERM) first stops the cluster node, which says BYE:
+    the master fails its tablets over at once, and a new primary takes
+    writes. Until the port closes, the old primary must not answer a read
+    from its memory, even though its lease (from the last answered
+    heartbeat) has not run out. kv1 runs in this process so the test can
+    hold that moment open; the master and the other servers are processes."""
+    from kvserver.cluster import cluster_server
+    from tests.clusterkit import Client
+
+    cl = Cluster(procs, tmp_path, servers=3, tablets=3, timeout=3.0)
+    cl.start("master")
+    for name in cl.names[1:]:
+        cl.start(name)
+    kv1 = cluster_server(cl.cfg, "kv1").start()
+    c = Client(cl.master_addr, deadline=15)
+    old = ServerClient(cl.addr["kv1"], timeout=5)
+    try:
+        cl.wait_serving()
+        t = [t for t in range(cl.tablets) if cl.primary(t) == "kv1"][0]
+        row = row_in(t, cl.tablets, "stale")
+        c.put(row, b"c", b"old")
+        assert old.get(row, b"c") == b"old"
+        kv1.role.on_kill()                 # what KVServer.stop does before it closes its port
+        wait_until(lambda: cl.primary(t) not in (None, "kv1"), 10, what="failover after BYE")
+        new = cl.addr[cl.primary(t)]
+        # the new primary learns its view at its next heartbeat (until then it says MOVED kv1)
+        def write_new():
+            s = ServerClient(new, timeout=5)
+            try:
+                s.put(row, b"c", b"new")
+                return True
+            finally:
+                s.close()
+        wait_until(write_new, 10, what="the new primary taking a write")
+        try:
+            got = old.get(row, b"c")
+        except (kv.Retry, kv.Moved):
+            got = None
+        assert got != b"old", "a stopping primary answered a read the new primary had already overwritten"
+    finally:
+        old.close()
+        c.close()
+        kv1.stop()
+
