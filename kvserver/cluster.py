@@ -161,6 +161,19 @@ def parse_reply(text: str) -> rp.Reply:
     raise ValueError(f"bad replication reply {text!r}")
 
 
+def _refused_epoch(reply, asked: int) -> int:
+    """The view's epoch named by a refused VIEWCHANGE (`... (current epoch E)`);
+    `asked` when the refusal names none (it changed nothing)."""
+    text = getattr(reply, "text", "") or ""
+    marker = "current epoch "
+    i = text.rfind(marker)
+    if i >= 0:
+        digits = text[i + len(marker):].rstrip(")").strip()
+        if digits.isdigit():
+            return int(digits)
+    return asked
+
+
 def parse_view(line: str) -> View:
     t, e, p, m, r = line.split()
     return View(int(t), int(e), None if p == "-" else p, () if m == "-" else tuple(m.split(",")),
@@ -988,7 +1001,12 @@ class ClusterNode:
                 self._set_view(parse_view(r.lines[0].decode()))
             else:
                 with g.lock:
-                    self._act(g, g.sm.remove_refused(a.peer) if op == "REMOVE" else g.sm.admit_refused(a.peer))
+                    if op == "REMOVE":
+                        self._act(g, g.sm.remove_refused(a.peer))
+                    else:
+                        # no answer: outcome unknown (None); a refusal names the view's epoch
+                        current = None if r is None else _refused_epoch(r, a.epoch)
+                        self._act(g, g.sm.admit_refused(a.peer, a.epoch, current))
                 stop.wait(0.05)
 
     def _tick_loop(self) -> None:

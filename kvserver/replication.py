@@ -356,9 +356,13 @@ class TabletReplica:
 
     def _maybe_remove(self, peer: str) -> list[Action]:
         p = self.peers[peer]
+        if peer in self.admitting and peer not in self.members:
+            # Its ADMIT is on its way: the master may add it to the view
+            # any moment (it heard from it lately). It keeps counting for
+            # commits until the answer, or a newer view, settles it.
+            return []
         if peer in self.quorum() and not p.asked_remove:
             p.asked_remove = True
-            self.admitting.discard(peer)
             return [AskRemove(peer, self.epoch)]
         return []
 
@@ -369,10 +373,22 @@ class TabletReplica:
             p.asked_remove = False
         return [RefreshView()]
 
-    def admit_refused(self, peer: str) -> list[Action]:
-        """The master refused to admit `peer`: stop counting it for commits."""
-        self.admitting.discard(peer)
-        return self._advance() if self.role == PRIMARY else []
+    def admit_refused(self, peer: str, epoch: int, current_epoch: int | None) -> list[Action]:
+        """The master refused `AskAdmit(peer, epoch)`, saying the tablet's view
+        is now `current_epoch`; or it did not answer (`current_epoch` None:
+        the outcome is unknown). Only a refusal in an unchanged view proves
+        `peer` was not added: then it stops counting for commits. Otherwise
+        the view may already hold it as a member: it keeps counting until a
+        newer view resets the admissions, and the question is asked again
+        (an ADMIT already applied is then refused with a newer epoch)."""
+        if peer not in self.admitting or epoch != self.epoch or self.role != PRIMARY:
+            return []
+        if current_epoch is not None and current_epoch <= self.epoch:
+            self.admitting.discard(peer)
+            return self._advance()
+        if current_epoch is None:
+            return [RefreshView(), AskAdmit(peer, self.epoch)]
+        return [RefreshView()]
 
     def on_reply(self, peer: str, reply: Reply) -> list[Action]:
         """A replica's answer to an Append or Snapshot."""

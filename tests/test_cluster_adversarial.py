@@ -341,3 +341,79 @@ def test_primary_stopping_cleanly_serves_no_stale_read_after_its_bye(procs, tmp_
         c.close()
         kv1.stop()
 
+
+# -- admission racing a failure (the pure state machine and the master's rules) ----------
+
+
+def _on_every_member(net):
+    """Every acknowledged write is in the log of every member of the master's view."""
+    missing = []
+    for m in net.view.members:
+        seqs = {r.seq for r in net.nodes[m].log}
+        missing += [(m, s) for s in net.acked if s not in seqs]
+    return missing
+
+
+def _admission_asked():
+    from kvserver.replication import AskAdmit
+    from master import placement
+    from tests.test_replication_sm import started
+
+    net = started()
+    net.master_apply(placement.remove_member(net.view, 1, "c", "a"))
+    net.tell_all()
+    for i in range(3):
+        net.propose("a", f"w{i}")
+    net.wire = [m for m in net.wire if m[1] != "c"]        # c is down while these commit
+    net.settle()
+    a = net.nodes["a"].sm
+    net.run("a", a.peer_up("c"))                           # c is back and caught up
+    net.settle()
+    assert [r for _, r in net.requests if isinstance(r, AskAdmit)] == [AskAdmit("c", 2)]
+    return net, a
+
+
+@pytest.mark.parametrize("answer", ["applied", "refused", "applied-answer-lost"])
+def test_replica_dying_while_its_admission_is_asked_keeps_counting(answer):
+    """c is caught up, a asks the master to ADMIT it, and c dies before the
+    answer (its stream breaks). The master may still add it (it heard from c
+    a moment ago). Until the answer, a must keep counting c for commits:
+    otherwise a write acknowledged with b alone is missing on a member of
+    the master's view, and if a and b die, c is elected without it."""
+    from master import placement
+
+    net, a = _admission_asked()
+    net.run("a", a.peer_down("c"))
+    net.propose("a", "w3")
+    net.wire = [m for m in net.wire if m[1] != "c"]
+    net.settle()
+    if answer == "refused":
+        nv = placement.admit_member(net.view, 2, "c", "a", {"a", "b"})   # c already known dead
+        assert nv is None
+        net.run("a", a.admit_refused("c", 2, net.view.epoch))
+        net.settle()
+        assert a.commit == 4 and _on_every_member(net) == []
+        return
+    nv = placement.admit_member(net.view, 2, "c", "a", {"a", "b", "c"})
+    net.master_apply(nv)
+    assert _on_every_member(net) == [], "a write was acknowledged without a member of the new view"
+    if answer == "applied-answer-lost":
+        net.run("a", a.admit_refused("c", 2, None))          # a never heard the answer
+        net.settle()
+        assert _on_every_member(net) == []
+    # a learns the view, asks to remove the dead c, and commits w3 without it
+    net.run("a", a.set_view(net.sv()))
+    net.settle()
+    net.master_apply(placement.remove_member(net.view, net.view.epoch, "c", "a"))
+    net.run("a", a.set_view(net.sv()))
+    net.settle()
+    assert a.commit == 4 and _on_every_member(net) == []
+
+
+def test_a_refused_view_change_names_the_views_epoch():
+    from kvserver.cluster import _refused_epoch
+    from src.kvproto import Error
+
+    assert _refused_epoch(Error("RETRY", "view change refused (current epoch 17)"), 3) == 17
+    assert _refused_epoch(Error("RETRY", "no such tablet"), 3) == 3
+    assert _refused_epoch(Error("DENIED", "AUTH first"), 5) == 5
