@@ -976,9 +976,12 @@ class ClusterNode:
         if not isinstance(r, Listing):
             log.warning("master refused the heartbeat: %s", r)
             return
-        self.lease_until = sent + LEASE_FRACTION * self.cc.failure_timeout_s
         for line in r.lines:
             self._set_view(parse_view(line.decode()))
+        # Renewed only once the views are in: an answer that deposes this
+        # server (declared dead while it was slow) must not first give its
+        # old primaryship a fresh lease, however briefly.
+        self.lease_until = sent + LEASE_FRACTION * self.cc.failure_timeout_s
 
     def _control_loop(self) -> None:
         stop = self.stopped
