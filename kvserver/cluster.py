@@ -226,6 +226,7 @@ class TabletGlue:
         self.cond = threading.Condition(self.lock)
         self.aborted: set[int] = set()
         self.inflight: dict = {}          # seq -> Pending: proposed here, not yet applied
+        self.installing = False           # a snapshot is being installed (outside the lock)
 
 # -- the stream to one peer ------------------------------------------------------------------
 
@@ -796,6 +797,11 @@ class ClusterNode:
         t = g.tablet
         msg = Append(t.id, int(epoch), int(prev_seq), int(prev_epoch), decode_records(meta, list(values)))
         with g.lock:
+            if g.installing:
+                # The state machine already describes the snapshot, the tablet
+                # not yet: records now would be numbered by the old tablet and
+                # then wiped by the install. The stream is refused and re-probed.
+                raise Retry(f"tablet {t.id}: installing a snapshot")
             recs, reply = g.sm.on_append(msg)
             self._act(g, g.sm.take_aborted())
             pend = []
@@ -920,17 +926,24 @@ class ClusterNode:
             chunks = [data]
         msg = Snapshot(t.id, int(epoch), int(seq), int(seq_epoch))
         with g.lock:
+            if g.installing:
+                raise Retry(f"tablet {t.id}: installing a snapshot")
             install, reply = g.sm.on_snapshot(msg)
             self._act(g, g.sm.take_aborted())
+            g.installing = install
         if install:
             # Outside the tablet lock (disk I/O; heartbeats must not wait on
-            # it): this stream is the only writer of a replica's tablet.
+            # it). Meanwhile `installing` refuses every other stream's records
+            # for this tablet (a newer primary's may arrive during a failover).
             try:
                 t.install_snapshot(chunks, [LogRecord(r.seq, r.epoch, r.effect) for r in recs])
             except Exception:
                 with g.lock:       # the state machine must describe the log as it is
                     g.sm.last_seq, g.sm.last_epoch = t.last_seq, t.epoch
                 raise
+            finally:
+                with g.lock:
+                    g.installing = False
             if t.last_seq != msg.seq:
                 log.error("tablet %d: snapshot ended at seq %d, expected %d", t.id, t.last_seq, msg.seq)
             log.info("tablet %d: installed a snapshot up to seq %d", t.id, t.last_seq)

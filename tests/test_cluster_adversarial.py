@@ -417,3 +417,80 @@ def test_a_refused_view_change_names_the_views_epoch():
     assert _refused_epoch(Error("RETRY", "view change refused (current epoch 17)"), 3) == 17
     assert _refused_epoch(Error("RETRY", "no such tablet"), 3) == 3
     assert _refused_epoch(Error("DENIED", "AUTH first"), 5) == 5
+
+
+# -- a new primary's records arriving while an old primary's snapshot installs ---------
+
+
+def test_records_from_a_newer_primary_during_a_snapshot_install_are_not_misnumbered(tmp_path, monkeypatch):
+    """A replica installs a snapshot (seq 4) from the primary of epoch 2 while
+    the primary of epoch 3 (same log up to 4) streams record 5 on its own
+    connection. The state machine already says "my log ends at 4", the tablet
+    does not yet (the install runs outside the tablet lock): the record must
+    either wait (RETRY, the stream is re-probed) or land as seq 5. It must
+    never be numbered by the tablet's old count, ACKed, then wiped by the
+    install: an ACKed record missing on a replica."""
+    from kvserver import tablet as tablet_mod
+    from kvserver.checkpoint import BlockCache
+    from kvserver.cluster import cluster_server, encode_records
+    from kvserver.replication import Record
+    from kvserver.wal import SET, Effect
+    from src.config import load_config
+    from tests.clusterkit import write_config
+
+    prim = tablet_mod.Tablet(0, str(tmp_path / "primary"), BlockCache(1 << 20)).open()
+    prim.epoch = 1
+    for i in range(3):
+        prim.write(Effect(SET, b"k%d" % i, b"c", b"v%d" % i))
+    prim.checkpoint()
+    prim.write(Effect(SET, b"k3", b"c", b"v3"))
+    snap = prim.snapshot()
+    chunk = b"".join(snap.checkpoint_chunks())
+    meta, values = encode_records(snap.records)
+    assert (snap.last_seq, [r.seq for r in snap.records]) == (3, [4])
+
+    cfg = load_config(write_config(tmp_path, servers=1, tablets=2, replication=1, timeout=5.0))
+    server = cluster_server(cfg, "kv1").start()
+    node = server.role
+    started, release = threading.Event(), threading.Event()
+    real_install = tablet_mod.Tablet.install_snapshot
+
+    def slow_install(self, chunks, records):
+        started.set()
+        release.wait(10)
+        return real_install(self, chunks, records)
+
+    monkeypatch.setattr(tablet_mod.Tablet, "install_snapshot", slow_install)
+    result = {}
+
+    def install():
+        try:
+            node.cmd_SNAPCHUNK(None, "0", "2", "0", chunk)
+            result["snapshot"] = node.cmd_SNAPSHOT(None, "0", "2", "4", "1", str(len(chunk)), meta, *values)
+        except Exception as e:
+            result["snapshot"] = e
+
+    th = threading.Thread(target=install)
+    try:
+        th.start()
+        assert started.wait(10)
+        m5, v5 = encode_records([Record(5, 3, Effect(SET, b"k4", b"c", b"from epoch 3"))])
+        try:
+            answer = node.cmd_REPL(None, "0", "3", "4", "1", m5, *v5)
+        except kv.Retry:
+            answer = None
+        release.set()
+        th.join(10)
+        assert result["snapshot"] == b"+OK ACK 0 2 4\r\n", result
+        t = node.glue[0].tablet
+        if answer is not None:
+            assert answer.startswith(b"+OK ACK 0 3 5"), answer
+            assert (t.last_seq, t.get(b"k4", b"c")) == (5, b"from epoch 3"), "an ACKed record is missing"
+        else:
+            assert t.last_seq == 4
+        assert node.glue[0].sm.last_seq == t.last_seq
+    finally:
+        release.set()
+        th.join(10)
+        server.stop()
+        prim.close()
