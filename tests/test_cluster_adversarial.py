@@ -494,3 +494,26 @@ def test_records_from_a_newer_primary_during_a_snapshot_install_are_not_misnumbe
         th.join(10)
         server.stop()
         prim.close()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "src/kvclient.py ClusterClient.putnx: after an unknown outcome a resend answered EXISTS is "
+    "reported as success when the cell holds our value, but another client's PUTNX of the same "
+    "value made it: both clients are told they created the cell."))
+def test_two_clients_same_putnx_one_after_an_unknown_outcome(procs, tmp_path):
+    cl = Cluster(procs, tmp_path, servers=3, tablets=4).start_all()
+    row = row_in(2, cl.tablets, "claim")
+    t = tablet_of(row, cl.tablets)
+    a = ClusterClient(cl.master_addr, deadline=10, timeout=3)
+    b = ClusterClient(cl.master_addr, deadline=10, timeout=3)
+    dying = DyingPrimary()
+    try:
+        a.putnx(row, "owner", b"same")        # A creates the cell, acknowledged
+        b.map()
+        b._moved(t, dying.addr)               # B's first attempt dies with its primary
+        with pytest.raises(kv.Exists):        # B started after A's create was acknowledged
+            b.putnx(row, "owner", b"same")
+    finally:
+        dying.close()
+        a.close()
+        b.close()
