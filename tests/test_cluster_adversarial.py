@@ -98,6 +98,28 @@ def test_snapshot_catch_up_during_checkpoints_kill_wake_and_kill_everything(proc
     assert finish_and_check(wl) > 0
 
 
+
+@pytest.mark.slow
+def test_primary_killed_while_it_catches_a_replica_up_by_snapshot(procs, tmp_path):
+    cl = Cluster(procs, tmp_path, servers=4, tablets=6, checkpoint_log_bytes="4KiB").start_all()
+    wl = Workload(cl, writers=4, seed=33, deadline=15).start()
+    more_writes(wl, 30, what="writes before the faults")
+    t = tablet_of(wl.shared[1], cl.tablets)
+    primary = cl.primary(t)
+    lagger = [m for m in cl.members(t) if m != primary][0]
+    cl.kill(lagger)
+    wait_until(lambda: lagger not in cl.members(t), 10, what="the lagger leaving the view")
+    more_writes(wl, 150, what="writes while the lagger is down")
+    cl.start(lagger)
+    wait_until(lambda: cl.nodes()[lagger]["state"] in ("alive", "recovering"), 10, what="lagger heard from")
+    cl.kill(primary)                  # while it sends the lagger its snapshot (or just after)
+    wait_until(lambda: cl.primary(t) not in (None, primary), 15, what="failover")
+    more_writes(wl, 30, what="writes after the failover")
+    cl.start(primary)
+    cl.wait_members(t, set(cl.replicas(t)), timeout=30)
+    more_writes(wl, 20, what="writes at the end")
+    assert finish_and_check(wl) > 0
+
 @pytest.mark.slow
 def test_master_and_primary_killed_together_primary_back_first(procs, tmp_path):
     cl = Cluster(procs, tmp_path, servers=4, tablets=6).start_all()
