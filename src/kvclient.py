@@ -37,15 +37,25 @@ have been applied. What the cluster client does, command by command:
           the row is gone when we return.)
   PUTNX   resent; if the resend answers EXISTS, the cell is read: if it holds
           exactly our value, the first attempt created it and success is
-          reported, otherwise Exists is raised. Callers that must tell their
-          own create from another client's with the same bytes should put
-          something unique (a random token) in the value.
-  CPUT    never blindly resent (it could apply twice after a concurrent
-          write). The cell is re-read: if it holds `new`, success is
-          reported (our CPUT applied); if it still holds `old`, the CPUT is
-          sent again (it did not apply); anything else is Mismatch, and an
-          absent cell is NotFound.
+          reported, otherwise Exists is raised.
+  CPUT    never blindly resent. The cell is re-read: if it holds `new`,
+          success is reported (taken as our CPUT having applied); if it
+          still holds `old`, the CPUT is sent again (taken as not applied);
+          anything else is Mismatch, and an absent cell is NotFound.
   reads   (GET, COLS) resent.
+
+  The PUTNX and CPUT settle rules are EXACT ONLY WHEN THE VALUE IS UNIQUE TO THE
+  CALL and the cell never returns to an earlier value. Otherwise they can
+  be wrong: another client's identical CPUT old->new (or PUTNX of the same
+  bytes) makes both clients report success, so a shared counter bumped by
+  CPUT n -> n+1 can lose an increment; and a cell that went old -> new ->
+  old makes the resend apply a second time. Every caller in this project
+  puts a random token or a timestamp in the values it CPUTs or PUTNXes, or
+  makes a change that is harmless to apply twice (the tests
+  test_two_clients_same_* in tests/test_cluster_adversarial.py pin the
+  problem down). The real fix, not built yet, is a request id that the
+  primary remembers per tablet, so a resent write is recognised and
+  answered with its first outcome.
 
 `Unavailable` is raised only after the deadline; if a write's outcome was
 still unknown at that point, the exception is `OutcomeUnknown` so the caller
