@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from typing import Callable
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,12 @@ class TCPServer:
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop accepting, close every connection, and join the threads."""
+        """Stop accepting, close every connection, and join the threads.
+
+        `timeout` bounds the whole join, not each thread: a handler stuck in
+        something a socket shutdown does not interrupt cannot make a process
+        outlive its stop grace (it is a daemon thread and dies with it)."""
+        deadline = time.monotonic() + timeout
         self._stopping.set()
         if self._listener is not None:
             try:
@@ -71,12 +77,12 @@ class TCPServer:
             self._listener.close()
         self.close_connections()
         if self._accept_thread is not None:
-            self._accept_thread.join(timeout)
+            self._accept_thread.join(max(0.0, deadline - time.monotonic()))
         with self._lock:
             threads = list(self._threads)
         for t in threads:
             if t is not threading.current_thread():
-                t.join(timeout)
+                t.join(max(0.0, deadline - time.monotonic()))
 
     def close_connections(self, keep: socket.socket | None = None) -> None:
         """Shut down every open connection (except `keep`), as a crash would."""

@@ -1,0 +1,65 @@
+"""The shared TCP server base: port 0, one thread per connection, a bad
+handler does not take the server down, and stop() is bounded in time."""
+
+import socket
+import threading
+import time
+
+from src.server import TCPServer
+from tests.harness import wait_until
+
+
+def echo(sock, peer):
+    while data := sock.recv(1024):
+        sock.sendall(data)
+
+
+def test_port_zero_echo_and_clean_stop():
+    srv = TCPServer("127.0.0.1", 0, echo, name="echo").start()
+    assert srv.port > 0
+    conns = [socket.create_connection(("127.0.0.1", srv.port), timeout=5) for _ in range(5)]
+    for i, c in enumerate(conns):
+        c.sendall(b"hi %d" % i)
+        assert c.recv(100) == b"hi %d" % i
+    t = time.monotonic()
+    srv.stop()
+    assert time.monotonic() - t < 2.0
+    for c in conns:  # every open connection was closed by stop()
+        assert c.recv(100) == b""
+        c.close()
+
+
+def test_a_failing_handler_does_not_kill_the_server():
+    calls = []
+
+    def handler(sock, peer):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a bug in one connection")
+        sock.sendall(b"ok")
+
+    srv = TCPServer("127.0.0.1", 0, handler).start()
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as c:
+            assert c.recv(10) == b""
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as c:
+            assert c.recv(10) == b"ok"
+    finally:
+        srv.stop()
+
+
+def test_stop_is_bounded_even_with_stuck_handlers():
+    never = threading.Event()
+
+    def stuck(sock, peer):
+        never.wait(30)  # not interrupted by a socket shutdown
+
+    srv = TCPServer("127.0.0.1", 0, stuck).start()
+    conns = [socket.create_connection(("127.0.0.1", srv.port), timeout=5) for _ in range(4)]
+    wait_until(lambda: srv.connection_count == 4, 5, what="4 connections accepted")
+    t = time.monotonic()
+    srv.stop(timeout=1.0)
+    assert time.monotonic() - t < 2.0   # one bound for all, not 1 s per thread
+    never.set()
+    for c in conns:
+        c.close()
