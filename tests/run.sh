@@ -15,8 +15,9 @@ command -v curl     >/dev/null 2>&1 || need_apt+=(curl)
 if [ ${#need_apt[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "tests/run.sh: installing ${need_apt[*]} with apt-get" >&2
-        apt-get update -qq >/dev/null
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+        { apt-get update -qq >/dev/null &&
+          DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null; } \
+        || echo "tests/run.sh: apt-get could not install ${need_apt[*]}; tests that need them will be skipped" >&2
     else
         echo "tests/run.sh: missing ${need_apt[*]}; tests that need them will be skipped" >&2
     fi
