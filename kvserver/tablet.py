@@ -4,6 +4,8 @@ Files, in the tablet's directory (`<data>/tablet-007/`):
 
     checkpoint              the newest checkpoint (checkpoint.py), covers seq <= S
     checkpoint.tmp          a checkpoint being written (removed on recovery)
+    install.tmp/            a snapshot being installed (removed on recovery)
+    install/                a committed snapshot install (finished on recovery)
     log-<first seq>.wal     log segments (wal.py); the newest is appended to
 
 Layers, newest first: the *active* memtable (takes new writes), at most one
@@ -51,6 +53,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -66,6 +69,8 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint"
 CHECKPOINT_TMP = "checkpoint.tmp"
+INSTALL_TMP = "install.tmp"     # a snapshot being installed, not yet committed
+INSTALL = "install"             # a committed snapshot not yet moved into place
 ROW_OVERHEAD = 200      # rough Python cost of a memtable row (dict entry, MemRow, dict)
 CELL_OVERHEAD = 120     # rough Python cost of one cell (dict slot, two bytes objects)
 
@@ -202,6 +207,12 @@ class Tablet:
         if os.path.exists(tmp):
             log.info("tablet %d: removing unfinished %s", self.id, CHECKPOINT_TMP)
             os.unlink(tmp)
+        if os.path.exists(os.path.join(self.path, INSTALL_TMP)):
+            log.info("tablet %d: removing an uncommitted snapshot (%s)", self.id, INSTALL_TMP)
+            shutil.rmtree(os.path.join(self.path, INSTALL_TMP))
+        if os.path.exists(os.path.join(self.path, INSTALL)):
+            log.info("tablet %d: finishing a committed snapshot install (%s)", self.id, INSTALL)
+            self._finish_install()
         ckpt = None
         if os.path.exists(os.path.join(self.path, CHECKPOINT)):
             ckpt = CheckpointReader(os.path.join(self.path, CHECKPOINT), self.cache)
@@ -519,44 +530,91 @@ class Tablet:
     def install_snapshot(self, chunks: Iterable[bytes], records: Iterable[LogRecord]) -> None:
         """Replace this tablet's state with a primary's snapshot (not while serving).
 
-        Writes the checkpoint bytes to a temp file, fsyncs and renames it,
-        removes every log segment, starts a fresh one, then appends `records`."""
+        Atomic on disk. The new state, the checkpoint's bytes (an empty
+        checkpoint when the primary has none) and one log segment holding
+        `records`, is built and fsynced in `install.tmp/`; renaming that to
+        `install/` commits it; only then are the old files replaced
+        (`_finish_install`, which `open()` redoes after a crash). So at every
+        instant the disk holds the whole old state or the whole new one. A
+        member of the view may be sent a snapshot (its log diverged: an
+        unacknowledged tail of a dead primary); its old state holds every
+        acknowledged write, and it may be elected alone after a crash, so a
+        part of either state (old log segments gone, new trailing records not
+        yet written) would lose acknowledged writes."""
         with self._ckpt_lock, self._seq_lock:
-            tmp = os.path.join(self.path, CHECKPOINT_TMP)
-            with open(tmp, "wb") as f:
+            staging = os.path.join(self.path, INSTALL_TMP)
+            if os.path.exists(staging):
+                shutil.rmtree(staging)
+            os.mkdir(staging)
+            staged = os.path.join(staging, CHECKPOINT)
+            with open(staged, "wb") as f:
                 wrote = 0
                 for c in chunks:
                     f.write(c)
                     wrote += len(c)
                 f.flush()
                 os.fsync(f.fileno())
-            final = os.path.join(self.path, CHECKPOINT)
-            ckpt = CheckpointReader(tmp, self.cache) if wrote else None   # validates before it replaces anything
-            # The old log goes BEFORE the checkpoint is replaced: a crash in
-            # between then leaves the old checkpoint alone (a true prefix of
-            # this replica's old log), never the new checkpoint under old
-            # records above its seq (another history, with a (seq, epoch)
-            # claim that could match the primary's and be ACKed as its prefix).
+            if not wrote:
+                write_checkpoint(staged, iter(()), 0, 0)
+            ckpt = CheckpointReader(staged, self.cache)   # validates before anything is replaced
+            base = ckpt.last_seq
+            recs = [r for r in records if r.seq > base]
+            for i, rec in enumerate(recs):
+                if rec.seq != base + 1 + i:
+                    raise SeqGap(f"tablet {self.id}: snapshot record seq {rec.seq}, expected {base + 1 + i}")
+            seg = TabletLog(os.path.join(staging, segment_name(base + 1)), 0, self.group_commit)
+            try:
+                for rec in recs:
+                    seg.enqueue(rec)
+                seg.flush()
+            finally:
+                seg.close()
+            fsync_dir(staging)
+            os.rename(staging, os.path.join(self.path, INSTALL))      # the commit point
+            fsync_dir(self.path)
             if self.log is not None:
                 self.log.close(abandon=True)
+            try:
+                self._finish_install()
+            except OSError as e:       # the next open() finishes it; until then, no writes
+                self._fail(f"snapshot install interrupted: {e}")
+                raise TabletError(self.failed) from None
+            ckpt.path = os.path.join(self.path, CHECKPOINT)
+            mem = Memtable()
+            epoch = ckpt.last_epoch
+            for rec in recs:
+                mem.apply(rec.effect)
+                epoch = max(epoch, rec.epoch)
+            self.checkpoint_seq = base
+            self.last_seq = recs[-1].seq if recs else base
+            self.epoch = epoch
+            p = os.path.join(self.path, segment_name(base + 1))
+            self.log = TabletLog(p, os.path.getsize(p), self.group_commit)
+            self._view = (mem, None, ckpt)
+            self.failed = None
+
+    def _finish_install(self) -> None:
+        """Move a committed snapshot from `install/` into place.
+
+        Idempotent, so `open()` redoes it after a crash at any step: while
+        `install/checkpoint` is there nothing has moved yet, so every log
+        segment in the tablet's directory is the old state's and goes (before
+        the checkpoint is replaced: the old checkpoint never lies under the new
+        segment, nor the new checkpoint under old records); then the
+        checkpoint, then the new segment move in."""
+        inst = os.path.join(self.path, INSTALL)
+        staged = os.path.join(inst, CHECKPOINT)
+        if os.path.exists(staged):
             for _, name in self._segments():
                 os.unlink(os.path.join(self.path, name))
             fsync_dir(self.path)
-            if ckpt is not None:
-                os.replace(tmp, final)
-                ckpt.path = final
-            else:
-                os.unlink(tmp)
-                if os.path.exists(final):
-                    os.unlink(final)
+            os.replace(staged, os.path.join(self.path, CHECKPOINT))
             fsync_dir(self.path)
-            self.checkpoint_seq = ckpt.last_seq if ckpt else 0
-            self.epoch = ckpt.last_epoch if ckpt else 0
-            self.last_seq = self.checkpoint_seq
-            self.log = self._new_segment(self.last_seq + 1)
-            self._view = (Memtable(), None, ckpt)
-            self.failed = None
-        self.append_replicated_batch(records)
+        for name in os.listdir(inst):
+            os.replace(os.path.join(inst, name), os.path.join(self.path, name))
+        fsync_dir(self.path)
+        os.rmdir(inst)
+        fsync_dir(self.path)
 
     def append_replicated_batch(self, records: Iterable[LogRecord]) -> int:
         """append_replicated for many records, sharing syncs; returns how many were new."""
