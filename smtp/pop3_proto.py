@@ -29,6 +29,8 @@ import base64
 import binascii
 from typing import Iterable, Iterator, Protocol
 
+from smtp.lines import TOO_LONG, next_line
+
 MAX_COMMAND_LINE = 255
 MAX_AUTH_LINE = 12288
 MAX_BAD_COMMANDS = 20
@@ -178,16 +180,10 @@ class POP3Connection:
         self._buf += data
         while not self.closed:
             limit = MAX_AUTH_LINE if self._sasl else MAX_COMMAND_LINE
-            i = self._buf.find(b"\n")
-            if i < 0:
-                if len(self._buf) > limit:
-                    self._skipping_line = True
-                    del self._buf[:]
+            line, self._skipping_line = next_line(self._buf, limit, self._skipping_line)
+            if line is None:
                 break
-            line = bytes(self._buf[: i + 1])
-            del self._buf[: i + 1]
-            if self._skipping_line or len(line) > limit:
-                self._skipping_line = False
+            if line is TOO_LONG:
                 self._sasl = False
                 out.append(self._error("Line too long"))
                 continue

@@ -38,6 +38,8 @@ import re
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
+from smtp.lines import TOO_LONG, next_line
+
 MAX_COMMAND_LINE = 512
 MAX_AUTH_LINE = 12288
 MAX_TEXT_LINE = 1000
@@ -185,16 +187,10 @@ class SMTPConnection:
                 out += reply.encode()
                 continue
             limit = MAX_AUTH_LINE if self._mode == "auth" else MAX_COMMAND_LINE
-            i = self._buf.find(b"\n")
-            if i < 0:
-                if len(self._buf) > limit:
-                    self._skipping_line = True
-                    del self._buf[:]
+            line, self._skipping_line = next_line(self._buf, limit, self._skipping_line)
+            if line is None:
                 break
-            line = bytes(self._buf[: i + 1])
-            del self._buf[: i + 1]
-            if self._skipping_line or len(line) > limit:
-                self._skipping_line = False
+            if line is TOO_LONG:
                 self._mode, self._auth = "command", None
                 out += self._error(Reply(500, "5.5.2 Line too long")).encode()
                 continue
