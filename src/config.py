@@ -14,7 +14,6 @@ Sizes may be written as integers (bytes) or strings with a unit: "64MiB",
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import tomllib
@@ -362,8 +361,3 @@ def _node_list(path: str, name: str, items: Any, prefix: str, first_port: int) -
         nodes.append(r.node(f"{prefix}{i + 1}", "127.0.0.1", first_port + i))
         r.done()
     return nodes
-
-
-def replace(cfg: Config, **changes) -> Config:
-    """A copy of `cfg` with some top-level fields changed (for tests)."""
-    return dataclasses.replace(cfg, **changes)
