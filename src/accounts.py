@@ -164,12 +164,6 @@ class Accounts:
         except (Mismatch, NotFound):
             raise WrongPassword("The password was changed meanwhile; try again.") from None
 
-    def set_password(self, username: str, new: str) -> None:
-        """Set a password without the old one (administrators, first start)."""
-        u = normalize_username(username)
-        check_password_rules(new)
-        self.kv.put(_row(u), b"pw", hash_password(new).encode())
-
     def is_admin(self, username: str) -> bool:
         try:
             return self.kv.get(_row(normalize_username(username)), b"admin") == b"1"
