@@ -36,7 +36,7 @@ from src.config import StorageConfig
 
 from kvserver.checkpoint import BlockCache, CheckpointAborted
 from kvserver.tablet import Tablet, TabletError
-from kvserver.wal import fsync_dir
+from kvserver.wal import CommitGroup, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,8 @@ class Store:
         self.tablet_ids = sorted(tablet_ids)
         self.mem_share = cfg.memory_budget_bytes // 2
         self.cache = BlockCache(cfg.memory_budget_bytes - self.mem_share)
+        # Group commit spans every tablet of the server: one sync for all (wal.py).
+        self.commit_group = CommitGroup() if cfg.group_commit else None
         self.tablets: dict[int, Tablet] = {}
         self._row_locks = [threading.Lock() for _ in range(ROW_LOCK_STRIPES)]
         self._stop = threading.Event()
@@ -77,7 +79,7 @@ class Store:
         t0 = time.monotonic()
         for tid in self.tablet_ids:
             self.tablets[tid] = Tablet(tid, tablet_dir(self.data_dir, tid), self.cache,
-                                       self.cfg.group_commit).open()
+                                       self.cfg.group_commit, self.commit_group).open()
         self._rebalance()
         log.info("store: %d tablets recovered in %.2fs", len(self.tablets), time.monotonic() - t0)
         self._thread = threading.Thread(target=self._checkpoint_loop, name="checkpointer", daemon=True)
@@ -121,7 +123,7 @@ class Store:
         t = self.tablets.get(tablet_id)
         if t is None:
             t = Tablet(tablet_id, tablet_dir(self.data_dir, tablet_id), self.cache,
-                       self.cfg.group_commit).open()
+                       self.cfg.group_commit, self.commit_group).open()
             self.tablets = {**self.tablets, tablet_id: t}
             self.tablet_ids = sorted(self.tablets)
         return t

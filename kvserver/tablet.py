@@ -61,7 +61,7 @@ from typing import Callable, Iterable, Iterator
 
 from kvserver.checkpoint import BigValue, BlockCache, CheckpointReader, Value, write_checkpoint
 from kvserver.wal import (
-    DELROW, SET, Effect, LogError, LogRecord, TabletLog, fsync_dir, iter_segment,
+    DELROW, SET, CommitGroup, Effect, LogError, LogRecord, TabletLog, fsync_dir, iter_segment,
     recover_segment, segment_first_seq, segment_name,
 )
 
@@ -178,11 +178,12 @@ class Tablet:
     """One tablet of a server. `open()` recovers it from its directory."""
 
     def __init__(self, tablet_id: int, path: str, cache: BlockCache | None = None,
-                 group_commit: bool = True):
+                 group_commit: bool = True, commit_group: CommitGroup | None = None):
         self.id = tablet_id
         self.path = path
         self.cache = cache
         self.group_commit = group_commit
+        self.commit_group = commit_group     # shared with the server's other tablets (wal.py)
         self.epoch = 0                   # set by the replication layer; 0 standalone
         self.last_seq = 0
         self.checkpoint_seq = 0
@@ -241,7 +242,7 @@ class Tablet:
         if segs:
             name = segs[-1][1]
             p = os.path.join(self.path, name)
-            self.log = TabletLog(p, os.path.getsize(p), self.group_commit)
+            self.log = TabletLog(p, os.path.getsize(p), self.group_commit, self.commit_group)
         else:
             self.log = self._new_segment(last + 1)
         self._view = (mem, None, ckpt)
@@ -261,7 +262,7 @@ class Tablet:
         return out
 
     def _new_segment(self, first_seq: int) -> TabletLog:
-        lg = TabletLog(os.path.join(self.path, segment_name(first_seq)), 0, self.group_commit)
+        lg = TabletLog(os.path.join(self.path, segment_name(first_seq)), 0, self.group_commit, self.commit_group)
         fsync_dir(self.path)
         return lg
 
@@ -562,7 +563,7 @@ class Tablet:
             for i, rec in enumerate(recs):
                 if rec.seq != base + 1 + i:
                     raise SeqGap(f"tablet {self.id}: snapshot record seq {rec.seq}, expected {base + 1 + i}")
-            seg = TabletLog(os.path.join(staging, segment_name(base + 1)), 0, self.group_commit)
+            seg = TabletLog(os.path.join(staging, segment_name(base + 1)), 0, self.group_commit, self.commit_group)
             try:
                 for rec in recs:
                     seg.enqueue(rec)
@@ -589,7 +590,7 @@ class Tablet:
             self.last_seq = recs[-1].seq if recs else base
             self.epoch = epoch
             p = os.path.join(self.path, segment_name(base + 1))
-            self.log = TabletLog(p, os.path.getsize(p), self.group_commit)
+            self.log = TabletLog(p, os.path.getsize(p), self.group_commit, self.commit_group)
             self._view = (mem, None, ckpt)
             self.failed = None
 

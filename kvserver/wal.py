@@ -34,6 +34,7 @@ so new appends are valid, and reports how many bytes it dropped.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import struct
@@ -53,6 +54,9 @@ BODY = struct.Struct("<QQBHHI")          # seq, epoch, kind, row_len, col_len, v
 LENGTH = struct.Struct("<I")
 MAX_RECORD_BYTES = 2**32 - 1             # the length field's range; real bound: the file's size
 IOV_MAX = 512                            # buffers per writev call (Linux allows 1024)
+
+
+INTERRUPTED = OSError("the flush was interrupted")   # what a flush cut short by an exception reports
 
 
 class LogError(Exception):
@@ -249,14 +253,19 @@ class TabletLog:
     case a recovery left bytes behind). Thread-safe.
     """
 
-    def __init__(self, path: str, size: int = 0, group_commit: bool = True):
+    def __init__(self, path: str, size: int = 0, group_commit: bool = True,
+                 group: "CommitGroup | None" = None):
         self.path = path
         self.group_commit = group_commit
+        self.group = group if group_commit else None
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
         if os.fstat(self._fd).st_size != size:
             os.ftruncate(self._fd, size)
         os.lseek(self._fd, size, os.SEEK_SET)
-        self._cond = threading.Condition()
+        self.dev = os.fstat(self._fd).st_dev      # the file system: one syncfs covers a device
+        # In a commit group every log shares the group's lock, so one leader
+        # can take the pending records of all of them at once.
+        self._cond = self.group.cond if self.group else threading.Condition()
         self._pending: deque[tuple[list[bytes], int]] = deque()
         self._queued = size          # offset after the last enqueued record
         self._durable = size         # offset up to which the file is synced
@@ -288,6 +297,8 @@ class TabletLog:
             self._queued += sum(len(b) for b in bufs)
             self._pending.append((bufs, self._queued))
             self.records += 1
+            if self.group:
+                self.group.dirty[self] = None
             return self._queued
 
     def wait_durable(self, ticket: int) -> None:
@@ -296,38 +307,45 @@ class TabletLog:
             while self._durable < ticket:
                 if self._error:
                     raise LogError(self._why())
-                if self._flushing:
+                if self._busy():
                     # Even after close(abandon=True): the batch being written may
                     # hold this record, and then it is durable, not dropped.
                     self._cond.wait()
                     continue
                 if self._closed:
                     raise LogError(self._why())
-                self._flush_locked()
+                self._lead()
+
+    def _busy(self) -> bool:
+        """A flush is running that this log must wait for: its own, or, in a
+        commit group, the group's (one leader at a time; the next batch,
+        of every log, forms meanwhile)."""
+        return self._flushing or (self.group is not None and self.group.flushing)
+
+    def _lead(self) -> None:
+        if self.group:
+            self.group.flush_locked()
+        else:
+            self._flush_locked()
 
     def append(self, rec: LogRecord) -> None:
         """enqueue + wait_durable."""
         self.wait_durable(self.enqueue(rec))
 
-    def _flush_locked(self) -> None:
-        # The caller holds the lock and becomes the leader for one batch.
+    def _take_batch(self) -> tuple[list[bytes], int]:
+        """Under the lock: take what the next flush writes (everything
+        pending, or one record without group commit); (buffers, ticket)."""
         if self.group_commit:
             batch = list(self._pending)
             self._pending.clear()
         else:
             batch = [self._pending.popleft()]
-        target = batch[-1][1]
         self._flushing = True
-        self._cond.release()
-        err: OSError | None = None
-        try:
-            writev_all(self._fd, [b for bufs, _ in batch for b in bufs])
-            os.fdatasync(self._fd)
-        except OSError as e:
-            err = e
-        finally:
-            self._cond.acquire()
-            self._flushing = False
+        return [b for bufs, _ in batch for b in bufs], batch[-1][1]
+
+    def _finish_batch(self, target: int, err: BaseException | None) -> None:
+        """Under the lock again: the batch up to `target` is durable, or failed."""
+        self._flushing = False
         if err is not None:
             if not self._closed:
                 log.error("%s: write failed, the log takes no more writes: %s", self.path, err)
@@ -335,7 +353,22 @@ class TabletLog:
         else:
             self._durable = target
             self.syncs += 1
-        self._cond.notify_all()
+
+    def _flush_locked(self) -> None:
+        # The caller holds the lock and becomes the leader for one batch.
+        bufs, target = self._take_batch()
+        self._cond.release()
+        err: BaseException | None = INTERRUPTED
+        try:
+            writev_all(self._fd, bufs)
+            os.fdatasync(self._fd)
+            err = None
+        except OSError as e:
+            err = e
+        finally:
+            self._cond.acquire()
+            self._finish_batch(target, err)
+            self._cond.notify_all()
 
     def _why(self) -> str:
         if self._closed:
@@ -355,12 +388,103 @@ class TabletLog:
             if abandon:
                 self._pending.clear()
             while self._pending and not self._error:
-                if self._flushing:
+                if self._busy():
                     self._cond.wait()
                 else:
-                    self._flush_locked()
+                    self._lead()
             self._closed = True
+            if self.group:
+                self.group.dirty.pop(self, None)
             while self._flushing:       # never close an fd another thread writes to
                 self._cond.wait()
             os.close(self._fd)
             self._cond.notify_all()
+
+
+# -- group commit across logs ------------------------------------------------------
+
+def _load_syncfs():
+    """Linux's syncfs(2) (not in `os`): flush every dirty file of one file
+    system with one call. None where the C library lacks it."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int]
+    fn.restype = ctypes.c_int
+
+    def syncfs(fd: int) -> None:
+        if fn(fd) != 0:        # ctypes releases the GIL for the call
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+    return syncfs
+
+
+SYNCFS = _load_syncfs()
+
+
+def sync_logs(logs: Sequence["TabletLog"]) -> None:
+    """Make the written bytes of every log durable: one fdatasync for one
+    log; for several, one syncfs per file system (where there is syncfs),
+    else an fdatasync each."""
+    if len(logs) == 1 or SYNCFS is None:
+        for lg in logs:
+            os.fdatasync(lg._fd)
+        return
+    for fd in {lg.dev: lg._fd for lg in logs}.values():
+        SYNCFS(fd)
+
+
+class CommitGroup:
+    """Group commit across every log of one server (all its tablets).
+
+    The logs of a group share the group's lock. A writer that finds no flush
+    running becomes the leader: it takes the pending records of EVERY log
+    that has some, writes each log's batch with one `writev`, and makes them
+    all durable with one sync (`sync_logs`: syncfs on Linux), then wakes
+    everyone. Writes to 24 tablets thus share one sync instead of paying one
+    each: on this machine an fdatasync costs about 55 us of kernel CPU, and
+    one syncfs covering 24 dirty logs about 150 us (docs/storage.md).
+    """
+
+    def __init__(self):
+        self.cond = threading.Condition()
+        self.dirty: dict[TabletLog, None] = {}     # logs with pending records (an ordered set)
+        self.flushing = False
+        self.flushes = 0
+        self.logs_flushed = 0                      # sum over flushes of the logs each covered
+
+    def flush_locked(self) -> None:
+        """Lead one flush of every dirty log. The caller holds `cond`."""
+        logs = [lg for lg in self.dirty if lg._pending and not lg._closed and not lg._error]
+        self.dirty.clear()
+        if not logs:
+            return
+        batches = [(lg, *lg._take_batch()) for lg in logs]
+        self.flushing = True
+        self.cond.release()
+        errors: dict[TabletLog, BaseException | None] = {lg: INTERRUPTED for lg in logs}
+        try:
+            written = []
+            for lg, bufs, _ in batches:
+                try:
+                    writev_all(lg._fd, bufs)
+                    written.append(lg)
+                except OSError as e:
+                    errors[lg] = e
+            if written:
+                try:
+                    sync_logs(written)
+                    outcome = None
+                except OSError as e:
+                    outcome = e
+                for lg in written:
+                    errors[lg] = outcome
+        finally:
+            self.cond.acquire()
+            self.flushing = False
+            for lg, _, target in batches:
+                lg._finish_batch(target, errors[lg])
+            self.flushes += 1
+            self.logs_flushed += len(batches)
+            self.cond.notify_all()

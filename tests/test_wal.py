@@ -11,7 +11,7 @@ import pytest
 from tests.harness import wait_until
 
 from kvserver.wal import (
-    DEL, DELROW, SET, Effect, LogError, LogRecord, TabletLog, encode_record, encoded_size,
+    DEL, DELROW, SET, SYNCFS, Effect, LogError, LogRecord, TabletLog, encode_record, encoded_size,
     read_segment, recover_segment, segment_first_seq, segment_name,
 )
 
@@ -242,3 +242,93 @@ def test_abandon_keeps_the_batch_being_written(tmp_path, monkeypatch):
     with pytest.raises(LogError):
         lg.wait_durable(t3)                       # never written: dropped
     assert [r.seq for r in read_segment(str(p)).records] == [1, 2]
+
+
+# -- a commit group: one sync for the logs of every tablet ---------------------------
+
+
+def test_commit_group_one_sync_covers_many_logs(tmp_path, monkeypatch):
+    """Writers of 6 different logs, held until all 6 have a record pending,
+    are made durable by ONE group flush, which syncs every log in one call."""
+    from kvserver import wal
+    group = wal.CommitGroup()
+    logs = [TabletLog(str(tmp_path / f"t{i}.wal"), 0, group=group) for i in range(6)]
+    synced = []
+    real_sync_logs = wal.sync_logs
+
+    def recording(lgs):
+        synced.append(sorted(lg.path for lg in lgs))
+        real_sync_logs(lgs)
+    monkeypatch.setattr(wal, "sync_logs", recording)
+    tickets = [lg.enqueue(LogRecord(1, 0, Effect(SET, b"r", b"c", b"v%d" % i))) for i, lg in enumerate(logs)]
+    done = []
+    ts = [threading.Thread(target=lambda lg=lg, t=t: done.append(lg.wait_durable(t)))
+          for lg, t in zip(logs, tickets)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(10)
+    assert len(done) == 6
+    assert synced == [sorted(lg.path for lg in logs)]       # one flush, all six logs
+    assert group.flushes == 1 and group.logs_flushed == 6
+    for i, lg in enumerate(logs):
+        lg.close()
+        assert [r.effect.value for r in read_segment(lg.path).records] == [b"v%d" % i]
+
+
+def test_commit_group_under_concurrent_writers_keeps_every_log_in_order(tmp_path):
+    from kvserver import wal
+    group = wal.CommitGroup()
+    logs = [TabletLog(str(tmp_path / f"t{i}.wal"), 0, group=group) for i in range(4)]
+    locks = [threading.Lock() for _ in logs]
+    seqs = [0] * len(logs)
+
+    def writer(w):
+        for i in range(50):
+            k = (w + i) % len(logs)
+            with locks[k]:
+                seqs[k] += 1
+                ticket = logs[k].enqueue(LogRecord(seqs[k], 0, Effect(SET, b"w%d" % w, b"c", b"x" * 50)))
+            logs[k].wait_durable(ticket)
+
+    ts = [threading.Thread(target=writer, args=(w,)) for w in range(12)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(30)
+    for k, lg in enumerate(logs):
+        lg.close()
+        assert [r.seq for r in read_segment(lg.path).records] == list(range(1, seqs[k] + 1))
+    assert sum(seqs) == 600
+    assert group.flushes < 600          # writers of different logs shared flushes
+
+
+def test_commit_group_sync_failure_fails_every_log_of_the_batch(tmp_path, monkeypatch):
+    """A failed shared sync cannot say which log reached the disk: every
+    log of that flush is poisoned, every waiter hears LogError."""
+    from kvserver import wal
+    group = wal.CommitGroup()
+    logs = [TabletLog(str(tmp_path / f"t{i}.wal"), 0, group=group) for i in range(3)]
+
+    def broken(lgs):
+        raise OSError(5, "Input/output error")
+    monkeypatch.setattr(wal, "sync_logs", broken)
+    tickets = [lg.enqueue(LogRecord(1, 0, Effect(SET, b"r", b"c", b"v"))) for lg in logs]
+    for lg, t in zip(logs, tickets):
+        with pytest.raises(LogError):
+            lg.wait_durable(t)
+        assert lg.failed
+    for lg in logs:
+        lg.close()
+
+
+@pytest.mark.skipif(SYNCFS is None, reason="no syncfs(2) in this C library")
+def test_syncfs_is_callable_and_makes_bytes_durable(tmp_path):
+    from kvserver import wal
+    logs = [TabletLog(str(tmp_path / f"s{i}.wal"), 0) for i in range(2)]
+    for lg in logs:
+        os.write(lg._fd, b"abc")
+    wal.sync_logs(logs)         # two logs on one file system: one syncfs
+    for lg in logs:
+        lg.close()
+        assert open(lg.path, "rb").read() == b"abc"
