@@ -223,7 +223,6 @@ class TabletGlue:
         self.tablet = tablet
         self.sm = TabletReplica(tablet.id, me, last_seq=tablet.last_seq, last_epoch=tablet.epoch)
         self.lock = threading.Lock()
-        self.cond = threading.Condition(self.lock)
         self.aborted: set[int] = set()
         self.inflight: dict = {}          # seq -> Pending: proposed here, not yet applied
         self.installing = False           # a snapshot is being installed (outside the lock)
@@ -526,9 +525,7 @@ class ClusterNode:
         self._beat_now.set()
         with self._requests_cv:
             self._requests_cv.notify_all()
-        for g in self.glue.values():
-            with g.cond:
-                g.cond.notify_all()
+        self._writes_may_settle()      # writes in flight end as "outcome unknown"
         with self._streams_lock:
             streams = list(self.streams.values())
         for s in streams:
@@ -601,9 +598,9 @@ class ClusterNode:
 
     # writer seam (KVServer) ----------------------------------------------------------------
 
-    def write(self, tablet: Tablet, effect: Effect) -> LogRecord:
-        """Log, replicate to every member of the view, wait for all, apply.
-        Called with the row's lock held."""
+    def begin(self, tablet: Tablet, effect: Effect):
+        """Number and log `effect` locally and send it to the view's other
+        members; nothing here waits. The handle is for durable/settle."""
         g = self.glue[tablet.id]
         with g.lock:
             self.check(tablet.id)
@@ -617,29 +614,44 @@ class ClusterNode:
                 raise TabletError(f"tablet {tablet.id}: seq {p.record.seq} != {rec.seq}")
             g.inflight[rec.seq] = p
             self._act(g, actions)
+        return g, p
+
+    def durable(self, tablet: Tablet, handle) -> bool:
+        """Wait for the local log (the server's group flush) and tell the state
+        machine; then as settle()."""
+        g, p = handle
         try:
             tablet.wait_durable(p)
         except TabletError as e:
             # The local log failed or was dropped (KILL) after the record went
             # to the replicas: it may survive there, so no RETRY (which says
             # "not applied"): the outcome is unknown.
-            raise OutcomeUnknown(f"tablet {tablet.id} seq {rec.seq}: {e}") from None
+            raise OutcomeUnknown(f"tablet {tablet.id} seq {p.record.seq}: {e}") from None
         with g.lock:
-            self._act(g, g.sm.local_durable(rec.seq))
-            while (g.sm.commit < rec.seq and rec.seq not in g.aborted and g.sm.is_primary
-                   and not self.stopped.is_set()):
-                g.cond.wait(0.5)
-            committed = g.sm.commit >= rec.seq and rec.seq not in g.aborted
-            g.aborted.discard(rec.seq)
+            self._act(g, g.sm.local_durable(p.record.seq))
+        return self.settle(tablet, handle)
+
+    def settle(self, tablet: Tablet, handle) -> bool:
+        """True once every member of the view has the record (it is then
+        applied); False while some have yet to acknowledge it; OutcomeUnknown
+        if this server stopped being its primary first."""
+        g, p = handle
+        seq = p.record.seq
+        with g.lock:
+            committed = g.sm.commit >= seq and seq not in g.aborted
+            if (not committed and seq not in g.aborted and g.sm.is_primary
+                    and not self.stopped.is_set()):
+                return False
+            g.aborted.discard(seq)
             # Applied under g.lock (a memtable update, no I/O), so a record from
             # a newer primary can never be applied before this older one.
             # Applied either way: it is in the local log, and memtable = log is
             # what a replica keeps (a later re-sync replaces a divergent tail).
-            if g.inflight.pop(rec.seq, None) is not None:
+            if g.inflight.pop(seq, None) is not None:
                 tablet.apply(p)
         if not committed:
-            raise OutcomeUnknown(f"tablet {tablet.id} seq {rec.seq}: primary deposed before commit")
-        return p.record
+            raise OutcomeUnknown(f"tablet {tablet.id} seq {seq}: primary deposed before commit")
+        return True
 
     # -- actions -------------------------------------------------------------------------
 
@@ -649,7 +661,7 @@ class ClusterNode:
             if isinstance(a, rp.Send):
                 self.stream(a.peer, g.tablet.id).put(("msg", a.msg))
             elif isinstance(a, rp.Committed):
-                g.cond.notify_all()
+                self._writes_may_settle()
             elif isinstance(a, rp.Aborted):
                 # Deposed: apply what is pending now, in seq order, before any
                 # record of the new primary can be (see write()).
@@ -658,7 +670,7 @@ class ClusterNode:
                     if p is not None:
                         g.tablet.apply(p)
                 g.aborted.update(a.seqs)
-                g.cond.notify_all()
+                self._writes_may_settle()
             elif isinstance(a, rp.CatchUp):
                 self.stream(a.peer, g.tablet.id).put(("catchup", g.tablet.id, a.after_seq, a.after_epoch))
             elif isinstance(a, (rp.AskRemove, rp.AskAdmit)):
@@ -667,6 +679,11 @@ class ClusterNode:
                     self._requests_cv.notify()
             elif isinstance(a, rp.RefreshView):
                 self._beat_now.set()
+
+    def _writes_may_settle(self) -> None:
+        """Commits advanced or writes were aborted: the server's loop asks settle() again."""
+        if self.server is not None:
+            self.server.wake()
 
     def stream(self, peer: str, tablet: int) -> PeerStream:
         """The stream that carries `tablet`'s messages to `peer` (started on first use)."""

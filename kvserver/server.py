@@ -5,12 +5,18 @@
     server.start()        recover the store, then listen (server.port)
     server.stop()         stop listening, flush and close the store
 
-One thread per connection (src/server.TCPServer). Each connection feeds what
-it receives to a `RequestParser` (src/kvproto) and answers every event in
-order; replies to pipelined requests are sent together. Commands are found in
-a dispatch table of `cmd_<VERB>` methods.
+Every connection is served by one event loop (kvserver/loop.py), which feeds
+what a client sends to its `RequestParser` (src/kvproto) and asks `dispatch`
+for each request's reply, in order. Commands are found in a dispatch table of
+`cmd_<VERB>` methods. A read returns its reply at once. A write checks its
+condition against the current state, then `writer.begin`s its record and
+returns `LATER`: the loop makes it durable with the turn's other writes,
+calls `writer.durable` (and `writer.settle` until the replicas have it),
+and answers. While a write is in flight its row is held: another write to
+that row waits (the loop parks its connection), so each command is atomic,
+and readers never see a write that is not durable.
 
-Seams for the cluster layer (helper E), both passed to the constructor:
+Seams for the cluster layer, both passed to the constructor:
 
 - `role` answers, for a data command, whether this server may serve the
   row's tablet: `role.check(tablet_id)` returns nothing, or raises
@@ -18,17 +24,19 @@ Seams for the cluster layer (helper E), both passed to the constructor:
   names the role for STATUS/TABLETS ("primary", "secondary", "recovering").
   `role.on_kill()` / `role.on_wake(store)` are called by KILL / WAKE (stop
   heartbeats, rejoin). `StandaloneRole`: primary of everything, no-ops.
-- `writer.write(tablet, effect)` makes an effect durable and visible; it is
-  called with the row's lock held, after the server has checked the
-  command's condition (CPUT's old value, PUTNX's absence, DELETE's and
-  DELROW's existence) against the current state. `LocalWriter` is
-  `tablet.write(effect)`; a replicating writer does `tablet.submit`, sends
-  the record to the secondaries, `tablet.wait_durable`, waits for their
-  acks, then `tablet.apply`.
+- `writer` makes an effect durable and visible, in three steps that never
+  wait on the network: `begin(tablet, effect)` -> handle (the record is
+  numbered and enqueued in the local log; a replicating writer also sends it
+  to the secondaries); `durable(tablet, handle)` once the loop's flush has
+  run -> True when the write is done and applied, False while replicas have
+  yet to acknowledge; then `settle(tablet, handle)` -> the same, asked again
+  whenever the loop is woken (`server.wake()`). `LocalWriter`: the tablet's
+  own submit / wait_durable / apply.
 
 - `internal_commands` ({name: (CommandSpec, handler(conn, *args))}) adds
   the cluster's own commands (replication, catch-up); like admin commands
-  they need AUTH when a secret is set.
+  they need AUTH when a secret is set. They may block, so they run on a
+  thread of their own with the connection's socket (REPLSTREAM keeps it).
 
 A refused write logs nothing. A write dropped by KILL before it reached the
 disk answers `-ERR RETRY` (it was not applied). A write whose log failed
@@ -45,30 +53,24 @@ from __future__ import annotations
 
 import hmac
 import logging
-import socket
 import threading
 
 from src.config import StorageConfig
 from src.kv import BadRequest, Denied, Exists, Internal, KVError, Mismatch, NotFound, Retry, tablet_of
 from src.kvproto import (
-    ADMIN_COMMANDS, DATA_COMMANDS, NEED_DATA, KVProtocolError, ProtocolErrorEvent, Request,
-    RequestParser, decode_name, encode_name, error, error_for, listing, name_listing, ok, pong, value_parts,
+    ADMIN_COMMANDS, DATA_COMMANDS, KVProtocolError, Request, RequestParser, decode_name, encode_name,
+    error, error_for, listing, name_listing, ok, pong, value_parts,
 )
-from src.server import TCPServer
 
 from kvserver.checkpoint import CorruptCheckpoint
+from kvserver.loop import EventLoop
 from kvserver.store import Store
 from kvserver.tablet import Tablet, TabletError, WriteOutcomeUnknown
-from kvserver.wal import DEL, DELROW, SET, Effect, LogRecord
+from kvserver.wal import DEL, DELROW, SET, Effect
 
 log = logging.getLogger(__name__)
 
-RECV_BYTES = 256 * 1024
-JOIN_REPLIES_UNDER = 64 * 1024     # smaller reply batches are joined into one send
-HOLD_REPLIES_BYTES = 256 * 1024    # replies to pipelined requests are sent once this many wait
 MAX_ROWS_LIMIT = 10000             # ROWS's <limit>
-BIG_REQUEST_BYTES = 4 * 1024 * 1024    # a request buffering more than this needs a big-request slot
-BIG_REQUEST_WAIT_S = 30.0              # longest wait for a slot before `-ERR RETRY busy` and close
 SERVER_COMMANDS = {**DATA_COMMANDS, **ADMIN_COMMANDS}
 ADMIN = frozenset(("STATUS", "TABLETS", "ROWS", "KILL", "WAKE"))
 
@@ -99,39 +101,16 @@ class StandaloneRole:
 class LocalWriter:
     """Standalone writes: log locally (group commit), then apply."""
 
-    def write(self, tablet: Tablet, effect: Effect) -> LogRecord:
-        return tablet.write(effect)
+    def begin(self, tablet: Tablet, effect: Effect):
+        return tablet.submit(effect)
 
+    def durable(self, tablet: Tablet, pending) -> bool:
+        tablet.wait_durable(pending)
+        tablet.apply(pending)
+        return True
 
-class Connection:
-    """Per-connection state."""
-
-    __slots__ = ("sock", "peer", "authed", "closing", "big")
-
-    def __init__(self, sock: socket.socket, peer, authed: bool):
-        self.sock = sock
-        self.peer = peer
-        self.authed = authed
-        self.closing = False
-        self.big = False          # holds one of the server's big-request slots
-
-
-def send_parts(sock: socket.socket, parts: list) -> None:
-    """Send reply buffers in order: small ones joined, big values without a copy."""
-    if sum(len(p) for p in parts) < JOIN_REPLIES_UNDER:
-        sock.sendall(b"".join(parts))
-        return
-    small: list = []
-    for p in parts:
-        if len(p) < JOIN_REPLIES_UNDER:
-            small.append(p)
-            continue
-        if small:
-            sock.sendall(b"".join(small))
-            small = []
-        sock.sendall(p)
-    if small:
-        sock.sendall(b"".join(small))
+    def settle(self, tablet: Tablet, pending) -> bool:
+        return True
 
 
 class KVServer:
@@ -153,10 +132,8 @@ class KVServer:
         # Big literals in flight at once: what the memory budget can hold of
         # them, at least 2 (docs/storage.md, "Memory").
         self.big_request_slots = max(2, storage.memory_budget_bytes // max(storage.max_cell_bytes, 1))
-        self._big_requests = threading.BoundedSemaphore(self.big_request_slots)
-        self._ops_lock = threading.Lock()
         self.ops = 0                       # data commands served
-        self.tcp = TCPServer(host, port, self._handle, name=f"kvserver {node_id}")
+        self.loop = EventLoop(self, host, port, f"kvserver {node_id}", self.big_request_slots)
         self._dispatch = {name: getattr(self, f"cmd_{name}") for name in SERVER_COMMANDS}
         # Internal commands (cluster mode: replication), {name: (CommandSpec, handler(conn, *args))};
         # like admin commands, they need AUTH when a secret is set.
@@ -164,6 +141,7 @@ class KVServer:
         self.commands = {**SERVER_COMMANDS, **{n: spec for n, (spec, _) in internal.items()}}
         self._dispatch.update({n: h for n, (_, h) in internal.items()})
         self._restricted = ADMIN | frozenset(internal)
+        self._blocking = frozenset(internal) | {"WAKE"}    # run on a thread of their own
 
     # -- life cycle ------------------------------------------------------------------
 
@@ -171,114 +149,62 @@ class KVServer:
         self.store = Store(self.data_dir, self.tablet_ids, self.storage_cfg).open()
         self.role.on_wake(self.store)
         self.state = "serving"
-        self.tcp.start()
+        self.loop.start()
         return self
 
     @property
     def port(self) -> int:
-        return self.tcp.port
+        return self.loop.port
 
     def stop(self) -> None:
         self.role.on_kill()
-        self.tcp.stop()
+        self.loop.stop()
         with self._state_lock:
             store, self.store = self.store, None
         if store is not None:
             store.close()
 
-    # -- the connection loop ---------------------------------------------------------------
+    # -- what the event loop asks ------------------------------------------------------------
 
-    def _handle(self, sock: socket.socket, peer) -> None:
-        conn = Connection(sock, peer, authed=not self.secret)
-        try:
-            self._serve(conn)
-        finally:
-            if conn.big:
-                self._big_requests.release()
+    def new_parser(self) -> RequestParser:
+        return RequestParser(self.commands, max_literal=self.storage_cfg.max_cell_bytes)
 
-    def _admit(self, conn: Connection, buffered: int) -> None:
-        """Before reading more of a request: a request holding more than
-        BIG_REQUEST_BYTES (a big literal) needs one of a few slots, so
-        concurrent uploads of 64 MiB values cannot exhaust memory. The slot
-        is held only while the bytes arrive, never while a command runs (a
-        replicated write waits on other servers, whose receivers may wait
-        for slots here)."""
-        self._free_slot(conn, buffered)
-        if not conn.big and buffered > BIG_REQUEST_BYTES:
-            if not self._big_requests.acquire(timeout=BIG_REQUEST_WAIT_S):
-                raise Retry("busy: too many big requests at once")
-            conn.big = True
+    def runs_blocking(self, cmd: str) -> bool:
+        return cmd in self._blocking
 
-    def _free_slot(self, conn: Connection, buffered: int) -> None:
-        if conn.big and buffered <= BIG_REQUEST_BYTES:
-            conn.big = False
-            self._big_requests.release()
+    def restricted(self, cmd: str) -> bool:
+        return cmd in self._restricted
 
-    def _serve(self, conn: Connection) -> None:
-        sock = conn.sock
-        parser = RequestParser(self.commands, max_literal=self.storage_cfg.max_cell_bytes)
-        out: list = []
-        out_bytes = 0
-        while True:
-            ev = parser.next_event()
-            if ev is NEED_DATA:
-                if out:
-                    send_parts(sock, out)
-                    out, out_bytes = [], 0
-                try:
-                    self._admit(conn, parser.buffered)
-                except Retry as e:
-                    sock.sendall(error_for(e))     # mid-literal: answer, then close
-                    return
-                data = sock.recv(RECV_BYTES)
-                if not data:
-                    return
-                parser.feed(data)
-                continue
-            self._free_slot(conn, parser.buffered)     # the request is in
-            if isinstance(ev, ProtocolErrorEvent):
-                out.append(ev.reply())
-                if ev.close:
-                    send_parts(sock, out)
-                    return
-                continue
-            reply = self.dispatch(conn, ev)
-            if isinstance(reply, tuple):
-                out.extend(reply)
-                out_bytes += sum(len(b) for b in reply)
-            else:
-                out.append(reply)
-                out_bytes += len(reply)
-            if conn.closing:
-                send_parts(sock, out)
-                return
-            if out_bytes >= HOLD_REPLIES_BYTES:
-                # a long pipeline of big GETs: send now rather than hold it all
-                send_parts(sock, out)
-                out, out_bytes = [], 0
+    def wake(self) -> None:
+        """Writes in flight may be settled (a replica acknowledged): any thread."""
+        self.loop.wake()
 
-    def dispatch(self, conn: Connection, req: Request):
-        """The reply to one request: bytes, or a tuple of buffers."""
+    def dispatch(self, conn, req: Request):
+        """The reply to one request: bytes, a tuple of buffers, or LATER (a write in flight)."""
         try:
             if req.cmd in self._restricted and not conn.authed:
                 raise Denied("AUTH first")
             return self._dispatch[req.cmd](conn, *req.args)
-        except (DropConnection, WriteOutcomeUnknown) as e:
-            log.warning("%s: closing the connection without a reply: %s", req.cmd, e)
+        except Exception as e:
+            return self.error_reply(conn, req.cmd, e)
+
+    def error_reply(self, conn, cmd: str, e: Exception) -> bytes:
+        """The reply for a command (or a write in flight) that raised `e`."""
+        if isinstance(e, (DropConnection, WriteOutcomeUnknown)):
+            log.warning("%s: closing the connection without a reply: %s", cmd, e)
             conn.closing = True
             return b""
-        except KVError as e:
+        if isinstance(e, KVError):
             return error_for(e)
-        except KVProtocolError as e:
+        if isinstance(e, KVProtocolError):
             return error(e.code, e.text)
-        except TabletError as e:
+        if isinstance(e, TabletError):
             return error("RETRY", str(e) if self.state == "serving" else self.state)
-        except CorruptCheckpoint as e:
+        if isinstance(e, CorruptCheckpoint):
             log.error("corrupt data: %s", e)
             return error("INTERNAL", "corrupt checkpoint block (see the server log)")
-        except Exception:
-            log.exception("%s failed", req.cmd)
-            return error("INTERNAL", f"{req.cmd} failed (see the server log)")
+        log.error("%s failed", cmd, exc_info=e)
+        return error("INTERNAL", f"{cmd} failed (see the server log)")
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -295,13 +221,30 @@ class KVServer:
         t = store.tablet(tid)
         if t is None:
             raise Retry(f"tablet {tid} is not held here")
-        with self._ops_lock:
-            self.ops += 1
         return store, t
 
-    def _write(self, store: Store, t: Tablet, effect: Effect) -> bytes:
-        self.writer.write(t, effect)
-        store.wrote(t)
+    def _write(self, conn, row: bytes, effect_for, admit: bool = True):
+        """Begin a write of `row`: `effect_for(tablet)` checks the command's
+        condition against the current state (raising NotFound, Mismatch,
+        Exists) and returns the effect to log. LATER: the loop answers when
+        the write is durable (and replicated)."""
+        store, t = self._tablet(row)
+        key = (t.id, row)
+        if self.loop.row_busy(key):
+            return self.loop.park_on_row(conn, key)
+        if admit and store.over_budget():
+            later = self.loop.wait_for_memory(conn)
+            if later is not None:
+                return later
+        self.ops += 1
+        effect = effect_for(t)
+        return self.loop.begun(conn, t, key, self.writer.begin(t, effect))
+
+    def written(self, t: Tablet) -> bytes:
+        """A write is done: wake the checkpointer if a threshold is passed; +OK."""
+        store = self.store
+        if store is not None:
+            store.wrote(t)
         return ok()
 
     # -- data commands ------------------------------------------------------------------------
@@ -315,6 +258,7 @@ class KVServer:
 
     def cmd_GET(self, conn, row, col):
         _, t = self._tablet(row)
+        self.ops += 1
         v = t.get(row, col)
         if v is None:
             raise NotFound()
@@ -322,46 +266,42 @@ class KVServer:
 
     def cmd_COLS(self, conn, row):
         _, t = self._tablet(row)
+        self.ops += 1
         return name_listing(t.cols(row))
 
     def cmd_PUT(self, conn, row, col, value):
-        store, t = self._tablet(row)
-        store.admit()
-        with store.row_lock(t.id, row):
-            return self._write(store, t, Effect(SET, row, col, value))
+        return self._write(conn, row, lambda t: Effect(SET, row, col, value))
 
     def cmd_PUTNX(self, conn, row, col, value):
-        store, t = self._tablet(row)
-        store.admit()
-        with store.row_lock(t.id, row):
+        def effect(t):
             if t.exists(row, col):
                 raise Exists()
-            return self._write(store, t, Effect(SET, row, col, value))
+            return Effect(SET, row, col, value)
+        return self._write(conn, row, effect)
 
     def cmd_CPUT(self, conn, row, col, old, new):
-        store, t = self._tablet(row)
-        store.admit()
-        with store.row_lock(t.id, row):
+        def effect(t):
             cur = t.get(row, col)
             if cur is None:
                 raise NotFound()
             if cur != old:
                 raise Mismatch()
-            return self._write(store, t, Effect(SET, row, col, new))
+            return Effect(SET, row, col, new)
+        return self._write(conn, row, effect)
 
     def cmd_DELETE(self, conn, row, col):
-        store, t = self._tablet(row)
-        with store.row_lock(t.id, row):
+        def effect(t):
             if not t.exists(row, col):
                 raise NotFound()
-            return self._write(store, t, Effect(DEL, row, col))
+            return Effect(DEL, row, col)
+        return self._write(conn, row, effect, admit=False)
 
     def cmd_DELROW(self, conn, row):
-        store, t = self._tablet(row)
-        with store.row_lock(t.id, row):
+        def effect(t):
             if not t.cols(row):
                 raise NotFound()
-            return self._write(store, t, Effect(DELROW, row))
+            return Effect(DELROW, row)
+        return self._write(conn, row, effect, admit=False)
 
     # -- admin commands ------------------------------------------------------------------------
 
@@ -414,7 +354,7 @@ class KVServer:
         self.role.on_kill()
         if store is not None:
             store.crash()
-        self.tcp.close_connections(keep=conn.sock)
+        self.loop.close_connections(keep=conn)
         return ok()
 
     def cmd_WAKE(self, conn):

@@ -5,7 +5,7 @@
     store.add_tablet(9)        -> Tablet: open (recover or create) one more
     store.row_lock(7, row)     -> the lock a write holds from reading the old
                                   value until its effect is durable and applied
-    store.admit()              memory back-pressure, called before a write
+    store.over_budget()        memory back-pressure, asked before a write
     store.close()              clean stop: logs flushed and closed
     store.crash()              KILL: everything in memory dropped, as a crash
 
@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 
 ROW_LOCK_STRIPES = 4096
 CHECK_INTERVAL_S = 0.5        # how often the checkpointer looks even when not woken
-ADMIT_WAIT_S = 30.0           # longest a writer waits for memory before going ahead
 MEM_RECHECK_S = 0.005         # how stale the writers' view of memtable memory may be
 
 
@@ -63,7 +62,6 @@ class Store:
         self._row_locks = [threading.Lock() for _ in range(ROW_LOCK_STRIPES)]
         self._stop = threading.Event()
         self._wake = threading.Event()
-        self._room = threading.Condition()
         self._thread: threading.Thread | None = None
         self.checkpoints = 0
         self._mem_cached = 0
@@ -104,8 +102,6 @@ class Store:
             t.close(abandon=True)
         if self._thread is not None:
             self._thread.join()
-        with self._room:
-            self._room.notify_all()
         self.cache.clear()
         self.tablets = {}
 
@@ -143,19 +139,14 @@ class Store:
             self._mem_checked = now
         return self._mem_cached
 
-    def admit(self) -> None:
-        """Before a write: wait (bounded) while the memtables are far over their share."""
+    def over_budget(self) -> bool:
+        """Before a write: are the memtables far (2x) over their share? The
+        caller then holds the write back a little (the server's loop retries
+        it) while the checkpointer, woken here, frees memory."""
         mem = self._memtable_estimate()
-        if mem <= 2 * self.mem_share:
-            if mem > self.mem_share:
-                self._wake.set()
-            return
-        self._wake.set()
-        deadline = time.monotonic() + ADMIT_WAIT_S
-        with self._room:
-            while (self.memtable_bytes > 2 * self.mem_share and not self._stop.is_set()
-                   and time.monotonic() < deadline):
-                self._room.wait(0.05)
+        if mem > self.mem_share:
+            self._wake.set()
+        return mem > 2 * self.mem_share
 
     def wrote(self, t: Tablet) -> None:
         """After a write to `t`: wake the checkpointer if a threshold is passed."""
@@ -194,8 +185,6 @@ class Store:
                     log.exception("tablet %d: checkpoint failed (will retry)", t.id)
                     self._stop.wait(1.0)
                 self._rebalance()
-                with self._room:
-                    self._room.notify_all()
 
     def _rebalance(self) -> None:
         """Give the block cache what the budget leaves after memtables and indexes."""
