@@ -51,6 +51,22 @@ def all_current(cl, timeout=30):
         wait_until(lambda: cl.nodes()[name]["state"] == "alive", timeout, what=f"{name} current in every view")
 
 
+def checkpoints(cl, name):
+    c = ServerClient(cl.addr[name], timeout=5)
+    try:
+        return int(c.status()["checkpoints"])
+    finally:
+        c.close()
+
+
+def log_moves_past(cl, primary, n=3):
+    """Wait (writes going on) until `primary` has checkpointed `n` more times,
+    so its log no longer reaches back to where a replica that is down
+    stopped: that replica then needs a snapshot. However fast the writes."""
+    start = checkpoints(cl, primary)
+    wait_until(lambda: checkpoints(cl, primary) >= start + n, 30, what=f"{n} checkpoints on {primary}")
+
+
 def finish_and_check(wl):
     wl.finish()
     assert not wl.errors, wl.errors[:3]
@@ -76,6 +92,7 @@ def test_snapshot_catch_up_during_checkpoints_kill_wake_and_kill_everything(proc
     cl.kill(lagger)
     wait_until(lambda: lagger not in cl.members(t), 10, what="the lagger leaving the view")
     more_writes(wl, 150, what="writes while the lagger is down")
+    log_moves_past(cl, cl.primary(t), n=10)
     cl.start(lagger)
     wait_until(lambda: cl.nodes()[lagger]["state"] in ("alive", "recovering"), 10, what="lagger heard from")
     cl.kill(lagger)                   # in the middle of its catch-up (or just admitted)
@@ -120,6 +137,7 @@ def test_primary_killed_while_it_catches_a_replica_up_by_snapshot(procs, tmp_pat
     cl.kill(lagger)
     wait_until(lambda: lagger not in cl.members(t), 10, what="the lagger leaving the view")
     more_writes(wl, 150, what="writes while the lagger is down")
+    log_moves_past(cl, cl.primary(t), n=10)
     cl.start(lagger)
     wait_until(lambda: cl.nodes()[lagger]["state"] in ("alive", "recovering"), 10, what="lagger heard from")
     cl.kill(primary)                  # while it sends the lagger its snapshot (or just after)
