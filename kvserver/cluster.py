@@ -52,10 +52,10 @@ Internal commands (docs/replication.md has the grammar):
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import logging
 import os
 import secrets
+import selectors
 import socket
 import threading
 import time
@@ -63,8 +63,8 @@ import time
 from master.placement import initial_views
 from src.config import Config, ConfigError
 from src.kv import KVError, Moved, Retry
-from src.kvproto import (NEED_DATA, RAW, TEXT, VALUE, CommandSpec, Error, Listing, Ok, ReplyParser,
-                         encode_request, error, ok)
+from src.kvproto import (NEED_DATA, RAW, TEXT, VALUE, CommandSpec, Error, Listing, Ok, ProtocolErrorEvent,
+                         ReplyParser, Request, encode_request, error, ok)
 
 from kvserver import replication as rp
 from kvserver.server import DropConnection
@@ -86,7 +86,6 @@ LANES = 1                      # streams (connections) per peer; tablet t uses l
                                # stream loop, one stream per peer batches best; 2 and 4 were slower
 RECONNECT_S = 0.1
 RECV_BYTES = 256 * 1024
-FLUSH_THREADS = 4              # a replica flushes this many tablet logs of one batch at once
 INCOMING = "snapshot.incoming"
 
 INTERNAL_COMMANDS = {
@@ -95,6 +94,7 @@ INTERNAL_COMMANDS = {
     "SNAPCHUNK": CommandSpec((RAW, RAW, RAW, VALUE)),
     "SNAPSHOT": CommandSpec((RAW, RAW, RAW, RAW, RAW, VALUE, VALUE), variadic=True),
 }
+BLOCKING_COMMANDS = frozenset(("SNAPCHUNK", "SNAPSHOT"))   # disk-heavy: run off the server's loop
 MASTER_INTERNAL = {
     "AUTH": CommandSpec((TEXT,)),
     "HEARTBEAT": CommandSpec((RAW, RAW, RAW, VALUE)),
@@ -231,7 +231,17 @@ class TabletGlue:
 
 
 class PeerStream:
-    """Ordered, pipelined stream of replication messages to one peer server."""
+    """Ordered, pipelined stream of replication messages to one peer server.
+
+    The stream's own thread connects (and reconnects), does the handshake,
+    and then hands the socket to the server's event loop, which from then on
+    reads the peer's answers (`_on_readable`, fed to the state machines on
+    the loop's thread) and sends queued messages once per turn (`flush`,
+    without blocking: before the loop's own sync, so the replicas' syncs and
+    ours overlap). When the socket cannot take a whole batch, or a catch-up
+    must read the log or a snapshot, the thread takes over sending (`owner`
+    "thread") until the queue is empty again. Sends stay in queue order.
+    """
 
     def __init__(self, node: "ClusterNode", peer: str, addr: str, lane: int):
         self.node = node
@@ -242,6 +252,10 @@ class PeerStream:
         self.cv = threading.Condition()
         self.connected = False
         self.sock: socket.socket | None = None
+        self.owner = "loop"             # who sends what is queued: "loop" or "thread"
+        self.flush_due = False          # a flush is scheduled on the loop
+        self.parser = ReplyParser()
+        self.released = threading.Event()   # the loop let go of the socket
         self.down_since = time.monotonic()
         self.was_up = False
         self.last_send = 0.0            # when something was last sent / answered:
@@ -249,10 +263,102 @@ class PeerStream:
         self.thread = threading.Thread(target=self._run, name=f"stream-{peer}-{lane}", daemon=True)
         self.thread.start()
 
+    @property
+    def loop(self):
+        return self.node.server.loop
+
     def put(self, item) -> None:
+        """Queue a message (any thread). Nothing is queued while disconnected:
+        the state machines probe anew when the stream comes up."""
         with self.cv:
+            if not self.connected:
+                return
             self.q.append(item)
-            self.cv.notify()
+            if self.owner == "thread":
+                self.cv.notify()
+                return
+            if self.flush_due:
+                return
+            self.flush_due = True
+        self.loop.flush_soon(self)
+
+    # -- on the loop's thread ---------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Send what is queued without blocking; what does not fit, and any
+        catch-up, goes to the stream's thread."""
+        with self.cv:
+            self.flush_due = False
+            if self.owner != "loop" or not self.connected or not self.q:
+                return
+            items = list(self.q)
+            self.q.clear()
+            if any(it[0] == "catchup" for it in items):
+                self.q.extend(items)
+                self.owner = "thread"
+                self.cv.notify()
+                return
+        bufs = []
+        for item in _coalesce(items):
+            bufs += _encode_msg(item[1])
+        data = b"".join(bufs)
+        try:
+            n = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError as e:
+            self._broken(e)
+            return
+        self.last_send = time.monotonic()
+        if n < len(data):
+            with self.cv:
+                self.q.appendleft(("raw", memoryview(data)[n:]))
+                self.owner = "thread"
+                self.cv.notify()
+
+    def _on_readable(self) -> None:
+        try:
+            data = self.sock.recv(RECV_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self._broken(e)
+            return
+        if not data:
+            self._broken(ConnectionError(f"{self.peer} closed the stream"))
+            return
+        self.last_reply = time.monotonic()
+        self.parser.feed(data)
+        try:
+            while (ev := self.parser.next_event()) is not NEED_DATA:
+                if isinstance(ev, Ok) and ev.word == "OK" and ev.text:
+                    if ev.text.startswith(("ACK", "GAP", "STALE")):
+                        self.node.on_reply(self.peer, parse_reply(ev.text))
+                    continue
+                if isinstance(ev, Error):
+                    raise ConnectionError(f"{self.peer} refused: {ev.code} {ev.text}")
+        except (ValueError, ConnectionError) as e:
+            self._broken(e)
+
+    def _attach(self, sock) -> None:
+        if self.sock is not sock or not self.connected:
+            self.released.set()
+            return
+        self.loop.watch(sock, self._on_readable)
+        self.flush()
+
+    def _release(self, sock) -> None:
+        self.loop.unwatch(sock)
+        self.released.set()
+
+    def _broken(self, e) -> None:
+        if not self.node.stopped.is_set():
+            log.info("stream to %s broke: %s", self.peer, e)
+        with self.cv:
+            self.connected = False
+            self.cv.notify_all()
+
+    # -- on the stream's thread ---------------------------------------------------------------
 
     def _run(self) -> None:
         stop = self.node.stopped
@@ -265,28 +371,36 @@ class PeerStream:
                 continue
             sock.settimeout(IO_TIMEOUT_S)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            with self.cv:
-                self.q.clear()          # the state machines probe anew on connect
-                self.sock = sock
-            reader = threading.Thread(target=self._read, args=(sock,), name=f"stream-{self.peer}-rd", daemon=True)
+            attached = False
             try:
                 self._handshake(sock)
-                reader.start()
-                self.connected, self.was_up = True, True
+                sock.setblocking(False)
+                self.parser = ReplyParser()
+                self.released.clear()
+                with self.cv:
+                    self.q.clear()          # the state machines probe anew on connect
+                    self.sock, self.owner, self.flush_due = sock, "loop", False
+                    self.connected, self.was_up = True, True
+                self.loop.call_soon(lambda: self._attach(sock))
+                attached = True
                 self.node.peer_up(self.peer, self.lane)
                 self._send_loop(sock)
             except (OSError, ValueError, TabletError, ConnectionError) as e:
                 if not stop.is_set():
                     log.info("stream to %s broke: %s", self.peer, e)
             finally:
-                self.connected = False
+                with self.cv:
+                    self.connected = False
+                    self.q.clear()
                 try:
                     sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+                if attached:
+                    # the loop watches the socket: it lets go before we close it
+                    self.loop.call_soon(lambda: self._release(sock))
+                    self.released.wait(2)
                 sock.close()
-                if reader.is_alive():
-                    reader.join(2)
                 self.down_since = time.monotonic()
             self._failed(connect=False)
             stop.wait(RECONNECT_S)
@@ -314,21 +428,31 @@ class PeerStream:
             self.node.peer_down(self.peer, self.lane)
 
     def _send_loop(self, sock) -> None:
+        """While connected: send what the loop handed over (owner "thread"),
+        blocking as long as the peer needs, then give sending back; and
+        watch for a peer that stopped answering."""
         stop = self.node.stopped
-        while not stop.is_set() and self.connected:
+        while not stop.is_set():
             with self.cv:
-                while not self.q and self.connected and not stop.is_set():
+                while self.connected and not stop.is_set() and not (self.owner == "thread" and self.q):
+                    if self.owner == "thread":
+                        self.owner = "loop"     # all sent: the loop sends again
                     self.cv.wait(0.5)
+                    if (self.last_send > self.last_reply
+                            and time.monotonic() - self.last_send > IO_TIMEOUT_S):
+                        raise TimeoutError(f"{self.peer} did not answer for {IO_TIMEOUT_S:.0f}s")
+                if not self.connected or stop.is_set():
+                    return
                 items = list(self.q)
                 self.q.clear()
-            if not items:
-                continue
             self.last_send = time.monotonic()
-            bufs = []
+            bufs: list = []
             for item in _coalesce(items):
                 if item[0] == "catchup":
                     _sendall(sock, bufs)      # what was queued before goes first
                     bufs = self.node.catch_up_bufs(self.peer, *item[1:], send=lambda b: _sendall(sock, b))
+                elif item[0] == "raw":
+                    bufs.append(item[1])
                 else:
                     bufs += _encode_msg(item[1])
                 if sum(len(b) for b in bufs) > MAX_BATCH_BYTES:
@@ -336,63 +460,51 @@ class PeerStream:
                     bufs = []
             if bufs:
                 _sendall(sock, bufs)
-
-    def _read(self, sock) -> None:
-        parser = ReplyParser()
-        try:
-            while True:
-                try:
-                    data = sock.recv(65536)
-                except socket.timeout:
-                    if self.last_reply >= self.last_send or time.monotonic() - self.last_send < IO_TIMEOUT_S:
-                        continue              # idle, or just sent: not a dead peer
-                    raise
-                if not data:
-                    break
-                self.last_reply = time.monotonic()
-                parser.feed(data)
-                while True:
-                    ev = parser.next_event()
-                    if ev is NEED_DATA:
-                        break
-                    if isinstance(ev, Ok) and ev.word == "OK" and ev.text:
-                        if ev.text.startswith(("ACK", "GAP", "STALE")):
-                            self.node.on_reply(self.peer, parse_reply(ev.text))
-                        continue               # AUTH's +OK
-                    if isinstance(ev, Error):
-                        raise ConnectionError(f"{self.peer} refused: {ev.code} {ev.text}")
-        except (OSError, ValueError, ConnectionError) as e:
-            log.debug("stream from %s ended: %s", self.peer, e)
-        finally:
-            self.connected = False
-            with self.cv:
-                self.cv.notify_all()
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            self.last_send = time.monotonic()
 
 
 def _sendall(sock, bufs) -> None:
+    """Send every buffer on a non-blocking socket, waiting for room (at most
+    IO_TIMEOUT_S at a time)."""
+    with selectors.DefaultSelector() as sel:
+        sel.register(sock, selectors.EVENT_WRITE)
+        for b in _joined(bufs):
+            view = memoryview(b)
+            while view:
+                try:
+                    n = sock.send(view)
+                except (BlockingIOError, InterruptedError):
+                    if not sel.select(IO_TIMEOUT_S):
+                        raise TimeoutError("the peer took nothing for too long") from None
+                    continue
+                view = view[n:]
+
+
+def _joined(bufs):
+    """Small buffers joined, big ones alone (no copy)."""
     small = []
     for b in bufs:
         if len(b) < 65536:
             small.append(b)
         else:
             if small:
-                sock.sendall(b"".join(small))
+                yield b"".join(small)
                 small = []
-            sock.sendall(b)
+            yield b
     if small:
-        sock.sendall(b"".join(small))
+        yield b"".join(small)
 
 
 def _coalesce(items):
     """Merge each tablet's queued Appends that follow one another into one
     (fewer requests, one fsync on the replica). Per tablet the order is kept;
-    a catch-up item stays in its tablet's place."""
+    a catch-up item stays in its tablet's place. Raw bytes (the unsent rest
+    of an earlier batch) go first, as they came."""
+    raw = [it for it in items if it[0] == "raw"]
     per: dict[int, list] = {}
     for it in items:
+        if it[0] == "raw":
+            continue
         tid = it[1].tablet if it[0] == "msg" else it[1]
         out = per.setdefault(tid, [])
         if it[0] == "msg" and isinstance(it[1], Append) and out and out[-1][0] == "msg":
@@ -404,7 +516,7 @@ def _coalesce(items):
                 out[-1] = ("msg", Append(m.tablet, m.epoch, prev.prev_seq, prev.prev_epoch, prev.records + m.records))
                 continue
         out.append(it)
-    return [it for out in per.values() for it in out]
+    return raw + [it for out in per.values() for it in out]
 
 
 def _encode_msg(m) -> list:
@@ -470,6 +582,43 @@ class StreamReader:
         return toks[0].decode("latin-1").upper(), args
 
 
+class StreamRequests:
+    """A `StreamReader` with the interface of the server's RequestParser
+    (feed / next_event / buffered), for a connection that became a stream:
+    only REPL, SNAPCHUNK and SNAPSHOT, with their least arities; anything
+    else, or bytes StreamReader refuses, ends the stream."""
+
+    ARITY = {"REPL": 5, "SNAPCHUNK": 4, "SNAPSHOT": 6}
+
+    def __init__(self, max_literal: int):
+        self.reader = StreamReader(max_literal)
+        self.closed = False
+
+    @property
+    def buffered(self) -> int:
+        return len(self.reader.buf) - self.reader.pos
+
+    def feed(self, data) -> None:
+        if not self.closed:
+            self.reader.feed(data)
+
+    def next_event(self):
+        if self.closed:
+            return NEED_DATA
+        try:
+            req = self.reader.next()
+        except ValueError as e:
+            self.closed = True
+            return ProtocolErrorEvent("BADREQ", str(e), close=True)
+        if req is None:
+            return NEED_DATA
+        cmd, args = req
+        if len(args) < self.ARITY.get(cmd, len(args) + 1):
+            self.closed = True
+            return ProtocolErrorEvent("BADREQ", f"{cmd} on a replication stream", close=True)
+        return Request(cmd, args)
+
+
 # -- the node --------------------------------------------------------------------------------
 
 
@@ -499,7 +648,6 @@ class ClusterNode:
         self._beat_now = threading.Event()
         self._threads: list[threading.Thread] = []
         self._masters: dict[str, Conn] = {}          # one connection per thread that calls the master
-        self.flusher = concurrent.futures.ThreadPoolExecutor(FLUSH_THREADS, thread_name_prefix="flush")
 
     # -- life cycle --------------------------------------------------------------------
 
@@ -803,8 +951,24 @@ class ClusterNode:
         return self.glue[int(tablet)]
 
     def cmd_REPL(self, conn, tablet, epoch, prev_seq, prev_epoch, meta, *values):
+        """Enqueue an Append's records in the local logs now; its ACK goes once
+        they are durable, after the server loop's flush of this turn (shared
+        with the turn's other appends and writes). The loop keeps a stream's
+        replies in order."""
+        try:
+            g, pend, reply = self._submit_append(tablet, epoch, prev_seq, prev_epoch, meta, values)
+        except (KVError, TabletError, ValueError) as e:
+            conn.closing = True       # the stream is out of step with this replica: answer, end it
+            return error("RETRY", str(e))
+        return self.server.loop.after_sync(conn, lambda: self._appended([(g, pend)], reply))
+
+    def append_now(self, tablet, epoch, prev_seq, prev_epoch, meta, *values) -> bytes:
+        """cmd_REPL without a connection or a loop: returns once durable."""
         g, pend, reply = self._submit_append(tablet, epoch, prev_seq, prev_epoch, meta, values)
-        self._finish_appends([(g, pend)])
+        return self._appended([(g, pend)], reply)
+
+    def _appended(self, batch, reply) -> bytes:
+        self._finish_appends(batch)
         return reply_text(reply)
 
     def _submit_append(self, tablet, epoch, prev_seq, prev_epoch, meta, values):
@@ -828,21 +992,11 @@ class ClusterNode:
         return g, pend, reply
 
     def _finish_appends(self, batch) -> None:
-        """Wait until every submitted record is durable (one group-commit flush
-        per tablet log; the logs of different tablets are flushed at the same
-        time, fsync releases the GIL), then apply them in order. Only then may
-        the ACKs go."""
-        last: dict[int, object] = {}
-        for g, pend in batch:
-            if pend:
-                last[g.tablet.id] = (g.tablet, pend[-1])
-        flushes = list(last.values())
-        if len(flushes) > 1:
-            # each tablet's last record: waiting for it flushes that log up to it
-            futures = [self.flusher.submit(t.wait_durable, p) for t, p in flushes[1:]]
-            flushes[0][0].wait_durable(flushes[0][1])
-            for f in futures:
-                f.result()
+        """Wait until every submitted record is durable, then apply them in
+        order. Only then may the ACKs go. The server's tablet logs share one
+        commit group, so the first wait flushes every tablet log the batch
+        touched with one sync; with group commit off each record is synced
+        by itself."""
         for g, pend in batch:
             for p in pend:
                 g.tablet.wait_durable(p)
@@ -852,69 +1006,25 @@ class ClusterNode:
 
     def cmd_REPLSTREAM(self, conn, *args):
         """A primary's stream: from here on this connection carries only
-        replication requests, served by `_stream_loop` (batched fsyncs)."""
+        replication requests, parsed by the leaner `StreamRequests`. The
+        primary sends nothing after REPLSTREAM until it is answered, so
+        nothing is left in the general parser."""
         if self.stopped.is_set():
             raise Retry("not serving")
-        conn.sock.sendall(ok("streaming"))
-        try:
-            self._stream_loop(conn.sock)
-        finally:
-            conn.closing = True
-        return b""
+        conn.parser = StreamRequests(self.cfg.storage.max_cell_bytes)
+        return ok("streaming")
 
-    def _stream_loop(self, sock) -> None:
-        """Serve replication requests in batches: every request already
-        received is handled (its records enqueued in the local logs) before
-        any waits for the disk, so a batch shares one flush per tablet log,
-        and the replies go together, in order. The stream's primary sent
-        nothing after REPLSTREAM until it was answered, so nothing was left
-        in the server's own parser."""
-        reader = StreamReader(self.cfg.storage.max_cell_bytes)
-        handlers = {"SNAPCHUNK": (self.cmd_SNAPCHUNK, 4), "SNAPSHOT": (self.cmd_SNAPSHOT, 6)}   # (handler, least args)
-        while not self.stopped.is_set():
-            batch = []
+    def _snapshot_command(self, handler):
+        """SNAPCHUNK / SNAPSHOT (run on a thread of their own, after the
+        stream's earlier appends are durable): an error ends the stream."""
+        def run(conn, *args):
             try:
-                while (req := reader.next()) is not None:
-                    batch.append(req)
-            except ValueError as e:
-                sock.sendall(error("BADREQ", str(e)))
-                return
-            if not batch:
-                data = sock.recv(RECV_BYTES)
-                if not data:
-                    return
-                reader.feed(data)
-                continue
-            out, pending, close = [], [], False
-            for cmd, args in batch:
-                try:
-                    if cmd == "REPL" and len(args) >= 5:
-                        g, pend, reply = self._submit_append(*args[:5], args[5:])
-                        pending.append((g, pend))
-                        out.append(reply_text(reply))
-                    else:
-                        # SNAPCHUNK / SNAPSHOT: after everything before them is durable
-                        self._finish_appends(pending)
-                        pending = []
-                        handler, arity = handlers.get(cmd, (None, 0))
-                        if handler is None or len(args) < arity:
-                            out.append(error("BADREQ", f"{cmd} on a replication stream"))
-                            close = True
-                            break
-                        out.append(handler(None, *args))
-                except (KVError, TabletError, ValueError) as e:
-                    # The stream is out of step with this replica: answer, and end it.
-                    out.append(error("RETRY", str(e)))
-                    close = True
-                    break
-            try:
-                self._finish_appends(pending)
-            except TabletError as e:
-                out = [error("RETRY", str(e))]
-                close = True
-            sock.sendall(b"".join(out))
-            if close:
-                return
+                return handler(conn, *args)
+            except (KVError, TabletError, ValueError) as e:
+                if conn is not None:
+                    conn.closing = True
+                return error("RETRY", str(e))
+        return run
 
     def cmd_SNAPCHUNK(self, conn, tablet, epoch, offset, data):
         g = self._glue_for(tablet)
@@ -1057,8 +1167,12 @@ def cluster_server(cfg: Config, node_id: str):
         raise ConfigError(f"{cfg.path}: {node_id!r} is not a [[kvserver]]")
     node = ClusterNode(cfg, node_id)
     internal = {name: (spec, getattr(node, f"cmd_{name}")) for name, spec in INTERNAL_COMMANDS.items()}
+    for name in BLOCKING_COMMANDS:
+        spec, handler = internal[name]
+        internal[name] = (spec, node._snapshot_command(handler))
     server = KVServer(node_id, node_cfg.host, node_cfg.port, cfg.process_dir(node_id), cfg.storage,
                       cfg.cluster.tablets, secret=cfg.cluster.secret, role=node, writer=node,
-                      tablet_ids=node.tablet_ids, internal_commands=internal)
+                      tablet_ids=node.tablet_ids, internal_commands=internal,
+                      blocking_commands=BLOCKING_COMMANDS)
     node.attach(server)
     return server

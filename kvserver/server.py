@@ -35,8 +35,9 @@ Seams for the cluster layer, both passed to the constructor:
 
 - `internal_commands` ({name: (CommandSpec, handler(conn, *args))}) adds
   the cluster's own commands (replication, catch-up); like admin commands
-  they need AUTH when a secret is set. They may block, so they run on a
-  thread of their own with the connection's socket (REPLSTREAM keeps it).
+  they need AUTH when a secret is set. Those named in `blocking_commands`
+  (and KILL, WAKE) may block: they run on a thread of their own, with the
+  connection's socket taken out of the loop meanwhile.
 
 A refused write logs nothing. A write dropped by KILL before it reached the
 disk answers `-ERR RETRY` (it was not applied). A write whose log failed
@@ -116,7 +117,7 @@ class LocalWriter:
 class KVServer:
     def __init__(self, node_id: str, host: str, port: int, data_dir: str, storage: StorageConfig,
                  tablets: int, secret: str = "", role=None, writer=None, tablet_ids=None,
-                 internal_commands=None):
+                 internal_commands=None, blocking_commands=frozenset()):
         self.node_id = node_id
         self.host = host
         self.data_dir = data_dir
@@ -141,7 +142,9 @@ class KVServer:
         self.commands = {**SERVER_COMMANDS, **{n: spec for n, (spec, _) in internal.items()}}
         self._dispatch.update({n: h for n, (_, h) in internal.items()})
         self._restricted = ADMIN | frozenset(internal)
-        self._blocking = frozenset(internal) | {"WAKE"}    # run on a thread of their own
+        # run on a thread of their own: KILL stops the cluster node (joins its
+        # threads, which hand their sockets back through the loop), WAKE recovers
+        self._blocking = frozenset(blocking_commands) | {"KILL", "WAKE"}
 
     # -- life cycle ------------------------------------------------------------------
 
@@ -321,7 +324,9 @@ class KVServer:
                  f"log_records={s['log_records'] if s else 0}", f"ops={self.ops}"]
         if s:
             lines += [f"memtable_bytes={s['memtable_bytes']}", f"cache_bytes={s['cache_bytes']}",
-                      f"index_bytes={s['index_bytes']}", f"checkpoints={s['checkpoints']}"]
+                      f"index_bytes={s['index_bytes']}", f"checkpoints={s['checkpoints']}",
+                      f"group_flushes={s['group_flushes']}", f"logs_flushed={s['logs_flushed']}"]
+        lines += [f"loop_turns={self.loop.turns}", f"connections={self.loop.connection_count}"]
         lines.append(f"memory_budget={self.storage_cfg.memory_budget_bytes}")
         lines.append(f"group_commit={int(self.storage_cfg.group_commit)}")
         return listing(lines)
@@ -354,7 +359,7 @@ class KVServer:
         self.role.on_kill()
         if store is not None:
             store.crash()
-        self.loop.close_connections(keep=conn)
+        self.loop.call_soon(lambda: self.loop.close_connections(keep=conn))
         return ok()
 
     def cmd_WAKE(self, conn):

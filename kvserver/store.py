@@ -204,4 +204,6 @@ class Store:
             "cache_bytes": self.cache.bytes,
             "index_bytes": sum(t.index_memory for t in list(self.tablets.values())),
             "checkpoints": self.checkpoints,
+            "group_flushes": self.commit_group.flushes if self.commit_group else 0,
+            "logs_flushed": self.commit_group.logs_flushed if self.commit_group else 0,
         }

@@ -556,7 +556,7 @@ def test_records_from_a_newer_primary_during_a_snapshot_install_are_not_misnumbe
         assert started.wait(10)
         m5, v5 = encode_records([Record(5, 3, Effect(SET, b"k4", b"c", b"from epoch 3"))])
         try:
-            answer = node.cmd_REPL(None, "0", "3", "4", "1", m5, *v5)
+            answer = node.append_now("0", "3", "4", "1", m5, *v5)
         except kv.Retry:
             answer = None
         release.set()
