@@ -346,3 +346,124 @@ def test_concurrent_big_uploads_take_turns(procs, tmp_path):
     c.close()
     for x in holders + [third]:
         x.close()
+
+
+# -- one event loop serves every connection (kvserver/loop.py) --------------------------
+
+
+def test_concurrent_cputs_on_one_cell_are_atomic(server):
+    """Eight connections increment one counter with CPUT as fast as they can:
+    a write holds its row until it is durable, so no two CPUTs both win on
+    the same old value and every success is one increment."""
+    port = server.port
+    c = ServerClient(f"127.0.0.1:{port}", timeout=10)
+    c.put(b"counter", b"n", b"0")
+    wins = []
+
+    def worker():
+        k = ServerClient(f"127.0.0.1:{port}", timeout=10)
+        won = 0
+        deadline = time.monotonic() + 20
+        while won < 40 and time.monotonic() < deadline:
+            cur = k.get(b"counter", b"n")
+            try:
+                k.cput(b"counter", b"n", cur, b"%d" % (int(cur) + 1))
+                won += 1
+            except Mismatch:
+                pass
+        wins.append(won)
+        k.close()
+
+    ts = [threading.Thread(target=worker) for _ in range(8)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(30)
+    assert sum(wins) == 8 * 40
+    assert c.get(b"counter", b"n") == b"%d" % (8 * 40)
+    c.close()
+
+
+def test_pipelined_writes_to_one_row_from_two_connections_keep_each_order(server):
+    """Two pipelines write the same cells; each connection's writes apply in
+    its own order and its replies come in order; the last value of each
+    cell is one of the two last writes."""
+    a, b = Raw(server.port), Raw(server.port)
+    for who, conn in ((b"a", a), (b"b", b)):
+        conn.send(b"".join(b"PUT shared c%d %s%d\r\n" % (i % 3, who, i) for i in range(60))
+                  + b"GET shared c0\r\n")
+    for conn in (a, b):
+        assert [conn.line() for _ in range(60)] == [b"+OK"] * 60
+        assert conn.line().startswith(b"$")
+        conn.line()
+    kv = ServerClient(f"127.0.0.1:{server.port}", timeout=10)
+    assert kv.get(b"shared", b"c0") in (b"a57", b"b57")
+    kv.close()
+    a.close()
+    b.close()
+
+
+def test_a_client_that_does_not_read_does_not_stall_the_others(server):
+    """One connection pipelines 200 GETs of a 64 KiB value (13 MB of replies)
+    and does not read: its socket buffers fill, the server holds its
+    replies, and every other client is served meanwhile."""
+    kv = ServerClient(f"127.0.0.1:{server.port}", timeout=10)
+    kv.put(b"fat", b"v", b"F" * (64 * 1024))
+    hog = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    hog.sendall(b"GET fat v\r\n" * 200)
+    time.sleep(0.2)
+    for i in range(50):
+        kv.put(b"other", b"c", b"%d" % i)
+        assert kv.get(b"other", b"c") == b"%d" % i
+    reply = b"$65536\r\n" + b"F" * 65536 + b"\r\n"
+    got = bytearray()                                # the hog still gets everything, in order
+    hog.settimeout(30)
+    while len(got) < 200 * len(reply):
+        d = hog.recv(1 << 20)
+        assert d
+        got += d
+    assert got == reply * 200
+    hog.close()
+    kv.close()
+
+
+def test_requests_sent_before_a_half_close_are_all_answered(server):
+    """`printf 'PUT ...\\r\\nGET ...\\r\\n' | nc`: the client shuts its side
+    down right after sending; every request is still answered, then the
+    server closes."""
+    s = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    s.sendall(b"PUT half c {5}\r\nhello\r\nGET half c\r\nCOLS half\r\n")
+    s.shutdown(socket.SHUT_WR)
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    assert data == b"+OK\r\n$5\r\nhello\r\n*1\r\nc\r\n"
+    s.close()
+
+
+def test_writes_to_many_tablets_share_syncs(server):
+    """Concurrent writes to every tablet: the server's commit group makes
+    them durable with fewer syncs than writes (STATUS group_flushes)."""
+    port = server.port
+    kv = ServerClient(f"127.0.0.1:{port}", timeout=10)
+    before = kv.status()
+    rows = [next(b"gs%d-%d" % (t, i) for i in range(1000) if tablet_of(b"gs%d-%d" % (t, i), TABLETS) == t)
+            for t in range(TABLETS)]
+
+    def writer(k):
+        c = ServerClient(f"127.0.0.1:{port}", timeout=10)
+        for i in range(50):
+            c.put(rows[k % TABLETS], b"c%d" % k, b"%d" % i)
+        c.close()
+
+    ts = [threading.Thread(target=writer, args=(k,)) for k in range(8)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(30)
+    after = kv.status()
+    flushes = int(after["group_flushes"]) - int(before["group_flushes"])
+    logs = int(after["logs_flushed"]) - int(before["logs_flushed"])
+    assert 0 < flushes < 400
+    assert logs > flushes            # some flushes covered several tablets' logs at once
+    kv.close()
