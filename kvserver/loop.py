@@ -23,11 +23,14 @@ One turn:
     - a write is checked (CPUT's old value, ...) and its record enqueued in
       the tablet's log (`writer.begin`); its connection then waits, and its
       next requests stay in its parser, as they would in a blocked thread.
-      A write to a row another write holds parks its connection until that
-      one is done, so each command is atomic and reads never see a write
-      that is not durable;
-    - internal commands (replication streams) and WAKE may block: they run on
-      a thread of their own, the socket taken out of the loop meanwhile.
+      A write to a cell another write holds (DELROW: to a row with a cell
+      held) parks its connection until that one is done, so each command
+      is atomic and reads never see a write that is not durable; writes to
+      different cells of one row (a mailbox's messages) go on together;
+    - a replica's REPL is enqueued the same way; its ACK is a reply that
+      holds its place until the turn's sync;
+    - SNAPCHUNK, SNAPSHOT, KILL and WAKE may block: they run on a thread of
+      their own, the socket taken out of the loop meanwhile.
  3. Every write begun in the turn is made durable: the first wait leads ONE
     group flush of every dirty tablet log (wal.CommitGroup). With group
     commit off each write is synced by itself.
@@ -100,7 +103,7 @@ class Conn:
         self.out: collections.deque = collections.deque()
         self.out_bytes = 0
         self.waiting = None         # the Write in flight, or LATER while detached
-        self.parked = None          # a request to dispatch again (row busy, memory full) ...
+        self.parked = None          # a request to dispatch again (cell busy, memory full) ...
         self.parked_on = None       # ... once this is released: a row's key, or MEMORY
         self.need_data = True       # the parser asked for more bytes
         self.eof = False            # the client sent FIN: answer what came, then close
@@ -148,7 +151,8 @@ class EventLoop:
         self._unsynced: list[Write] = []         # begun this turn, not yet durable
         self._unsettled: list[Write] = []        # durable here, waiting for replicas
         self._after_sync: list = []              # (conn, Deferred, fn): replies made after the sync
-        self._rows: dict = {}                    # (tablet, row) -> the Write holding it
+        self._cells: dict = {}                   # (tablet, row, col) -> the Write holding it (col None: DELROW)
+        self._row_writes: dict = {}              # (tablet, row) -> how many cells of it are held
         self._row_waiters: dict = {}             # (tablet, row) -> deque of parked Conns
         self._memory_waiters: list[Conn] = []
         self.turns = 0
@@ -350,7 +354,7 @@ class EventLoop:
 
     def _advance(self, conn: Conn) -> None:
         """Answer this connection's buffered requests, in order, until one must
-        wait (a write in flight, a busy row), more bytes are needed, or too
+        wait (a write in flight, a busy cell), more bytes are needed, or too
         many replies are unsent. Then send, and watch for what comes next."""
         if conn.parked_on is not None:  # still parked: the loop runs it again when released
             self._set_events(conn)
@@ -553,12 +557,20 @@ class EventLoop:
 
     # -- writes (called by the server's command handlers, on the loop thread) --------------
 
-    def row_busy(self, key) -> bool:
-        return key in self._rows
+    def busy(self, tablet_id: int, row: bytes, col: bytes | None) -> bool:
+        """Does a write in flight hold this cell (col None: any cell of the row)?
+        A write holds its cell, DELROW its whole row, from the condition
+        check until it is answered."""
+        if (tablet_id, row, None) in self._cells:
+            return True
+        if col is None:
+            return (tablet_id, row) in self._row_writes
+        return (tablet_id, row, col) in self._cells
 
-    def park_on_row(self, conn: Conn, key):
-        """The row is held by a write in flight: dispatch this request again
-        once that write is answered."""
+    def park(self, conn: Conn, tablet_id: int, row: bytes):
+        """The cell is held by a write in flight: dispatch this request again
+        once a write of its row is answered."""
+        key = (tablet_id, row)
         self._row_waiters.setdefault(key, collections.deque()).append(conn)
         conn.parked_on = key        # _advance keeps the request in conn.parked
         return LATER
@@ -576,11 +588,13 @@ class EventLoop:
         conn.parked_on = MEMORY
         return LATER
 
-    def begun(self, conn: Conn, tablet, key, handle):
-        """A write's record is enqueued: hold its row, and answer when done."""
+    def begun(self, conn: Conn, tablet, row: bytes, col: bytes | None, handle):
+        """A write's record is enqueued: hold its cell (or row), answer when done."""
         conn.memory_since = 0.0
+        key = (tablet.id, row, col)
         w = Write(conn, tablet, key, handle)
-        self._rows[key] = w
+        self._cells[key] = w
+        self._row_writes[key[:2]] = self._row_writes.get(key[:2], 0) + 1
         conn.waiting = w
         self._unsynced.append(w)
         return LATER
@@ -653,9 +667,15 @@ class EventLoop:
             self._runnable.append(conn)
 
     def _done(self, w: Write, reply) -> None:
-        if self._rows.get(w.key) is w:
-            del self._rows[w.key]
-        waiters = self._row_waiters.pop(w.key, None)
+        if self._cells.get(w.key) is w:
+            del self._cells[w.key]
+            row = w.key[:2]
+            left = self._row_writes[row] - 1
+            if left:
+                self._row_writes[row] = left
+            else:
+                del self._row_writes[row]
+        waiters = self._row_waiters.pop(w.key[:2], None)
         if waiters:
             self._release(waiters)
         conn = w.conn

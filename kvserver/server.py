@@ -12,9 +12,9 @@ for each request's reply, in order. Commands are found in a dispatch table of
 condition against the current state, then `writer.begin`s its record and
 returns `LATER`: the loop makes it durable with the turn's other writes,
 calls `writer.durable` (and `writer.settle` until the replicas have it),
-and answers. While a write is in flight its row is held: another write to
-that row waits (the loop parks its connection), so each command is atomic,
-and readers never see a write that is not durable.
+and answers. While a write is in flight its cell is held (DELROW: its row):
+another write to that cell waits (the loop parks its connection), so each
+command is atomic, and readers never see a write that is not durable.
 
 Seams for the cluster layer, both passed to the constructor:
 
@@ -226,22 +226,23 @@ class KVServer:
             raise Retry(f"tablet {tid} is not held here")
         return store, t
 
-    def _write(self, conn, row: bytes, effect_for, admit: bool = True):
-        """Begin a write of `row`: `effect_for(tablet)` checks the command's
-        condition against the current state (raising NotFound, Mismatch,
-        Exists) and returns the effect to log. LATER: the loop answers when
-        the write is durable (and replicated)."""
+    def _write(self, conn, row: bytes, col: bytes | None, effect_for, admit: bool = True):
+        """Begin a write of one cell (col None: the whole row, DELROW):
+        `effect_for(tablet)` checks the command's condition against the
+        current state (raising NotFound, Mismatch, Exists) and returns the
+        effect to log. LATER: the loop answers when the write is durable (and
+        replicated). While it is in flight it holds its cell (DELROW its
+        row): another write to that cell waits, so each command is atomic."""
         store, t = self._tablet(row)
-        key = (t.id, row)
-        if self.loop.row_busy(key):
-            return self.loop.park_on_row(conn, key)
+        if self.loop.busy(t.id, row, col):
+            return self.loop.park(conn, t.id, row)
         if admit and store.over_budget():
             later = self.loop.wait_for_memory(conn)
             if later is not None:
                 return later
         self.ops += 1
         effect = effect_for(t)
-        return self.loop.begun(conn, t, key, self.writer.begin(t, effect))
+        return self.loop.begun(conn, t, row, col, self.writer.begin(t, effect))
 
     def written(self, t: Tablet) -> bytes:
         """A write is done: wake the checkpointer if a threshold is passed; +OK."""
@@ -273,14 +274,14 @@ class KVServer:
         return name_listing(t.cols(row))
 
     def cmd_PUT(self, conn, row, col, value):
-        return self._write(conn, row, lambda t: Effect(SET, row, col, value))
+        return self._write(conn, row, col, lambda t: Effect(SET, row, col, value))
 
     def cmd_PUTNX(self, conn, row, col, value):
         def effect(t):
             if t.exists(row, col):
                 raise Exists()
             return Effect(SET, row, col, value)
-        return self._write(conn, row, effect)
+        return self._write(conn, row, col, effect)
 
     def cmd_CPUT(self, conn, row, col, old, new):
         def effect(t):
@@ -290,21 +291,21 @@ class KVServer:
             if cur != old:
                 raise Mismatch()
             return Effect(SET, row, col, new)
-        return self._write(conn, row, effect)
+        return self._write(conn, row, col, effect)
 
     def cmd_DELETE(self, conn, row, col):
         def effect(t):
             if not t.exists(row, col):
                 raise NotFound()
             return Effect(DEL, row, col)
-        return self._write(conn, row, effect, admit=False)
+        return self._write(conn, row, col, effect, admit=False)
 
     def cmd_DELROW(self, conn, row):
         def effect(t):
             if not t.cols(row):
                 raise NotFound()
             return Effect(DELROW, row)
-        return self._write(conn, row, effect, admit=False)
+        return self._write(conn, row, None, effect, admit=False)
 
     # -- admin commands ------------------------------------------------------------------------
 
