@@ -2,10 +2,11 @@
 
 Read in this order (docs/storage.md has the file formats and recovery):
 
-    wal.py          TabletLog: one tablet's write-ahead log, group commit
+    wal.py          TabletLog: one tablet's write-ahead log; CommitGroup: one sync for all
     checkpoint.py   immutable sorted checkpoint files, the block cache
     tablet.py       Tablet: memtables + checkpoint + log, recovery, checkpoints
-    store.py        Store: every tablet of a server, row locks, memory budget
+    store.py        Store: every tablet of a server, memory budget, checkpointer
+    loop.py         EventLoop: every connection on one thread, a turn's writes, one sync
     server.py       KVServer: the protocol (PROTOCOL.md) in front of a Store
     replication.py  the pure primary-backup state machine (cluster mode)
     cluster.py      cluster mode: heartbeats, replication streams, catch-up

@@ -11,11 +11,15 @@ kinds of background threads:
                 is every tablet's view, fed to each TabletReplica.set_view.
                 An answered heartbeat renews the primary LEASE (below).
     streams     one `PeerStream` per peer server this server leads tablets
-                with: a sender thread (pipelined REPL / SNAPCHUNK / SNAPSHOT
-                requests, coalesced per tablet) and a reader thread (their
-                answers, fed to TabletReplica.on_reply). On the replica the
-                connection is served by `_stream_loop`, in batches that share
-                one flush per tablet log.
+                with. Its thread connects and does the handshake; then the
+                server's event loop sends the queued REPL requests (coalesced
+                per tablet, once per turn, without blocking) and reads the
+                answers (fed to TabletReplica.on_reply). The thread sends only
+                what the socket could not take at once, and catch-ups
+                (records from the log, SNAPCHUNK / SNAPSHOT). On the replica
+                the stream is a connection of its event loop: a REPL's
+                records are enqueued at once and its ACK goes after the
+                turn's sync, which they share with every other write.
     control     view changes the state machine asks for (VIEWCHANGE to the
                 master), and the logical clock (`tick`) that re-probes
                 lagging replicas.
@@ -888,7 +892,7 @@ class ClusterNode:
             elif was == rp.PRIMARY:
                 log.info("tablet %d: no longer primary (epoch %d, primary %s)", v.tablet, v.epoch, v.primary)
 
-    # -- catch-up (on the stream's sender thread) ------------------------------------------------
+    # -- catch-up (on the stream's thread) ------------------------------------------------
 
     def catch_up_bufs(self, peer: str, tid: int, after_seq: int, after_epoch, send) -> list:
         """Buffers that bring `peer`'s copy of tablet `tid` up to this log:

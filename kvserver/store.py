@@ -1,10 +1,8 @@
-"""All tablets of one server: row locks, the memory budget, background checkpoints.
+"""All tablets of one server: the commit group, the memory budget, background checkpoints.
 
     store = Store(data_dir, tablet_ids, storage_cfg).open()   # recovers every tablet
     store.tablet(7)            -> Tablet (None if not held)
     store.add_tablet(9)        -> Tablet: open (recover or create) one more
-    store.row_lock(7, row)     -> the lock a write holds from reading the old
-                                  value until its effect is durable and applied
     store.over_budget()        memory back-pressure, asked before a write
     store.close()              clean stop: logs flushed and closed
     store.crash()              KILL: everything in memory dropped, as a crash
@@ -21,8 +19,8 @@ tablet is also checkpointed when its log passes `checkpoint_log_bytes` or when
 `checkpoint_interval_s` has passed since its last checkpoint and it has new
 writes.
 
-Row locks are striped: ROW_LOCK_STRIPES locks, a row uses the one its
-(tablet, row) hashes to. Bounded memory, and two rows rarely share a lock.
+All tablet logs of the server share one `CommitGroup` (wal.py): one sync
+makes every tablet's pending records durable.
 """
 
 from __future__ import annotations
@@ -40,7 +38,6 @@ from kvserver.wal import CommitGroup, fsync_dir
 
 log = logging.getLogger(__name__)
 
-ROW_LOCK_STRIPES = 4096
 CHECK_INTERVAL_S = 0.5        # how often the checkpointer looks even when not woken
 MEM_RECHECK_S = 0.005         # how stale the writers' view of memtable memory may be
 
@@ -59,7 +56,6 @@ class Store:
         # Group commit spans every tablet of the server: one sync for all (wal.py).
         self.commit_group = CommitGroup() if cfg.group_commit else None
         self.tablets: dict[int, Tablet] = {}
-        self._row_locks = [threading.Lock() for _ in range(ROW_LOCK_STRIPES)]
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -123,9 +119,6 @@ class Store:
             self.tablets = {**self.tablets, tablet_id: t}
             self.tablet_ids = sorted(self.tablets)
         return t
-
-    def row_lock(self, tablet_id: int, row: bytes) -> threading.Lock:
-        return self._row_locks[hash((tablet_id, row)) % ROW_LOCK_STRIPES]
 
     @property
     def memtable_bytes(self) -> int:

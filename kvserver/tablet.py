@@ -34,8 +34,9 @@ The write path, and the seam for replication (helper E's layer):
 
 `submit` holds the tablet's sequencing lock only to number and enqueue, so
 records are in the log in seq order and writes of different rows share an
-fsync. The caller (the server) holds the row's lock from reading the old value
-to `apply`, so a reader never sees a write that is not durable.
+fsync. The caller (the server's event loop) holds the cell from reading the
+old value to `apply` (no other write to it is in flight meanwhile), so a
+reader never sees a write that is not durable.
 
 A checkpoint (`checkpoint()`, run by the store's background thread) freezes
 the active memtable and starts a new log segment under the sequencing lock
@@ -100,8 +101,9 @@ class MemRow:
 
 
 class Memtable:
-    """Recent writes of one tablet, in memory. Rows are mutated only under the
-    row's lock; readers copy what they need (a dict copy is atomic under the GIL)."""
+    """Recent writes of one tablet, in memory. Rows are mutated only by
+    `Tablet.apply` (under the tablet's `_inflight_cond`); readers copy what
+    they need (a dict copy is atomic under the GIL)."""
 
     def __init__(self):
         self.rows: dict[bytes, MemRow] = {}
