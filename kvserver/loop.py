@@ -615,14 +615,8 @@ class EventLoop:
         the next turn's batch bigger; a sync thread beside the loop was
         measured slower: smaller batches, and hand-offs between threads).
         Without group commit each write is synced by itself."""
-        batch = (self._unsynced, self._after_sync)
-        self._unsynced, self._after_sync = [], []
-        self._synced(batch)
-
-    def _synced(self, batch) -> None:
-        """The batch's records are durable (or failed): apply and answer them,
-        or leave the writes to wait for their replicas."""
-        writes, appends = batch
+        writes, self._unsynced = self._unsynced, []
+        appends, self._after_sync = self._after_sync, []
         for conn, d, fn in appends:
             try:
                 d.data = fn()
@@ -635,24 +629,18 @@ class EventLoop:
                 if not conn.deferred and conn.parked_on == APPENDS:
                     conn.parked_on = None
                 self._runnable.append(conn)
-        writer = self.server.writer
-        for w in writes:
-            try:
-                done = writer.durable(w.tablet, w.handle)
-            except Exception as e:
-                self._done(w, self.server.error_reply(w.conn, "write", e))
-                continue
-            if done:
-                self._done(w, self.server.written(w.tablet))
-            else:
-                self._unsettled.append(w)
+        self._step(writes, self.server.writer.durable)
 
     def _settle(self) -> None:
         writes, self._unsettled = self._unsettled, []
-        writer = self.server.writer
+        self._step(writes, self.server.writer.settle)
+
+    def _step(self, writes: list[Write], step) -> None:
+        """Ask `step` (writer.durable after the sync, writer.settle after) of
+        each write: done -> answer it; not yet -> it waits for its replicas."""
         for w in writes:
             try:
-                done = writer.settle(w.tablet, w.handle)
+                done = step(w.tablet, w.handle)
             except Exception as e:
                 self._done(w, self.server.error_reply(w.conn, "write", e))
                 continue

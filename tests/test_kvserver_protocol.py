@@ -351,6 +351,15 @@ def test_concurrent_big_uploads_take_turns(procs, tmp_path):
 # -- one event loop serves every connection (kvserver/loop.py) --------------------------
 
 
+def in_threads(fn, n, timeout=30):
+    """Run fn(0) .. fn(n-1) on n threads at once and wait for all."""
+    ts = [threading.Thread(target=fn, args=(k,)) for k in range(n)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(timeout)
+
+
 def test_concurrent_cputs_on_one_cell_are_atomic(server):
     """Eight connections increment one counter with CPUT as fast as they can:
     a write holds its row until it is durable, so no two CPUTs both win on
@@ -360,7 +369,7 @@ def test_concurrent_cputs_on_one_cell_are_atomic(server):
     c.put(b"counter", b"n", b"0")
     wins = []
 
-    def worker():
+    def worker(_):
         k = ServerClient(f"127.0.0.1:{port}", timeout=10)
         won = 0
         deadline = time.monotonic() + 20
@@ -374,11 +383,7 @@ def test_concurrent_cputs_on_one_cell_are_atomic(server):
         wins.append(won)
         k.close()
 
-    ts = [threading.Thread(target=worker) for _ in range(8)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join(30)
+    in_threads(worker, 8)
     assert sum(wins) == 8 * 40
     assert c.get(b"counter", b"n") == b"%d" % (8 * 40)
     c.close()
@@ -456,11 +461,7 @@ def test_writes_to_many_tablets_share_syncs(server):
             c.put(rows[k % TABLETS], b"c%d" % k, b"%d" % i)
         c.close()
 
-    ts = [threading.Thread(target=writer, args=(k,)) for k in range(8)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join(30)
+    in_threads(writer, 8)
     after = kv.status()
     flushes = int(after["group_flushes"]) - int(before["group_flushes"])
     logs = int(after["logs_flushed"]) - int(before["logs_flushed"])
@@ -483,11 +484,7 @@ def test_writes_to_different_cells_of_one_row_go_on_together(server):
             c.putnx(b"mailbox", b"msg-%d-%d" % (k, i), b"body")
         c.close()
 
-    ts = [threading.Thread(target=writer, args=(k,)) for k in range(10)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join(30)
+    in_threads(writer, 10)
     assert len(kv.cols(b"mailbox")) == 400
     assert int(kv.status()["group_flushes"]) - before < 300     # one each would be 400
     kv.close()
