@@ -70,6 +70,7 @@ MEMORY_WAIT_S = 30.0               # longest a write waits for memory before goi
 MEMORY_RECHECK_S = 0.05
 SETTLE_RECHECK_S = 0.5             # writes waiting for replicas are re-asked at least this often
 ACCEPT_PER_TURN = 64
+ACCEPT_PAUSE_S = 0.5               # after accept failed (out of file descriptors): listen again after this
 
 LATER = object()    # what a command handler returns when its connection now waits
 MEMORY = "memory"   # what a write parked for memory waits on
@@ -156,6 +157,7 @@ class EventLoop:
         self._row_waiters: dict = {}             # (tablet, row) -> deque of parked Conns
         self._memory_waiters: list[Conn] = []
         self.turns = 0
+        self._accept_paused_until = 0.0
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -239,16 +241,22 @@ class EventLoop:
     def _timeout(self) -> float | None:
         if self._unsynced or self._after_sync or self._runnable or self._calls or self._flushes:
             return 0
+        waits = []
+        if self._accept_paused_until:
+            waits.append(max(0.0, self._accept_paused_until - time.monotonic()))
         if self._memory_waiters:
-            return MEMORY_RECHECK_S
+            waits.append(MEMORY_RECHECK_S)
         if self._unsettled:
-            return SETTLE_RECHECK_S
+            waits.append(SETTLE_RECHECK_S)
         if self._big_waiters:
-            return 1.0
-        return None
+            waits.append(1.0)
+        return min(waits) if waits else None
 
     def _turn(self) -> None:
         self.turns += 1
+        if self._accept_paused_until and time.monotonic() >= self._accept_paused_until:
+            self._accept_paused_until = 0.0
+            self.sel.register(self._listener, selectors.EVENT_READ, "accept")
         for key, mask in self.sel.select(self._timeout()):
             what = key.data
             if what == "accept":
@@ -292,7 +300,13 @@ class EventLoop:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
-                log.warning("%s: accept failed: %s", self.name, e)
+                # Out of file descriptors (or memory): the pending connection
+                # stays in the backlog and the listener stays readable, so
+                # stop watching it for a moment instead of spinning on it.
+                log.warning("%s: accept failed (%s): not accepting for %.1fs, %d connections open",
+                            self.name, e, ACCEPT_PAUSE_S, len(self.conns))
+                self.sel.unregister(self._listener)
+                self._accept_paused_until = time.monotonic() + ACCEPT_PAUSE_S
                 return
             sock.setblocking(False)
             if sock.family in (socket.AF_INET, socket.AF_INET6):

@@ -23,6 +23,7 @@ from typing import Callable
 log = logging.getLogger(__name__)
 
 Handler = Callable[[socket.socket, tuple], None]
+ACCEPT_PAUSE_S = 0.5    # after accept() failed (out of file descriptors): try again after this
 
 
 class TCPServer:
@@ -110,10 +111,15 @@ class TCPServer:
         while not self._stopping.is_set():
             try:
                 sock, peer = self._listener.accept()
-            except OSError:
+            except OSError as e:
                 if self._stopping.is_set():
                     return
-                log.exception("%s: accept failed", self.name)
+                # Out of file descriptors (or memory): the connection stays in
+                # the backlog, and accept() would fail again at once; wait
+                # instead of spinning (and filling the log).
+                log.warning("%s: accept failed (%s): not accepting for %.1fs, %d connections open",
+                            self.name, e, ACCEPT_PAUSE_S, self.connection_count)
+                self._stopping.wait(ACCEPT_PAUSE_S)
                 continue
             if self._nodelay and sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

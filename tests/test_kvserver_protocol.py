@@ -507,3 +507,34 @@ def test_delrow_waits_for_the_row_and_each_connection_keeps_its_order(server):
     kv.close()
     for c in [a, *others]:
         c.close()
+
+
+def test_out_of_file_descriptors_pauses_accepting_and_serves_on(procs, tmp_path):
+    """The server's file descriptor limit is reached by a crowd of
+    connections: it stops accepting for a moment instead of spinning on
+    accept(), keeps serving the connections it has, and accepts again
+    once descriptors are free."""
+    import resource
+    p = procs.start("kvserver", ["--standalone", "--port", "0", "--data", str(tmp_path / "d"),
+                                 "--tablets", "2"], name="kvfd")
+    kv = ServerClient(f"127.0.0.1:{p.port}", timeout=10)
+    kv.put(b"fd", b"c", b"before")
+    pid = p.popen.pid
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (len(os.listdir(f"/proc/{pid}/fd")) + 5, 4096))
+    crowd = [socket.create_connection(("127.0.0.1", p.port), timeout=5) for _ in range(30)]
+
+    def cpu_seconds():
+        f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+    c0 = cpu_seconds()
+    time.sleep(1.5)
+    assert cpu_seconds() - c0 < 0.5              # not a busy loop on accept()
+    kv.put(b"fd", b"c", b"during")               # the connection it has still works
+    assert kv.get(b"fd", b"c") == b"during"
+    for s in crowd:
+        s.close()
+    later = ServerClient(f"127.0.0.1:{p.port}", timeout=10)
+    assert later.get(b"fd", b"c") == b"during"
+    later.close()
+    kv.close()

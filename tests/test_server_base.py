@@ -63,3 +63,31 @@ def test_stop_is_bounded_even_with_stuck_handlers():
     never.set()
     for c in conns:
         c.close()
+
+
+def test_out_of_file_descriptors_backs_off_instead_of_spinning(caplog):
+    """When accept() fails for lack of file descriptors, the connection waits
+    in the backlog; the server must pause, not retry in a tight loop (which
+    burns a core and floods the log), and accept again once fds free up."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    srv = TCPServer("127.0.0.1", 0, echo, name="fdlimit").start()
+    clients = []
+    try:
+        open_now = len(__import__("os").listdir("/proc/self/fd"))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (open_now + 6, hard))
+        with caplog.at_level("WARNING", logger="src.server"):
+            for _ in range(6):     # each accepted one costs the server an fd, each client one too
+                clients.append(socket.create_connection(("127.0.0.1", srv.port), timeout=5))
+            time.sleep(1.0)
+        failures = [r for r in caplog.records if "accept failed" in r.getMessage()]
+        assert 1 <= len(failures) <= 4            # about one per 0.5 s pause, not thousands
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        for c in clients:
+            c.sendall(b"x")
+            assert c.recv(10) == b"x"             # every waiting connection was accepted
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        for c in clients:
+            c.close()
+        srv.stop()
