@@ -189,6 +189,8 @@ class EventLoop:
 
     def wake(self) -> None:
         """Make the loop run a turn soon (safe from any thread)."""
+        if threading.current_thread() is self._thread:
+            return                      # the loop's own turn goes on to settle
         with self._wake_lock:
             if self._woken:
                 return
@@ -269,6 +271,8 @@ class EventLoop:
                 self._call(what)
         while self._calls:
             self._call(self._calls.popleft())
+        if self._unsettled:
+            self._settle()              # replicas' ACKs read above: answer before syncing
         self._run_runnable()
         self._flush_streams()           # replicas start on this turn's writes ...
         if self._unsynced or self._after_sync:
