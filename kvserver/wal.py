@@ -35,6 +35,7 @@ so new appends are valid, and reports how many bytes it dropped.
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import os
 import struct
@@ -426,13 +427,22 @@ SYNCFS = _load_syncfs()
 def sync_logs(logs: Sequence["TabletLog"]) -> None:
     """Make the written bytes of every log durable: one fdatasync for one
     log; for several, one syncfs per file system (where there is syncfs),
-    else an fdatasync each."""
-    if len(logs) == 1 or SYNCFS is None:
-        for lg in logs:
-            os.fdatasync(lg._fd)
-        return
-    for fd in {lg.dev: lg._fd for lg in logs}.values():
-        SYNCFS(fd)
+    else an fdatasync each. A file system (or kernel) that does not support
+    syncfs makes the server use fdatasync from then on; any other error is
+    a failed sync."""
+    global SYNCFS
+    if len(logs) > 1 and SYNCFS is not None:
+        try:
+            for fd in {lg.dev: lg._fd for lg in logs}.values():
+                SYNCFS(fd)
+            return
+        except OSError as e:
+            if e.errno not in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+                raise
+            log.warning("syncfs is not supported here (%s): syncing each tablet log with fdatasync", e)
+            SYNCFS = None
+    for lg in logs:
+        os.fdatasync(lg._fd)
 
 
 class CommitGroup:

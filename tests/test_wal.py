@@ -332,3 +332,27 @@ def test_syncfs_is_callable_and_makes_bytes_durable(tmp_path):
     for lg in logs:
         lg.close()
         assert open(lg.path, "rb").read() == b"abc"
+
+
+def test_no_syncfs_support_falls_back_to_fdatasync(tmp_path, monkeypatch):
+    """A file system without syncfs (ENOSYS/EINVAL) must not poison the logs:
+    the server syncs each log with fdatasync from then on."""
+    import errno
+    from kvserver import wal
+    calls = []
+
+    def unsupported(fd):
+        calls.append(fd)
+        raise OSError(errno.ENOSYS, "Function not implemented")
+    monkeypatch.setattr(wal, "SYNCFS", unsupported)
+    group = wal.CommitGroup()
+    logs = [TabletLog(str(tmp_path / f"n{i}.wal"), 0, group=group) for i in range(3)]
+    tickets = [lg.enqueue(LogRecord(1, 0, Effect(SET, b"r", b"c", b"v%d" % i))) for i, lg in enumerate(logs)]
+    logs[0].wait_durable(tickets[0])                # leads one flush of all three
+    assert calls and wal.SYNCFS is None and not any(lg.failed for lg in logs)
+    t2 = logs[1].enqueue(LogRecord(2, 0, Effect(SET, b"r", b"c", b"again")))
+    logs[1].wait_durable(t2)
+    assert len(calls) == 1                          # not tried again
+    for i, lg in enumerate(logs):
+        lg.close()
+        assert read_segment(lg.path).records[0].effect.value == b"v%d" % i
