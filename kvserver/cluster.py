@@ -89,6 +89,7 @@ LANES = 1                      # streams (connections) per peer; tablet t uses l
                                # Measured (docs/performance.md): with the replica's batching
                                # stream loop, one stream per peer batches best; 2 and 4 were slower
 RECONNECT_S = 0.1
+SEND_INLINE_BYTES = 1 << 20    # a bigger batch of REPLs is sent by the stream's thread, not the loop
 RECV_BYTES = 256 * 1024
 INCOMING = "snapshot.incoming"
 
@@ -305,6 +306,13 @@ class PeerStream:
         bufs = []
         for item in _coalesce(items):
             bufs += _encode_msg(item[1])
+        if sum(len(b) for b in bufs) > SEND_INLINE_BYTES:
+            # big values: no copy into one buffer, no long send on the loop
+            with self.cv:
+                self.q.extendleft(reversed([("raw", b) for b in bufs]))
+                self.owner = "thread"
+                self.cv.notify()
+            return
         data = b"".join(bufs)
         try:
             n = self.sock.send(data)
