@@ -127,6 +127,9 @@ def test_kill_and_wake_from_the_console_in_a_replicated_cluster(cluster):
             return (procs["kv1"]["state"].startswith("killed") and "P" not in cells["kv1"].values()
                     and prim == set(range(6)))
         wait_until(console_shows_failover, timeout=15, what="the console showing the fail-over")
+        live = {p["id"]: p for p in json.loads(admin.get("/admin/status.json").text)["snapshot"]["processes"]}
+        syncs = int(live["kv2"]["detail"].split(", ")[1].split()[0])
+        assert syncs > 0 and live["kv2"]["detail"].endswith(" syncs")   # the writes' shared syncs
         before = len(writer.acked)
         wait_until(lambda: len(writer.acked) >= before + 30, timeout=20, what="writes while kv1 is killed")
 

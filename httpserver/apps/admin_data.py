@@ -177,7 +177,8 @@ class ClusterView:
         if probe["ok"]:
             row["state"] = st.get("state", "?")
             row["load"] = f"{st.get('ops', '?')} ops, {st.get('keys', '?')} keys, {_size(st.get('disk_bytes'))}"
-            row["detail"] = f"{st.get('log_records', '?')} log records"
+            row["detail"] = (f"{st.get('log_records', '?')} log records, "
+                             f"{st.get('group_flushes', '?')} syncs")
         else:
             row["state"] = "down"
             row["load"] = ""
