@@ -37,7 +37,7 @@ import time
 from httpserver import http11
 from httpserver.http11 import NEED_DATA, Connection, Data, EndOfMessage, ProtocolError
 from httpserver.web import ClientGone, HTTPError, Request, Response
-from src.server import TCPServer
+from src.server import TCPService
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class BodyStream:
         return self.done
 
 
-class HTTPServer:
+class HTTPServer(TCPService):
     def __init__(self, host: str, port: int, app, http_cfg, name: str = "http",
                  trusted_proxies: frozenset[str] = frozenset(), server_header: str = "PennCloud"):
         self.app = app
@@ -131,21 +131,10 @@ class HTTPServer:
         self.idle_timeout = http_cfg.idle_timeout_s
         self.trusted_proxies = trusted_proxies
         self.server_header = server_header
-        self.tcp = TCPServer(host, port, self._handle, name=name)
+        super().__init__(host, port, name)
         self.requests = 0            # answered (or abandoned) since start
         self._active = 0
         self._lock = threading.Lock()
-
-    def start(self) -> "HTTPServer":
-        self.tcp.start()
-        return self
-
-    def stop(self) -> None:
-        self.tcp.stop()
-
-    @property
-    def port(self) -> int:
-        return self.tcp.port
 
     @property
     def active_requests(self) -> int:
@@ -153,7 +142,7 @@ class HTTPServer:
 
     # -- one connection ------------------------------------------------------------
 
-    def _handle(self, sock: socket.socket, peer: tuple) -> None:
+    def _serve(self, sock: socket.socket, peer: tuple) -> None:
         cfg = self.cfg
         conn = Connection(http11.SERVER, cfg.max_line_bytes, cfg.max_header_bytes, cfg.max_body_bytes)
         addr = peer[0]

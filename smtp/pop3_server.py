@@ -25,7 +25,7 @@ from src.accounts import Accounts
 from src.config import Config
 from src.kv import KV, Exists, KVError, Mismatch, NotFound
 from src.mailstore import MailStore, MailStoreError, NoSuchMessage
-from src.server import TCPServer
+from src.server import TCPService
 
 log = logging.getLogger(__name__)
 
@@ -168,25 +168,14 @@ class POP3Mailboxes:
             raise TemporaryFailure() from None
 
 
-class POP3Server:
-    """Serves POP3 on host:port, one thread per connection (src.server.TCPServer)."""
+class POP3Server(TCPService):
+    """Serves POP3 on host:port, one thread per connection (src.server.TCPService)."""
 
     def __init__(self, host: str, port: int, handler: POP3Mailboxes, *, idle_timeout_s: float = IDLE_TIMEOUT_S,
                  name: str = "pop3"):
         self.handler = handler
         self.idle_timeout_s = idle_timeout_s
-        self.tcp = TCPServer(host, port, self._serve, name=name)
-
-    @property
-    def port(self) -> int:
-        return self.tcp.port
-
-    def start(self) -> "POP3Server":
-        self.tcp.start()
-        return self
-
-    def stop(self) -> None:
-        self.tcp.stop()
+        super().__init__(host, port, name)
 
     def _serve(self, sock: socket.socket, peer: tuple) -> None:
         sock.settimeout(self.idle_timeout_s)

@@ -28,7 +28,7 @@ from src.accounts import RESERVED, Accounts, InvalidUsername, normalize_username
 from src.config import Config
 from src.kv import KV, KVError
 from src.mailstore import MailStore, MailStoreError
-from src.server import TCPServer
+from src.server import TCPService
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +141,8 @@ class MailDelivery:
         return Reply(250, f"2.0.0 OK queued as {trace_id}")
 
 
-class SMTPServer:
-    """Serves SMTP on host:port, one thread per connection (src.server.TCPServer)."""
+class SMTPServer(TCPService):
+    """Serves SMTP on host:port, one thread per connection (src.server.TCPService)."""
 
     def __init__(self, host: str, port: int, handler: MailDelivery, *, hostname: str, max_message_bytes: int,
                  idle_timeout_s: float = IDLE_TIMEOUT_S, name: str = "smtp"):
@@ -150,18 +150,7 @@ class SMTPServer:
         self.hostname = hostname
         self.max_message_bytes = max_message_bytes
         self.idle_timeout_s = idle_timeout_s
-        self.tcp = TCPServer(host, port, self._serve, name=name)
-
-    @property
-    def port(self) -> int:
-        return self.tcp.port
-
-    def start(self) -> "SMTPServer":
-        self.tcp.start()
-        return self
-
-    def stop(self) -> None:
-        self.tcp.stop()
+        super().__init__(host, port, name)
 
     def _serve(self, sock: socket.socket, peer: tuple) -> None:
         sock.settimeout(self.idle_timeout_s)

@@ -1,9 +1,13 @@
-"""The one TCP server base every PennCloud process uses.
+"""The TCP server base of every PennCloud process but the tablet servers
+(which serve every connection from one event loop: kvserver/loop.py).
 
     TCPServer(host, port, handle_connection, name)
       .start()  bind + listen (port 0 allowed; the real port is in .port),
                 then an accept thread hands each connection to its own thread
       .stop()   close the listener and every open connection, join threads
+
+    TCPService(host, port, name)       a subclass's `_serve(sock, peer)` on a
+                                       TCPServer, with .port, .start(), .stop()
 
 `handle_connection(sock, peer)` runs on the connection's thread and owns the
 socket for the connection's life; the base closes it afterwards. A handler
@@ -147,3 +151,25 @@ class TCPServer:
             with self._lock:
                 self._conns.discard(sock)
                 self._threads.discard(threading.current_thread())
+
+
+class TCPService:
+    """A server that is one TCPServer calling its `_serve(sock, peer)` for
+    each connection (HTTP, SMTP, POP3): the port, start and stop they share."""
+
+    def __init__(self, host: str, port: int, name: str):
+        self.tcp = TCPServer(host, port, self._serve, name=name)
+
+    @property
+    def port(self) -> int:
+        return self.tcp.port
+
+    def start(self):
+        self.tcp.start()
+        return self
+
+    def stop(self) -> None:
+        self.tcp.stop()
+
+    def _serve(self, sock: socket.socket, peer: tuple) -> None:
+        raise NotImplementedError
