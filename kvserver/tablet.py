@@ -244,7 +244,7 @@ class Tablet:
         if segs:
             name = segs[-1][1]
             p = os.path.join(self.path, name)
-            self.log = TabletLog(p, os.path.getsize(p), self.group_commit, self.commit_group)
+            self.log = self._open_log(p, os.path.getsize(p))
         else:
             self.log = self._new_segment(last + 1)
         self._view = (mem, None, ckpt)
@@ -263,8 +263,12 @@ class Tablet:
         out.sort()
         return out
 
+    def _open_log(self, path: str, size: int = 0) -> TabletLog:
+        """A log segment of this tablet, in the server's commit group."""
+        return TabletLog(path, size, self.group_commit, self.commit_group)
+
     def _new_segment(self, first_seq: int) -> TabletLog:
-        lg = TabletLog(os.path.join(self.path, segment_name(first_seq)), 0, self.group_commit, self.commit_group)
+        lg = self._open_log(os.path.join(self.path, segment_name(first_seq)))
         fsync_dir(self.path)
         return lg
 
@@ -565,7 +569,7 @@ class Tablet:
             for i, rec in enumerate(recs):
                 if rec.seq != base + 1 + i:
                     raise SeqGap(f"tablet {self.id}: snapshot record seq {rec.seq}, expected {base + 1 + i}")
-            seg = TabletLog(os.path.join(staging, segment_name(base + 1)), 0, self.group_commit, self.commit_group)
+            seg = self._open_log(os.path.join(staging, segment_name(base + 1)))
             try:
                 for rec in recs:
                     seg.enqueue(rec)
@@ -592,7 +596,7 @@ class Tablet:
             self.last_seq = recs[-1].seq if recs else base
             self.epoch = epoch
             p = os.path.join(self.path, segment_name(base + 1))
-            self.log = TabletLog(p, os.path.getsize(p), self.group_commit, self.commit_group)
+            self.log = self._open_log(p, os.path.getsize(p))
             self._view = (mem, None, ckpt)
             self.failed = None
 

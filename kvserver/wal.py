@@ -16,12 +16,14 @@ checks (docs/storage.md has the full grammar and an example in hex).
 
 Durability and group commit. `enqueue(record)` puts the encoded record on the
 log's pending list and returns a ticket (the byte offset its end will reach);
-`wait_durable(ticket)` returns once the record is written and fdatasync'ed.
-The first waiter that finds no flush in progress becomes the leader: it takes
-everything pending, writes it with one `writev`, syncs once, and wakes every
-waiter whose record is now durable. Concurrent writers therefore share fsyncs.
-With `group_commit=False` a leader flushes one record per sync (for the
-benchmark's comparison). A failed write or sync poisons the log: every later
+`wait_durable(ticket)` returns once the record is written and synced.
+Logs belong to a `CommitGroup` (below; every tablet log of a server shares
+one, a log alone has its own). The first waiter that finds no flush in
+progress becomes the leader: it takes everything pending in every log of the
+group, writes each log's batch with one `writev`, syncs once, and wakes
+every waiter. Concurrent writers therefore share syncs. With
+`group_commit=False` each log has a group of its own and a leader flushes
+one record per sync (for the benchmark's comparison). A failed write or sync poisons the log: every later
 call raises `LogError` (the caller turns that into an error reply; nothing
 acknowledged is lost since nothing after the failure is acknowledged).
 
@@ -258,15 +260,15 @@ class TabletLog:
                  group: "CommitGroup | None" = None):
         self.path = path
         self.group_commit = group_commit
-        self.group = group if group_commit else None
+        # The logs of a commit group share its lock and its flushes; a log
+        # without one (or without group commit) has a group of its own.
+        self.group = group if group is not None and group_commit else CommitGroup()
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
         if os.fstat(self._fd).st_size != size:
             os.ftruncate(self._fd, size)
         os.lseek(self._fd, size, os.SEEK_SET)
         self.dev = os.fstat(self._fd).st_dev      # the file system: one syncfs covers a device
-        # In a commit group every log shares the group's lock, so one leader
-        # can take the pending records of all of them at once.
-        self._cond = self.group.cond if self.group else threading.Condition()
+        self._cond = self.group.cond
         self._pending: deque[tuple[list[bytes], int]] = deque()
         self._queued = size          # offset after the last enqueued record
         self._durable = size         # offset up to which the file is synced
@@ -298,8 +300,7 @@ class TabletLog:
             self._queued += sum(len(b) for b in bufs)
             self._pending.append((bufs, self._queued))
             self.records += 1
-            if self.group:
-                self.group.dirty[self] = None
+            self.group.dirty[self] = None
             return self._queued
 
     def wait_durable(self, ticket: int) -> None:
@@ -308,26 +309,16 @@ class TabletLog:
             while self._durable < ticket:
                 if self._error:
                     raise LogError(self._why())
-                if self._busy():
-                    # Even after close(abandon=True): the batch being written may
-                    # hold this record, and then it is durable, not dropped.
+                if self.group.flushing:
+                    # One leader at a time: the next batch, of every log of the
+                    # group, forms meanwhile. Even after close(abandon=True) the
+                    # batch being written may hold this record, and then it is
+                    # durable, not dropped.
                     self._cond.wait()
                     continue
                 if self._closed:
                     raise LogError(self._why())
-                self._lead()
-
-    def _busy(self) -> bool:
-        """A flush is running that this log must wait for: its own, or, in a
-        commit group, the group's (one leader at a time; the next batch,
-        of every log, forms meanwhile)."""
-        return self._flushing or (self.group is not None and self.group.flushing)
-
-    def _lead(self) -> None:
-        if self.group:
-            self.group.flush_locked()
-        else:
-            self._flush_locked()
+                self.group.flush_locked()
 
     def append(self, rec: LogRecord) -> None:
         """enqueue + wait_durable."""
@@ -355,22 +346,6 @@ class TabletLog:
             self._durable = target
             self.syncs += 1
 
-    def _flush_locked(self) -> None:
-        # The caller holds the lock and becomes the leader for one batch.
-        bufs, target = self._take_batch()
-        self._cond.release()
-        err: BaseException | None = INTERRUPTED
-        try:
-            writev_all(self._fd, bufs)
-            os.fdatasync(self._fd)
-            err = None
-        except OSError as e:
-            err = e
-        finally:
-            self._cond.acquire()
-            self._finish_batch(target, err)
-            self._cond.notify_all()
-
     def _why(self) -> str:
         if self._closed:
             return "log closed"
@@ -389,13 +364,12 @@ class TabletLog:
             if abandon:
                 self._pending.clear()
             while self._pending and not self._error:
-                if self._busy():
+                if self.group.flushing:
                     self._cond.wait()
                 else:
-                    self._lead()
+                    self.group.flush_locked()
             self._closed = True
-            if self.group:
-                self.group.dirty.pop(self, None)
+            self.group.dirty.pop(self, None)
             while self._flushing:       # never close an fd another thread writes to
                 self._cond.wait()
             os.close(self._fd)
@@ -471,6 +445,9 @@ class CommitGroup:
         if not logs:
             return
         batches = [(lg, *lg._take_batch()) for lg in logs]
+        for lg in logs:
+            if lg._pending:             # without group commit a flush takes one record
+                self.dirty[lg] = None
         self.flushing = True
         self.cond.release()
         errors: dict[TabletLog, BaseException | None] = {lg: INTERRUPTED for lg in logs}
