@@ -299,19 +299,14 @@ class PeerStream:
             items = list(self.q)
             self.q.clear()
             if any(it[0] == "catchup" for it in items):
-                self.q.extend(items)
-                self.owner = "thread"
-                self.cv.notify()
+                self._to_thread(items)
                 return
         bufs = []
         for item in _coalesce(items):
             bufs += _encode_msg(item[1])
         if sum(len(b) for b in bufs) > SEND_INLINE_BYTES:
             # big values: no copy into one buffer, no long send on the loop
-            with self.cv:
-                self.q.extendleft(reversed([("raw", b) for b in bufs]))
-                self.owner = "thread"
-                self.cv.notify()
+            self._to_thread([("raw", b) for b in bufs])
             return
         data = b"".join(bufs)
         try:
@@ -323,10 +318,15 @@ class PeerStream:
             return
         self.last_send = time.monotonic()
         if n < len(data):
-            with self.cv:
-                self.q.appendleft(("raw", memoryview(data)[n:]))
-                self.owner = "thread"
-                self.cv.notify()
+            self._to_thread([("raw", memoryview(data)[n:])])
+
+    def _to_thread(self, first: list) -> None:
+        """The stream's thread sends from now on, starting with `first`
+        (ahead of anything queued meanwhile)."""
+        with self.cv:
+            self.q.extendleft(reversed(first))
+            self.owner = "thread"
+            self.cv.notify()
 
     def _on_readable(self) -> None:
         try:
@@ -553,13 +553,42 @@ class StreamReader:
     literal of N bytes (its bytes replace it in args), any other token is
     passed as a str. ValueError for anything else (the stream is then closed)."""
 
+    ARITY = {"REPL": 5, "SNAPCHUNK": 4, "SNAPSHOT": 6}     # the least arguments of each command
+
     def __init__(self, max_literal: int, max_line: int = 65536):
         self.max_literal = max_literal
         self.max_line = max_line
         self.buf = bytearray()
         self.pos = 0
+        self.closed = False
+
+    @property
+    def buffered(self) -> int:
+        return len(self.buf) - self.pos
+
+    def next_event(self):
+        """The server's RequestParser interface, for a connection that became
+        a stream: a `Request`, NEED_DATA, or a closing ProtocolErrorEvent for
+        anything but REPL / SNAPCHUNK / SNAPSHOT with their least arities,
+        or bytes `next()` refuses."""
+        if self.closed:
+            return NEED_DATA
+        try:
+            req = self.next()
+        except ValueError as e:
+            self.closed = True
+            return ProtocolErrorEvent("BADREQ", str(e), close=True)
+        if req is None:
+            return NEED_DATA
+        cmd, args = req
+        if len(args) < self.ARITY.get(cmd, len(args) + 1):
+            self.closed = True
+            return ProtocolErrorEvent("BADREQ", f"{cmd} on a replication stream", close=True)
+        return Request(cmd, args)
 
     def feed(self, data) -> None:
+        if self.closed:
+            return
         if self.pos and self.pos >= len(self.buf) // 2:
             del self.buf[:self.pos]
             self.pos = 0
@@ -592,43 +621,6 @@ class StreamReader:
                 args.append(t.decode("latin-1"))
         self.pos = at
         return toks[0].decode("latin-1").upper(), args
-
-
-class StreamRequests:
-    """A `StreamReader` with the interface of the server's RequestParser
-    (feed / next_event / buffered), for a connection that became a stream:
-    only REPL, SNAPCHUNK and SNAPSHOT, with their least arities; anything
-    else, or bytes StreamReader refuses, ends the stream."""
-
-    ARITY = {"REPL": 5, "SNAPCHUNK": 4, "SNAPSHOT": 6}
-
-    def __init__(self, max_literal: int):
-        self.reader = StreamReader(max_literal)
-        self.closed = False
-
-    @property
-    def buffered(self) -> int:
-        return len(self.reader.buf) - self.reader.pos
-
-    def feed(self, data) -> None:
-        if not self.closed:
-            self.reader.feed(data)
-
-    def next_event(self):
-        if self.closed:
-            return NEED_DATA
-        try:
-            req = self.reader.next()
-        except ValueError as e:
-            self.closed = True
-            return ProtocolErrorEvent("BADREQ", str(e), close=True)
-        if req is None:
-            return NEED_DATA
-        cmd, args = req
-        if len(args) < self.ARITY.get(cmd, len(args) + 1):
-            self.closed = True
-            return ProtocolErrorEvent("BADREQ", f"{cmd} on a replication stream", close=True)
-        return Request(cmd, args)
 
 
 # -- the node --------------------------------------------------------------------------------
@@ -1018,12 +1010,12 @@ class ClusterNode:
 
     def cmd_REPLSTREAM(self, conn, *args):
         """A primary's stream: from here on this connection carries only
-        replication requests, parsed by the leaner `StreamRequests`. The
+        replication requests, parsed by the leaner `StreamReader`. The
         primary sends nothing after REPLSTREAM until it is answered, so
         nothing is left in the general parser."""
         if self.stopped.is_set():
             raise Retry("not serving")
-        conn.parser = StreamRequests(self.cfg.storage.max_cell_bytes)
+        conn.parser = StreamReader(self.cfg.storage.max_cell_bytes)
         return ok("streaming")
 
     def _snapshot_command(self, handler):

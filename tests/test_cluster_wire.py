@@ -96,3 +96,22 @@ def test_replies_round_trip_through_the_reply_parser():
         assert isinstance(ev, Ok) and parse_reply(ev.text) == rep
     with pytest.raises(ValueError):
         parse_reply("ACK 1 2")
+
+
+def test_stream_reader_as_the_servers_parser():
+    """On a connection that became a stream, only REPL, SNAPCHUNK and
+    SNAPSHOT with their least arities pass; anything else ends the stream."""
+    from src.kvproto import NEED_DATA, ProtocolErrorEvent, Request
+    r = StreamReader(max_literal=100)
+    r.feed(b"REPL 1 2 0 0 {0}\r\n\r\nREPL 1 2\r\nREPL 1 2 0 0 {0}\r\n\r\n")
+    assert r.next_event() == Request("REPL", ["1", "2", "0", "0", b""])
+    ev = r.next_event()
+    assert isinstance(ev, ProtocolErrorEvent) and ev.close and "REPL on a replication stream" in ev.text
+    assert r.next_event() is NEED_DATA and r.closed      # nothing after the refusal
+    r = StreamReader(max_literal=100)
+    r.feed(b"GET a b\r\n")
+    assert isinstance(r.next_event(), ProtocolErrorEvent)
+    r = StreamReader(max_literal=4)
+    r.feed(b"REPL 1 2 0 0 {9}\r\n")
+    ev = r.next_event()
+    assert isinstance(ev, ProtocolErrorEvent) and ev.close      # a literal over the limit
