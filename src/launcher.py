@@ -87,8 +87,16 @@ class Launcher:
         self.log_dir = os.path.join(cfg.data_dir, "log")
 
     def say(self, text: str) -> None:
-        self.out.write(text + "\n")
-        self.out.flush()
+        try:
+            self.out.write(text + "\n")
+            self.out.flush()
+        except BrokenPipeError:
+            # Nobody reads any more (`./run_all.sh status | head -3`): carry on
+            # quietly, with what is left to say (and Python's final flush) going
+            # to /dev/null instead of a traceback.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.out.fileno())
+            os.close(devnull)
 
     # -- pid files --------------------------------------------------------------
 

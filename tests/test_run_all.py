@@ -99,3 +99,15 @@ def test_only_this_hosts_processes_are_started_here():
     from src.launcher import is_local
     assert is_local("127.0.0.1")
     assert not is_local("192.0.2.1")  # TEST-NET-1, never assigned to a machine
+
+
+def test_status_into_a_closed_pipe_is_quiet(tmp_path):
+    """`./run_all.sh status | head -1`: the reader goes away early; the
+    launcher carries on without a traceback."""
+    config, _ = write_config(tmp_path)
+    p = subprocess.Popen([os.path.join(REPO, "run_all.sh"), "status", "--config", config], cwd=REPO,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()                      # nobody will read what it says
+    err = p.stderr.read().decode()
+    assert p.wait(60) == 0
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
