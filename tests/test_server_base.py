@@ -1,6 +1,7 @@
 """The shared TCP server base: port 0, one thread per connection, a bad
 handler does not take the server down, and stop() is bounded in time."""
 
+import os
 import socket
 import threading
 import time
@@ -72,13 +73,20 @@ def test_out_of_file_descriptors_backs_off_instead_of_spinning(caplog):
     import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     srv = TCPServer("127.0.0.1", 0, echo, name="fdlimit").start()
-    clients = []
+    # The clients' sockets are made first, so that they own their fds; then
+    # the limit is set to the lowest free fd number, so no new fd can be had
+    # by anyone (the server's accept included) while they connect.  Counting
+    # free fds and sharing them between clients and server raced the server's
+    # accepts against the clients' socket() calls.
+    clients = [socket.socket() for _ in range(6)]
     try:
-        open_now = len(__import__("os").listdir("/proc/self/fd"))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (open_now + 6, hard))
+        lowest_free = os.dup(0)
+        os.close(lowest_free)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
         with caplog.at_level("WARNING", logger="src.server"):
-            for _ in range(6):     # each accepted one costs the server an fd, each client one too
-                clients.append(socket.create_connection(("127.0.0.1", srv.port), timeout=5))
+            for c in clients:        # connecting needs no new fd; accepting does
+                c.settimeout(5)
+                c.connect(("127.0.0.1", srv.port))
             time.sleep(1.0)
         failures = [r for r in caplog.records if "accept failed" in r.getMessage()]
         assert 1 <= len(failures) <= 4            # about one per 0.5 s pause, not thousands
