@@ -15,17 +15,16 @@ lookup asks each layer in turn; a memtable row carries a `deleted` flag
 tombstones (None: DEL). The three are held in one tuple, `self._view`, that is
 replaced atomically, so a reader sees a consistent stack without locks.
 
-The write path, and the seam for replication (helper E's layer):
+The write path, and the seam for replication (kvserver/cluster.py):
 
     p = tablet.submit(effect)     # assigns seq (+ epoch) and enqueues the record
                                   # in the local log, atomically, in seq order
     tablet.wait_durable(p)        # group commit: returns once it is fsynced
     tablet.apply(p)               # into the memtable that was active at submit
     tablet.write(effect)          # the three above: the standalone path
-
-    tablet.append_replicated(rec) # a secondary: same, for a record the primary
-                                  # numbered; ignores seq <= last_seq (idempotent)
-    tablet.append_replicated_batch(recs)   # many at once, sharing syncs
+                                  # (a secondary submits the primary's records the
+                                  # same way, once its state machine, replication.py,
+                                  # has checked they follow the last one it holds)
     tablet.records_after(seq)     # catch-up: log records after seq, or None when
                                   # the log no longer reaches back that far
     tablet.snapshot() / tablet.install_snapshot(chunks, records)
@@ -476,23 +475,6 @@ class Tablet:
         self.apply(p)
         return p.record
 
-    def append_replicated(self, rec: LogRecord) -> bool:
-        """A secondary's write: log and apply a record the primary numbered.
-
-        Returns False (and does nothing) for a record already held. SeqGap if
-        it does not follow the last one held."""
-        with self._seq_lock:
-            self._check()
-            if rec.seq <= self.last_seq:
-                return False
-            if rec.seq != self.last_seq + 1:
-                raise SeqGap(f"tablet {self.id}: got seq {rec.seq}, expected {self.last_seq + 1}")
-            self.epoch = max(self.epoch, rec.epoch)
-            p = self._enqueue_locked(rec)
-        self.wait_durable(p)
-        self.apply(p)
-        return True
-
     def records_after(self, seq: int) -> list[LogRecord] | None:
         """Every durable log record with a seq above `seq`, in order; None if
         the log no longer holds all of them (use snapshot())."""
@@ -622,31 +604,6 @@ class Tablet:
         fsync_dir(self.path)
         os.rmdir(inst)
         fsync_dir(self.path)
-
-    def append_replicated_batch(self, records: Iterable[LogRecord]) -> int:
-        """append_replicated for many records, sharing syncs; returns how many were new."""
-        pending: list[Pending] = []
-        try:
-            with self._seq_lock:
-                self._check()
-                for rec in records:
-                    if rec.seq <= self.last_seq:
-                        continue
-                    if rec.seq != self.last_seq + 1:
-                        raise SeqGap(f"tablet {self.id}: got seq {rec.seq}, expected {self.last_seq + 1}")
-                    self.epoch = max(self.epoch, rec.epoch)
-                    pending.append(self._enqueue_locked(rec))
-        finally:
-            # whatever was enqueued is made durable and applied, in order
-            for i, p in enumerate(pending):
-                try:
-                    self.wait_durable(p)
-                except TabletError:
-                    for q in pending[i + 1:]:
-                        self.abandon(q)
-                    raise
-                self.apply(p)
-        return len(pending)
 
     # -- checkpoints ----------------------------------------------------------------------
 

@@ -181,6 +181,21 @@ def test_checkpoint_does_not_block_writers(tmp_path):
     assert len(segs) <= 2                        # covered segments removed, one kept
 
 
+def replicate(sec, recs):
+    """What a secondary does with records its state machine accepted (cluster.py
+    _submit_append): submit each in order, so it gets the primary's seq; then
+    make them durable and apply them."""
+    pend = []
+    for r in recs:
+        sec.epoch = r.epoch
+        p = sec.submit(r.effect)
+        assert p.record.seq == r.seq
+        pend.append(p)
+    for p in pend:
+        sec.wait_durable(p)
+        sec.apply(p)
+
+
 def test_records_after_and_replicated_append(tmp_path):
     prim = open_tablet(tmp_path / "p")
     sec = open_tablet(tmp_path / "s")
@@ -188,17 +203,14 @@ def test_records_after_and_replicated_append(tmp_path):
         prim.write(e)
     recs = prim.records_after(0)
     assert [r.seq for r in recs] == list(range(1, 51))
-    for r in recs[:30]:
-        assert sec.append_replicated(r)
-    assert not sec.append_replicated(recs[10])  # already held: ignored
+    replicate(sec, recs[:30])
     prim.checkpoint()
     for e in random_effects(20, seed=3):
         prim.write(e)
     # the previous segment is kept, so catching up from 30 is incremental
     more = prim.records_after(sec.last_seq)
     assert [r.seq for r in more] == list(range(31, 71))
-    for r in more:
-        sec.append_replicated(r)
+    replicate(sec, more)
     assert sec.rows(None, 1000) == prim.rows(None, 1000)
     for row in prim.rows(None, 1000):
         assert sec.cols(row) == prim.cols(row)
@@ -284,21 +296,19 @@ def test_a_failed_sync_stops_writes_and_reports_an_unknown_outcome(tmp_path, mon
     assert t.get(b"b", b"c") == b"after"
 
 
-def test_replicated_batch_applies_the_contiguous_prefix(tmp_path):
-    from kvserver.tablet import SeqGap
+def test_replicated_records_survive_a_restart_with_their_seqs(tmp_path):
     prim = open_tablet(tmp_path / "p")
     for i in range(10):
         prim.write(Effect(SET, b"r%d" % i, b"c", b"v%d" % i))
     recs = prim.records_after(0)
     sec = open_tablet(tmp_path / "s")
-    assert sec.append_replicated_batch(recs[:4]) == 4
-    assert sec.append_replicated_batch(recs[2:6]) == 2          # 3 and 4 already held
-    with pytest.raises(SeqGap):
-        sec.append_replicated_batch(recs[6:7] + recs[8:])        # 7 then a gap
+    replicate(sec, recs[:7])
     assert sec.last_seq == 7 and sec.get(b"r6", b"c") == b"v6" and sec.get(b"r8", b"c") is None
     sec.close()
     sec = open_tablet(tmp_path / "s")
-    assert sec.last_seq == 7
+    assert sec.last_seq == 7 and sec.get(b"r6", b"c") == b"v6"
+    replicate(sec, recs[7:])
+    assert sec.rows(None, 100) == prim.rows(None, 100)
 
 
 # -- power loss: only what was synced survives ---------------------------------------
