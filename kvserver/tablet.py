@@ -282,7 +282,10 @@ class Tablet:
 
     # -- reads -----------------------------------------------------------------------
 
-    def get(self, row: bytes, col: bytes) -> bytes | None:
+    def _lookup(self, row: bytes, col: bytes):
+        """Where the cell's latest version is: (True, value or None) when a
+        memtable decides it (None: deleted); else (False, the checkpoint's
+        entry or None)."""
         active, frozen, ckpt = self._view
         for mem in (active, frozen):
             if mem is None:
@@ -291,27 +294,18 @@ class Tablet:
             if r is not None:
                 cells = r.cells
                 if col in cells:
-                    return cells.get(col)
+                    return True, cells.get(col)
                 if r.deleted:
-                    return None
-        if ckpt is None:
-            return None
-        return _read_value(ckpt.get(row, col))
+                    return True, None
+        return False, None if ckpt is None else ckpt.get(row, col)
+
+    def get(self, row: bytes, col: bytes) -> bytes | None:
+        in_memory, v = self._lookup(row, col)
+        return v if in_memory or v is None else _read_value(v)
 
     def exists(self, row: bytes, col: bytes) -> bool:
         """Like get() != None, without reading a big value from disk."""
-        active, frozen, ckpt = self._view
-        for mem in (active, frozen):
-            if mem is None:
-                continue
-            r = mem.rows.get(row)
-            if r is not None:
-                cells = r.cells
-                if col in cells:
-                    return cells.get(col) is not None
-                if r.deleted:
-                    return False
-        return ckpt is not None and ckpt.get(row, col) is not None
+        return self._lookup(row, col)[1] is not None
 
     def cols(self, row: bytes) -> list[bytes]:
         """The row's column names, sorted bytewise."""
