@@ -334,14 +334,40 @@ _TOKENS = re.compile(rb"[^ \t]+")
 _LITERAL = re.compile(rb"\{([0-9]+)\}")
 
 
-class _Literal:
+class _Body:
+    """The bytes of a literal (`{N}` in a request) or of a `$N` reply value,
+    arriving in pieces, and then the CRLF after them."""
+
     __slots__ = ("index", "remaining", "data", "in_body")
 
-    def __init__(self, index: int, n: int, keep: bool):
-        self.index = index                       # position in args, -1 when discarded
+    def __init__(self, n: int, keep: bool = True, index: int = -1):
+        self.index = index                       # a request literal's place in args (-1: discarded)
         self.remaining = n
         self.data = bytearray() if keep else None
         self.in_body = True                      # False once the bytes are in and CRLF is next
+
+    def take_direct(self, data) -> memoryview:
+        """feed()'s fast path for big bodies: take what belongs to the body
+        straight from `data`, never via the buffer; return the rest."""
+        mv = memoryview(data)
+        k = min(self.remaining, len(mv))
+        if self.data is not None:
+            self.data += mv[:k]
+        self.remaining -= k
+        if not self.remaining:
+            self.in_body = False
+        return mv[k:]
+
+    def read_from(self, buf: "_ReceiveBuffer"):
+        """Take the rest of the body and its CRLF from `buf`: True once both
+        are in, None while bytes are missing, False if the body is not
+        followed by CRLF."""
+        if self.in_body:
+            self.remaining -= buf.take_into(self.data, self.remaining)
+            if self.remaining:
+                return None
+            self.in_body = False
+        return buf.take_crlf()
 
 
 class _Pending:
@@ -390,14 +416,7 @@ class RequestParser:
             # Fast path for big literals: straight from `data`, never via the buffer.
             lit = p.literals[p.next]
             if lit.in_body:
-                mv = memoryview(data)
-                k = min(lit.remaining, len(mv))
-                if lit.data is not None:
-                    lit.data += mv[:k]
-                lit.remaining -= k
-                if lit.remaining == 0:
-                    lit.in_body = False
-                data = mv[k:]
+                data = lit.take_direct(data)
                 if not data:
                     return
         self._buf.append(data)
@@ -419,12 +438,7 @@ class RequestParser:
                 self._pending = p
             while p.next < len(p.literals):
                 lit = p.literals[p.next]
-                if lit.in_body:
-                    lit.remaining -= self._buf.take_into(lit.data, lit.remaining)
-                    if lit.remaining:
-                        return NEED_DATA
-                    lit.in_body = False
-                done = self._buf.take_crlf()
+                done = lit.read_from(self._buf)
                 if done is None:
                     return NEED_DATA
                 if done is False:
@@ -457,7 +471,7 @@ class RequestParser:
         spec = self.commands.get(cmd)
         if spec is None or not spec.accepts(len(toks)):
             return self._refuse_line(cmd, tokens[0], spec, toks)
-        literals: list[_Literal] = []
+        literals: list[_Body] = []
         err: ProtocolErrorEvent | None = None      # the first problem, answered after the literals
         args: list = []
         kinds = spec.args if not spec.variadic else [spec.kind_at(i) for i in range(len(toks))]
@@ -481,7 +495,7 @@ class RequestParser:
                         return self._fatal("literal length out of range")
                     else:
                         n = int(m.group(1))
-                        literals.append(_Literal(i, n, keep=True))
+                        literals.append(_Body(n, keep=True, index=i))
                         args.append(None)                  # filled in when the bytes are in
                         if n <= self.max_literal:
                             continue
@@ -526,7 +540,7 @@ class RequestParser:
             if m:
                 if len(m.group(1).lstrip(b"0")) > MAX_LITERAL_DIGITS:
                     return self._fatal("literal length out of range")
-                literals.append(_Literal(-1, int(m.group(1)), keep=False))
+                literals.append(_Body(int(m.group(1)), keep=False))
         if spec is None:
             err = ProtocolErrorEvent("BADREQ", f"unknown command {encode_name(word[:64]).decode('ascii')}")
         else:
@@ -695,28 +709,20 @@ class ReplyParser:
         self.max_value = max_value
         self._buf = _ReceiveBuffer()
         self._broken: KVProtocolError | None = None
-        self._value: bytearray | None = None     # a `$N` body being read
-        self._remaining = 0
-        self._in_body = False
+        self._value: _Body | None = None         # a `$N` body being read
         self._lines: list | None = None          # a `*N` listing being read
         self._lines_left = 0
         self._lines_bytes = 0
 
     @property
     def buffered(self) -> int:
-        return len(self._buf) + (len(self._value) if self._value is not None else 0) + self._lines_bytes
+        return len(self._buf) + (len(self._value.data) if self._value is not None else 0) + self._lines_bytes
 
     def feed(self, data) -> None:
         if self._broken is not None or not data:
             return
-        if self._value is not None and self._in_body and not self._buf:
-            mv = memoryview(data)
-            k = min(self._remaining, len(mv))
-            self._value += mv[:k]
-            self._remaining -= k
-            if not self._remaining:
-                self._in_body = False
-            data = mv[k:]
+        if self._value is not None and self._value.in_body and not self._buf:
+            data = self._value.take_direct(data)
             if not data:
                 return
         self._buf.append(data)
@@ -762,24 +768,19 @@ class ReplyParser:
             if kind == b"$":
                 if n > self.max_value:
                     self._fail(f"value of {n} bytes is over the client's {self.max_value}-byte limit")
-                self._value, self._remaining, self._in_body = bytearray(), n, True
+                self._value = _Body(n)
                 return self._read_value()
             self._lines, self._lines_left, self._lines_bytes = [], n, 0
             return self._read_listing()
         self._fail("reply does not begin with + - $ or *")
 
     def _read_value(self):
-        if self._in_body:
-            self._remaining -= self._buf.take_into(self._value, self._remaining)
-            if self._remaining:
-                return NEED_DATA
-            self._in_body = False
-        done = self._buf.take_crlf()
+        done = self._value.read_from(self._buf)
         if done is None:
             return NEED_DATA
         if done is False:
             self._fail("value not followed by CRLF")
-        data, self._value = bytes(self._value), None
+        data, self._value = bytes(self._value.data), None
         return Value(data)
 
     def _read_listing(self):
