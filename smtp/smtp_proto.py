@@ -347,7 +347,7 @@ class SMTPConnection:
                 return self._end_of_data()
             del buf[: last + 2]
             self._take_lines(block)
-        if len(buf) > MAX_TEXT_LINE:  # an unfinished line already too long
+        if len(buf) > MAX_TEXT_LINE:  # an unfinished line already too long (a stuffed one: "." + 998 + CR fits)
             self._data_problem = self._data_problem or Reply(500, "5.5.2 Line too long")
             self._skipping_line = True
             del buf[:-1]
@@ -366,12 +366,12 @@ class SMTPConnection:
         else:
             parts = []
             for line in block.split(b"\r\n")[:-1]:
+                if line[:1] == b".":
+                    line = line[1:]     # the limit does not count a dot added for transparency
                 if len(line) + 2 > MAX_TEXT_LINE:
                     self._data_problem = Reply(500, "5.5.2 Line too long")
                     self._content = bytearray()
                     return
-                if line[:1] == b".":
-                    line = line[1:]
                 if b"\r" in line or b"\n" in line:
                     line = re.sub(rb"\r|\n", b"\r\n", line)
                 parts.append(line)

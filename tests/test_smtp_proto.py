@@ -169,6 +169,19 @@ def test_over_long_text_line_refuses_the_message_after_its_end():
     assert codes(c.receive_data(exact + b".\r\n")) == [250] and h.delivered[0][2] == exact
 
 
+def test_text_line_limit_does_not_count_the_dot_added_for_transparency():
+    """RFC 5321 4.5.3.1.6: 1000 octets with CRLF, not counting a stuffed dot.
+    A 998-octet line that begins with "." travels as 999 octets + CRLF."""
+    c, h = new(max_bytes=100_000)
+    start_data(c)
+    line = b"." + b"a" * (MAX_TEXT_LINE - 3)                  # 998 octets as written
+    assert c.receive_data(b"." + line[:500]) == b""            # arrives in two pieces
+    assert codes(c.receive_data(line[500:] + b"\r\n.\r\n")) == [250]
+    assert h.delivered[0][2] == line + b"\r\n"
+    c.receive_data(b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@here.test>\r\nDATA\r\n")
+    assert codes(c.receive_data(b"." + line + b"b\r\n.\r\n")) == [500]   # one octet more
+
+
 def test_message_over_size_cap_is_read_to_end_then_552():
     c, h = new(max_bytes=1000)
     start_data(c)
