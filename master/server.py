@@ -72,6 +72,7 @@ class _Server:
         self.alive = True
         self.killed = False
         self.state = "serving"
+        self.dropped_at = 0.0         # when a primary last removed it from a view
         self.reports: dict[int, tuple[int, int]] = {}
 
 
@@ -254,6 +255,8 @@ class Master:
                 views = dict(self.views)
                 views[tablet] = nv
                 self._publish(views, [nv], f"{requester} asked {op} {server}")
+                if op == "REMOVE":
+                    self.servers[server].dropped_at = time.monotonic()
             return nv
 
     # -- answers ---------------------------------------------------------------------------
@@ -269,7 +272,10 @@ class Master:
         return lines
 
     def _tablet_text(self, v: TabletView) -> str:
-        primary = self.addr(v.primary) if v.primary and self.servers[v.primary].alive else "-"
+        s = self.servers[v.primary] if v.primary else None
+        # Not yet heard from since the master started (its grace period): as
+        # NODES says, it may be dead, so no client is sent there.
+        primary = self.addr(v.primary) if s is not None and s.alive and s.heard else "-"
         secs = [self.addr(m) for m in v.members if m != v.primary]
         return f"{v.tablet} {primary} {','.join(secs) or '-'}"
 
@@ -279,12 +285,17 @@ class Master:
         lines = []
         for sid, s in self.servers.items():
             prim = sum(1 for v in views if v.primary == sid)
-            sec = sum(1 for v in views if sid in v.replicas and v.primary != sid)
+            sec = sum(1 for v in views if sid in v.members and v.primary != sid)
+            # Out of a view it is a replica of: recovering (being brought up
+            # to date) only if it has spoken since it was dropped; a server
+            # that went silent (SIGKILL) stays "alive" until it times out.
+            lagging = s.last_seen > s.dropped_at and any(sid in v.replicas and sid not in v.members
+                                                         for v in views)
             if s.killed:
                 state = "killed"
             elif not s.alive or not s.heard:
                 state = "dead"
-            elif s.state == "recovering" or any(sid in v.replicas and sid not in v.members for v in views):
+            elif s.state == "recovering" or lagging:
                 state = "recovering"
             else:
                 state = "alive"

@@ -67,6 +67,59 @@ def test_secondary_killed_then_rejoins(procs, tmp_path):
     settle_and_check(cl, wl)
 
 
+def test_nodes_never_calls_a_killed_server_recovering_and_counts_members(procs, tmp_path):
+    """What a student watches during a failover: NODES. A SIGKILLed server is
+    `alive` until the failure timeout, then `dead`, never `recovering` (it
+    is not being brought up to date: it is gone); and `secondary=` counts
+    the views it is a member of, so a dead server is secondary of nothing."""
+    cl = Cluster(procs, tmp_path).start_all()
+    wl = Workload(cl, writers=2, seed=7).start()
+    wait_until(lambda: wl.count >= 20, 20, what="writes before the fault")
+    victim = cl.primary(tablet_of(wl.shared[0], cl.tablets))
+    cl.kill(victim)
+    seen = []
+
+    def dead():
+        state = cl.nodes()[victim]["state"]
+        seen.append(state)
+        return state == "dead"
+
+    wait_until(dead, 10, what="NODES saying dead", interval=0.05)
+    assert "recovering" not in seen, seen
+    wait_until(lambda: all(victim not in cl.members(t) for t in range(cl.tablets)), 10,
+               what="the dead server out of every view")
+    nodes = cl.nodes()
+    assert (nodes[victim]["primary"], nodes[victim]["secondary"]) == ("0", "0")
+    views = cl.map().entries
+    assert sum(int(n["secondary"]) for n in nodes.values()) == sum(len(e.secondaries) for e in views.values())
+    wl.finish()
+    assert not wl.errors, wl.errors[:3]
+    wl.check_acked()
+
+
+def test_after_a_master_restart_map_names_no_primary_it_has_not_heard_from(procs, tmp_path):
+    """The master restarts while a primary is dead: for its start-up grace it
+    elects nobody (servers get time to say hello), and meanwhile MAP must not
+    send clients to a server NODES calls dead: its tablets show `-`."""
+    cl = Cluster(procs, tmp_path).start_all()
+    t = 0
+    victim = cl.primary(t)
+    cl.kill("master", victim)
+    cl.start("master")
+    end = time.monotonic() + 2.0          # well inside the grace (STARTUP_GRACE_S = 5)
+    while time.monotonic() < end:
+        entries = cl.map().entries
+        nodes = cl.nodes()
+        assert entries[t].primary is None, "MAP names the dead primary"
+        for e in entries.values():
+            if e.primary is not None:
+                assert nodes[cl.by_addr[e.primary]]["state"] != "dead"
+        time.sleep(0.1)
+    assert nodes[victim]["state"] == "dead"
+    cl.start(victim)
+    cl.wait_serving()
+
+
 def test_kill_and_wake_go_through_the_crash_paths(procs, tmp_path):
     cl = Cluster(procs, tmp_path).start_all()
     wl = Workload(cl, writers=3, seed=3).start()
