@@ -62,7 +62,8 @@ __all__ = [
 MAX_LINE = 65536                 # bytes of a request line before its CRLF
 MAX_NAME = 4096                  # bytes of a row or column name, decoded
 MAX_VALUE = 64 * 1024 * 1024     # default cell limit; servers pass their configured one
-MAX_LITERAL_DIGITS = 18          # `{N}` with more significant digits cannot be a real value: close
+MAX_LITERAL_DIGITS = 18          # `{N}` with more significant digits cannot be a real value: BADREQ,
+                                 # like `{abc}` (no bytes follow it that anyone could send)
 MAX_REPLY_LINE = 1024 * 1024     # a reply's status or listing line (generous: clients trust servers)
 MAX_REPLY_VALUE = 1024 * 1024 * 1024   # a `$N` value or a whole `*N` listing, in bytes
 
@@ -492,7 +493,8 @@ class RequestParser:
                         problem = ProtocolErrorEvent(
                             "BADREQ", "bad literal (a value token may not begin with '{'; send %7B)")
                     elif len(m.group(1).lstrip(b"0")) > MAX_LITERAL_DIGITS:
-                        return self._fatal("literal length out of range")
+                        problem = ProtocolErrorEvent(
+                            "BADREQ", f"literal length out of range (at most {MAX_LITERAL_DIGITS} digits)")
                     else:
                         n = int(m.group(1))
                         literals.append(_Body(n, keep=True, index=i))
@@ -537,9 +539,7 @@ class RequestParser:
         literals = []
         for t in toks:
             m = _LITERAL.fullmatch(t)
-            if m:
-                if len(m.group(1).lstrip(b"0")) > MAX_LITERAL_DIGITS:
-                    return self._fatal("literal length out of range")
+            if m and len(m.group(1).lstrip(b"0")) <= MAX_LITERAL_DIGITS:
                 literals.append(_Body(int(m.group(1)), keep=False))
         if spec is None:
             err = ProtocolErrorEvent("BADREQ", f"unknown command {encode_name(word[:64]).decode('ascii')}")
