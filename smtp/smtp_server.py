@@ -8,6 +8,12 @@ Policy (DESIGN.md "Mail servers"):
 - mail for other domains only from a session that logged in with AUTH, and
   then only with the user's own address (or <>) as the sender; everyone else
   gets 554 "relay access denied" (never an open relay);
+- nobody claims to be a local user without being one: a session that did not
+  log in may not use an address of our domain, neither as MAIL FROM (530)
+  nor in the message's From:/Sender: headers (550 after DATA), and a logged-in
+  user may put only their own address of our domain there. Mail from our
+  domain therefore really comes from that user (webmail stores its mail
+  directly, not through SMTP);
 - `250` after DATA only once the message is durably in the KV store for every
   recipient: in each local recipient's Inbox and, for other domains, in the
   relay queue. If the store fails, the client gets 451 and will retry;
@@ -16,6 +22,9 @@ Policy (DESIGN.md "Mail servers"):
 
 from __future__ import annotations
 
+import email.parser
+import email.policy
+import email.utils
 import logging
 import socket
 import threading
@@ -90,7 +99,25 @@ class MailDelivery:
         if session.auth_user is not None and address:
             if address.lower() != f"{session.auth_user}@{self.domain}":
                 return Reply(553, f"5.7.1 Sender address must be your own: {session.auth_user}@{self.domain}")
+        elif session.auth_user is None and self._ours(address):
+            return Reply(530, f"5.7.0 Log in (AUTH) to send as <{address}>")
         return Reply(250, "2.1.0 OK")
+
+    def _ours(self, address: str) -> bool:
+        return address.rpartition("@")[2].lower() == self.domain
+
+    def forged_sender(self, session: Session, content: bytes) -> str | None:
+        """An address of our domain in From: or Sender: that this session may
+        not use (anyone's without AUTH, another user's with it), else None."""
+        end = content.find(b"\r\n\r\n")
+        head = content if end < 0 else content[:end]
+        headers = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(head)
+        values = [str(v) for name in ("From", "Sender") for v in headers.get_all(name, [])]
+        own = f"{session.auth_user}@{self.domain}" if session.auth_user else None
+        for _, addr in email.utils.getaddresses(values):
+            if addr and self._ours(addr) and addr.lower() != own:
+                return addr
+        return None
 
     def handle_RCPT(self, session: Session, envelope: Envelope, address: str) -> Reply:
         try:
@@ -112,6 +139,11 @@ class MailDelivery:
         return Reply(250, "2.1.5 OK")
 
     def handle_DATA(self, session: Session, envelope: Envelope) -> Reply:
+        forged = self.forged_sender(session, envelope.content)
+        if forged is not None:
+            log.info("refused mail from %s claiming to be %s", session.peer_ip, forged[:128])
+            return Reply(550, f"5.7.1 The message claims to be from <{forged}>: "
+                              + ("that is not your address" if session.auth_user else "log in (AUTH) first"))
         locals_: list[str] = []
         remote: list[str] = []
         for rcpt in envelope.rcpt_tos:

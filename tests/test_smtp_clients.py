@@ -122,6 +122,38 @@ def test_auth_then_relay_to_other_domain_is_queued(mail):
     assert [m.subject for m in mail.store.list("bob", "Inbox")] == ["out"]
 
 
+def test_nobody_sends_as_a_local_user_without_being_them(mail):
+    """Mail that says it is from alice@penncloud.local really comes from alice:
+    without AUTH no address of ours may be used, neither as the envelope
+    sender nor in From:/Sender:; after AUTH only the user's own."""
+    with smtplib.SMTP("127.0.0.1", mail.smtp_port, timeout=10) as s:
+        with pytest.raises(smtplib.SMTPSenderRefused) as e:
+            s.sendmail("alice@penncloud.local", ["bob@penncloud.local"], b"Subject: spoof 1\r\n\r\nx\r\n")
+        assert e.value.smtp_code == 530
+        s.rset()
+        forged = (b"From: Alice <ALICE@PennCloud.local>\r\nTo: bob@penncloud.local\r\n"
+                  b"Subject: spoof 2\r\n\r\nplease reset your password\r\n")
+        with pytest.raises(smtplib.SMTPDataError) as e:
+            s.sendmail("carol@example.org", ["bob@penncloud.local"], forged)
+        assert e.value.smtp_code == 550 and b"alice@penncloud.local" in e.value.smtp_error.lower()
+        s.rset()
+        with pytest.raises(smtplib.SMTPDataError):
+            s.sendmail("carol@example.org", ["bob@penncloud.local"],
+                       b"From: carol@example.org\r\nSender: bob@penncloud.local\r\nSubject: spoof 3\r\n\r\nx\r\n")
+    with smtplib.SMTP("127.0.0.1", mail.smtp_port, timeout=10) as s:
+        s.login("alice", PW["alice"])
+        with pytest.raises(smtplib.SMTPDataError) as e:
+            s.sendmail("alice@penncloud.local", ["bob@penncloud.local"],
+                       b"From: bob@penncloud.local\r\nSubject: spoof 4\r\n\r\nx\r\n")
+        assert e.value.smtp_code == 550
+        s.sendmail("alice@penncloud.local", ["bob@penncloud.local"],
+                   b"From: Alice <Alice@penncloud.local>\r\nSubject: genuine\r\n\r\nx\r\n")
+    with smtplib.SMTP("127.0.0.1", mail.smtp_port, timeout=10) as s:    # outside mail still comes in
+        s.sendmail("carol@example.org", ["bob@penncloud.local"],
+                   b"From: Carol <carol@example.org>\r\nSubject: from outside\r\n\r\nx\r\n")
+    assert sorted(m.subject for m in mail.store.list("bob", "Inbox")) == ["from outside", "genuine"]
+
+
 def test_auth_login_mechanism(mail):
     with smtplib.SMTP("127.0.0.1", mail.smtp_port, timeout=10) as s:
         s.ehlo("c")
