@@ -2,12 +2,18 @@
 
 Layout:
 
-    row  sess/<sid>     col  s        "<user> <csrf> <admin 0|1> <created> <last seen>"
-    row  usess/<user>   col  <sid>    "" (the user's sessions, for "log out everywhere")
+    row  sess/<key>     col  s        "<user> <csrf> <admin 0|1> <created> <last seen>"
+    row  usess/<user>   col  <key>    "" (the user's sessions, for "log out everywhere")
 
 A session id is 128 random bits (`secrets.token_urlsafe(16)`, 22 characters),
 sent in the cookie `sid` (HttpOnly; SameSite=Lax; Path=/). Each session has
 its own CSRF token, also 128 random bits.
+
+The store never holds the id itself, only its key: the SHA-256 of the id, in
+hex (64 characters). Whoever reads the store (the admin's raw data browser, a
+checkpoint, a log file, a backup) sees which sessions exist and whose they
+are, but cannot turn a row name back into a cookie that logs in. A plain hash
+is enough, no salt or slow hash: the id is 128 random bits, not a password.
 
 Sliding expiry without a write per request: a session is valid while
 `now - last_seen < ttl`. `last_seen` is rewritten only when it is more than
@@ -19,6 +25,7 @@ sessions are pruned at every log-in of that user.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import secrets
@@ -32,6 +39,7 @@ log = logging.getLogger(__name__)
 
 REFRESH_AFTER_S = 60.0
 SID_RE = re.compile(r"[A-Za-z0-9_-]{22}")
+KEY_RE = re.compile(r"[0-9a-f]{64}")
 COOKIE = "sid"
 
 
@@ -43,6 +51,11 @@ class Session:
     admin: bool
     created: float
     last_seen: float
+
+    @property
+    def key(self) -> str:
+        """The name the store knows this session by."""
+        return session_key(self.sid)
 
     def encode(self) -> bytes:
         return (f"{self.user} {self.csrf} {int(self.admin)} {self.created:.0f} {self.last_seen:.3f}").encode()
@@ -56,8 +69,13 @@ class Session:
             return None
 
 
-def _row(sid: str) -> bytes:
-    return b"sess/" + sid.encode()
+def session_key(sid: str) -> str:
+    """The store's name for the session whose cookie value is `sid`."""
+    return hashlib.sha256(sid.encode()).hexdigest()
+
+
+def _row(key: str) -> bytes:
+    return b"sess/" + key.encode()
 
 
 def _index(user: str) -> bytes:
@@ -78,16 +96,17 @@ class Sessions:
         self._prune(user)
         now = self.clock()
         s = Session(secrets.token_urlsafe(16), user, secrets.token_urlsafe(16), admin, now, now)
-        self.kv.put(_index(user), s.sid, b"")
-        self.kv.put(_row(s.sid), b"s", s.encode())
+        self.kv.put(_index(user), s.key, b"")
+        self.kv.put(_row(s.key), b"s", s.encode())
         return s
 
     def get(self, sid: str | None) -> Session | None:
         """The live session `sid`, refreshed if due; None if absent, malformed or expired."""
         if not sid or not SID_RE.fullmatch(sid):
             return None
+        key = session_key(sid)
         try:
-            raw = self.kv.get(_row(sid), b"s")
+            raw = self.kv.get(_row(key), b"s")
         except NotFound:
             return None
         s = Session.decode(sid, raw)
@@ -95,13 +114,13 @@ class Sessions:
             return None
         now = self.clock()
         if now - s.last_seen >= self.ttl:
-            self.destroy(sid, s.user)
+            self._end(key, s.user)
             return None
         if now - s.last_seen > self.refresh_after:
             old = raw
             s.last_seen = now
             try:
-                self.kv.cput(_row(sid), b"s", old, s.encode())
+                self.kv.cput(_row(key), b"s", old, s.encode())
             except NotFound:
                 return None          # logged out meanwhile
             except Mismatch:
@@ -113,32 +132,40 @@ class Sessions:
         if user is None:
             s = self.get(sid)
             user = s.user if s else None
-        for row, col in ((_row(sid), b"s"), (_index(user), sid) if user else (None, None)):
-            if row is None:
+        self._end(session_key(sid), user)
+
+    def destroy_user(self, user: str, keep: str | None = None) -> int:
+        """End every session of `user` except `keep` (a session id); the number ended."""
+        keep_key = session_key(keep) if keep else None
+        n = 0
+        for col in self.kv.cols(_index(user)):
+            key = col.decode()
+            if key == keep_key:
                 continue
+            self._end(key, user)
+            n += 1
+        return n
+
+    def _end(self, key: str, user: str | None) -> None:
+        """Delete the session row `key` and its entry in the user's index."""
+        cells = [(_row(key), b"s")]
+        if user:
+            cells.append((_index(user), key.encode()))
+        for row, col in cells:
             try:
                 self.kv.delete(row, col)
             except NotFound:
                 pass
 
-    def destroy_user(self, user: str, keep: str | None = None) -> int:
-        """End every session of `user` except `keep`; the number ended."""
-        n = 0
-        for col in self.kv.cols(_index(user)):
-            sid = col.decode()
-            if sid == keep:
-                continue
-            self.destroy(sid, user)
-            n += 1
-        return n
-
     def _prune(self, user: str) -> None:
         now = self.clock()
         for col in self.kv.cols(_index(user)):
-            sid = col.decode()
+            key = col.decode()
             try:
-                s = Session.decode(sid, self.kv.get(_row(sid), b"s"))
+                s = Session.decode("", self.kv.get(_row(key), b"s"))
             except NotFound:
                 s = None
-            if s is None or now - s.last_seen >= self.ttl:
-                self.destroy(sid, user)
+            # A session stored under its raw id (before ids were hashed) can
+            # never be presented again: dropping it removes the raw id too.
+            if s is None or now - s.last_seen >= self.ttl or not KEY_RE.fullmatch(key):
+                self._end(key, user)

@@ -155,6 +155,27 @@ def test_password_change_ends_other_sessions(fe):
         x.close()
 
 
+def test_the_store_never_holds_a_usable_session_id(fe):
+    """What the admin's raw data browser (or a stolen checkpoint) shows of a
+    session is no bearer token: row names and cells never contain the cookie
+    value, and pasting a session row's name as the cookie does not log in."""
+    a = Client(fe.port)
+    a.post("/signup", {"username": "ivan", "password": PASSWORD})
+    assert a.get("/home").status == 200
+    cells = [(row, col, value) for row, cols in fe.kv._rows.items() for col, value in cols.items()]
+    assert not [c for c in cells if any(a.sid.encode() in part for part in c)]
+    names = [row[len(b"sess/"):].decode() for row, _, _ in cells if row.startswith(b"sess/")]
+    names += [col.decode() for row, col, _ in cells if row == b"usess/ivan"]
+    assert names
+    thief = Client(fe.port)
+    for name in names:
+        for guess in (name, name[:22]):
+            thief.sid = guess
+            assert thief.get("/home").status == 303, guess
+    a.close()
+    thief.close()
+
+
 def test_forged_or_missing_csrf_is_403(client):
     client.post("/signup", {"username": "erin", "password": PASSWORD})
     for fields in ({"old": PASSWORD, "new": "xxxxxxxxxx", "confirm": "xxxxxxxxxx"},

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from httpserver.sessions import session_key
 from src.config import Config, load_config
 from src.kvclient import ServerClient
 from tests.browser import launch_browser, screenshot
@@ -223,7 +224,7 @@ def test_the_whole_story_survives_a_frontend_and_a_primary_dying(browser, cluste
     alice.fill("input[name=to]", "bob@penncloud.local")
     alice.fill("input[name=subject]", FOLLOW_UP)
     alice.fill("textarea[name=body]", "I'll bring the snacks.")
-    rows = {"session": b"sess/" + cookie(alice, "sid").encode(), "account": b"acct/alice"}
+    rows = {"session": b"sess/" + session_key(cookie(alice, "sid")).encode(), "account": b"acct/alice"}
     before = {what: cluster.lookup(row) for what, row in rows.items()}
     victims = {kv_by_addr[e.primary] for e in before.values()}  # one or two tablet servers
     for name in [fe, *sorted(victims)]:

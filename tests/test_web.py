@@ -1,6 +1,8 @@
 """The framework without sockets: router, templates, ranges, conditional GET,
 sessions, throttling, CSRF rules."""
 
+import hashlib
+
 import pytest
 
 from httpserver import templates
@@ -138,10 +140,11 @@ def test_sessions_sliding_expiry_and_refresh_writes():
     kv, clock = MemoryKV(), Clock()
     s = Sessions(kv, ttl_s=300, clock=clock)
     a = s.create("alice")
-    raw = kv.get(f"sess/{a.sid}", "s")
+    row = "sess/" + hashlib.sha256(a.sid.encode()).hexdigest()
+    raw = kv.get(row, "s")
     clock.t += REFRESH_AFTER_S / 2
     assert s.get(a.sid).user == "alice"
-    assert kv.get(f"sess/{a.sid}", "s") == raw, "no write for a fresh session"
+    assert kv.get(row, "s") == raw, "no write for a fresh session"
     for _ in range(10):                       # used every 4 minutes: stays alive past the TTL
         clock.t += 240
         assert s.get(a.sid) is not None
@@ -149,6 +152,24 @@ def test_sessions_sliding_expiry_and_refresh_writes():
     assert s.get(a.sid) is None
     assert kv.cols("usess/alice") == []
     assert s.get("not-a-valid-id") is None and s.get(None) is None
+
+
+def test_sessions_are_stored_under_a_hash_of_the_id():
+    kv = MemoryKV()
+    s = Sessions(kv)
+    a = s.create("alice")
+    key = hashlib.sha256(a.sid.encode()).hexdigest()
+    assert kv.get(f"sess/{key}", "s").startswith(b"alice ")
+    assert kv.cols("usess/alice") == [key.encode()]
+    everything = [(r, c, v) for r, cols in kv._rows.items() for c, v in cols.items()]
+    assert not [cell for cell in everything if any(a.sid.encode() in part for part in cell)]
+    assert s.get(key[:22]) is None and s.get(a.sid).user == "alice"
+    # A session stored the old way, under its raw id, is dropped at the next log-in.
+    kv.put("usess/alice", "73z3yG0trW3km9RWbfnLGA", b"")
+    kv.put("sess/73z3yG0trW3km9RWbfnLGA", "s", b"alice csrf 0 1 %.3f" % s.clock())
+    b = s.create("alice")
+    assert kv.cols("usess/alice") == sorted([key.encode(), b.key.encode()])
+    assert kv.cols("sess/73z3yG0trW3km9RWbfnLGA") == []
 
 
 def test_sessions_destroy_user_keeps_one():
