@@ -88,8 +88,22 @@ def boundary_from_content_type(content_type: str | None) -> bytes:
     return b.encode("ascii")
 
 
+# What may follow the closing quote of a parameter: the end, or the next parameter.
+_AFTER_QUOTE = re.compile(r'[ \t]*(?:$|;[ \t]*(?:$|[^ \t;="\\]+[ \t]*=))')
+
+
 def parse_header_params(value: str) -> tuple[str, dict[str, str]]:
-    """`type; a=1; b="x y"` -> ("type", {"a": "1", "b": "x y"}); quoted-pairs unescaped."""
+    r"""`type; a=1; b="x y"` -> ("type", {"a": "1", "b": "x y"}).
+
+    Quoted values are read the way browsers write them (HTML's
+    multipart/form-data encoding): a '"' in a file name is sent as %22 and a
+    backslash as it is, so `filename="a\b.txt"` names `a\b.txt`. Old clients
+    escaped '"' as an RFC 2616 quoted-pair (`\"`); that is still understood,
+    but only where it cannot be a real backslash: a `\"` that could close the
+    value (the end or another parameter follows) closes it, so a name ending
+    in a backslash stays whole. `\\` stays two backslashes: a name may hold
+    two, and guessing would lose one.
+    """
     i, n = 0, len(value)
     semi = value.find(";")
     main = (value if semi < 0 else value[:semi]).strip().lower()
@@ -107,8 +121,8 @@ def parse_header_params(value: str) -> tuple[str, dict[str, str]]:
             i += 1
             out = []
             while i < n and value[i] != '"':
-                if value[i] == "\\" and i + 1 < n:
-                    i += 1
+                if value.startswith('\\"', i) and not _AFTER_QUOTE.match(value, i + 2):
+                    i += 1  # an old-style escaped quote: keep the quote only
                 out.append(value[i])
                 i += 1
             v = "".join(out)

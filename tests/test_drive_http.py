@@ -231,6 +231,24 @@ def test_refused_names_have_clear_messages(site):
     assert "notes.txt" in listed(c, root)
 
 
+def test_backslashes_in_uploaded_names_are_kept(site):
+    """Browsers send a file name's backslashes raw (and '"' as %22): a name
+    holding one, or ending in one, is saved exactly; only an old browser's
+    whole Windows path is cut to its last part."""
+    fe, _ = site
+    c = login(fe.port, "alice")
+    root = root_of(c)
+    names = ["back\\slash a\\b.txt", 'quote"semi;colon\\back.txt', "trail\\", "two\\\\x"]
+    for name in names:
+        r = c.upload(root, [(name.replace('"', "%22"), name.encode())], headers={"Accept": "application/json"})
+        assert r.status == 200 and json.loads(r.text)["name"] == name, (name, r.text)
+    assert sorted(listed(c, root)) == sorted(names)
+    for name in names:
+        assert c.get(file_url(root, name)).body == name.encode(), name
+    c.upload(root, [("C:\\Documents and Settings\\me\\notes.txt", b"n"), ("\\\\server\\share\\unc.txt", b"u")])
+    assert {"notes.txt", "unc.txt"} <= set(listed(c, root))
+
+
 def test_name_conflicts(site):
     fe, _ = site
     c = login(fe.port, "alice")

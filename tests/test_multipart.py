@@ -66,6 +66,31 @@ def test_utf8_file_name_and_part_without_headers():
     assert parts[1] == ({}, b"bare")
 
 
+# (filename parameter as sent, name meant). Browsers (HTML's multipart/form-data
+# encoding) send a backslash raw and a '"' as %22; old clients sent RFC 2616
+# quoted-pairs. A backslash is only taken as an escape where it cannot be a real one.
+FILENAMES = [
+    (r'"back\slash a\b.txt"', r"back\slash a\b.txt"),
+    (r'"quote%22semi;colon\back.txt"', r"quote%22semi;colon\back.txt"),
+    (r'"trail\"', "trail\\"),                                 # a name ending in a backslash
+    (r'"trail\" ; name="file"', "trail\\"),                   # ... followed by another parameter
+    (r'"two\\"', "two\\\\"),                                  # two backslashes stay two
+    (r'"C:\Users\me\x.txt"', r"C:\Users\me\x.txt"),           # the app, not the parser, strips a path
+    (r'"say \"hi\".txt"', 'say "hi".txt'),                    # old-style escaped quotes
+    (r'"\"quoted\""', '"quoted"'),
+    (r'"a\";b.txt"', 'a";b.txt'),                             # ';' then no parameter: still an escape
+]
+
+
+@pytest.mark.parametrize("sent, meant", FILENAMES)
+def test_file_name_backslashes(sent, meant):
+    disp, params = parse_header_params(f'form-data; name="file"; filename={sent}')
+    assert params["filename"] == meant and params["name"] == "file"
+    # and as the first parameter, before name=
+    disp, params = parse_header_params(f'form-data; filename={sent}; name="file"')
+    assert params["filename"] == meant and params["name"] == "file"
+
+
 def test_large_part_is_streamed_with_bounded_memory():
     p = MultipartParser(B)
     p.feed(b"--" + B + b'\r\nContent-Disposition: form-data; name="f"; filename="big"\r\n\r\n')

@@ -34,8 +34,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import os
 import random
+import re
 import threading
 import time
 import weakref
@@ -521,9 +521,7 @@ class DriveApp:
             for part in req.multipart():
                 if part.filename is None:
                     continue  # csrf and any other plain field
-                # Browsers send '"' in a file name as %22 (HTML's multipart encoding);
-                # old ones send a whole Windows path.
-                fname = os.path.basename(part.filename.replace("%22", '"').replace("\\", "/"))
+                fname = upload_name(part.filename)
                 if not fname:
                     continue  # the file input was left empty
                 try:
@@ -559,6 +557,24 @@ class DriveApp:
             kind = "err" if failed else "ok"
             return redirect(folder_url(folder, self._root(req), **{kind: msg}, sig=sign(req, kind, msg)))
         return self._act(req, folder, act)
+
+
+# A whole Windows path, as old browsers sent it: C:\...\name or \\server\...\name.
+_WINDOWS_PATH = re.compile(r"(?:[A-Za-z]:|\\\\[^\\]+)\\")
+
+
+def upload_name(filename: str) -> str:
+    """The name to save an uploaded file under, from its form-data filename.
+
+    Browsers send '"' in a file name as %22 (HTML's multipart encoding) and a
+    backslash as it is: a backslash is part of the name (legal on Linux and
+    macOS), so only a whole Windows path, which old browsers sent, is cut at
+    backslashes. A "/" never is in a name: keep what follows the last one.
+    """
+    name = filename.replace("%22", '"')
+    if _WINDOWS_PATH.match(name):
+        name = name.rsplit("\\", 1)[-1]
+    return name.rsplit("/", 1)[-1]
 
 
 class NoFiles(DriveError):
