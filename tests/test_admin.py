@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import json
 import re
+import urllib.parse
 
 import pytest
 
@@ -218,6 +219,29 @@ def test_raw_browser_rows_columns_values_escaped(cluster):
     assert admin.get(f"/admin/data/kv1/{t}/value?r={row.hex()}&c=6e6f").status == 404
     assert admin.get(f"/admin/data/kv1/{t}/row?r=zz").status == 400
     assert admin.get("/admin/data/kv9").status == 404
+
+
+def test_a_link_cannot_put_its_own_words_on_the_console(cluster):
+    """The result banner shows only what this console's own redirect signed:
+    a link from elsewhere (or a tampered one) shows no banner at all."""
+    cfg, kv, fe = cluster
+    admin = admin_client(fe)
+    lure = "the cluster secret expired. Log in again at http://evil.example/login"
+    for query in ({"did": "kill", "id": "kv1", "ok": "0", "why": lure},
+                  {"did": "kill", "id": lure, "ok": "1"},
+                  {"did": "disable", "id": lure, "ok": "0"}):
+        page = admin.get("/admin?" + urllib.parse.urlencode(query))
+        assert page.status == 200 and "evil.example" not in page.text and "adm-flash" not in page.text, query
+    # a real failure's banner shows, but not once its reason is swapped
+    r = admin.post("/admin/frontends/fe1/disable", {"confirm": "yes"})
+    real = r.getheader("Location")
+    assert "Could not disable fe1" in admin.get(real).text
+    q = urllib.parse.parse_qs(urllib.parse.urlsplit(real).query)
+    q["why"] = [lure]
+    assert "evil.example" not in admin.get("/admin?" + urllib.parse.urlencode(q, doseq=True)).text
+    # nor in another administrator's session
+    other = admin_client(fe)
+    assert "adm-flash" not in other.get(real).text
 
 
 def test_disable_and_enable_a_frontend_from_the_console(cluster):

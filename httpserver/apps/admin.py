@@ -17,7 +17,11 @@ administrator, GETs, POSTs and the JSON endpoint alike):
 
 Actions ask for confirmation: with JavaScript a `confirm()` dialog, without
 it a confirmation page (a POST without `confirm=yes` answers with that page).
-The result comes back as a banner on /admin (redirect after POST).
+The result comes back as a banner on /admin (redirect after POST). The
+redirect's query (`did`, `id`, `ok`, `why`) carries `sig`, an HMAC of it
+keyed by the session's CSRF token, as the drive does with its messages: a
+link from anywhere else shows no banner, so it cannot put its own words (a
+fake reason, a phishing link) on the administrator's console.
 
 Row and column names are arbitrary bytes: in URLs they travel as hex, on the
 page they are shown with `show_name` (UTF-8 where possible, `\\xNN` otherwise)
@@ -30,8 +34,11 @@ server itself (ROWS), so a secondary's copy can be inspected too.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import time
+from urllib.parse import urlencode
 
 from httpserver.apps.admin_data import ClusterView, preview, show_name
 from httpserver.templates import Markup, csrf_field, page, render
@@ -49,7 +56,9 @@ REFRESH_S = 2
 SERVER_ACTIONS = {"kill": "Kill", "wake": "Wake"}
 FRONTEND_ACTIONS = {"disable": "Disable", "enable": "Enable"}
 
-# Result banners: fixed texts, only the process id comes from the URL (escaped).
+# Result banners: fixed texts around the process id and, for a failure, the
+# reason the server gave; both shown only under this session's signature.
+BANNER_FIELDS = ("did", "id", "ok", "why")
 _DONE = {
     "kill": "{id} was killed: it dropped its memory as in a crash and refuses requests. "
             "Its tablets fail over to their secondaries. Press Wake to restart it.",
@@ -64,6 +73,13 @@ _STATE_CLASS = {"up": "ok", "serving": "ok", "alive": "ok", "stopped": "muted", 
 
 def _state_class(state: str) -> str:
     return _STATE_CLASS.get(state.split(" ")[0].rstrip(","), "warn")
+
+
+def _banner_sig(req, fields: dict) -> str:
+    """A MAC of a result banner's query fields, keyed by the session's CSRF token."""
+    key = (req.session.csrf if req.session is not None else "").encode()
+    msg = urlencode([(k, fields.get(k) or "") for k in BANNER_FIELDS])
+    return hmac.new(key, msg.encode(), hashlib.sha256).hexdigest()[:24]
 
 
 def _hex_arg(req, name: str) -> bytes:
@@ -182,7 +198,9 @@ def register(router, ctx) -> None:
         snap = view.snapshot()
         flash = ""
         did, who = req.arg("did"), req.arg("id") or ""
-        if did in _DONE:
+        fields = {k: req.arg(k) for k in BANNER_FIELDS}
+        signed = hmac.compare_digest(req.arg("sig") or "", _banner_sig(req, fields))
+        if did in _DONE and signed:
             if req.arg("ok") == "1":
                 flash = render('<div class="adm-flash ok" role="status">{text}</div>', text=_DONE[did].format(id=who))
             else:
@@ -212,11 +230,11 @@ def register(router, ctx) -> None:
             '</section>', q=question, url=action_url, csrf=csrf_field(req), label=label)
         return admin_page(req, question, body)
 
-    def done(action: str, who: str, error: str | None = None):
-        from urllib.parse import urlencode
+    def done(req, action: str, who: str, error: str | None = None):
         q = {"did": action, "id": who, "ok": "0" if error else "1"}
         if error:
             q["why"] = error[:200]
+        q["sig"] = _banner_sig(req, q)
         return redirect("/admin?" + urlencode(q))
 
     @router.route("POST", "/admin/servers/<server_id>/<action>", admin=True)
@@ -233,9 +251,9 @@ def register(router, ctx) -> None:
             c.kill() if action == "kill" else c.wake()
         except (KVError, OSError) as e:
             log.warning("admin %s: %s of %s failed: %s", req.user, action, n.id, e)
-            return done(action, n.id, str(e) or type(e).__name__)
+            return done(req, action, n.id, str(e) or type(e).__name__)
         log.info("admin %s: %s %s", req.user, action, n.id)
-        return done(action, n.id)
+        return done(req, action, n.id)
 
     @router.route("POST", "/admin/frontends/<fe_id>/<action>", admin=True)
     def frontend_action(req, fe_id, action):
@@ -251,9 +269,9 @@ def register(router, ctx) -> None:
             view.lb().set_enabled(fe_id, action == "enable")
         except LBControlError as e:
             log.warning("admin %s: %s of %s failed: %s", req.user, action, fe_id, e)
-            return done(action, fe_id, str(e))
+            return done(req, action, fe_id, str(e))
         log.info("admin %s: %s %s", req.user, action, fe_id)
-        return done(action, fe_id)
+        return done(req, action, fe_id)
 
     # -- the raw data browser -------------------------------------------------------------------
 
