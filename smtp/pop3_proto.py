@@ -14,6 +14,13 @@ applies deletions.
 
 Messages are numbered from 1 in the order the maildrop lists them (oldest
 first), fixed for the session. DELE only marks; RSET unmarks; QUIT applies.
+Pipelining (RFC 2449): a client may send many commands at once. A message
+is sent lazily, as the server iterates it, so the commands after a RETR or
+TOP are run only once it has been sent: `receive_data` stops there and
+returns, last, a `_Later` that runs them when iterated. Otherwise a
+pipelined "RETR 1 / DELE 1 / QUIT" would delete the message (QUIT) before
+its bytes were read from the store.
+
 Output of a message is dot-stuffed: a "." is added before every line that
 starts with "." (after any LF, so clients that split lines on a bare LF see
 no early end either) and the terminating ".CRLF" follows a line end.
@@ -42,6 +49,10 @@ CAPABILITIES = ("TOP", "UIDL", "USER", "SASL PLAIN", "RESP-CODES", "AUTH-RESP-CO
 
 class MailboxInUse(Exception):
     """Another session holds this mailbox."""
+
+
+class MessageGone(Exception):
+    """The message was deleted by another session (the webmail) meanwhile."""
 
 
 class TemporaryFailure(Exception):
@@ -178,6 +189,12 @@ class POP3Connection:
             self.close()
             return out
         self._buf += data
+        return self._process()
+
+    def _process(self) -> list:
+        """Run the buffered commands, up to and including the first whose
+        reply is sent lazily (a message), then a `_Later` for the rest."""
+        out: list = []
         while not self.closed:
             limit = MAX_AUTH_LINE if self._sasl else MAX_COMMAND_LINE
             line, self._skipping_line = next_line(self._buf, limit, self._skipping_line)
@@ -193,6 +210,9 @@ class POP3Connection:
                 out.append(self._sasl_response(line.decode("ascii", "replace").strip()))
             else:
                 out.append(self._command(line))
+            if not isinstance(out[-1], bytes):
+                out.append(_Later(self._process))
+                break
         return out
 
     @property
@@ -221,15 +241,18 @@ class POP3Connection:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
             return self._error("Command is not valid UTF-8")
-        verb, _, arg = text.strip(" ").partition(" ")
+        verb, _, rest = text.lstrip(" ").partition(" ")
         verb = verb.upper()
+        # PASS has one argument, so its spaces belong to the password
+        # (RFC 1939); every other argument is trimmed.
+        arg = rest if verb == "PASS" else rest.strip(" ")
         state = "trans" if self._drop is not None else "auth"
         method = getattr(self, f"pop_{verb}", None) if verb.isalpha() and len(verb) <= 4 else None
         if method is None or verb not in _ALLOWED[state]:
             if method is not None:
                 return self._error(f"{verb} is not allowed now")
             return self._error("Unknown command")
-        return method(arg.strip(" "))
+        return method(arg)
 
     # -- AUTHORIZATION ----------------------------------------------------------
 
@@ -342,6 +365,8 @@ class POP3Connection:
         uid, size = self._msgs[i]
         try:
             chunks = self._drop.iter_message(uid)
+        except MessageGone:
+            return err(f"Message {i + 1} was deleted by another session")
         except TemporaryFailure:
             return err("[SYS/TEMP] The mail store is unavailable; try again later")
         return _Concat(ok(f"{size} octets"), stuffed(chunks))
@@ -355,6 +380,8 @@ class POP3Connection:
             return self._error("Syntax: TOP msg lines")
         try:
             head = top_of(self._drop.iter_message(self._msgs[i][0]), int(n.strip()))
+        except MessageGone:
+            return err(f"Message {i + 1} was deleted by another session")
         except TemporaryFailure:
             return err("[SYS/TEMP] The mail store is unavailable; try again later")
         return ok() + b"".join(stuffed([head]))
@@ -380,6 +407,27 @@ class _Concat:
     def __iter__(self):
         yield self.first
         yield from self.rest
+
+
+class _Later:
+    """Commands that wait for the lazy reply before them to be sent: run
+    when iterated, their replies flattened to bytes (a chain of RETRs is a
+    loop here, not a recursion)."""
+
+    def __init__(self, run):
+        self.run = run
+
+    def __iter__(self):
+        run = self.run
+        while run is not None:
+            parts, run = run(), None
+            for part in parts:
+                if isinstance(part, _Later):
+                    run = part.run          # always the last part
+                elif isinstance(part, bytes):
+                    yield part
+                else:
+                    yield from part
 
 
 _ALLOWED = {

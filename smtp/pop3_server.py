@@ -20,7 +20,7 @@ import socket
 import time
 from typing import Callable, Iterator
 
-from smtp.pop3_proto import MailboxInUse, POP3Connection, TemporaryFailure
+from smtp.pop3_proto import MailboxInUse, MessageGone, POP3Connection, TemporaryFailure
 from src.accounts import Accounts
 from src.config import Config
 from src.kv import KV, Exists, KVError, Mismatch, NotFound
@@ -105,7 +105,7 @@ class KVMaildrop:
         try:
             chunks = self.store.iter_raw(self.user, FOLDER, uid)
         except NoSuchMessage:
-            return iter(())  # deleted meanwhile (webmail): an empty message, the session goes on
+            raise MessageGone(uid) from None   # deleted meanwhile (webmail): -ERR, the session goes on
         except KVError as e:
             raise TemporaryFailure() from e
         return self._then_mark_read(uid, chunks)

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from smtp.pop3_proto import MAX_COMMAND_LINE, DotStuffer, MailboxInUse, POP3Connection, top_of
+from smtp.pop3_proto import MAX_COMMAND_LINE, DotStuffer, MailboxInUse, MessageGone, POP3Connection, top_of
 
 MSGS = {
     "u1": b"Subject: one\r\n\r\nfirst\r\n",
@@ -122,6 +122,72 @@ def test_dot_stuffer_is_chunking_independent(chunk):
     ds = DotStuffer()
     out = b"".join(ds.feed(raw[i:i + chunk]) for i in range(0, len(raw), chunk)) + ds.end()
     assert out == b"..a\r\n..\r\nb\n..c\r\n...\r\n.\r\n"
+
+
+class LazyDrop(Drop):
+    """Reads a message's chunks only as they are sent, as the real store does,
+    and records the order of reads and the commit."""
+
+    def __init__(self, msgs, events):
+        super().__init__(msgs)
+        self.events = events
+        self.gone = set()
+
+    def iter_message(self, uid):
+        if uid in self.gone:
+            raise MessageGone(uid)
+        chunks = super().iter_message(uid)
+
+        def lazily():
+            for ch in chunks:
+                self.events.append(("read", uid))
+                yield ch
+        return lazily()
+
+    def commit(self, deleted):
+        self.events.append(("commit", tuple(deleted)))
+        return super().commit(deleted)
+
+
+def test_pipelined_retr_dele_quit_sends_the_message_before_deleting_it():
+    """RFC 2449 PIPELINING: RETR 1, DELE 1, QUIT in one packet. QUIT deletes;
+    it must run only after the message, read lazily, has been sent."""
+    events = []
+    h = Handler()
+    h.drop = LazyDrop(MSGS, events)
+    c = POP3Connection(h)
+    run(c, b"USER bob", b"PASS pw pw pw")
+    out = run(c, b"RETR 1", b"DELE 1", b"RETR 2", b"QUIT")
+    assert out == (b"+OK 23 octets\r\nSubject: one\r\n\r\nfirst\r\n.\r\n"
+                   b"+OK Message 1 deleted\r\n"
+                   b"+OK 52 octets\r\nSubject: two\r\n\r\n..starts with a dot\r\nline\r\n..\r\n...\r\nend\r\n.\r\n"
+                   b"+OK Bye, 1 messages deleted\r\n")
+    assert events.index(("commit", ("u1",))) > max(i for i, e in enumerate(events) if e[0] == "read")
+    # many RETRs in one packet: a loop, not a recursion
+    c2 = POP3Connection(Handler())
+    out = run(c2, b"USER bob", b"PASS pw pw pw", *[b"RETR 1"] * 3000, b"QUIT")
+    assert out.count(b"+OK %d octets" % len(MSGS["u1"])) == 3000 and out.endswith(b"+OK Bye, 0 messages deleted\r\n")
+
+
+def test_retr_of_a_message_deleted_by_another_session_is_an_error_not_an_empty_message():
+    events = []
+    h = Handler()
+    h.drop = LazyDrop(MSGS, events)
+    c = POP3Connection(h)
+    run(c, b"USER bob", b"PASS pw pw pw")
+    h.drop.gone.add("u2")                         # deleted in the webmail meanwhile
+    assert run(c, b"RETR 2").startswith(b"-ERR Message 2 was deleted")
+    assert run(c, b"TOP 2 0").startswith(b"-ERR Message 2 was deleted")
+    assert run(c, b"RETR 1").startswith(b"+OK")   # the session goes on
+
+
+def test_pass_keeps_the_spaces_of_the_password():
+    """RFC 1939: PASS has one argument, so spaces are part of the password."""
+    class Spaced(Handler):
+        def authenticate(self, user, pw):
+            return "bob" if (user, pw) == ("bob", " spaced pass ") else None
+    c = POP3Connection(Spaced())
+    assert run(c, b"USER  bob ", b"PASS  spaced pass ").endswith(b"+OK Logged in, 3 messages\r\n")
 
 
 def test_top():

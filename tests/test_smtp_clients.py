@@ -87,6 +87,23 @@ def test_smtplib_to_pop3_byte_exact(mail):
     assert info.subject == "lunch" and info.size == len(got) and info.read  # RETR marks it read
 
 
+def test_pop3_pipelined_fetch_and_delete_gets_the_whole_message(mail):
+    """A client pipelines RETR 1, DELE 1, QUIT (RFC 2449 PIPELINING) for a
+    message stored in chunks: it gets every byte, and only then is it deleted."""
+    body = b"".join(b"line %06d of a long attachment\r\n" % i for i in range(20000))   # ~660 KB, 3 chunks
+    with smtplib.SMTP("127.0.0.1", mail.smtp_port, timeout=10) as s:
+        s.sendmail("carol@example.org", ["bob@penncloud.local"], b"Subject: big\r\n\r\n" + body)
+    c = socket.create_connection(("127.0.0.1", mail.pop_port), timeout=10)
+    c.sendall(b"USER bob\r\nPASS " + PW["bob"].encode() + b"\r\nRETR 1\r\nDELE 1\r\nQUIT\r\n")
+    got = b""
+    while chunk := c.recv(1 << 16):
+        got += chunk
+    c.close()
+    assert got.endswith(b"\r\n.\r\n+OK Message 1 deleted\r\n+OK Bye, 1 messages deleted\r\n")
+    assert body in got
+    assert mail.store.list("bob", "Inbox") == []
+
+
 def test_open_relay_refused_and_unknown_user_550(mail):
     with smtplib.SMTP("127.0.0.1", mail.smtp_port, timeout=10) as s:
         s.ehlo("spammer.test")
