@@ -29,19 +29,21 @@ Client = webclient.Client
 
 
 @pytest.fixture
-def cluster(procs, tmp_path):
+def cluster(procs, tmp_path, request):
     """Two standalone tablet servers and an in-process frontend.
 
     The frontend keeps its data (sessions included) on kv1; kv2 is the one the
     tests kill and wake, so the console stays usable meanwhile, as it does in
-    a replicated cluster.
+    a replicated cluster. kv2 holds TABLETS tablets, or as many as an
+    indirect parameter says (fewer: tablets of the cluster it does not hold).
     """
     from httpserver.frontend import Frontend
 
     kv_port, kv2_port = free_port(), free_port()
-    for name, port in (("kv1", kv_port), ("kv2", kv2_port)):
+    kv2_tablets = getattr(request, "param", TABLETS)
+    for name, port, tablets in (("kv1", kv_port, TABLETS), ("kv2", kv2_port, kv2_tablets)):
         procs.start("kvserver", ["--standalone", "--port", str(port), "--data", str(tmp_path / name),
-                                 "--tablets", str(TABLETS)], name=name)
+                                 "--tablets", str(tablets)], name=name)
     raw = {
         "cluster": {"tablets": TABLETS, "replication": 1},
         "master": {"port": free_port()},  # no master runs: the console must cope
@@ -219,6 +221,28 @@ def test_raw_browser_rows_columns_values_escaped(cluster):
     assert admin.get(f"/admin/data/kv1/{t}/value?r={row.hex()}&c=6e6f").status == 404
     assert admin.get(f"/admin/data/kv1/{t}/row?r=zz").status == 400
     assert admin.get("/admin/data/kv9").status == 404
+
+
+@pytest.mark.parametrize("cluster", [TABLETS // 2], indirect=True)
+def test_raw_browser_unknown_or_unheld_tablet_is_404_and_row_counts_say_about(cluster):
+    cfg, kv, fe = cluster
+    admin = admin_client(fe)
+    held, unheld = TABLETS // 2 - 1, TABLETS // 2     # kv2 holds tablets 0 .. TABLETS/2 - 1
+    assert admin.get(f"/admin/data/kv2/{held}").status == 200
+    r = admin.get(f"/admin/data/kv2/{unheld}")
+    assert r.status == 404 and "kv2 does not hold tablet" in r.text and "does not answer" not in r.text
+    for path in (f"/admin/data/kv1/{TABLETS}", "/admin/data/kv1/99", f"/admin/data/kv1/{TABLETS}/row?r=6162",
+                 f"/admin/data/kv1/{TABLETS}/value?r=6162&c=6364"):
+        assert admin.get(path).status == 404, path
+    # TABLETS counts rows until the next checkpoint (deleted ones too): the page says "about"
+    for i in range(3):
+        kv.put(rows_in_tablet(0, 3)[i], "c", b"v")
+    kv.delete(rows_in_tablet(0, 3)[0], "c")
+    r = admin.get("/admin/data/kv1")
+    assert re.search(r'href="/admin/data/kv1/0">tablet 0</a>.*?about \d+</td>', r.text)
+    assert "estimate" in r.text
+    listed = admin.get("/admin/data/kv1/0?limit=500").text
+    assert re.search(r"\d+ rows from the start", listed)
 
 
 def test_a_link_cannot_put_its_own_words_on_the_console(cluster):

@@ -44,7 +44,7 @@ from httpserver.apps.admin_data import ClusterView, preview, show_name
 from httpserver.templates import Markup, csrf_field, page, render
 from httpserver.web import HTTPError, json_response, redirect
 from src.heartbeat import LBControlError
-from src.kv import KVError, NotFound
+from src.kv import BadRequest, KVError, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -299,13 +299,21 @@ def register(router, ctx) -> None:
             if not parts or not parts[0].isdigit():
                 continue
             fields = dict(p.split("=", 1) for p in parts[2:] if "=" in p)
+            count = fields.get("rows", "")
             rows.append(render(
                 '<tr><td><a href="/admin/data/{sid}/{t}">tablet {t}</a></td><td>{role}</td>'
                 '<td class="num">{rows}</td><td class="num">{bytes}</td></tr>',
                 sid=n.id, t=parts[0], role=parts[1] if len(parts) > 1 else "",
-                rows=fields.get("rows", ""), bytes=fields.get("bytes", "")))
+                rows=f"about {count}" if count else "", bytes=fields.get("bytes", "")))
+        # TABLETS adds the checkpoint's row count to the memtables' (kvserver
+        # tablet stats): until the next checkpoint a row changed since the
+        # last one may count twice and a deleted row still counts. Counting exactly would mean
+        # reading the whole tablet, so the page says what the number is.
         table = render('<table class="adm-table"><thead><tr><th>Tablet</th><th>Role here</th>'
-                       '<th class="num">Rows</th><th class="num">Bytes</th></tr></thead><tbody>{rows}</tbody></table>',
+                       '<th class="num">Rows</th><th class="num">Bytes</th></tr></thead><tbody>{rows}</tbody></table>'
+                       '<p class="adm-sub">Row counts are estimates: until a tablet\'s next checkpoint, a row '
+                       'changed since the last one may count twice and a deleted row still counts. '
+                       'A tablet\'s page lists its rows themselves.</p>',
                        rows=Markup("").join(rows)) if rows else render('<p>{msg}</p>', msg=(
                            f"{n.id} does not answer: {error}" if error else f"{n.id} holds no tablets."))
         body = render('{crumbs}<h1>{sid} <span class="adm-sub adm-mono">{addr}</span></h1>'
@@ -314,8 +322,8 @@ def register(router, ctx) -> None:
         return admin_page(req, f"{n.id} tablets", body)
 
     def tablet_number(tablet: str) -> int:
-        if not tablet.isdigit() or int(tablet) >= 1 << 20:
-            raise HTTPError(404, "No such tablet.")
+        if not (tablet.isascii() and tablet.isdigit() and len(tablet) <= 9) or int(tablet) >= cfg.cluster.tablets:
+            raise HTTPError(404, f"No such tablet: this cluster has tablets 0 to {cfg.cluster.tablets - 1}.")
         return int(tablet)
 
     @router.route("GET", "/admin/data/<server_id>/<tablet>", admin=True)
@@ -330,6 +338,10 @@ def register(router, ctx) -> None:
         try:
             names = view.client(n.addr).rows(t, after, limit)
             error = ""
+        except BadRequest:
+            # The page asks for a valid limit and name, so the one thing the
+            # server can refuse is the tablet: it answered, it does not hold it.
+            raise HTTPError(404, f"{n.id} does not hold tablet {t}. Its page lists the tablets it holds.") from None
         except (KVError, OSError) as e:
             names, error = [], str(e) or type(e).__name__
         items = Markup("").join(
