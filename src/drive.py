@@ -106,14 +106,40 @@ class Damaged(DriveError):
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
+# Format characters a name may keep: ZWNJ and ZWJ join letters in Persian and
+# Indic scripts and build emoji (woman + ZWJ + laptop); the tag characters
+# build the flags of England, Scotland and Wales.
+_FORMAT_ALLOWED = re.compile("[\u200c\u200d\U000e0020-\U000e007f]")
+
 
 def check_name(name: str) -> str:
     """The name as stored (Unicode NFC), or InvalidName saying what is wrong.
 
-    Any Unicode letters, spaces and punctuation are fine; refused: empty, "."
-    and "..", "/" and NUL (and other control characters, which cannot be
-    shown or sent in a header), and more than 255 bytes of UTF-8.
+    For a new name (new folder, upload, rename). Any Unicode letters, spaces
+    and punctuation are fine; refused: empty, "." and "..", "/" and NUL (and
+    other control characters and line separators, which cannot be shown or
+    sent in a header), invisible format characters (bidi overrides and
+    isolates, zero-width spaces...: U+202E shows "txt.exe" as "exe.txt"),
+    and more than 255 bytes of UTF-8.
     """
+    name = _name_key(name)
+    for ch in name:
+        cat = unicodedata.category(ch)
+        if cat in ("Cc", "Zl", "Zp"):
+            raise InvalidName("A name cannot contain control characters (such as line breaks or tabs).")
+        if cat == "Cf" and not _FORMAT_ALLOWED.match(ch):
+            raise InvalidName(
+                f"A name cannot contain the invisible formatting character U+{ord(ch):04X} "
+                f"({unicodedata.name(ch, 'unnamed').lower()}): it can make a name look like "
+                f"another one, e.g. hide its real extension.")
+    return name
+
+
+def _name_key(name: str) -> str:
+    """The name in the form it is stored and looked up under (NFC), or
+    InvalidName for what can never be stored. Lookups use only these rules,
+    so an item named before a rule of check_name was added stays reachable
+    (to be opened, renamed, moved or deleted)."""
     if not isinstance(name, str):
         raise InvalidName("A name must be text.")
     name = unicodedata.normalize("NFC", name)
@@ -337,7 +363,7 @@ class Drive:
         if not isinstance(folder, str) or not _ID_RE.match(folder):
             raise ItemNotFound("That folder does not exist.")
         try:
-            name = check_name(name)
+            name = _name_key(name)
         except InvalidName:
             raise ItemNotFound("There is no item with that name here.") from None
         try:
@@ -794,7 +820,8 @@ class Drive:
         NameTaken if `dest` already has an item of that name; MoveRefused for
         a folder moved into itself or its own subtree.
         """
-        new_name = check_name(new_name if new_name is not None else name)
+        # Moving keeps the name it has; only a new name must pass today's rules.
+        new_name = check_name(new_name) if new_name is not None else _name_key(name)
         raw, e = self._entry_raw(user, folder, name)
         if expect_id is not None and e.id != expect_id:
             raise ItemNotFound(f'"{name}" has changed since the page was shown; reload and try again.')

@@ -231,6 +231,23 @@ def test_refused_names_have_clear_messages(site):
     assert "notes.txt" in listed(c, root)
 
 
+def test_bidi_override_names_are_refused(site):
+    """U+202E would list "renamed \u202etxt.exe" as "renamed exe.txt": rename,
+    new folder and upload refuse it with a message saying why."""
+    fe, _ = site
+    c = login(fe.port, "alice")
+    root = root_of(c)
+    c.upload(root, [("ok.txt", b"1")])
+    why = "invisible formatting character U+202E (right-to-left override)"
+    r = c.post(f"/drive/rename/{root}", {"name": "ok.txt", "new_name": "renamed \u202etxt.exe"})
+    assert r.status == 400 and why in html_unescape(r.text)
+    r = c.post(f"/drive/mkdir/{root}", {"name": "\u2067folder\u2069"})
+    assert r.status == 400 and "U+2067" in html_unescape(r.text)
+    r = c.upload(root, [("photo\u202egpj.exe", b"MZ")], headers={"Accept": "application/json"})
+    assert r.status == 400 and why in json.loads(r.text)["error"]
+    assert listed(c, root) == ["ok.txt"]
+
+
 def test_backslashes_in_uploaded_names_are_kept(site):
     """Browsers send a file name's backslashes raw (and '"' as %22): a name
     holding one, or ending in one, is saved exactly; only an old browser's

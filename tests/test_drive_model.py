@@ -8,6 +8,7 @@ import threading
 
 import pytest
 
+import src.drive
 from src.drive import (JOURNAL_SHARDS, Damaged, Drive, DriveError, InvalidName, ItemNotFound, MoveRefused,
                        NameTaken, QuotaExceeded, check_name, numbered)
 from src.kv import MemoryKV
@@ -111,6 +112,44 @@ def test_names_with_spaces_and_unicode(drive):
     # Unicode NFC: a decomposed "é" finds the composed one.
     drive.upload("alice", root, "caf\u00e9", b"1")
     assert drive.entry("alice", root, "cafe\u0301").name == "caf\u00e9"
+
+
+def test_invisible_format_characters_are_refused(drive, monkeypatch):
+    """A right-to-left override shows "report \u202etxt.exe" as "report exe.txt":
+    bidi controls, zero-width spaces and other invisible format characters
+    (and C1 controls, line separators) are refused in every new name."""
+    root = drive.root("alice")
+    drive.upload("alice", root, "ok.txt", b"x")
+    bad = ["report \u202etxt.exe", "a\u202ab", "a\u202bb", "a\u202cb", "a\u202db", "\u2066x\u2069.exe",
+           "a\u2067b", "a\u2068b", "a\u200eb", "a\u200fb", "a\u061cb", "zero\u200bwidth", "\ufeffbom",
+           "soft\u00adhyphen", "word\u2060joiner"]
+    for name in bad:
+        for act in (lambda: drive.mkdir("alice", root, name),
+                    lambda: drive.upload("alice", root, name, b"x"),
+                    lambda: drive.rename("alice", root, "ok.txt", name)):
+            with pytest.raises(InvalidName, match="invisible formatting character"):
+                act()
+    with pytest.raises(InvalidName, match=r"U\+202E \(right-to-left override\).*extension"):
+        drive.rename("alice", root, "ok.txt", "ok \u202etxt.exe")
+    for name in ["x\u0085y", "a\u2028b", "a\u2029b", "a\x9bb"]:
+        with pytest.raises(InvalidName, match="control characters"):
+            drive.mkdir("alice", root, name)
+    # Emoji and scripts that need joiners still work.
+    for name in ["\U0001f469\u200d\U0001f4bb.png", "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645.txt",
+                 "\U0001f3f4\U000e0067\U000e0062\U000e0073\U000e0063\U000e0074\U000e007f trip.jpg"]:
+        drive.upload("alice", root, name, b"y")
+    assert len(drive.listing("alice", root)) == 4
+    # A name stored before the rule (an older version) can still be opened,
+    # moved, renamed to a clean name and deleted.
+    monkeypatch.setattr(src.drive, "check_name", src.drive._name_key)
+    old = drive.upload("alice", root, "old \u202etxt.exe", b"old")
+    sub = drive.mkdir("alice", root, "sub\u200b")
+    monkeypatch.undo()
+    assert read_all(drive, "alice", drive.entry("alice", root, old.name)) == b"old"
+    drive.move("alice", root, old.name, sub.id)
+    drive.rename("alice", sub.id, old.name, "old.exe")
+    drive.delete("alice", sub.id, "old.exe")
+    drive.rename("alice", root, sub.name, "sub")
 
 
 def test_numbered():
