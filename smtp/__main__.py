@@ -61,7 +61,7 @@ def main(argv=None) -> int:
         server = make_smtp_server(cfg, kv, host=args.host, port=args.port)
     else:
         from smtp.pop3_server import make_pop3_server
-        server = make_pop3_server(cfg, kv, host=args.host, port=args.port)
+        server = make_pop3_server(cfg, kv, host=args.host, port=args.port, process_id=args.id)
     try:
         server.start()
     except OSError as e:

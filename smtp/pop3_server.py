@@ -5,11 +5,17 @@ One session per mailbox at a time, across every POP3 process: opening a
 mailbox takes a lock cell in the KV store,
 
     row maillock/<user>   column pop3   value "<token> <expiry unix time>", or "" when free
+    token = "<process id>:<incarnation>:<random>"
 
 taken with PUTNX (first use) or CPUT (from "" or from an expired value) and
 given back with CPUT to "" — so two sessions can never both think they hold
 it. The expiry (idle timeout plus a margin, renewed while the session is
 active) frees the mailbox of a POP3 process that was SIGKILLed mid-session.
+A POP3 process restarted under the same config id (a new incarnation) does
+not wait for that: a lock of its own id and another incarnation can only be
+its dead predecessor's, and it takes it at once (as the relay does with its
+queue leases). Thunderbird would otherwise hear "mailbox in use" for ten
+minutes after every POP3 crash.
 """
 
 from __future__ import annotations
@@ -33,15 +39,18 @@ IDLE_TIMEOUT_S = 600.0  # RFC 1939 section 3: an autologout timer of at least 10
 LOCK_MARGIN_S = 30.0
 RECV_BYTES = 64 * 1024
 FOLDER = "Inbox"
+THIS_PROCESS = "pop3:" + os.urandom(4).hex()   # a lock owner's default "<process id>:<incarnation>"
 
 
 class MailboxLock:
     """The per-mailbox lock cell described above."""
 
-    def __init__(self, kv: KV, user: str, ttl_s: float, clock: Callable[[], float] = time.time):
+    def __init__(self, kv: KV, user: str, ttl_s: float, clock: Callable[[], float] = time.time,
+                 owner: str = THIS_PROCESS):
         self.kv, self.ttl_s, self.clock = kv, ttl_s, clock
         self.row = f"maillock/{user}".encode()
-        self.token = os.urandom(8).hex()
+        self.owner = owner                      # "<process id>:<incarnation>"
+        self.token = f"{owner}:{os.urandom(4).hex()}"
         self._held: bytes | None = None
         self._renewed_at = 0.0
 
@@ -57,7 +66,7 @@ class MailboxLock:
                 cur = self.kv.get(self.row, b"pop3")
             except NotFound:
                 return False
-            if cur:
+            if cur and not self._predecessors(cur):
                 try:
                     if float(cur.split()[1]) > self.clock():
                         return False
@@ -69,6 +78,12 @@ class MailboxLock:
                 return False
         self._held, self._renewed_at = mine, self.clock()
         return True
+
+    def _predecessors(self, value: bytes) -> bool:
+        """Held by an earlier incarnation of this very process (same id)?"""
+        proc, _, rest = value.split(b" ")[0].decode("utf-8", "replace").partition(":")
+        mine_proc, _, mine_inc = self.owner.partition(":")
+        return proc == mine_proc and rest.partition(":")[0] != mine_inc
 
     def renew(self) -> None:
         """Push the expiry out, at most once per half TTL."""
@@ -140,8 +155,9 @@ class KVMaildrop:
 class POP3Mailboxes:
     """The POP3 handler: log-in against Accounts, Inbox with a cross-process lock."""
 
-    def __init__(self, accounts: Accounts, store: MailStore, lock_ttl_s: float):
+    def __init__(self, accounts: Accounts, store: MailStore, lock_ttl_s: float, process_id: str = "pop3"):
         self.accounts, self.store, self.lock_ttl_s = accounts, store, lock_ttl_s
+        self.owner = f"{process_id}:{os.urandom(4).hex()}"      # this incarnation of the process
 
     def authenticate(self, username: str, password: str) -> str | None:
         try:
@@ -153,7 +169,7 @@ class POP3Mailboxes:
         return who
 
     def open_maildrop(self, user: str) -> KVMaildrop:
-        lock = MailboxLock(self.store.kv, user, self.lock_ttl_s)
+        lock = MailboxLock(self.store.kv, user, self.lock_ttl_s, owner=self.owner)
         try:
             if not lock.acquire():
                 raise MailboxInUse(user)
@@ -204,9 +220,9 @@ class POP3Server(TCPService):
 
 
 def make_pop3_server(cfg: Config, kv: KV, host: str | None = None, port: int | None = None,
-                     idle_timeout_s: float = IDLE_TIMEOUT_S) -> POP3Server:
+                     idle_timeout_s: float = IDLE_TIMEOUT_S, process_id: str = "pop3") -> POP3Server:
     """The POP3 server of `cfg` over `kv` (not started); host/port override cfg.mail.pop3."""
     store = MailStore(kv, chunk_bytes=cfg.drive.chunk_bytes)
-    handler = POP3Mailboxes(Accounts(kv), store, lock_ttl_s=idle_timeout_s + LOCK_MARGIN_S)
+    handler = POP3Mailboxes(Accounts(kv), store, lock_ttl_s=idle_timeout_s + LOCK_MARGIN_S, process_id=process_id)
     return POP3Server(host or cfg.mail.pop3.host, cfg.mail.pop3.port if port is None else port, handler,
                       idle_timeout_s=idle_timeout_s)

@@ -41,3 +41,18 @@ def test_crashed_holder_expires_and_renewal_keeps_it():
     assert not MailboxLock(kv, "bob", 60, clock).acquire()
     dead.release()  # the old holder's late release changes nothing
     assert not MailboxLock(kv, "bob", 60, clock).acquire()
+
+
+def test_a_restarted_pop3_process_takes_its_dead_predecessors_locks_at_once():
+    """kill -9 of the POP3 process mid-session, then a restart under the same
+    id: its users must not hear "mailbox in use" until the lock expires."""
+    kv, clock = MemoryKV(), Clock()
+    before = MailboxLock(kv, "bob", 630, clock, owner="pop3:0001")
+    assert before.acquire()                                  # ... and the process dies
+    same_process = MailboxLock(kv, "bob", 630, clock, owner="pop3:0001")
+    assert not same_process.acquire()                        # a second session of a live process waits
+    other_process = MailboxLock(kv, "bob", 630, clock, owner="pop3b:0002")
+    assert not other_process.acquire()                       # another POP3 process's session is respected
+    restarted = MailboxLock(kv, "bob", 630, clock, owner="pop3:0003")
+    assert restarted.acquire()
+    assert not MailboxLock(kv, "bob", 630, clock, owner="pop3:0003").acquire()
