@@ -78,6 +78,7 @@ from kvserver.wal import KINDS, Effect, LogRecord
 
 log = logging.getLogger(__name__)
 
+HANDOVER_AFTER_S = 1.0     # a tablet's view must be this old before its primary hands it back
 LEASE_FRACTION = 0.75          # of failure_timeout_s, measured from a heartbeat's send time
 CONNECT_TIMEOUT_S = 0.5
 IO_TIMEOUT_S = 10.0            # a peer or the master silent this long is broken
@@ -231,6 +232,7 @@ class TabletGlue:
         self.aborted: set[int] = set()
         self.inflight: dict = {}          # seq -> Pending: proposed here, not yet applied
         self.installing = False           # a snapshot is being installed (outside the lock)
+        self.view_since = 0.0             # monotonic time of the last new epoch seen here
 
 # -- the stream to one peer ------------------------------------------------------------------
 
@@ -825,7 +827,7 @@ class ClusterNode:
                 self._writes_may_settle()
             elif isinstance(a, rp.CatchUp):
                 self.stream(a.peer, g.tablet.id).put(("catchup", g.tablet.id, a.after_seq, a.after_epoch))
-            elif isinstance(a, (rp.AskRemove, rp.AskAdmit)):
+            elif isinstance(a, (rp.AskRemove, rp.AskAdmit, rp.AskHandover)):
                 with self._requests_cv:
                     self._requests.append((g.tablet.id, a))
                     self._requests_cv.notify()
@@ -880,6 +882,8 @@ class ClusterNode:
             return
         with g.lock:
             was = g.sm.role
+            if v.epoch > g.sm.epoch:
+                g.view_since = time.monotonic()
             self._act(g, g.sm.set_view(v))
             if g.sm.is_primary:
                 if was != rp.PRIMARY:
@@ -1126,6 +1130,32 @@ class ClusterNode:
         # server (declared dead while it was slow) must not first give its
         # old primaryship a fresh lease, however briefly.
         self.lease_until = sent + LEASE_FRACTION * self.cc.failure_timeout_s
+        self._maybe_hand_over()
+
+    def _maybe_hand_over(self) -> None:
+        """Give a tablet back to the server placed to lead it (the first of
+        its replicas) once that server is a member again, e.g. after it
+        restarted: otherwise every failure moves primaries for good and the
+        load piles up on the servers that never failed. One tablet at a
+        time per server, and only after its view has been quiet for
+        HANDOVER_AFTER_S (rule 7 in replication.py: writes pause while the
+        tablet drains, nothing is aborted)."""
+        if any(g.sm.handing_to is not None for g in self.glue.values()):
+            return
+        now = time.monotonic()
+        for g in self.glue.values():
+            with g.lock:
+                sm, v = g.sm, g.sm.view
+                if not (sm.is_primary and sm.ready and v is not None and v.replicas
+                        and v.replicas[0] != self.me and v.replicas[0] in v.members
+                        and now - g.view_since >= HANDOVER_AFTER_S and now < self.lease_until):
+                    continue
+                actions = sm.begin_handover(v.replicas[0])
+                if sm.handing_to is None:
+                    continue
+                log.info("tablet %d: handing over to %s, its placed primary", g.tablet.id, sm.handing_to)
+                self._act(g, actions)
+                return
 
     def _control_loop(self) -> None:
         stop = self.stopped
@@ -1136,7 +1166,8 @@ class ClusterNode:
                 if stop.is_set():
                     return
                 tid, a = self._requests.popleft()
-            op = "REMOVE" if isinstance(a, rp.AskRemove) else "ADMIT"
+            op = ("REMOVE" if isinstance(a, rp.AskRemove) else
+                  "ADMIT" if isinstance(a, rp.AskAdmit) else "HANDOVER")
             try:
                 r = self._master_call("control", "VIEWCHANGE", tid, a.epoch, op, a.peer, self.me)
             except (OSError, ConnectionError, ValueError) as e:
@@ -1150,6 +1181,9 @@ class ClusterNode:
                 with g.lock:
                     if op == "REMOVE":
                         self._act(g, g.sm.remove_refused(a.peer))
+                    elif op == "HANDOVER":
+                        log.info("tablet %d: hand-over to %s refused (%s): serving on", tid, a.peer, r)
+                        self._act(g, g.sm.handover_refused())
                     else:
                         # no answer: outcome unknown (None); a refusal names the view's epoch
                         current = None if r is None else _refused_epoch(r, a.epoch)

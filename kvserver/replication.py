@@ -48,6 +48,13 @@ Rules (docs/replication.md tells them as stories):
    yet, and a read must never return a write that a later failover could lose.
 6. A primary that learns of a newer epoch where it is not primary aborts its
    pending writes (outcome unknown to their clients) and becomes a replica.
+7. Hand-over (a planned change of primary, to give a restarted server its
+   tablets back): a primary that `begin_handover(target)` takes no new
+   writes, lets what is in flight commit, and once nothing is pending (so
+   the target, a member, holds its whole log) asks the master to make the
+   target primary (`AskHandover`). A refusal, no answer, or no drain within
+   HANDOVER_TICKS ticks ends the hand-over and writes go on. Nothing is
+   aborted: the new view arrives with nothing pending.
 """
 
 from __future__ import annotations
@@ -184,11 +191,20 @@ class AskAdmit:
 
 
 @dataclass(frozen=True)
+class AskHandover:
+    """Ask the master to make `peer` primary of the view of `epoch` (this
+    primary has drained: `peer`, a member, holds its whole log)."""
+
+    peer: str
+    epoch: int
+
+
+@dataclass(frozen=True)
 class RefreshView:
     """A peer knows a newer epoch: ask the master for the current view now."""
 
 
-Action = Send | Committed | Aborted | CatchUp | AskRemove | AskAdmit | RefreshView
+Action = Send | Committed | Aborted | CatchUp | AskRemove | AskAdmit | AskHandover | RefreshView
 
 # -- errors ---------------------------------------------------------------------
 
@@ -206,6 +222,7 @@ class NotReady(Exception):
 NONE, PRIMARY, REPLICA = "none", "primary", "replica"
 
 PROBE_TICKS = 3          # ticks without an acknowledgement before a lagging peer is probed again
+HANDOVER_TICKS = 5       # ticks a hand-over may take to drain before writes go on again
 
 # Peer stream states, primary side.
 # CONNECTING: no stream yet (the glue is connecting); DOWN: the stream broke.
@@ -243,6 +260,9 @@ class TabletReplica:
     admitting: set = field(default_factory=set)
     pending: dict[int, Record] = field(default_factory=dict)   # primary: seq -> uncommitted record
     orphans: list = field(default_factory=list)                # aborted by _adopt, for take_aborted
+    handing_to: str | None = None          # primary: the member it is handing the tablet to
+    handover_asked: bool = False           # ... and the master has been asked
+    handover_ticks: int = 0                # ... ticks since it began
 
     def __post_init__(self):
         self.durable = self.last_seq
@@ -278,6 +298,8 @@ class TabletReplica:
         new_epoch = view.epoch != self.epoch
         self.epoch = view.epoch
         self.view = view
+        if new_epoch:
+            self._end_handover()
         if view.primary == self.me:
             if not was_primary:
                 self.role = PRIMARY
@@ -324,12 +346,32 @@ class TabletReplica:
             raise NotPrimary(f"tablet {self.tablet}: not primary")
         if not self.ready:
             raise NotReady(f"tablet {self.tablet}: new primary still syncing its members")
+        if self.handing_to is not None:
+            raise NotReady(f"tablet {self.tablet}: handing over to {self.handing_to}")
         rec = Record(self.last_seq + 1, self.epoch, effect)
         prev_seq, prev_epoch = self.last_seq, self.last_epoch
         self.last_seq, self.last_epoch = rec.seq, rec.epoch
         self.pending[rec.seq] = rec
         msg = Append(self.tablet, self.epoch, prev_seq, prev_epoch, (rec,))
         return rec, [Send(p, msg) for p, peer in self.peers.items() if peer.state == STREAMING]
+
+    def begin_handover(self, target: str) -> list[Action]:
+        """Hand this tablet to `target`, a member: take no new writes, and ask
+        the master once what is in flight has committed (rule 7)."""
+        if (self.role != PRIMARY or not self.ready or self.handing_to is not None
+                or target == self.me or target not in self.members):
+            return []
+        self.handing_to, self.handover_asked, self.handover_ticks = target, False, 0
+        return self._advance()
+
+    def handover_refused(self) -> list[Action]:
+        """The master refused the hand-over, or did not answer: serve on (a
+        new view, if the master did change it after all, deposes us then)."""
+        self._end_handover()
+        return [RefreshView()]
+
+    def _end_handover(self) -> None:
+        self.handing_to, self.handover_asked, self.handover_ticks = None, False, 0
 
     def local_durable(self, seq: int) -> list[Action]:
         """Records up to `seq` are durable in this server's own log."""
@@ -437,6 +479,10 @@ class TabletReplica:
         if self.role != PRIMARY:
             return []
         actions: list[Action] = []
+        if self.handing_to is not None and not self.handover_asked:
+            self.handover_ticks += 1
+            if self.handover_ticks >= HANDOVER_TICKS:
+                self._end_handover()          # did not drain in time: serve on
         for name, p in self.peers.items():
             if p.state in (DOWN, CONNECTING) or p.match >= self.last_seq:
                 p.idle_ticks = 0
@@ -483,6 +529,10 @@ class TabletReplica:
                         and p.match >= self.commit and p.match == self.last_seq):
                     self.admitting.add(name)
                     actions.append(AskAdmit(name, self.epoch))
+        if (self.handing_to is not None and not self.handover_asked and not self.pending
+                and self.commit == self.last_seq and self.handing_to in self.members):
+            self.handover_asked = True
+            actions.append(AskHandover(self.handing_to, self.epoch))
         for name in q:
             p = self.peers.get(name)
             if p is not None and p.state == DOWN:
@@ -538,6 +588,7 @@ class TabletReplica:
             self.role = REPLICA
             self.peers = {}
             self.admitting = set()
+            self._end_handover()
             if self.pending:
                 self.orphans += sorted(self.pending)
                 self.pending.clear()

@@ -176,6 +176,20 @@ def admit_member(view: TabletView, epoch: int, server: str, requester: str,
     return replace(view, epoch=view.epoch + 1, members=view.members + (server,))
 
 
+def hand_over(view: TabletView, epoch: int, target: str, requester: str,
+              alive: Iterable[str]) -> TabletView | None:
+    """The primary `requester` of the view of `epoch` has drained its writes
+    and asks to make `target` primary (it gives a restarted server back the
+    tablets it was placed to lead). Refused (None) unless `target` is a live
+    member: only a member holds every acknowledged write. The old primary
+    stays a member."""
+    if (view.epoch != epoch or view.primary != requester or target == requester
+            or target not in view.members or target not in set(alive)):
+        return None
+    members = (target,) + tuple(m for m in view.members if m != target)
+    return replace(view, epoch=view.epoch + 1, primary=target, members=members)
+
+
 def primary_counts(views: Iterable[TabletView]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for v in views:

@@ -19,7 +19,7 @@ docs/replication.md):
 
     PING | MAP | LOOKUP <row> | NODES | AUTH <secret> | QUIT
     HEARTBEAT <id> <boot> <state> <report>   (report: a literal, one line per tablet)
-    VIEWCHANGE <tablet> <epoch> <REMOVE|ADMIT> <server> <requester>
+    VIEWCHANGE <tablet> <epoch> <REMOVE|ADMIT|HANDOVER> <server> <requester>
     BYE <id> <boot>                          (a tablet server was KILLed)
 
 Internal commands need AUTH first when the cluster has a secret.
@@ -247,8 +247,10 @@ class Master:
                 return None
             if op == "REMOVE":
                 nv = placement.remove_member(v, epoch, server, requester)
-            else:
+            elif op == "ADMIT":
                 nv = placement.admit_member(v, epoch, server, requester, self._alive())
+            else:
+                nv = placement.hand_over(v, epoch, server, requester, self._alive())
             if nv is None:
                 return None
             if nv != v:
@@ -394,8 +396,8 @@ class Master:
             return denied
         t, e, op, server, requester = args
         op = op.upper()
-        if not (t.isdigit() and e.isdigit()) or op not in ("REMOVE", "ADMIT"):
-            return error("BADREQ", "VIEWCHANGE <tablet> <epoch> REMOVE|ADMIT <server> <requester>")
+        if not (t.isdigit() and e.isdigit()) or op not in ("REMOVE", "ADMIT", "HANDOVER"):
+            return error("BADREQ", "VIEWCHANGE <tablet> <epoch> REMOVE|ADMIT|HANDOVER <server> <requester>")
         nv = self.view_change(int(t), int(e), op, server, requester)
         if nv is None:
             return error("RETRY", f"view change refused (current epoch {self.views[int(t)].epoch})"

@@ -217,6 +217,7 @@ class Workload:
         self.stop = threading.Event()
         self.count = 0
         self.errors: list[BaseException] = []
+        self.unknown = 0                             # writes whose outcome the client could not tell
         self.seed = seed
         self.threads: list[threading.Thread] = []
 
@@ -247,6 +248,7 @@ class Workload:
                         c.put(row, b"c", val)
                     except Unknown:
                         with self.lock:
+                            self.unknown += 1
                             self.maybe.setdefault(row, set()).add(val)
                         continue
                     with self.lock:
@@ -273,7 +275,8 @@ class Workload:
                     c.put(row, b"c", val)
                     r.out = "ok"
                 except Unknown:
-                    pass
+                    with self.lock:
+                        self.unknown += 1
                 except kv.Unavailable:
                     r.skip = True     # never sent anywhere that applied it? RETRY / no primary only
         elif kind == "get":
@@ -299,7 +302,8 @@ class Workload:
                 except kv.NotFound:
                     r.out = "notfound"
                 except Unknown:
-                    pass
+                    with self.lock:
+                        self.unknown += 1
                 except kv.Unavailable:
                     r.skip = True
 

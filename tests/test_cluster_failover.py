@@ -120,6 +120,35 @@ def test_after_a_master_restart_map_names_no_primary_it_has_not_heard_from(procs
     cl.wait_serving()
 
 
+def test_a_restarted_server_gets_its_primaries_back_without_aborting_writes(procs, tmp_path):
+    """After a failover the survivors lead the dead server's tablets. Once it
+    is back and current, each of them hands its tablet back to the server
+    placed to lead it (a drained, planned change of primary), so the load
+    spreads again; no write is lost or left with an unknown outcome."""
+    cl = Cluster(procs, tmp_path).start_all()
+    wl = Workload(cl, writers=3, seed=11).start()
+    wait_until(lambda: wl.count >= 30, 20, what="writes before the fault")
+    victim = cl.names[0]
+    placed = [t for t in range(cl.tablets) if cl.replicas(t)[0] == victim]
+    assert placed
+    cl.kill(victim)
+    wait_until(lambda: all(cl.primary(t) not in (None, victim) for t in placed), 10, what="failover")
+    n = wl.count
+    wait_until(lambda: wl.count >= n + 20, 20, what="writes after the failover")
+    cl.start(victim)
+    for t in placed:
+        cl.wait_members(t, set(cl.replicas(t)))
+    unknown_before = wl.unknown
+    wait_until(lambda: all(cl.primary(t) == victim for t in placed), 20, what="primaries handed back")
+    n = wl.count
+    wait_until(lambda: wl.count >= n + 30, 20, what="writes after the hand-over")
+    assert wl.unknown == unknown_before          # drained first: nothing aborted
+    nodes = cl.nodes()
+    assert sorted(int(nd["primary"]) for nd in nodes.values()) == sorted(
+        sum(1 for t in range(cl.tablets) if cl.replicas(t)[0] == name) for name in cl.names)
+    settle_and_check(cl, wl)
+
+
 def test_kill_and_wake_go_through_the_crash_paths(procs, tmp_path):
     cl = Cluster(procs, tmp_path).start_all()
     wl = Workload(cl, writers=3, seed=3).start()

@@ -11,7 +11,7 @@ import random
 import pytest
 
 from kvserver.replication import (
-    Aborted, Ack, Append, AskAdmit, AskRemove, CatchUp, Committed, Gap, NotPrimary, NotReady, Record,
+    HANDOVER_TICKS, Aborted, Ack, Append, AskAdmit, AskHandover, AskRemove, CatchUp, Committed, Gap, NotPrimary, NotReady, Record,
     RefreshView, Send, Snapshot, Stale, TabletReplica, View,
 )
 from master import placement
@@ -335,3 +335,69 @@ def test_primary_deposed_by_a_newer_primary_message_aborts_its_pending_writes():
     assert a.sm.take_aborted() == []
     with pytest.raises(NotPrimary):
         a.sm.propose("x")
+
+
+# -- hand-over: a planned change of primary ---------------------------------------------
+
+
+def handover_asked(net):
+    return [a for src, a in net.requests if isinstance(a, AskHandover)]
+
+
+def test_handover_drains_in_flight_writes_then_asks_and_aborts_nothing():
+    net = started()
+    a = net.nodes["a"].sm
+    r1 = net.propose("a", "w1")                  # in flight when the hand-over begins
+    net.run("a", a.begin_handover("b"))
+    with pytest.raises(NotReady):                # no new writes meanwhile
+        a.propose("w2")
+    assert handover_asked(net) == []             # w1 is not committed yet: not drained
+    net.settle()
+    assert a.commit == r1.seq and handover_asked(net) == [AskHandover("b", 1)]
+    net.master_apply(placement.hand_over(net.view, 1, "b", "a", {"a", "b", "c"}))
+    assert net.view.primary == "b" and net.view.epoch == 2 and set(net.view.members) == {"a", "b", "c"}
+    net.tell_all()
+    net.connect_all("b")
+    net.settle()
+    b = net.nodes["b"].sm
+    assert b.ready and not a.is_primary and net.aborted == []
+    net.propose("b", "w2")
+    net.settle()
+    for n in "abc":
+        assert [r.effect for r in net.nodes[n].log] == ["w1", "w2"]
+    assert sorted(net.acked) == [1, 2]
+
+
+def test_handover_refused_or_undrained_serves_on():
+    net = started()
+    a = net.nodes["a"].sm
+    net.run("a", a.begin_handover("b"))          # nothing in flight: asks at once
+    assert handover_asked(net) == [AskHandover("b", 1)]
+    # the master refuses (say the view changed meanwhile): writes go on
+    assert placement.hand_over(net.view, 0, "b", "a", {"a", "b", "c"}) is None
+    net.run("a", a.handover_refused())
+    net.propose("a", "after refusal")
+    net.settle()
+    assert a.commit == 1
+    # a member that never acknowledges: the hand-over gives up after HANDOVER_TICKS
+    net.propose("a", "stuck")
+    net.wire = [m for m in net.wire if m[1] != "c"]
+    net.settle()
+    net.run("a", a.begin_handover("b"))
+    for _ in range(HANDOVER_TICKS):
+        net.run("a", a.tick())
+    net.wire = [m for m in net.wire if m[1] != "c"]
+    assert a.handing_to is None and len(handover_asked(net)) == 1
+    a.propose("served again")                    # raises nothing
+
+
+def test_handover_only_to_a_live_member():
+    v = placement.TabletView(0, 4, "a", ("a", "b"), ("c", "a", "b"))
+    assert placement.hand_over(v, 4, "c", "a", {"a", "b", "c"}) is None     # c is recovering
+    assert placement.hand_over(v, 4, "b", "c", {"a", "b", "c"}) is None     # not the primary asking
+    assert placement.hand_over(v, 4, "b", "a", {"a"}) is None               # b is dead
+    nv = placement.hand_over(v, 4, "b", "a", {"a", "b"})
+    assert (nv.primary, nv.members, nv.epoch) == ("b", ("b", "a"), 5)
+    sm = TabletReplica(0, "a")
+    sm.set_view(View(0, 4, "a", ("a", "b"), ("c", "a", "b")))
+    assert sm.begin_handover("c") == [] and sm.handing_to is None          # not a member
