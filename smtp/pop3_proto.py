@@ -290,6 +290,8 @@ class POP3Connection:
             if len(parts) != 3:
                 raise ValueError
             user, pw = parts[1].decode("utf-8"), parts[2].decode("utf-8")
+            if parts[0] and parts[0] != parts[1]:
+                return self._error("[AUTH] Acting as another user is not allowed")   # RFC 4616
         except (binascii.Error, ValueError, UnicodeDecodeError):
             return self._error("Bad PLAIN response")
         return self._login(user, pw)

@@ -20,7 +20,8 @@ Limits (named below, all counted in bytes including the CRLF):
   message with a longer line, or bigger than `max_message_bytes`, is read to
   its end and refused (500 / 552), never stored in part;
 - at most 100 recipients per message (RFC 5321 4.5.3.1.8);
-- after `max_bad_commands` refused commands the session ends with 421.
+- after `max_bad_commands` refused commands without a delivery in between
+  the session ends with 421.
 
 DATA ends only at CRLF "." CRLF. Message lines are the bytes between CRLFs;
 a bare LF or bare CR inside one (never valid SMTP) is not a line end, so
@@ -394,6 +395,12 @@ class SMTPConnection:
         self.envelope.content = content
         reply = self.handler.handle_DATA(self.session, self.envelope)
         self._reset()
+        if reply.code == 250:
+            # The budget is for a client that errs without delivering mail
+            # (Postfix's smtpd_hard_error_limit): an MTA that reuses one
+            # connection for a mailing list meets some 550 "no such user"
+            # per message and must not be cut off after twenty of them.
+            self._bad = 0
         return reply
 
     # -- AUTH (RFC 4954) ---------------------------------------------------------
@@ -435,7 +442,11 @@ class SMTPConnection:
             if len(parts) != 3:
                 self._auth = None
                 return Reply(501, "5.5.2 Bad PLAIN response")
-            _authzid, user_b, pw_b = parts
+            authzid, user_b, pw_b = parts
+            if authzid and authzid != user_b:
+                # RFC 4616: acting as another identity is not allowed here
+                self._auth = None
+                return Reply(535, "5.7.8 Authentication credentials invalid")
         elif username is None:
             self._auth = ("LOGIN", raw.decode("utf-8", "replace"))
             self._mode = "auth"

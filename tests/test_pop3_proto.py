@@ -285,3 +285,10 @@ def test_random_bytes_never_crash():
             out = flat(c.receive_data(chunk))
             assert all(ln.startswith((b"+OK", b"-ERR", b"+ ")) or ln in (b"", b".") or ln[:1].isalnum()
                        for ln in out.split(b"\r\n"))
+
+
+def test_auth_plain_as_another_identity_is_refused():
+    c = POP3Connection(Handler())
+    token = base64.b64encode(b"alice\0bob\0pw pw pw")
+    assert run(c, b"AUTH PLAIN " + token).startswith(b"-ERR [AUTH]")
+    assert run(c, b"AUTH PLAIN " + base64.b64encode(b"bob\0bob\0pw pw pw")).startswith(b"+OK Logged in")

@@ -205,6 +205,27 @@ def test_bad_command_budget_closes_with_421():
     assert c.receive_data(b"NOOP\r\n") == b""
 
 
+def test_error_budget_is_reset_by_each_delivery():
+    """An MTA reusing one connection for list mail meets refused recipients in
+    every message: that is not a misbehaving client while mail gets delivered."""
+    c, h = new(max_bad_commands=5)
+    feed_lines(c, b"EHLO mta.test")
+    for i in range(10):
+        got = feed_lines(c, b"MAIL FROM:<list@x.test>", b"RCPT TO:<b@here.test>",
+                         b"RCPT TO:<gone1@else.test>", b"RCPT TO:<gone2@else.test>", b"DATA")
+        assert got == [250, 250, 554, 554, 354], (i, got)
+        assert feed_lines(c, b"Subject: %d" % i, b"", b"x", b".") == [250]
+    assert len(h.delivered) == 10 and not c.closed
+    assert feed_lines(c, *[b"RCPT TO:<x@else.test>"] * 5)[-1] == 421   # errors alone still end it
+
+
+def test_auth_plain_as_another_identity_is_refused():
+    c, h = new()
+    feed_lines(c, b"EHLO c")
+    assert feed_lines(c, b"AUTH PLAIN " + b64(b"bob\0alice\0secret pw")) == [535]
+    assert feed_lines(c, b"AUTH PLAIN " + b64(b"alice\0alice\0secret pw")) == [235]
+
+
 def test_timeout_reply():
     c, _ = new()
     assert c.timeout().startswith(b"421 4.4.2") and c.closed
