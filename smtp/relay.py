@@ -244,7 +244,12 @@ class RelayWorker:
             opts = []
             if s.does_esmtp and s.has_extn("size"):
                 opts.append(f"SIZE={len(raw)}")
-            if s.does_esmtp and s.has_extn("8bitmime") and any(b > 127 for b in raw):
+            if not raw.isascii():
+                if not (s.does_esmtp and s.has_extn("8bitmime")):
+                    # RFC 6152 3: 8-bit mail may not go to a server without
+                    # 8BITMIME; we do not convert it, so it bounces.
+                    why = "5.6.3 the receiving server does not accept 8-bit mail (no 8BITMIME)"
+                    return {r: (554, why) for r in rcpts}
                 opts.append("BODY=8BITMIME")
             code, msg = s.mail(mail_from, opts)
             if code != 250:

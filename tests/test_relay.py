@@ -208,3 +208,67 @@ def test_5xx_after_data_bounces_every_recipient(dns_server):
     [b] = store.list("alice", "Inbox")
     raw = store.get_raw("alice", "Inbox", b.id)
     assert raw.count(b"Action: failed") == 2 and b"Status: 5.6.0" in raw and b"554 5.6.0 content rejected" in raw
+
+
+class SevenBitPeer:
+    """A minimal SMTP server whose EHLO lists no 8BITMIME (aiosmtpd always does)."""
+
+    def __init__(self):
+        import socket
+        import threading
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(4)
+        self.port = self.sock.getsockname()[1]
+        self.received: list[bytes] = []
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn, conn.makefile("rb") as f:
+                conn.sendall(b"220 old.remote.test\r\n")
+                for line in f:
+                    verb = line[:4].upper()
+                    if verb == b"EHLO":
+                        conn.sendall(b"250-old.remote.test\r\n250 SIZE 1000000\r\n")
+                    elif verb == b"DATA":
+                        conn.sendall(b"354 go on\r\n")
+                        body = b""
+                        for ln in f:
+                            if ln == b".\r\n":
+                                break
+                            body += ln
+                        self.received.append(body)
+                        conn.sendall(b"250 OK\r\n")
+                    elif verb == b"QUIT":
+                        conn.sendall(b"221 bye\r\n")
+                        break
+                    else:
+                        conn.sendall(b"250 OK\r\n")
+
+    def close(self):
+        self.sock.close()
+
+
+def test_8bit_mail_bounces_at_a_server_without_8bitmime_and_7bit_mail_goes(dns_server):
+    """RFC 6152 3: 8-bit mail must not be relayed to a server that does not
+    offer 8BITMIME (we do not convert it: the sender gets a bounce)."""
+    store = MailStore(MemoryKV())
+    store.enqueue_outgoing("alice", "alice@penncloud.local", ["x@remote.test"], MSG + "café\r\n".encode())
+    store.enqueue_outgoing("alice", "alice@penncloud.local", ["y@remote.test"], MSG)
+    peer = SevenBitPeer()
+    try:
+        w = worker(store, dns_server, peer.port)
+        w.run_once()
+        w.run_once()
+        assert peer.received == [MSG.replace(b"\r\n.dot", b"\r\n..dot")]      # only the 7-bit one
+    finally:
+        peer.close()
+    assert store.queue() == []
+    [b] = store.list("alice", "Inbox")
+    raw = store.get_raw("alice", "Inbox", b.id)
+    assert b.subject == "Undelivered Mail Returned to Sender" and b"8BITMIME" in raw
