@@ -156,3 +156,42 @@ def test_drive_in_the_browser(site, tmp_path):
         page.wait_for_selector("table.items")
         shot(page, "drive-phone.png")
         ctx.close()
+
+
+def drop(page, files):
+    """Drop files ({name: text}) on the page, as a user dragging them from the desktop."""
+    page.evaluate("""(files) => {
+        const dt = new DataTransfer();
+        for (const [name, text] of Object.entries(files)) dt.items.add(new File([text], name, {type: "text/plain"}));
+        for (const type of ["dragenter", "dragover", "drop"]) {
+            document.querySelector("table, .empty").dispatchEvent(
+                new DragEvent(type, {bubbles: true, cancelable: true, dataTransfer: dt}));
+        }
+    }""", files)
+
+
+def signed_up(browser, site):
+    ctx = browser.new_context(base_url=site, viewport={"width": 1200, "height": 800})
+    r = ctx.request.post("/signup", form={"username": "alice", "password": "correct horse"}, max_redirects=0)
+    assert r.status == 303, r.text()
+    page = ctx.new_page()
+    page.goto("/drive")
+    return page
+
+
+def test_spaces_in_names_are_visible(site):
+    """A name keeps its spaces, and the page shows them: "  leading.txt" does
+    not look like "leading.txt", nor "a  b.txt" like "a b.txt"."""
+    names = ["  leading.txt", "a  b.txt", "a b.txt", "trailing .txt"]
+    with launch_browser() as browser:
+        page = signed_up(browser, site)
+        drop(page, {n: n for n in names})
+        # The page reloads once all four are in.
+        page.wait_for_function("document.querySelectorAll('table.items a.item').length === 4", timeout=10_000)
+        shown = page.eval_on_selector_all("table.items a.item span", "spans => spans.map(s => s.innerText)")
+        assert sorted(shown) == sorted(names)
+        # Its item page (the row's "more" link; hidden on a wide screen).
+        page.goto(page.get_attribute("table.items tbody tr:first-child a.more", "href"))
+        assert page.inner_text("h1") == "  leading.txt"
+        assert page.inner_text("ol.crumbs li:last-child") == "  leading.txt"
+        assert "\u201c  leading.txt\u201d" in page.inner_text(".item-forms")

@@ -318,7 +318,8 @@ class DriveApp:
             if fid == e.id:
                 skip_depth = depth
                 continue
-            label = ("\u00a0\u00a0\u00a0" * depth) + (fname or "My Drive")
+            # An <option> collapses spaces and cannot be styled: no-break spaces keep a name's own.
+            label = ("\u00a0\u00a0\u00a0" * depth) + (fname or "My Drive").replace(" ", "\u00a0")
             options.append(render('<option value="{v}"{sel}>{label}</option>', v=fid,
                                   sel=Markup(" selected" if fid == folder else ""), label=label))
         preview = self._preview(req, folder, e)

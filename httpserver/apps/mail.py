@@ -587,7 +587,7 @@ FWD_ITEM = """<label class="mail-check"><input type="checkbox" name="fwd_part" v
 
 DRIVE_BLOCK = """<details class="mail-attach" {open}><summary>Attach files from your drive</summary>{items}</details>"""
 
-DRIVE_ITEM = """<label class="mail-check"><input type="checkbox" name="drive_file" value="{id}" {checked}> {path} <span class="mail-muted">({size})</span></label>"""
+DRIVE_ITEM = """<label class="mail-check"><input type="checkbox" name="drive_file" value="{id}" {checked}> <span class="mail-path">{path}</span> <span class="mail-muted">({size})</span></label>"""
 
 
 def register(router, ctx) -> None:
