@@ -82,6 +82,7 @@ from src.kvproto import (
 log = logging.getLogger(__name__)
 
 RECV_BYTES = 256 * 1024
+WAIT_SLICE_S = 0.5      # a slow reply: how often the cluster client asks the master whether to wait on
 PIPELINE_THREAD_BYTES = 64 * 1024   # above this a pipeline sends from a helper thread (no deadlock)
 
 # Commands that change nothing, so resending one after an unknown outcome is harmless.
@@ -121,12 +122,19 @@ class _Connection:
         for b in bufs:
             self.sock.sendall(b)
 
-    def read_reply(self):
+    def read_reply(self, keep_waiting=None):
+        """The next reply. With `keep_waiting`, a socket timeout asks it
+        whether to wait on (True) or give up (False: the timeout is raised)."""
         while True:
             ev = self.parser.next_event()
             if ev is not NEED_DATA:
                 return ev
-            data = self.sock.recv(RECV_BYTES)
+            try:
+                data = self.sock.recv(RECV_BYTES)
+            except TimeoutError:
+                if keep_waiting is not None and keep_waiting():
+                    continue
+                raise
             if not data:
                 raise ConnectionError("connection closed by the server")
             self.received += len(data)
@@ -290,11 +298,14 @@ class ServerClient:
 
     # -- requests --
 
-    def request(self, cmd: str, *args):
+    def request(self, cmd: str, *args, still_worth_waiting=None):
         """Send one request, return its reply event (Ok, Value, Listing or Error).
 
         Raises Unreachable if it could not be delivered, OutcomeUnknown if the
-        connection broke after it was sent.
+        connection broke after it was sent. With `still_worth_waiting`, the
+        reply is awaited in slices of WAIT_SLICE_S, and between slices that
+        function may call the wait off (False: OutcomeUnknown); `timeout`
+        still bounds the whole wait.
         """
         cmd = cmd.upper()
         bufs = encode_request(cmd, *args, commands=self.commands)
@@ -308,7 +319,10 @@ class ServerClient:
                     continue      # never fully sent, so never executed: a fresh connection is safe
                 raise Unreachable(f"{self.addr}: send failed: {e}") from None
             try:
-                reply = conn.read_reply()
+                if still_worth_waiting is None:
+                    reply = conn.read_reply()
+                else:
+                    reply = self._read_in_slices(conn, still_worth_waiting)
             except (OSError, KVProtocolError) as e:
                 conn.close()
                 if attempt == 1 and reused and conn.received == 0 and cmd in READ_ONLY:
@@ -321,9 +335,20 @@ class ServerClient:
             return reply
         raise AssertionError("unreachable")
 
-    def call(self, cmd: str, *args):
+    def _read_in_slices(self, conn: _Connection, still_worth_waiting):
+        give_up_at = time.monotonic() + self.timeout
+        conn.sock.settimeout(min(WAIT_SLICE_S, self.timeout))
+
+        def keep_waiting():
+            return time.monotonic() < give_up_at and still_worth_waiting()
+        try:
+            return conn.read_reply(keep_waiting)
+        finally:
+            conn.sock.settimeout(self.timeout)
+
+    def call(self, cmd: str, *args, still_worth_waiting=None):
         """Like `request`, but an `-ERR` reply is raised as its src.kv exception."""
-        reply = self.request(cmd, *args)
+        reply = self.request(cmd, *args, still_worth_waiting=still_worth_waiting)
         if isinstance(reply, Error):
             raise reply.exception()
         return reply
@@ -539,6 +564,17 @@ class ClusterClient:
         with self._map_lock:
             return t, self._primaries.get(t)
 
+    def _still_primary(self, tablet: int, addr: str) -> bool:
+        """Asked while a reply from `addr` is slow: does the master still name
+        it primary? A hung or cut-off primary is replaced after the failure
+        timeout; waiting for it until our socket timeout would only stall."""
+        try:
+            m = self.map(refresh=True)
+        except (KVError, KVProtocolError):
+            return True                   # the master cannot tell: keep waiting
+        e = m.entries.get(tablet)
+        return e is None or e.primary in (None, addr)
+
     def _moved(self, tablet: int, addr: str) -> None:
         with self._map_lock:
             self._primaries[tablet] = addr
@@ -569,7 +605,8 @@ class ClusterClient:
                     refresh = True
             if addr is not None:
                 try:
-                    return self.server(addr).call(cmd, row, *args)
+                    return self.server(addr).call(cmd, row, *args,
+                                                  still_worth_waiting=lambda: self._still_primary(tablet, addr))
                 except kv.Moved as e:
                     last = e
                     self._moved(e.tablet, e.addr)

@@ -88,3 +88,28 @@ def test_cluster_client_survives_primary_failover(procs, tmp_path):
             assert c.get(counter, "n") == b"%d" % n, counter
     finally:
         c.close()
+
+
+def test_a_hung_primary_costs_a_waiting_client_the_failover_not_its_socket_timeout(procs, tmp_path):
+    """SIGSTOP the primary (a hung or cut-off server: its socket stays open,
+    so nothing breaks) while a client waits for its reply. The master fails
+    over after the failure timeout; the client, asking the master while it
+    waits, must move on then, not sit out its 20 s socket timeout."""
+    import os
+    import signal
+    import time
+    cl = Cluster(procs, tmp_path, servers=3, tablets=6).start_all()
+    c = ClusterClient(cl.master_addr, deadline=30, timeout=20)
+    row = row_in(2, cl.tablets, "hung")
+    victim = cl.proc[cl.primary(2)].popen.pid
+    try:
+        c.put(row, "c", b"before")
+        os.kill(victim, signal.SIGSTOP)
+        t0 = time.monotonic()
+        c.put(row, "c", b"during")                 # sent to the hung primary first
+        took = time.monotonic() - t0
+        assert took < 10, f"the client waited {took:.1f}s for a hung primary"
+        assert c.get(row, "c") == b"during"
+    finally:
+        os.kill(victim, signal.SIGCONT)
+        c.close()
