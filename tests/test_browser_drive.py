@@ -170,9 +170,10 @@ def drop(page, files):
     }""", files)
 
 
-def signed_up(browser, site):
-    ctx = browser.new_context(base_url=site, viewport={"width": 1200, "height": 800})
-    r = ctx.request.post("/signup", form={"username": "alice", "password": "correct horse"}, max_redirects=0)
+def signed_up(browser, site, user="alice", width=1200, javascript=True):
+    ctx = browser.new_context(base_url=site, viewport={"width": width, "height": 800},
+                              java_script_enabled=javascript)
+    r = ctx.request.post("/signup", form={"username": user, "password": "correct horse"}, max_redirects=0)
     assert r.status == 303, r.text()
     page = ctx.new_page()
     page.goto("/drive")
@@ -195,3 +196,24 @@ def test_spaces_in_names_are_visible(site):
         assert page.inner_text("h1") == "  leading.txt"
         assert page.inner_text("ol.crumbs li:last-child") == "  leading.txt"
         assert "\u201c  leading.txt\u201d" in page.inner_text(".item-forms")
+
+
+@pytest.mark.parametrize("width", [1200, 390])
+def test_a_long_upload_error_stays_on_its_row(site, width):
+    """A refused 304-byte name comes back inside the error message, one long
+    word: the message wraps inside its row instead of running off the page."""
+    with launch_browser() as browser:
+        page = signed_up(browser, site, width=width)
+        drop(page, {"x" * 300 + ".txt": "x"})
+        page.wait_for_selector("#uploads li.failed")
+        assert "at most 255 bytes" in page.inner_text("#uploads li.failed .upload-status")
+        row_box = page.locator("#uploads li.failed").bounding_box()
+        status_box = page.locator("#uploads li.failed .upload-status").bounding_box()
+        assert status_box["x"] + status_box["width"] <= row_box["x"] + row_box["width"]
+        assert page.evaluate("document.documentElement.scrollWidth") <= width
+        # Without the script the same message comes back in the page's notice.
+        page = signed_up(browser, site, "bob", width=width, javascript=False)
+        page.set_input_files("#file-input", {"name": "y" * 300 + ".txt", "mimeType": "text/plain", "buffer": b"y"})
+        page.click("#upload-form button")
+        assert "at most 255 bytes" in page.inner_text(".notice.error")
+        assert page.evaluate("document.documentElement.scrollWidth") <= width
