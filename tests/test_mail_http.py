@@ -307,6 +307,32 @@ def test_hostile_messages_are_shown_safely(site):
     assert "sandbox" in a.getheader("Content-Security-Policy")
 
 
+def test_a_message_without_a_date_shows_when_it_arrived(site):
+    """smtplib adds no Date header: the message page shows the arrival time,
+    labelled as such, instead of an empty Date row."""
+    import html
+    from email.utils import format_datetime, parsedate_to_datetime
+    fe, kv = site
+    bob = user(fe, "bob")
+    store = MailStore(kv)
+    mid = store.deliver("bob", "Inbox", b"From: alice@example.com\r\nTo: bob@penncloud.local\r\n"
+                                        b"Subject: no date\r\n\r\nhello\r\n")
+    arrived = store.info("bob", "Inbox", mid).received
+    page = html.unescape(bob.get(f"/mail/inbox/{mid}").text)
+    rows = dict(re.findall(r"<tr><th>(\w+)</th><td>(.*?)</td></tr>", page))
+    assert "Date" not in rows, rows
+    when = re.match(r"[^<]*", rows["Received"]).group(0).strip()
+    assert abs(parsedate_to_datetime(when).timestamp() - arrived) < 1, when
+    assert "no Date header" in rows["Received"]
+    # The list's tooltip says the same.
+    listing = html.unescape(bob.get("/mail").text)
+    assert f'title="received {format_datetime(parsedate_to_datetime(when), usegmt=True)}"' in listing
+    # A message with a Date shows it as before.
+    mid2 = store.deliver("bob", "Inbox", b"From: a@example.com\r\nDate: Sun, 22 Nov 2026 10:00:00 +0000\r\n\r\nx\r\n")
+    page = html.unescape(bob.get(f"/mail/inbox/{mid2}").text)
+    assert "<tr><th>Date</th><td>Sun, 22 Nov 2026 10:00:00 +0000</td></tr>" in page and "<th>Received" not in page
+
+
 def test_folders_are_paged_newest_first(site, monkeypatch):
     from httpserver.apps import mail
     monkeypatch.setattr(mail, "PAGE_SIZE", 2)

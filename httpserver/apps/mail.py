@@ -35,6 +35,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from email.utils import format_datetime
 
 from httpserver.templates import Markup, csrf_field, page, render
 from httpserver.web import HTTPError, Response, redirect
@@ -130,7 +131,8 @@ class MailApp:
             rows.append(render(
                 ROW, cls="unread" if not m.read else "read", href=f"/mail/{slug}/{m.id}", who=who,
                 subject=m.subject or "(no subject)", preview=self.preview_of(req.user, folder, m.id),
-                date=short_date(m.date, m.received, now), full_date=m.date,
+                date=short_date(m.date, m.received, now),
+                full_date=m.date or f"received {arrival_time(m.received)}",
                 mark=Markup('<span class="mail-dot" title="Unread"><span class="sr">unread</span></span>')
                 if not m.read else "",
                 size=human_size(m.size)))
@@ -178,9 +180,10 @@ class MailApp:
                 type=a.content_type, size=human_size(a.size)) for a in d.attachments))
             atts = render(ATT_LIST, n=plural(len(d.attachments), "attachment"), items=items)
         cc_row = render(HEAD_ROW, k="Cc", v=d.cc) if d.cc else ""
+        date_row = render(HEAD_ROW, k="Date", v=d.date) if d.date else self.arrival_row(req.user, folder, msg_id)
         body = render(
             VIEW, subject=d.subject or "(no subject)", from_=d.from_, to=d.to or "(undisclosed)", cc_row=cc_row,
-            date=d.date, content=content, toggle=toggle, attachments=atts, slug=slug, id=msg_id,
+            date_row=date_row, content=content, toggle=toggle, attachments=atts, slug=slug, id=msg_id,
             csrf=csrf_field(req), back="/mail" if slug == "inbox" else "/mail/sent", folder=folder)
         resp = self.mail_page(req, d.subject or "(no subject)", body, active_folder=slug)
         # Belt and braces on top of the sanitiser: nothing remote may load.
@@ -189,6 +192,15 @@ class MailApp:
                              "base-uri 'none'; form-action 'self'"))
         resp.headers.append(("Referrer-Policy", "no-referrer"))
         return resp
+
+    def arrival_row(self, user: str, folder: str, msg_id: str) -> Markup | str:
+        """For a message without a Date header (smtplib adds none): when it
+        arrived here, labelled so, instead of an empty Date row."""
+        try:
+            received = self.store.info(user, folder, msg_id).received
+        except MailStoreError:
+            return ""  # deleted meanwhile: no row rather than a wrong one
+        return render(ARRIVAL_ROW, when=arrival_time(received))
 
     def part(self, req, slug: str, msg_id: str, index: str) -> Response:
         _, raw = self.load(req, slug, msg_id)
@@ -500,6 +512,11 @@ def short_date(header: str, received: float, now: float) -> str:
     return when.strftime("%d %b %Y").lstrip("0")
 
 
+def arrival_time(received: float) -> str:
+    """When the store got a message, written like a Date header (in GMT)."""
+    return format_datetime(dt.datetime.fromtimestamp(received or 0, dt.timezone.utc), usegmt=True)
+
+
 # -- templates -----------------------------------------------------------------
 
 LAYOUT = """<div class="mail">
@@ -536,6 +553,9 @@ PAGER = """<nav class="mail-pager">{prev} <span>Page {n} of {pages}</span> {next
 
 HEAD_ROW = """<tr><th>{k}</th><td>{v}</td></tr>"""
 
+ARRIVAL_ROW = """<tr><th>Received</th><td>{when} <span class="mail-muted">(the message has no Date header; \
+this is when it arrived)</span></td></tr>"""
+
 VIEW = """<article class="mail-message">
 <header class="mail-head"><h1>{subject}</h1></header>
 <div class="mail-actions">
@@ -550,7 +570,7 @@ VIEW = """<article class="mail-message">
 <tr><th>From</th><td>{from_}</td></tr>
 <tr><th>To</th><td>{to}</td></tr>
 {cc_row}
-<tr><th>Date</th><td>{date}</td></tr>
+{date_row}
 </table>
 {attachments}
 <div class="mail-body">{toggle}{content}</div>
