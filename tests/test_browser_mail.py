@@ -157,3 +157,52 @@ def test_hostile_html_mail_runs_nothing_and_loads_nothing(site):
         bob.get_by_text("bad link").click()  # an <a> with its href removed: goes nowhere
         bob.wait_for_timeout(200)
         assert dialogs == [] and foreign == []
+
+
+@pytest.mark.parametrize("javascript", [True, False])
+def test_a_file_too_large_for_mail_keeps_the_draft(tmp_path, javascript):
+    """With the page's script a file over the mail limit is refused as soon as
+    it is chosen, before any upload; without it the server answers with the
+    form again. Either way what was typed stays."""
+    from httpserver.frontend import Frontend
+    cfg = parse_config({"mail": {"max_message_bytes": "64KiB"},
+                        "frontend": [{"id": "fe1", "host": "127.0.0.1", "port": 0}]}, data_dir=str(tmp_path))
+    fe = Frontend(cfg, cfg.node("fe1"), MemoryKV(), port=0)
+    fe.start()
+    try:
+        with launch_browser() as browser:
+            login_as(browser, f"http://127.0.0.1:{fe.port}", "bob").close()
+            ctx = browser.new_context(base_url=f"http://127.0.0.1:{fe.port}", java_script_enabled=javascript)
+            assert ctx.request.post("/signup", form={"username": "alice", "password": "correct horse"},
+                                    max_redirects=0).status == 303
+            page = ctx.new_page()
+            page.set_default_timeout(10_000)
+            posts = []
+            page.on("request", lambda r: posts.append(r.url) if r.method == "POST" else None)
+            page.goto("/mail/compose")
+            page.fill("input[name=to]", "bob")
+            page.fill("input[name=subject]", "keep me")
+            page.fill("textarea[name=body]", "a long text\nI do not want to type again")
+            big = {"name": "b30.bin", "mimeType": "application/octet-stream", "buffer": b"x" * 100_000}
+            page.set_input_files("input[name=attachment]", big)
+            if javascript:
+                alert = page.locator(".mail-too-large")
+                alert.wait_for()
+                assert "97.7 KB, over the 64 KB mail limit" in alert.inner_text()
+                page.get_by_role("button", name="Send").click()
+                assert posts == [] and page.url.endswith("/mail/compose")
+                # Under the limit as it is, over it once encoded for mail.
+                page.set_input_files("input[name=attachment]", {**big, "buffer": b"x" * 50_000})
+                assert "once attached" in alert.inner_text()
+                page.set_input_files("input[name=attachment]", {**big, "buffer": b"x" * 1000})
+                alert.wait_for(state="hidden")
+                page.get_by_role("button", name="Send").click()
+                page.wait_for_url("**/mail/sent**")
+            else:
+                page.get_by_role("button", name="Send").click()
+                page.get_by_text("is larger than the 64 KB mail limit").wait_for()
+                assert page.input_value("input[name=to]") == "bob"
+                assert page.input_value("input[name=subject]") == "keep me"
+                assert page.input_value("textarea[name=body]") == "a long text\nI do not want to type again"
+    finally:
+        fe.stop()

@@ -179,13 +179,41 @@ def test_compose_errors_are_clear_and_keep_what_was_typed(site):
 
 
 def test_attachment_over_the_limit_is_refused_and_nothing_is_sent(site):
+    """A file from the computer over the limit: nothing is sent, and the
+    compose form comes back with what was typed and a clear message (the
+    browser sent the whole file first; the draft must not be lost)."""
     fe, kv = site
     alice, _bob = user(fe, "alice"), user(fe, "bob")
-    r = alice.send("bob", subject="big", body="b",
-                   files=[("attachment", "big.bin", "application/octet-stream", b"x" * (MAX_MESSAGE + 1))])
+    r = alice.send("bob", subject="keepme", body="bodykeep\nline two", cc="carol@example.com",
+                   files=[("attachment", "big.bin", "application/octet-stream", b"x" * (3 * 1024 * 1024))],
+                   extra=[("in_reply_to", "<a@b.example>")])
     assert r.status == 413
+    assert "mail-compose-form" in r.text
+    assert 'value="bob"' in r.text and 'value="keepme"' in r.text and "bodykeep\nline two" in r.text
+    assert 'value="carol@example.com"' in r.text and "&lt;a@b.example&gt;" in r.text
+    assert "\u201cbig.bin\u201d (3 MB) is larger than the 256 KB mail limit" in r.text
+    assert "choose the files to attach again" in r.text
+    # Two files that fit one by one but not together: the one that does not fit is named.
+    half = b"y" * (MAX_MESSAGE // 2 + 10)
+    r = alice.send("bob", subject="two", body="b", files=[("attachment", "one.bin", "application/octet-stream", half),
+                                                            ("attachment", "two.bin", "application/octet-stream", half)])
+    assert r.status == 413 and "\u201ctwo.bin\u201d" in r.text and "at most 256 KB in all" in r.text
+    assert 'value="two"' in r.text
     store = MailStore(kv)
     assert store.list("bob", "Inbox") == [] and store.list("alice", "Sent") == []
+
+
+def test_a_huge_attachment_is_not_read_to_its_end(site, monkeypatch):
+    """Reading a file over the limit to its end (to answer with the form) has
+    a bound; past it the answer is the bare 413 page, as before."""
+    from httpserver.apps import mail
+    monkeypatch.setattr(mail, "MAX_DROPPED_BYTES", 1000)
+    fe, kv = site
+    alice, _bob = user(fe, "alice"), user(fe, "bob")
+    r = alice.send("bob", subject="huge", body="b",
+                   files=[("attachment", "huge.bin", "application/octet-stream", b"x" * (MAX_MESSAGE + 5000))])
+    assert r.status == 413 and "mail-compose-form" not in r.text and "Share it from your drive" in r.text
+    assert MailStore(kv).list("bob", "Inbox") == []
 
 
 def test_attach_from_the_drive(site):

@@ -57,6 +57,10 @@ MAX_DRIVE_ATTACHMENTS = 20
 MAX_FORM_FIELD_BYTES = 1024 * 1024    # one of to/cc/subject/body and the hidden fields
 MAX_FORM_FIELDS_BYTES = 2 * MAX_FORM_FIELD_BYTES   # all of them together
 READ_CHUNK = 64 * 1024
+# A browser sends a whole file before it reads the answer: a file over the
+# limit is read to its end (and dropped) so the user gets the form back with
+# the draft, up to this many bytes per request; beyond it, a bare 413 page.
+MAX_DROPPED_BYTES = 1024 ** 3
 
 
 class MailApp:
@@ -282,7 +286,8 @@ class MailApp:
             COMPOSE, csrf=csrf_field(req), to=draft.to, cc=draft.cc, subject=draft.subject, body=draft.body,
             in_reply_to=draft.in_reply_to, references=draft.references, fwd=fwd_block, drive=drive_block,
             error=render('<p class="mail-error" role="alert">{e}</p>', e=error) if error else "",
-            me=self.address(req.user), max_size=human_size(self.cfg.mail.max_message_bytes))
+            me=self.address(req.user), max_size=human_size(self.cfg.mail.max_message_bytes),
+            max_bytes=self.cfg.mail.max_message_bytes)
         title = "New message" if not draft.subject else draft.subject
         return self.mail_page(req, title, body, status=status, active_folder="compose", js=("mail.js",))
 
@@ -301,12 +306,18 @@ class MailApp:
         uploads: list[Attachment] = []
         total = 0
         field_bytes = 0
+        too_large = None  # (name, size) of the first file that did not fit
+        dropped = 0
         for part in req.multipart():
             if part.filename is not None:
                 if part.name != "attachment":
                     _drain(part)
                     continue
-                data = _read_bounded(part, limit - total)
+                data, size = _read_attachment(part, limit - total, MAX_DROPPED_BYTES - dropped)
+                if data is None:
+                    dropped += size
+                    too_large = too_large or (part.filename or "attachment", size)
+                    continue
                 if part.filename == "" and not data:
                     continue  # an empty file input
                 total += len(data)
@@ -328,6 +339,13 @@ class MailApp:
         try:
             if field("fwd"):
                 fwd = self.source_of(req, field("fwd"))
+            if too_large is not None:
+                name, size = too_large
+                raise ComposeError(
+                    f"\u201c{name}\u201d ({human_size(size)}) is larger than the {human_size(limit)} mail limit."
+                    if size > limit else
+                    f"\u201c{name}\u201d ({human_size(size)}) does not fit: the files attached from your "
+                    f"computer can be at most {human_size(limit)} in all.")
             to = webmail.parse_recipients(draft.to, self.domain)
             cc = webmail.parse_recipients(draft.cc, self.domain)
             attachments = list(uploads)
@@ -345,10 +363,12 @@ class MailApp:
             result = webmail.send(self.store, self.accounts, req.user, self.domain, to + cc, raw)
         except ComposeError as e:
             error = str(e)
-            if uploads:
+            if too_large is not None:
+                error += " Share big files from your drive instead."
+            if uploads or too_large is not None:
                 error += " (Please choose the files to attach again.)"
-            return self.compose_page(req, draft, error=error, fwd=fwd, status=400, fwd_checked=fwd_checked,
-                                     drive_chosen=set(fields.get("drive_file", [])))
+            return self.compose_page(req, draft, error=error, fwd=fwd, status=413 if too_large else 400,
+                                     fwd_checked=fwd_checked, drive_chosen=set(fields.get("drive_file", [])))
         log.info("web mail from %s: %d local, %d remote recipients, %d bytes", req.user, len(result.local),
                  len(result.remote), len(raw))
         return redirect(f"/mail/sent?sent={result.sent_id}")
@@ -464,6 +484,25 @@ def drive_file(ctx, user: str, ref: str, limit: int) -> tuple[str, str, bytes] |
 def _drain(part) -> None:
     while part.read(READ_CHUNK):
         pass
+
+
+def _read_attachment(part, room: int, max_dropped: int) -> tuple[bytes | None, int]:
+    """(content, size) of an uploaded file; the content is None if the file
+    is over `room`. Such a file is still read to its end, keeping nothing, so
+    the form can be answered (413 if more than `max_dropped` bytes of it)."""
+    buf = bytearray()
+    size = 0
+    while True:
+        chunk = part.read(READ_CHUNK)
+        if not chunk:
+            return (bytes(buf) if size <= room else None), size
+        size += len(chunk)
+        if size <= room:
+            buf += chunk
+        elif size - room > max_dropped:
+            raise HTTPError(413, "That is too large to send by mail. Share it from your drive instead.")
+        elif buf:
+            buf = bytearray()  # over the limit: keep nothing of it
 
 
 def _read_bounded(part, limit: int) -> bytes:
@@ -583,7 +622,8 @@ ATT_ITEM = """<li><a href="{href}" download>{name}</a> <span class="mail-muted">
 
 COMPOSE = """<header class="mail-head"><h1>New message</h1><span class="mail-muted">from {me}</span></header>
 {error}
-<form class="mail-compose-form" method="post" action="/mail/send" enctype="multipart/form-data">
+<form class="mail-compose-form" method="post" action="/mail/send" enctype="multipart/form-data" \
+data-max-bytes="{max_bytes}" data-max-size="{max_size}">
 {csrf}
 <input type="hidden" name="in_reply_to" value="{in_reply_to}">
 <input type="hidden" name="references" value="{references}">
@@ -594,7 +634,8 @@ COMPOSE = """<header class="mail-head"><h1>New message</h1><span class="mail-mut
 {fwd}
 <fieldset class="mail-attach"><legend>Attach files from your computer</legend>
 <input type="file" name="attachment" multiple>
-<span class="mail-muted">Up to {max_size} in all.</span></fieldset>
+<span class="mail-muted">Up to {max_size} in all.</span>
+<p class="mail-error mail-too-large" role="alert" hidden></p></fieldset>
 {drive}
 <div class="mail-actions"><button type="submit" class="primary">Send</button>
 <a href="/mail">Cancel</a></div>

@@ -1,6 +1,8 @@
 // Webmail: the compose form works without this file. With it, a message
-// cannot be sent twice by a double click, and a message with files shows a
-// progress bar while they upload (the same POST, sent by XMLHttpRequest).
+// cannot be sent twice by a double click, files too large for mail are
+// refused before they upload (the server would refuse them after), and a
+// message with files shows a progress bar while they upload (the same POST,
+// sent by XMLHttpRequest).
 document.addEventListener("DOMContentLoaded", function () {
   var form = document.querySelector("form.mail-compose-form");
   if (!form) return;
@@ -31,11 +33,45 @@ document.addEventListener("DOMContentLoaded", function () {
     return total;
   }
 
+  // Files too large for mail, told at once instead of after a long upload.
+  // Mail carries files in base64, a third larger (and a line break every 76
+  // characters): estimate that, as the server counts the finished message.
+  var maxBytes = parseInt(form.dataset.maxBytes, 10) || 0;
+  var tooLarge = form.querySelector(".mail-too-large");
+
+  function human(n) {
+    var units = ["bytes", "KB", "MB", "GB"], i = 0;
+    while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+    return i === 0 ? n + " bytes" : (Math.round(n * 10) / 10) + " " + units[i];
+  }
+
+  function checkSize() {
+    var raw = fileBytes();
+    var encoded = Math.ceil(raw / 3) * 4 * 78 / 76;
+    var over = maxBytes > 0 && encoded > maxBytes;
+    if (tooLarge) {
+      tooLarge.hidden = !over;
+      tooLarge.textContent = !over ? "" : "The files you chose are " + human(raw) +
+        (raw > maxBytes ? "" : " (about " + human(encoded) + " once attached, as mail makes files a third larger)") +
+        ", over the " + (form.dataset.maxSize || human(maxBytes)) +
+        " mail limit. Choose smaller files, or share big ones from your drive instead.";
+    }
+    return !over;
+  }
+  form.querySelectorAll("input[type=file]").forEach(function (input) {
+    input.addEventListener("change", checkSize);
+  });
+
   // Coming back to this page (the Back button) makes the form usable again.
   window.addEventListener("pageshow", function () { idle(); status.hidden = true; });
 
   form.addEventListener("submit", function (ev) {
     if (form.dataset.sending) { ev.preventDefault(); return; }
+    if (!checkSize()) {
+      ev.preventDefault();
+      if (tooLarge) tooLarge.scrollIntoView({block: "center"});
+      return;
+    }
     form.dataset.sending = "1";
     if (button) {
       button.textContent = "Sending…";
