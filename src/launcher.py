@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -79,10 +80,11 @@ def module_exists(module: str) -> bool:
 
 
 class Launcher:
-    def __init__(self, cfg: Config, config_path: str, out=sys.stdout):
+    def __init__(self, cfg: Config, config_path: str, out=sys.stdout, flags: str = ""):
         self.cfg = cfg
         self.config_path = os.path.abspath(config_path)
         self.out = out
+        self.flags = flags          # the --config/--data this was run with, for the hints it prints
         self.run_dir = os.path.join(cfg.data_dir, "run")
         self.log_dir = os.path.join(cfg.data_dir, "log")
 
@@ -217,11 +219,15 @@ class Launcher:
         return 0
 
     def status(self) -> int:
+        """One line per process; exit status 0 if every one is up, else 3
+        (LSB's "not running"), so scripts can use it as a health check."""
+        all_up = True
         for spec in process_specs(self.cfg):
             pid = self.running_pid(spec)
             up = self.answers(spec) if pid is not None or not is_local(spec.host) else False
+            all_up = all_up and up
             self.say(f"{spec.name} {pid if pid is not None else '-'} {spec.addr} {'up' if up else 'down'}")
-        return 0
+        return 0 if all_up else 3
 
     def report(self) -> None:
         cfg = self.cfg
@@ -244,7 +250,7 @@ class Launcher:
         self.say(f"  Thunderbird: incoming POP3 {cfg.mail.pop3.host} port {cfg.mail.pop3.port}, "
                  f"outgoing SMTP {cfg.mail.smtp.host} port {cfg.mail.smtp.port}, no SSL, normal password,")
         self.say("              username = your PennCloud username")
-        self.say(f"  logs:       {self.log_dir}/<name>.log     status: ./run_all.sh status")
+        self.say(f"  logs:       {self.log_dir}/<name>.log     status: ./run_all.sh status{self.flags}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -258,7 +264,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         sys.stderr.write(f"run_all.sh: {e}\n")
         return 2
-    launcher = Launcher(cfg, args.config)
+    flags = ""
+    if os.path.abspath(args.config) != os.path.join(REPO, "configs", "local.toml"):
+        flags += f" --config {shlex.quote(args.config)}"
+    if args.data:
+        flags += f" --data {shlex.quote(args.data)}"
+    launcher = Launcher(cfg, args.config, flags=flags)
     if args.command == "start":
         return launcher.start()
     if args.command == "stop":
