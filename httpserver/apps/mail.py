@@ -287,6 +287,7 @@ class MailApp:
             in_reply_to=draft.in_reply_to, references=draft.references, fwd=fwd_block, drive=drive_block,
             error=render('<p class="mail-error" role="alert">{e}</p>', e=error) if error else "",
             me=self.address(req.user), max_size=human_size(self.cfg.mail.max_message_bytes),
+            max_files=human_size(self.cfg.mail.max_message_bytes * 3 // 4),
             max_bytes=self.cfg.mail.max_message_bytes)
         title = "New message" if not draft.subject else draft.subject
         return self.mail_page(req, title, body, status=status, active_folder="compose", js=("mail.js",))
@@ -634,7 +635,7 @@ data-max-bytes="{max_bytes}" data-max-size="{max_size}">
 {fwd}
 <fieldset class="mail-attach"><legend>Attach files from your computer</legend>
 <input type="file" name="attachment" multiple>
-<span class="mail-muted">Up to {max_size} in all.</span>
+<span class="mail-muted">Up to {max_size} in all, once encoded for mail (files grow by a third: about {max_files} of files).</span>
 <p class="mail-error mail-too-large" role="alert" hidden></p></fieldset>
 {drive}
 <div class="mail-actions"><button type="submit" class="primary">Send</button>
