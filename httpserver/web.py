@@ -30,7 +30,7 @@ import re
 import stat
 import time
 from typing import Callable, Iterable, Iterator
-from urllib.parse import parse_qs, quote, unquote
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from httpserver.http11 import REASONS, Headers
 from httpserver.multipart import (NEED_DATA, Done, MultipartError, MultipartParser, PartData, PartEnd,
@@ -639,8 +639,11 @@ class App:
                 raise HTTPError(401, "Your session has ended. Please log in again.")
             if route.admin and not req.session.admin:
                 raise HTTPError(403, "This page is for administrators only.")
-            if route.csrf and req.method not in ("GET", "HEAD", "OPTIONS"):
-                self._check_csrf(req)
+            if req.method not in ("GET", "HEAD", "OPTIONS"):
+                if route.csrf:
+                    self._check_csrf(req)
+                else:
+                    self._check_origin(req)
             return route.handler(req, **params)
         except (ClientGone, ConnectionError):
             raise
@@ -669,6 +672,21 @@ class App:
         if s is not None:
             req.session = s
             req.user = s.user
+
+    @staticmethod
+    def _check_origin(req: Request) -> None:
+        """Forms without a session to hold a token (sign-up, log-in): a
+        browser names the page a POST comes from in `Origin`; one from another
+        site is refused. Otherwise a page elsewhere could log a visitor in
+        to an account of the attacker's choosing ("login CSRF"), whose
+        drive and mail the victim would then fill. Clients that send no
+        Origin (curl, scripts) are not browsers and carry no one's cookies."""
+        origin = req.headers.get("origin")
+        if origin is None:
+            return
+        host = req.headers.get("host") or ""        # the load balancer passes it on as it came
+        if origin == "null" or urlsplit(origin).netloc.lower() != host.lower():
+            raise HTTPError(403, "This form did not come from this site.")
 
     @staticmethod
     def _check_csrf(req: Request) -> None:

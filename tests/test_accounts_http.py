@@ -377,3 +377,21 @@ port = {p['lb']}
     assert r.status == 200 and "Hello, zed" in r.body
     assert Client(fe.port).post("/login", {"username": "admin", "password": "admin-secret-1"}).status == 303
     c2.close()
+
+
+def test_login_and_signup_from_another_site_are_refused(fe, client):
+    """Log-in CSRF: a page on another site posting our log-in form would log
+    the visitor in to the attacker's account. Browsers say where a POST
+    comes from (Origin); only our own pages may post these forms."""
+    here = f"http://127.0.0.1:{fe.port}"
+    r = client.post("/signup", {"username": "mallory", "password": PASSWORD},
+                    headers={"Origin": "http://evil.example"})
+    assert r.status == 403 and client.sid is None
+    r = client.post("/signup", {"username": "mallory", "password": PASSWORD}, headers={"Origin": here})
+    assert r.status == 303 and client.sid
+    client.sid = None                    # another browser
+    for origin in ("http://evil.example", "null", f"http://127.0.0.1:{fe.port + 1}"):
+        r = client.post("/login", {"username": "mallory", "password": PASSWORD}, headers={"Origin": origin})
+        assert r.status == 403 and client.sid is None, origin
+    r = client.post("/login", {"username": "mallory", "password": PASSWORD})       # no Origin: curl
+    assert r.status == 303 and client.sid
