@@ -336,11 +336,16 @@ class ServerClient:
         raise AssertionError("unreachable")
 
     def _read_in_slices(self, conn: _Connection, still_worth_waiting):
-        give_up_at = time.monotonic() + self.timeout
+        # `timeout` bounds the time without a byte, as the socket timeout
+        # does (a big value streaming in may take longer as a whole).
+        heard = [conn.received, time.monotonic()]
         conn.sock.settimeout(min(WAIT_SLICE_S, self.timeout))
 
         def keep_waiting():
-            return time.monotonic() < give_up_at and still_worth_waiting()
+            now = time.monotonic()
+            if conn.received != heard[0]:
+                heard[:] = [conn.received, now]
+            return now - heard[1] < self.timeout and still_worth_waiting()
         try:
             return conn.read_reply(keep_waiting)
         finally:

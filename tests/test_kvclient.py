@@ -643,3 +643,49 @@ def test_pool_works_with_descriptors_over_1023(fakes):
     finally:
         for fd in filler:
             os.close(fd)
+
+
+def test_sliced_wait_bounds_silence_not_a_slow_steady_reply():
+    """A reply awaited in slices (the cluster client's way, asking the master
+    between them) may take longer than `timeout` as a whole while bytes keep
+    coming; `timeout` bounds only the silence, as a socket timeout does; and
+    the wait stops as soon as `still_worth_waiting` says so."""
+    import socket as _socket
+    import threading as _threading
+    import time as _time
+    srv = _socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+
+    def serve():
+        for mode in ("trickle", "silent", "silent"):
+            conn, _ = srv.accept()
+            with conn:
+                conn.recv(1024)
+                if mode == "trickle":
+                    conn.sendall(b"$4\r\n")
+                    for ch in b"abcd":
+                        _time.sleep(0.6)           # 2.4 s in all, never 1 s without a byte
+                        conn.sendall(bytes([ch]))
+                    conn.sendall(b"\r\n")
+                else:
+                    _time.sleep(3)
+    t = _threading.Thread(target=serve, daemon=True)
+    t.start()
+    c = ServerClient("127.0.0.1:%d" % srv.getsockname()[1], timeout=1.0)
+    try:
+        assert c.call("GET", b"r", b"c", still_worth_waiting=lambda: True).data == b"abcd"
+        t0 = _time.monotonic()
+        with pytest.raises(OutcomeUnknown):       # silent for `timeout`: given up
+            c.call("GET", b"r", b"c", still_worth_waiting=lambda: True)
+        assert 0.9 < _time.monotonic() - t0 < 2.0
+        patient = ServerClient("127.0.0.1:%d" % srv.getsockname()[1], timeout=30.0)
+        asked = []
+        t0 = _time.monotonic()
+        with pytest.raises(OutcomeUnknown):       # called off at the second question
+            patient.call("GET", b"r", b"c", still_worth_waiting=lambda: asked.append(1) or len(asked) < 2)
+        assert _time.monotonic() - t0 < 2.0 and len(asked) == 2
+        patient.close()
+    finally:
+        c.close()
+        srv.close()
