@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 STICKY_COOKIE = "pcfe"
 FRONTEND_HEADER = "X-PennCloud-Frontend"
 MAX_CONTROL_BODY = 64 * 1024
+STARTUP_POLL_S = 0.05        # how often a request that came before any frontend's beat looks again
 SAFE_METHODS = ("GET", "HEAD")
 
 _PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8">
@@ -148,12 +149,21 @@ class LoadBalancer:
                     "frontends": self.balancer.snapshot(now)}
 
     def pick(self, sticky: str | None, exclude: set[str]):
-        """(frontend, newly_assigned) for a request; (None, False) when none is usable."""
-        with self._lock:
-            now = self.clock()
-            if sticky and sticky not in exclude and self.balancer.usable(sticky, now):
-                return self.balancer.get(sticky), False
-            return self.balancer.choose(now, exclude), True
+        """(frontend, newly_assigned) for a request; (None, False) when none is usable.
+
+        Just after the LB starts, no frontend has had time to beat yet (they
+        beat every quarter of the timeout, and `./run_all.sh` starts the LB
+        last): a request then waits for the first beat, up to the timeout,
+        instead of a 503 to whoever opens the page first."""
+        while True:
+            with self._lock:
+                now = self.clock()
+                if sticky and sticky not in exclude and self.balancer.usable(sticky, now):
+                    return self.balancer.get(sticky), False
+                fe = self.balancer.choose(now, exclude)
+            if fe is not None or exclude or now - self.started > self.balancer.timeout_s:
+                return fe, True
+            time.sleep(STARTUP_POLL_S)
 
     def mark_failed(self, fe_id: str) -> None:
         with self._lock:

@@ -398,3 +398,30 @@ def test_http10_client_without_host(tmp_path, backends):
         assert json.loads(body)["path"] == "/ten"
     finally:
         lb.stop()
+
+
+def test_a_visitor_right_after_the_lb_starts_waits_for_the_first_beat_not_a_503(tmp_path, backends):
+    """./run_all.sh starts the LB last and prints its URL; the frontends beat
+    only every quarter of the timeout. Whoever opens the page at once must
+    get it, not "PennCloud is busy"."""
+    import threading
+    import time
+    cfg = make_cfg(tmp_path, [b.port for b in backends])
+    lb = start_lb(cfg)
+    try:
+        threading.Timer(0.5, beat, (lb, cfg, backends[:1])).start()
+        t0 = time.monotonic()
+        r, body = get(lb.port)
+        assert r.status == 200 and json.loads(body)["backend"] == "fe1"
+        assert time.monotonic() - t0 >= 0.4           # it did wait for the beat
+    finally:
+        lb.stop()
+    cfg = make_cfg(tmp_path, [b.port for b in backends], timeout=1.0)
+    lb = start_lb(cfg)
+    try:
+        time.sleep(1.1)                                # past start-up: no frontend is a 503 at once
+        t0 = time.monotonic()
+        r, _ = get(lb.port)
+        assert r.status == 503 and time.monotonic() - t0 < 0.5
+    finally:
+        lb.stop()
