@@ -117,10 +117,13 @@ class Master:
         return self.tcp.port
 
     def stop(self) -> None:
+        # Both waits together stay well inside run_all.sh's stop grace (8 s):
+        # the master's state is on disk before anyone hears of it, so a
+        # handler cut short loses nothing.
         self._stop.set()
-        self.tcp.stop()
+        self.tcp.stop(timeout=3.0)
         if self._detector:
-            self._detector.join(5)
+            self._detector.join(2.0)
 
     # -- decisions ---------------------------------------------------------------------
 
