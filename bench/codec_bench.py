@@ -9,6 +9,7 @@ a reply, and many small pipelined requests and replies.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
@@ -39,6 +40,7 @@ def timed(label: str, size: int, count_expected: int, fn) -> None:
 
 
 def main() -> int:
+    print(f"{'case':<44} {'time':>12} {'throughput':>15} {'rate':>19}")
     big = os.urandom(64 * MiB)
     req = b"".join(encode_request("PUT", "row", "col", big))
     timed("request: one 64 MiB literal, 64 KiB pieces", len(req), 1,
@@ -59,4 +61,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args()   # --help; no options
     sys.exit(main())
