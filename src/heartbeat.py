@@ -114,6 +114,7 @@ class Periodic:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._failing = False
+        self._got_through = False       # a beat has reached the other side at least once
 
     def start(self) -> "Periodic":
         self._thread.start()
@@ -145,9 +146,14 @@ class Periodic:
             self.beat()
         except Exception as e:  # keep beating: the other side may come back
             if not self._failing:
-                log.warning("%s: heartbeat failed (%s); will keep trying", self._thread.name, e)
+                # Before the first beat got through, the other side is most
+                # likely still starting (run_all.sh starts the LB last): not
+                # worth a WARNING in every frontend's log at every start.
+                log.log(logging.WARNING if self._got_through else logging.INFO,
+                        "%s: heartbeat failed (%s); will keep trying", self._thread.name, e)
             self._failing = True
             return
+        self._got_through = True
         if self._failing:
             log.info("%s: heartbeats get through again", self._thread.name)
         self._failing = False

@@ -44,3 +44,24 @@ port = {free_port()}
     cell = json.loads(kv.get(b"sys/procs", b"smtp"))
     assert cell["state"] == "up"
     kv.close()
+
+
+def test_a_heartbeat_that_never_got_through_fails_quietly_then_loudly(caplog):
+    """At start the LB is not up yet (run_all.sh starts it last): the first
+    failed beats are INFO. Once beats got through, losing the other side is
+    a WARNING."""
+    import logging
+    from src.heartbeat import Periodic
+    results = [OSError("refused"), None, OSError("gone")]
+
+    class Beat(Periodic):
+        def beat(self):
+            r = results.pop(0)
+            if r is not None:
+                raise r
+    b = Beat(60, "test-beat")
+    with caplog.at_level(logging.INFO, logger="src.heartbeat"):
+        for _ in range(3):
+            b._beat_once()
+    levels = [(r.levelname, "gone" in r.getMessage()) for r in caplog.records if "heartbeat failed" in r.getMessage()]
+    assert levels == [("INFO", False), ("WARNING", True)]
