@@ -293,17 +293,53 @@ class MailStore:
     def _queue_body_row(qid: str) -> bytes:
         return f"mqmsg/{qid}".encode()
 
-    def enqueue_outgoing(self, owner: str, mail_from: str, rcpts: list[str], raw: bytes) -> str:
-        """Queue `raw` for the relay to `rcpts` (other domains); durable on return."""
+    def enqueue_outgoing(self, owner: str, mail_from: str, rcpts: list[str], raw: bytes,
+                         qid: str | None = None) -> str:
+        """Queue `raw` for the relay to `rcpts` (other domains); durable on return.
+        With an explicit `qid`, queueing the same id again adds nothing."""
         if not rcpts:
             raise ValueError("no recipients")
-        qid = self.new_id()
+        if qid:
+            if self._queued(_check_id(qid)):
+                return qid
+        else:
+            qid = self.new_id()
         chunks = self._write_chunks(self._queue_body_row(qid), raw)
         now = self.clock()
         item = QueueItem(id=qid, owner=owner, mail_from=mail_from, rcpts=tuple(rcpts), size=len(raw),
                          chunks=chunks, created=now, next_at=now)
-        self.kv.putnx(QUEUE_ROW, qid.encode(), item.encode())
+        try:
+            self.kv.putnx(QUEUE_ROW, qid.encode(), item.encode())
+        except Exists:
+            pass  # queued before (a retry): the first item stands
         return qid
+
+    def _queued(self, qid: str) -> bool:
+        try:
+            self.kv.get(QUEUE_ROW, qid.encode())
+            return True
+        except NotFound:
+            return False
+
+    def id_for_send_key(self, user: str, key: str) -> str:
+        """The message id of the webmail send with this key (a hash of the
+        compose form's one-time key): chosen and stored (PUTNX) by the first
+        attempt, read back by a retry. Row `msend/<user>`, one small cell per
+        send (they are not cleaned up yet)."""
+        row = f"msend/{_check_user(user)}".encode()
+        fresh = self.new_id()
+        try:
+            self.kv.putnx(row, key.encode(), fresh.encode())
+            return fresh
+        except Exists:
+            return _check_id(self.kv.get(row, key.encode()).decode())
+
+    def has_message(self, user: str, folder: str, msg_id: str) -> bool:
+        try:
+            self._meta(user, folder, msg_id)
+            return True
+        except NoSuchMessage:
+            return False
 
     def queue(self) -> list[QueueItem]:
         """Every queued item, oldest first."""

@@ -29,9 +29,11 @@ Invariants the pages rely on:
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import html
 import mimetypes
 import re
+import secrets
 from dataclasses import dataclass, field
 from email import policy as email_policy
 from email.message import EmailMessage, Message
@@ -680,14 +682,31 @@ class SendResult:
     queue_id: str | None
 
 
-def send(store, accounts, user: str, domain: str, rcpts: list[str], raw: bytes) -> SendResult:
+_SEND_KEY_RE = re.compile(r"[A-Za-z0-9_-]{16,64}")
+
+
+def new_send_key() -> str:
+    """The one-time key a compose form carries (see send)."""
+    return secrets.token_urlsafe(18)
+
+
+def send(store, accounts, user: str, domain: str, rcpts: list[str], raw: bytes,
+         send_key: str = "") -> SendResult:
     """Deliver `raw` from `user` as authenticated SMTP submission does: each
     local recipient's Inbox, the relay queue for other domains, and a copy in
-    the sender's Sent folder.
+    the sender's Sent folder, in that order (the Sent copy last: it says the
+    whole send is done).
 
     `store` is a src.mailstore.MailStore, `accounts` a src.accounts.Accounts.
     Every local recipient is checked before anything is stored, so a typo in
     one name stores nothing (ComposeError names the unknown user).
+
+    `send_key`, the compose form's one-time key, makes a send idempotent: every
+    copy is stored under an id derived from the sender and the key, so the
+    same form sent again (after a frontend died mid-send and the user got an
+    error page, or a double click) stores no second copy anywhere and
+    completes whatever the first attempt had not. Without a valid key each
+    call is a new message.
     """
     local: list[str] = []
     remote: list[str] = []
@@ -703,8 +722,17 @@ def send(store, accounts, user: str, domain: str, rcpts: list[str], raw: bytes) 
             local.append(name)
     if not local and not remote:
         raise ComposeError("Add at least one recipient.")
+    msg_id = None
+    if _SEND_KEY_RE.fullmatch(send_key or ""):
+        # The first attempt with this key picks the id (time-ordered, like
+        # every message id) and records it; a retry finds it there.
+        msg_id = store.id_for_send_key(user, hashlib.sha256(send_key.encode()).hexdigest()[:40])
+        if store.has_message(user, "Sent", msg_id):
+            # Done before (the reply was lost): nothing to do again; in
+            # particular no second trip through the relay queue.
+            return SendResult(local=local, remote=remote, sent_id=msg_id, queue_id=None)
     for name in local:
-        store.deliver(name, "Inbox", raw)
-    qid = store.enqueue_outgoing(user, f"{user}@{domain}", remote, raw) if remote else None
-    sent_id = store.deliver(user, "Sent", raw, read=True)
+        store.deliver(name, "Inbox", raw, msg_id=msg_id)
+    qid = store.enqueue_outgoing(user, f"{user}@{domain}", remote, raw, qid=msg_id) if remote else None
+    sent_id = store.deliver(user, "Sent", raw, read=True, msg_id=msg_id)
     return SendResult(local=local, remote=remote, sent_id=sent_id, queue_id=qid)

@@ -523,3 +523,23 @@ def test_alternative_parts_toggle_and_mark_unread(site):
     assert 'class="unread"' in bob.get("/mail").text
     src = bob.get(f"/mail/inbox/{mid}/source")
     assert src.body == raw and src.getheader("Content-Disposition").startswith("attachment;")
+
+
+def test_the_same_compose_form_sent_twice_delivers_once(site):
+    """A double click, or Send pressed again after an error page (a frontend
+    died mid-send): the form's one-time key makes the second post store
+    nothing new; a new compose page is a new message."""
+    fe, kv = site
+    alice, bob = user(fe, "alice"), user(fe, "bob")
+    page = alice.get("/mail/compose").text
+    [key] = re.findall(r'name="send_key" value="([^"]+)"', page)
+    for _ in range(2):
+        r = alice.send("bob", subject="once only", body="hi", extra=[("send_key", key)])
+        assert r.status == 303
+    store = MailStore(kv)
+    assert [m.subject for m in store.list("bob", "Inbox")] == ["once only"]
+    assert len(store.list("alice", "Sent")) == 1
+    [key2] = re.findall(r'name="send_key" value="([^"]+)"', alice.get("/mail/compose").text)
+    assert key2 != key
+    alice.send("bob", subject="twice", body="hi", extra=[("send_key", key2)])
+    assert len(store.list("bob", "Inbox")) == 2

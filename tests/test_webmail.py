@@ -459,3 +459,39 @@ def test_reply_to_my_own_sent_message_goes_to_its_recipients():
 ])
 def test_body_charsets(raw, want):
     assert parse_message(raw).text == want
+
+
+def test_a_send_cut_short_and_sent_again_with_its_key_completes_without_duplicates():
+    """The frontend dies after bob's copy and before carol's: the user gets an
+    error page and presses Send again (same compose form, same key). Every
+    recipient ends with exactly one copy, the Sent folder with one, the relay
+    queue with one item; and sending the form a third time changes nothing."""
+    store, accounts = _store()
+    rcpts = parse_recipients("bob, carol, x@example.com", D)
+    raw = build_message(sender="alice@penncloud.local", to=rcpts, subject="once", body="b" * 3000, domain=D)
+    key = webmail.new_send_key()
+    real_deliver, calls = store.deliver, []
+
+    def dying_deliver(user, folder, data, **kw):
+        calls.append(user)
+        if len(calls) == 2:
+            raise OSError("the frontend was SIGKILLed here")
+        return real_deliver(user, folder, data, **kw)
+    store.deliver = dying_deliver
+    with pytest.raises(OSError):
+        webmail.send(store, accounts, "alice", D, rcpts, raw, send_key=key)
+    store.deliver = real_deliver
+    assert len(store.list("bob", "Inbox")) == 1 and store.list("carol", "Inbox") == []
+    again = build_message(sender="alice@penncloud.local", to=rcpts, subject="once", body="b" * 3000, domain=D)
+    r = webmail.send(store, accounts, "alice", D, rcpts, again, send_key=key)
+    for u in ("bob", "carol"):
+        assert len(store.list(u, "Inbox")) == 1
+    [s] = store.list("alice", "Sent")
+    assert s.id == r.sent_id and len(store.queue()) == 1
+    store.done(store.queue()[0])                 # the relay delivered it to x@example.com
+    webmail.send(store, accounts, "alice", D, rcpts, again, send_key=key)
+    assert [len(store.list(u, "Inbox")) for u in ("bob", "carol")] == [1, 1]
+    assert len(store.list("alice", "Sent")) == 1 and store.queue() == []     # not relayed twice
+    # without a key (or a malformed one) every call is a new message
+    webmail.send(store, accounts, "alice", D, ["bob@penncloud.local"], raw, send_key="../x")
+    assert len(store.list("bob", "Inbox")) == 2

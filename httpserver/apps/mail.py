@@ -271,7 +271,8 @@ class MailApp:
         return self.compose_page(req, draft, fwd=fwd)
 
     def compose_page(self, req, draft: Draft, *, error: str = "", fwd=None, status: int = 200,
-                     fwd_checked: set[int] | None = None, drive_chosen: set[str] = frozenset()) -> Response:
+                     fwd_checked: set[int] | None = None, drive_chosen: set[str] = frozenset(),
+                     send_key: str = "") -> Response:
         fwd_block = ""
         if fwd is not None:
             slug, msg_id, d, _ = fwd
@@ -283,7 +284,7 @@ class MailApp:
                 render('<input type="hidden" name="fwd" value="{ref}">', ref=f"{slug}/{msg_id}")
         drive_block = self.drive_picker(req, drive_chosen)
         body = render(
-            COMPOSE, csrf=csrf_field(req), to=draft.to, cc=draft.cc, subject=draft.subject, body=draft.body,
+            COMPOSE, csrf=csrf_field(req), send_key=send_key or webmail.new_send_key(), to=draft.to, cc=draft.cc, subject=draft.subject, body=draft.body,
             in_reply_to=draft.in_reply_to, references=draft.references, fwd=fwd_block, drive=drive_block,
             error=render('<p class="mail-error" role="alert">{e}</p>', e=error) if error else "",
             me=self.address(req.user), max_size=human_size(self.cfg.mail.max_message_bytes),
@@ -361,7 +362,8 @@ class MailApp:
                 references=draft.references.split(), domain=self.domain)
             if len(raw) > limit:
                 raise ComposeError(f"The message is {human_size(len(raw))}, over the {human_size(limit)} limit.")
-            result = webmail.send(self.store, self.accounts, req.user, self.domain, to + cc, raw)
+            result = webmail.send(self.store, self.accounts, req.user, self.domain, to + cc, raw,
+                                  send_key=field("send_key"))
         except ComposeError as e:
             error = str(e)
             if too_large is not None:
@@ -369,7 +371,8 @@ class MailApp:
             if uploads or too_large is not None:
                 error += " (Please choose the files to attach again.)"
             return self.compose_page(req, draft, error=error, fwd=fwd, status=413 if too_large else 400,
-                                     fwd_checked=fwd_checked, drive_chosen=set(fields.get("drive_file", [])))
+                                     fwd_checked=fwd_checked, drive_chosen=set(fields.get("drive_file", [])),
+                                     send_key=field("send_key"))
         log.info("web mail from %s: %d local, %d remote recipients, %d bytes", req.user, len(result.local),
                  len(result.remote), len(raw))
         return redirect(f"/mail/sent?sent={result.sent_id}")
@@ -626,6 +629,7 @@ COMPOSE = """<header class="mail-head"><h1>New message</h1><span class="mail-mut
 <form class="mail-compose-form" method="post" action="/mail/send" enctype="multipart/form-data" \
 data-max-bytes="{max_bytes}" data-max-size="{max_size}">
 {csrf}
+<input type="hidden" name="send_key" value="{send_key}">
 <input type="hidden" name="in_reply_to" value="{in_reply_to}">
 <input type="hidden" name="references" value="{references}">
 <label>To <input type="text" name="to" value="{to}" placeholder="bob, carol@example.com" autocomplete="off"></label>
