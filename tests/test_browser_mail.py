@@ -206,3 +206,34 @@ def test_a_file_too_large_for_mail_keeps_the_draft(tmp_path, javascript):
                 assert page.input_value("textarea[name=body]") == "a long text\nI do not want to type again"
     finally:
         fe.stop()
+
+
+def test_a_send_whose_answer_was_lost_is_sent_again_and_stored_once(site):
+    """The frontend stores the message and dies before it answers: the load
+    balancer says 502. The page's script sends the same form again (its
+    send_key unchanged) and the server stores no second copy."""
+    from src.mailstore import MailStore
+    base, kv = site
+    with launch_browser() as browser:
+        login_as(browser, base, "bob").close()
+        alice = login_as(browser, base, "alice")
+        posts = []
+
+        def lose_the_first_answer(route):
+            posts.append(route.request.url)
+            if len(posts) == 1:
+                route.fetch()                      # the server did the work ...
+                route.fulfill(status=502, body="Bad Gateway")   # ... its answer never came
+            else:
+                route.continue_()
+        alice.route("**/mail/send", lose_the_first_answer)
+        alice.goto("/mail/compose")
+        alice.fill("input[name=to]", "bob")
+        alice.fill("input[name=subject]", "only once")
+        alice.fill("textarea[name=body]", "hello")
+        alice.get_by_role("button", name="Send").click()
+        alice.wait_for_url("**/mail/sent**")
+        assert len(posts) == 2
+    store = MailStore(kv)
+    assert [m.subject for m in store.list("bob", "Inbox")] == ["only once"]
+    assert [m.subject for m in store.list("alice", "Sent")] == ["only once"]

@@ -1,8 +1,10 @@
 // Webmail: the compose form works without this file. With it, a message
 // cannot be sent twice by a double click, files too large for mail are
-// refused before they upload (the server would refuse them after), and a
-// message with files shows a progress bar while they upload (the same POST,
-// sent by XMLHttpRequest).
+// refused before they upload (the server would refuse them after), a
+// message with files shows a progress bar while they upload, and a send
+// that met a frontend dying under it (the load balancer's 502/503/504) is
+// sent again by itself: the form's send_key makes that safe, the server
+// stores no second copy (the same POST, sent by XMLHttpRequest).
 document.addEventListener("DOMContentLoaded", function () {
   var form = document.querySelector("form.mail-compose-form");
   if (!form) return;
@@ -78,35 +80,54 @@ document.addEventListener("DOMContentLoaded", function () {
       button.setAttribute("aria-disabled", "true");
       button.classList.add("mail-sending");
     }
-    if (!fileBytes() || !window.FormData || !window.XMLHttpRequest) return;  // the plain form post
+    if (!window.FormData || !window.XMLHttpRequest) return;  // the plain form post
 
     ev.preventDefault();
-    var xhr = new XMLHttpRequest();
-    xhr.open("POST", form.action);
-    status.hidden = false;
-    text.textContent = "Uploading…";
-    xhr.upload.addEventListener("progress", function (e) {
-      if (!e.lengthComputable) return;
-      var pct = Math.floor(100 * e.loaded / e.total);
-      bar.value = pct;
-      text.textContent = pct < 100 ? "Uploading… " + pct + "%" : "Sending…";
-    });
-    xhr.addEventListener("load", function () {
-      var url = xhr.responseURL || "";
-      if (xhr.status === 200 && /\/mail\/sent(\?|$)/.test(url.replace(/^https?:\/\/[^/]+/, ""))) {
-        window.location.href = url;  // sent: show the Sent folder, as the plain post would
-        return;
-      }
-      // An error page or the form with its error message: show it as it is.
-      document.open();
-      document.write(xhr.responseText);
-      document.close();
-    });
-    xhr.addEventListener("error", function () {
-      idle();
-      bar.value = 0;
-      text.textContent = "The message could not be sent: the connection failed. Try again.";
-    });
-    xhr.send(new FormData(form));
+    var data = new FormData(form);
+    var withFiles = fileBytes() > 0;
+    var attempts = 0;
+    if (withFiles) {
+      status.hidden = false;
+      text.textContent = "Uploading…";
+    }
+
+    function post() {
+      attempts++;
+      var xhr = new XMLHttpRequest();
+      xhr.open("POST", form.action);
+      xhr.upload.addEventListener("progress", function (e) {
+        if (!withFiles || !e.lengthComputable) return;
+        var pct = Math.floor(100 * e.loaded / e.total);
+        bar.value = pct;
+        text.textContent = pct < 100 ? "Uploading… " + pct + "%" : "Sending…";
+      });
+      xhr.addEventListener("load", function () {
+        var url = xhr.responseURL || "";
+        if (xhr.status === 200 && /\/mail\/sent(\?|$)/.test(url.replace(/^https?:\/\/[^/]+/, ""))) {
+          window.location.href = url;  // sent: show the Sent folder, as the plain post would
+          return;
+        }
+        if ((xhr.status === 502 || xhr.status === 503 || xhr.status === 504) && attempts < 3) {
+          // A web server died or restarted under the send: again, elsewhere.
+          status.hidden = false;
+          text.textContent = "A web server was restarting: sending again…";
+          setTimeout(post, 500 * attempts);
+          return;
+        }
+        // An error page or the form with its error message: show it as it is.
+        document.open();
+        document.write(xhr.responseText);
+        document.close();
+      });
+      xhr.addEventListener("error", function () {
+        idle();
+        bar.value = 0;
+        status.hidden = false;
+        text.textContent = "The message could not be sent: the connection failed. Try again " +
+          "(pressing Send again never sends it twice).";
+      });
+      xhr.send(data);
+    }
+    post();
   });
 });
