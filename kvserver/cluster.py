@@ -78,7 +78,7 @@ from kvserver.wal import KINDS, Effect, LogRecord
 
 log = logging.getLogger(__name__)
 
-HANDOVER_AFTER_S = 1.0     # a tablet's view must be this old before its primary hands it back
+HANDOVER_AFTER_S = 1.0         # a tablet's view must be this old before its primary hands it back
 LEASE_FRACTION = 0.75          # of failure_timeout_s, measured from a heartbeat's send time
 CONNECT_TIMEOUT_S = 0.5
 IO_TIMEOUT_S = 10.0            # a peer or the master silent this long is broken
