@@ -116,7 +116,17 @@ class RelayWorker:
             mine = self.store.claim(item, self.owner, self.lease_s)
             if mine is None:
                 continue  # another worker was quicker
-            self._process(mine)
+            try:
+                self._process(mine)
+            except (KVError, MailStoreError, OSError):
+                raise   # the store or the network: the whole pass waits for the next poll
+            except Exception as e:
+                # A bug this item triggers must not stop every other item
+                # behind it: log it, and try the item again later.
+                log.exception("queue item %s: delivery failed with a bug; tried again later", mine.id)
+                backoff = min(self.retry_initial_s * 2 ** mine.attempts, MAX_BACKOFF_S)
+                self.store.update(mine, attempts=mine.attempts + 1, next_at=self.clock() + backoff,
+                                  last_error=f"bug: {e!r}"[:500], lease_owner="", lease_until=0.0)
             n += 1
         return n
 
@@ -231,42 +241,61 @@ class RelayWorker:
         return delivered, failed, retry, last_error
 
     def _deliver_to(self, ip: str, mail_from: str, rcpts: list[str], raw: bytes) -> dict[str, tuple[int, str]]:
-        """One SMTP transaction with one host: each recipient's final (code, text)."""
-        with smtplib.SMTP(timeout=self.smtp_timeout_s, local_hostname=self.domain) as s:
-            code, msg = s.connect(ip, self.relay_port)
-            if code != 220:
-                raise HostTrouble(f"greeting {code} {msg.decode(errors='replace')}")
-            code, msg = s.ehlo()
+        """One SMTP transaction with one host: each recipient's final (code, text).
+
+        Once DATA is answered the outcome is known, whatever QUIT then says:
+        `smtplib.SMTP` used as a context manager raises on a QUIT reply other
+        than 221, which made a delivered message look failed and sent it
+        again on every retry. So QUIT is sent by hand and its answer ignored."""
+        s = smtplib.SMTP(timeout=self.smtp_timeout_s, local_hostname=self.domain)
+        try:
+            return self._transaction(s, ip, mail_from, rcpts, raw)
+        finally:
+            try:
+                s.quit()
+            except (OSError, smtplib.SMTPException):
+                pass
+            s.close()
+
+    def _transaction(self, s: smtplib.SMTP, ip: str, mail_from: str, rcpts: list[str],
+                     raw: bytes) -> dict[str, tuple[int, str]]:
+        code, msg = s.connect(ip, self.relay_port)
+        if code != 220:
+            raise HostTrouble(f"greeting {code} {msg.decode(errors='replace')}")
+        code, msg = s.ehlo()
+        if code != 250:
+            code, msg = s.helo()
             if code != 250:
-                code, msg = s.helo()
-                if code != 250:
-                    raise HostTrouble(f"HELO refused: {code}")
-            opts = []
-            if s.does_esmtp and s.has_extn("size"):
-                opts.append(f"SIZE={len(raw)}")
-            if not raw.isascii():
-                if not (s.does_esmtp and s.has_extn("8bitmime")):
-                    # RFC 6152 3: 8-bit mail may not go to a server without
-                    # 8BITMIME; we do not convert it, so it bounces.
-                    why = "5.6.3 the receiving server does not accept 8-bit mail (no 8BITMIME)"
-                    return {r: (554, why) for r in rcpts}
-                opts.append("BODY=8BITMIME")
-            code, msg = s.mail(mail_from, opts)
-            if code != 250:
-                return {r: (code, msg.decode(errors="replace")) for r in rcpts}
-            results = {}
-            for r in rcpts:
-                c, m = s.rcpt(r)
-                results[r] = (c, m.decode(errors="replace"))
-            accepted = [r for r in rcpts if results[r][0] in (250, 251)]
-            if accepted:
-                try:
-                    c, m = s.data(raw)
-                except smtplib.SMTPDataError as e:
-                    c, m = e.smtp_code, e.smtp_error
-                for r in accepted:
-                    results[r] = (c, m.decode(errors="replace") if isinstance(m, bytes) else str(m))
-            return results
+                raise HostTrouble(f"HELO refused: {code}")
+        opts = []
+        if s.does_esmtp and s.has_extn("size"):
+            opts.append(f"SIZE={len(raw)}")
+        if not raw.isascii():
+            if not (s.does_esmtp and s.has_extn("8bitmime")):
+                # RFC 6152 3: 8-bit mail may not go to a server without
+                # 8BITMIME; we do not convert it, so it bounces.
+                why = "5.6.3 the receiving server does not accept 8-bit mail (no 8BITMIME)"
+                return {r: (554, why) for r in rcpts}
+            opts.append("BODY=8BITMIME")
+        code, msg = s.mail(mail_from, opts)
+        if code != 250:
+            return {r: (code, msg.decode(errors="replace")) for r in rcpts}
+        results = {}
+        for r in rcpts:
+            if not r.isascii():     # queued before the SMTP server refused such addresses
+                results[r] = (553, "5.6.7 a non-ASCII address needs SMTPUTF8, which we do not send")
+                continue
+            c, m = s.rcpt(r)
+            results[r] = (c, m.decode(errors="replace"))
+        accepted = [r for r in rcpts if results[r][0] in (250, 251)]
+        if accepted:
+            try:
+                c, m = s.data(raw)
+            except smtplib.SMTPDataError as e:
+                c, m = e.smtp_code, e.smtp_error
+            for r in accepted:
+                results[r] = (c, m.decode(errors="replace") if isinstance(m, bytes) else str(m))
+        return results
 
 
 def make_relay_worker(cfg, kv, poll_s: float = POLL_S, lease_s: float = LEASE_S) -> RelayWorker:

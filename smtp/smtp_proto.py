@@ -112,6 +112,10 @@ class PathError(ValueError):
     pass
 
 
+class NonAsciiAddress(PathError):
+    pass
+
+
 def parse_path(arg: str, keyword: str, allow_empty: bool) -> tuple[str, dict[str, str]]:
     """Split `FROM:<addr> K=V ...` into the address and its parameters (keys upper-cased)."""
     if arg[: len(keyword)].upper() != keyword:
@@ -127,6 +131,10 @@ def parse_path(arg: str, keyword: str, allow_empty: bool) -> tuple[str, dict[str
     else:
         addr, _, params = rest.partition(" ")
     addr = _ROUTE_RE.sub("", addr)  # source routes are ignored (RFC 5321 4.1.1.3)
+    if not addr.isascii():
+        # RFC 6531: only with SMTPUTF8, which this server does not offer; the
+        # relay could not pass such an address on either.
+        raise NonAsciiAddress("5.6.7 Non-ASCII addresses need SMTPUTF8, which is not offered here")
     if addr == "":
         if not allow_empty:
             raise PathError("An address is needed")
@@ -277,6 +285,8 @@ class SMTPConnection:
             return Reply(503, "5.5.1 Nested MAIL command")
         try:
             addr, opts = parse_path(arg, "FROM:", allow_empty=True)
+        except NonAsciiAddress as e:
+            return Reply(553, str(e))
         except PathError as e:
             return Reply(501, f"5.5.4 {e}")
         if opts and not self.session.esmtp:
@@ -302,6 +312,8 @@ class SMTPConnection:
             return Reply(503, "5.5.1 Need MAIL first")
         try:
             addr, opts = parse_path(arg, "TO:", allow_empty=False)
+        except NonAsciiAddress as e:
+            return Reply(553, str(e))
         except PathError as e:
             return Reply(501, f"5.5.4 {e}")
         if opts:

@@ -211,9 +211,11 @@ def test_5xx_after_data_bounces_every_recipient(dns_server):
 
 
 class SevenBitPeer:
-    """A minimal SMTP server whose EHLO lists no 8BITMIME (aiosmtpd always does)."""
+    """A minimal SMTP server whose EHLO lists no 8BITMIME (aiosmtpd always does),
+    answering QUIT with `quit_reply`."""
 
-    def __init__(self):
+    def __init__(self, quit_reply=b"221 bye"):
+        self.quit_reply = quit_reply
         import socket
         import threading
         self.sock = socket.socket()
@@ -245,7 +247,7 @@ class SevenBitPeer:
                         self.received.append(body)
                         conn.sendall(b"250 OK\r\n")
                     elif verb == b"QUIT":
-                        conn.sendall(b"221 bye\r\n")
+                        conn.sendall(self.quit_reply + b"\r\n")
                         break
                     else:
                         conn.sendall(b"250 OK\r\n")
@@ -272,3 +274,53 @@ def test_8bit_mail_bounces_at_a_server_without_8bitmime_and_7bit_mail_goes(dns_s
     [b] = store.list("alice", "Inbox")
     raw = store.get_raw("alice", "Inbox", b.id)
     assert b.subject == "Undelivered Mail Returned to Sender" and b"8BITMIME" in raw
+
+
+def test_a_server_that_answers_quit_oddly_still_got_the_message_once(dns_server):
+    """DATA answered 250 means delivered, whatever QUIT then says (smtplib's
+    context manager raised on a non-221 QUIT, and the relay sent the message
+    again on every retry, then bounced it)."""
+    store = MailStore(MemoryKV())
+    store.enqueue_outgoing("alice", "alice@penncloud.local", ["x@remote.test"], MSG)
+    peer = SevenBitPeer(quit_reply=b"500 5.5.1 what?")
+    try:
+        w = worker(store, dns_server, peer.port)
+        w.run_once()
+        assert len(peer.received) == 1 and store.queue() == []
+        w.run_once()
+        assert len(peer.received) == 1
+    finally:
+        peer.close()
+    assert store.list("alice", "Inbox") == []          # no bounce
+
+
+def test_a_poison_item_neither_blocks_the_queue_nor_loops(dns_server):
+    """A non-ASCII recipient queued (by an older server) bounces alone; and an
+    item that makes the worker fail with a bug is put off, not retried in a
+    tight loop ahead of everyone else's mail."""
+    store = MailStore(MemoryKV())
+    store.enqueue_outgoing("bob", "bob@penncloud.local", ["jösé@remote.test", "ok@remote.test"], MSG)
+    store.enqueue_outgoing("alice", "alice@penncloud.local", ["after@remote.test"], MSG)
+    with SMTPPeer(PeerHandler()) as peer:
+        w = worker(store, dns_server, peer.port)
+        w.run_once()
+        got = sorted(r for _, rs, _ in peer.handler.received for r in rs)
+        assert got == ["after@remote.test", "ok@remote.test"]
+        [b] = store.list("bob", "Inbox")
+        assert b"5.6.7" in store.get_raw("bob", "Inbox", b.id)
+        assert store.queue() == []
+        # a bug on one item: the others still go, the bad one waits its back-off
+        store.enqueue_outgoing("carol", "carol@penncloud.local", ["bug@remote.test"], MSG)
+        store.enqueue_outgoing("alice", "alice@penncloud.local", ["fine@remote.test"], MSG)
+        real = w._attempt
+
+        def buggy(item, raw):
+            if item.rcpts == ("bug@remote.test",):
+                raise RuntimeError("a bug")
+            return real(item, raw)
+        w._attempt = buggy
+        assert w.run_once() == 2
+        assert any("fine@remote.test" in rs for _, rs, _ in peer.handler.received)
+        [left] = store.queue()
+        assert left.rcpts == ("bug@remote.test",) and left.attempts == 1 and "a bug" in left.last_error
+        assert w.run_once() == 0                        # not due again at once

@@ -286,3 +286,13 @@ def test_random_bytes_never_crash():
             assert all(200 <= code < 600 for code in codes(out))
             if c.closed:
                 break
+
+
+def test_non_ascii_addresses_are_refused_without_smtputf8():
+    """SMTPUTF8 is not offered, so a UTF-8 address is 553 at MAIL or RCPT (the
+    relay could not pass it on; it used to crash on one)."""
+    c, _ = new()
+    feed_lines(c, b"EHLO c")
+    assert feed_lines(c, "MAIL FROM:<jösé@x.test>".encode()) == [553]
+    assert feed_lines(c, b"MAIL FROM:<a@x.test>") == [250]
+    assert feed_lines(c, "RCPT TO:<jösé@here.test>".encode(), b"RCPT TO:<b@here.test>") == [553, 250]
