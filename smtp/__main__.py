@@ -46,13 +46,13 @@ def main(argv=None) -> int:
     from src.heartbeat import ProcessBeacon
 
     if role == "relay":
-        from smtp.relay import make_relay_worker
-        worker = make_relay_worker(cfg, kv)
-        log.info("relay worker %s started (resolver %s, remote port %d)", worker.owner,
+        from smtp.relay import make_relay_workers, run_workers
+        workers = make_relay_workers(cfg, kv)
+        log.info("relay workers %s started (resolver %s, remote port %d)", ", ".join(w.owner for w in workers),
                  cfg.mail.resolver or "system", cfg.mail.relay_port)
         beacon = ProcessBeacon(kv, args.id, "mail relay", "-").start()
         process.announce_ready(0)
-        worker.run(stop)
+        run_workers(workers, stop)
         beacon.stop()
         return 0
 

@@ -8,6 +8,9 @@ from it. An item goes through these states (docs/mail.md draws them):
        ^                               |   \\--5xx / time up--> bounce pending --bounce delivered--> ...
        +---- next_at = now + back-off -+ 4xx, network or DNS trouble
 
+- A relay process runs WORKERS workers, each a thread with its own id
+  (`<relay_id>.<i>`), so that a remote server that never answers holds up
+  one of them, not everybody's mail.
 - Claiming is a CPUT that sets `lease_owner`/`lease_until`: one worker at a
   time attempts an item. A worker SIGKILLed mid-delivery leaves its lease
   behind; the restarted worker (same config id, new incarnation) knows the
@@ -51,6 +54,7 @@ log = logging.getLogger(__name__)
 
 LEASE_S = 600.0  # longer than any one attempt can take (SMTP_TIMEOUT_S per reply, a few hosts)
 POLL_S = 1.0
+WORKERS = 4  # worker threads per relay process: a silent remote server holds up one of them
 MAX_BACKOFF_S = 4 * 3600.0
 SMTP_TIMEOUT_S = 60.0
 MAX_HOSTS = 5  # MX addresses tried per domain and attempt
@@ -298,11 +302,32 @@ class RelayWorker:
         return results
 
 
-def make_relay_worker(cfg, kv, poll_s: float = POLL_S, lease_s: float = LEASE_S) -> RelayWorker:
-    """The relay worker of `cfg` over `kv` (which also sweeps orphaned bodies when `kv` can list rows)."""
+def make_relay_worker(cfg, kv, poll_s: float = POLL_S, lease_s: float = LEASE_S, worker_id: str | None = None,
+                      sweep: bool = True) -> RelayWorker:
+    """The relay worker of `cfg` over `kv` (which also sweeps orphaned bodies
+    when `kv` can list rows and `sweep`)."""
     store = MailStore(kv, chunk_bytes=cfg.drive.chunk_bytes)
-    lister = lister_for(kv)
-    return RelayWorker(store, domain=cfg.mail.domain, worker_id=cfg.mail.relay_id, resolver=cfg.mail.resolver,
-                       relay_port=cfg.mail.relay_port, retry_initial_s=cfg.mail.retry_initial_s,
-                       retry_for_s=cfg.mail.retry_for_s, poll_s=poll_s, lease_s=lease_s,
-                       sweeper=MailSweeper(store, lister) if lister else None)
+    lister = lister_for(kv) if sweep else None
+    return RelayWorker(store, domain=cfg.mail.domain, worker_id=worker_id or cfg.mail.relay_id,
+                       resolver=cfg.mail.resolver, relay_port=cfg.mail.relay_port,
+                       retry_initial_s=cfg.mail.retry_initial_s, retry_for_s=cfg.mail.retry_for_s,
+                       poll_s=poll_s, lease_s=lease_s, sweeper=MailSweeper(store, lister) if lister else None)
+
+
+def make_relay_workers(cfg, kv, n: int = WORKERS, **kw) -> list[RelayWorker]:
+    """`n` workers for one relay process, each a thread with its own id
+    (`<relay_id>.<i>`: a restarted process's worker i knows a lease of that
+    id is its dead predecessor's). Several, so that one remote server that
+    never answers (60 s per try) or answers slowly holds up one worker, not
+    everybody's mail. Only the first sweeps orphaned bodies."""
+    return [make_relay_worker(cfg, kv, worker_id=f"{cfg.mail.relay_id}.{i}", sweep=(i == 0), **kw)
+            for i in range(n)]
+
+
+def run_workers(workers: list[RelayWorker], stop: threading.Event) -> None:
+    """Run every worker on a thread of its own until `stop` is set."""
+    threads = [threading.Thread(target=w.run, args=(stop,), name=w.worker_id, daemon=True) for w in workers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()

@@ -324,3 +324,38 @@ def test_a_poison_item_neither_blocks_the_queue_nor_loops(dns_server):
         [left] = store.queue()
         assert left.rcpts == ("bug@remote.test",) and left.attempts == 1 and "a bug" in left.last_error
         assert w.run_once() == 0                        # not due again at once
+
+
+def test_a_silent_server_holds_up_one_worker_not_everybodys_mail(dns_server, tmp_path):
+    """A remote host that accepts the connection and never says a word costs
+    a worker its SMTP timeout; with several workers the other mail goes on."""
+    import socket
+    import threading
+    import time
+    from smtp.relay import make_relay_workers, run_workers
+    from src.config import parse_config
+    records = dict(RECORDS, **{"hole.test": {"A": ["127.0.0.2"]}})
+    kv = MemoryKV()
+    store = MailStore(kv)
+    store.enqueue_outgoing("bob", "bob@penncloud.local", ["x@hole.test"], MSG)
+    with DNSStub(records) as dns, SMTPPeer(PeerHandler()) as peer:
+        hole = socket.socket()
+        hole.bind(("127.0.0.2", peer.port))   # the same port on another address:
+        hole.listen(8)                        # accepts (in the backlog), never answers
+        cfg = parse_config({"mail": {"resolver": dns.addr, "relay_port": peer.port}}, data_dir=str(tmp_path))
+        workers = make_relay_workers(cfg, kv, n=2, poll_s=0.05)
+        assert [w.worker_id for w in workers] == ["relay.0", "relay.1"]
+        assert workers[0].sweeper is None or workers[1].sweeper is None
+        stop = threading.Event()
+        t = threading.Thread(target=run_workers, args=(workers, stop), daemon=True)
+        t.start()
+        try:
+            time.sleep(0.5)                   # one worker is now stuck on the hole (60 s timeout) ...
+            store.enqueue_outgoing("alice", "alice@penncloud.local", ["y@remote.test"], MSG)
+            wait_until(lambda: any("y@remote.test" in rs for _, rs, _ in peer.handler.received), 5,
+                       what="alice's mail delivered while bob's waits on a silent server")
+            assert not any("x@hole.test" in rs for _, rs, _ in peer.handler.received)
+        finally:
+            stop.set()
+            hole.close()                      # the stuck worker's read ends
+            t.join(15)
