@@ -54,6 +54,9 @@ def _query(resolver: dns.resolver.Resolver, name: str, rdtype: str):
         raise DNSError(f"{name}: the domain does not exist", True, "5.1.2") from None
     except dns.resolver.NoAnswer:
         return []
+    except (dns.name.EmptyLabel, dns.name.LabelTooLong, dns.name.NameTooLong, dns.name.BadEscape) as e:
+        # Not a name at all ("a..b", a label over 63 bytes): no retry fixes it.
+        raise DNSError(f"{name}: not a valid domain name ({e})", True, "5.1.2") from None
     except (dns.exception.Timeout, dns.resolver.NoNameservers, dns.resolver.LifetimeTimeout) as e:
         raise DNSError(f"{name}: DNS look-up failed ({type(e).__name__})", False, "4.4.3") from None
     except dns.exception.DNSException as e:

@@ -84,6 +84,7 @@ class RelayWorker:
         self.domain = domain
         self.worker_id = worker_id
         self.owner = f"{worker_id}:{os.urandom(4).hex()}"  # this incarnation
+        self.siblings: frozenset[str] = frozenset({self.owner})  # the owners of this process's workers
         self.resolver = make_resolver(resolver)
         self.relay_port = relay_port
         self.retry_initial_s = retry_initial_s
@@ -146,12 +147,21 @@ class RelayWorker:
         return stats
 
     def _claimable(self, item: QueueItem, now: float) -> bool:
-        # A lease of another worker that has not run out is respected. One of our
-        # own id is free: a dead predecessor's, or this worker's own after a
-        # pass that failed half-way (one worker handles one item at a time).
-        if item.lease_owner.split(":")[0] != self.worker_id and item.lease_until > now:
+        # A lease of another worker that has not run out is respected. One of
+        # our own id is free: a dead predecessor's, or this worker's own after
+        # a pass that failed half-way (one worker handles one item at a time).
+        # So is one of this relay process's id (`relay`, `relay.<i>`) that no
+        # worker running now holds: an earlier incarnation's, however many
+        # workers it had.
+        if item.lease_until > now and not self._predecessors(item.lease_owner):
             return False
         return bool(item.failed) or item.next_at <= now
+
+    def _predecessors(self, owner: str) -> bool:
+        worker = owner.split(":")[0]
+        if worker == self.worker_id:
+            return True
+        return worker.split(".")[0] == self.worker_id.split(".")[0] and owner not in self.siblings
 
     # -- one item ------------------------------------------------------------------
 
@@ -320,8 +330,12 @@ def make_relay_workers(cfg, kv, n: int = WORKERS, **kw) -> list[RelayWorker]:
     id is its dead predecessor's). Several, so that one remote server that
     never answers (60 s per try) or answers slowly holds up one worker, not
     everybody's mail. Only the first sweeps orphaned bodies."""
-    return [make_relay_worker(cfg, kv, worker_id=f"{cfg.mail.relay_id}.{i}", sweep=(i == 0), **kw)
-            for i in range(n)]
+    workers = [make_relay_worker(cfg, kv, worker_id=f"{cfg.mail.relay_id}.{i}", sweep=(i == 0), **kw)
+               for i in range(n)]
+    siblings = frozenset(w.owner for w in workers)
+    for w in workers:
+        w.siblings = siblings
+    return workers
 
 
 def run_workers(workers: list[RelayWorker], stop: threading.Event) -> None:

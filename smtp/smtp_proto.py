@@ -103,7 +103,8 @@ class SMTPHandler(Protocol):
 
 # Addresses: local part without spaces, angle brackets or controls; domain is
 # a host name or an address literal. Quoted local parts are accepted as they are.
-_ADDR_RE = re.compile(r'^(?:"[^"\\\r\n]*"|[^\s<>()\[\]\\,;:@"]+)@(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[^\]\s]+\])$')
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"          # RFC 1035: 1 to 63, no dots
+_ADDR_RE = re.compile(r'^(?:"[^"\\\r\n]*"|[^\s<>()\[\]\\,;:@"]+)@(?:' + _LABEL + r'(?:\.' + _LABEL + r')*|\[[^\]\s]+\])$')
 _ROUTE_RE = re.compile(r"^@[^:]+:")
 _VERB_RE = re.compile(r"^[A-Za-z]{1,12}$")
 

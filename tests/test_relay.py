@@ -42,7 +42,8 @@ def test_mx_lookup_order_fallback_and_failures(dns_server):
     assert mail_hosts("remote.test", r) == ["127.0.0.1", "127.0.0.2"]
     assert mail_hosts("plain.test", r) == ["127.0.0.1"]
     assert mail_hosts("[127.0.0.9]", r) == ["127.0.0.9"]
-    for name, status in (("nomail.test", "5.1.10"), ("nowhere.test", "5.1.2")):
+    for name, status in (("nomail.test", "5.1.10"), ("nowhere.test", "5.1.2"),
+                         ("a..b", "5.1.2"), ("a" * 70 + ".test", "5.1.2")):   # not names: bounced at once
         with pytest.raises(DNSError) as e:
             mail_hosts(name, r)
         assert e.value.permanent and e.value.status == status
@@ -359,3 +360,22 @@ def test_a_silent_server_holds_up_one_worker_not_everybodys_mail(dns_server, tmp
             stop.set()
             hole.close()                      # the stuck worker's read ends
             t.join(15)
+
+
+def test_a_restarted_relay_takes_every_lease_of_its_earlier_incarnations(tmp_path):
+    """Leases of this relay process's ids that no running worker holds (a
+    dead incarnation's, even one that ran another number of workers, such as
+    the single `relay` worker before an upgrade) are taken at once; a lease
+    of a running sibling worker is respected."""
+    from smtp.relay import make_relay_workers
+    from src.config import parse_config
+    cfg = parse_config({}, data_dir=str(tmp_path))
+    w0, w1 = make_relay_workers(cfg, MemoryKV(), n=2)
+    store = w0.store
+    store.enqueue_outgoing("alice", "alice@penncloud.local", ["x@remote.test"], MSG)
+    [item] = store.queue()
+    now = store.clock()
+    for owner, free in (("relay:0ld", True), ("relay.7:dead", True), ("relay.0:dead", True),
+                        (w1.owner, False), ("relay2.0:beef", False), ("other:1", False)):
+        item = store.update(item, lease_owner=owner, lease_until=now + 600)
+        assert w0._claimable(item, now) is free, owner

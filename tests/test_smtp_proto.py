@@ -296,3 +296,12 @@ def test_non_ascii_addresses_are_refused_without_smtputf8():
     assert feed_lines(c, "MAIL FROM:<jösé@x.test>".encode()) == [553]
     assert feed_lines(c, b"MAIL FROM:<a@x.test>") == [250]
     assert feed_lines(c, "RCPT TO:<jösé@here.test>".encode(), b"RCPT TO:<b@here.test>") == [553, 250]
+
+
+def test_domains_that_cannot_exist_are_refused_at_rcpt():
+    c, _ = new()
+    feed_lines(c, b"EHLO c", b"MAIL FROM:<a@x.test>")
+    long_label = b"a" * 64
+    assert feed_lines(c, b"RCPT TO:<x@a..here.test>", b"RCPT TO:<x@" + long_label + b".here.test>",
+                      b"RCPT TO:<x@" + b"a" * 63 + b".here.test>",          # a name: the relay rule decides
+                      b"RCPT TO:<b@here.test>") == [501, 501, 554, 250]
