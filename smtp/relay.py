@@ -85,6 +85,11 @@ class RelayWorker:
         self.worker_id = worker_id
         self.owner = f"{worker_id}:{os.urandom(4).hex()}"  # this incarnation
         self.siblings: frozenset[str] = frozenset({self.owner})  # the owners of this process's workers
+        # Domains some worker of this process is delivering to right now
+        # (shared between siblings): one silent or slow remote server then
+        # ties up one worker, however many messages wait for it.
+        self.busy: set[str] = set()
+        self.busy_lock = threading.Lock()
         self.resolver = make_resolver(resolver)
         self.relay_port = relay_port
         self.retry_initial_s = retry_initial_s
@@ -118,22 +123,35 @@ class RelayWorker:
         for item in self.store.queue():
             if not self._claimable(item, self.clock()):
                 continue
-            mine = self.store.claim(item, self.owner, self.lease_s)
-            if mine is None:
-                continue  # another worker was quicker
+            domains = {r.rpartition("@")[2].lower() for r in item.rcpts}
+            with self.busy_lock:
+                if domains & self.busy:
+                    continue  # a sibling is at one of its servers now: later
+                self.busy |= domains
             try:
-                self._process(mine)
-            except (KVError, MailStoreError, OSError):
-                raise   # the store or the network: the whole pass waits for the next poll
-            except Exception as e:
-                # A bug this item triggers must not stop every other item
-                # behind it: log it, and try the item again later.
-                log.exception("queue item %s: delivery failed with a bug; tried again later", mine.id)
-                backoff = min(self.retry_initial_s * 2 ** mine.attempts, MAX_BACKOFF_S)
-                self.store.update(mine, attempts=mine.attempts + 1, next_at=self.clock() + backoff,
-                                  last_error=f"bug: {e!r}"[:500], lease_owner="", lease_until=0.0)
-            n += 1
+                n += self._claim_and_process(item)
+            finally:
+                with self.busy_lock:
+                    self.busy -= domains
         return n
+
+    def _claim_and_process(self, item: QueueItem) -> int:
+        """1 if this worker took `item` and tried it, else 0."""
+        mine = self.store.claim(item, self.owner, self.lease_s)
+        if mine is None:
+            return 0  # another worker was quicker
+        try:
+            self._process(mine)
+        except (KVError, MailStoreError, OSError):
+            raise   # the store or the network: the whole pass waits for the next poll
+        except Exception as e:
+            # A bug this item triggers must not stop every other item
+            # behind it: log it, and try the item again later.
+            log.exception("queue item %s: delivery failed with a bug; tried again later", mine.id)
+            backoff = min(self.retry_initial_s * 2 ** mine.attempts, MAX_BACKOFF_S)
+            self.store.update(mine, attempts=mine.attempts + 1, next_at=self.clock() + backoff,
+                              last_error=f"bug: {e!r}"[:500], lease_owner="", lease_until=0.0)
+        return 1
 
     def sweep_if_due(self) -> SweepStats | None:
         """Go on with the orphan sweep for up to `sweep_budget_s`; the round's stats when one ends."""
@@ -333,8 +351,10 @@ def make_relay_workers(cfg, kv, n: int = WORKERS, **kw) -> list[RelayWorker]:
     workers = [make_relay_worker(cfg, kv, worker_id=f"{cfg.mail.relay_id}.{i}", sweep=(i == 0), **kw)
                for i in range(n)]
     siblings = frozenset(w.owner for w in workers)
+    busy: set[str] = set()
+    busy_lock = threading.Lock()
     for w in workers:
-        w.siblings = siblings
+        w.siblings, w.busy, w.busy_lock = siblings, busy, busy_lock
     return workers
 
 
