@@ -968,15 +968,22 @@ class ClusterNode:
         except (KVError, TabletError, ValueError) as e:
             conn.closing = True       # the stream is out of step with this replica: answer, end it
             return error("RETRY", str(e))
-        return self.server.loop.after_sync(conn, lambda: self._appended([(g, pend)], reply))
+        return self.server.loop.after_sync(conn, lambda: self._appended(g, pend, reply))
 
     def append_now(self, tablet, epoch, prev_seq, prev_epoch, meta, *values) -> bytes:
         """cmd_REPL without a connection or a loop: returns once durable."""
         g, pend, reply = self._submit_append(tablet, epoch, prev_seq, prev_epoch, meta, values)
-        return self._appended([(g, pend)], reply)
+        return self._appended(g, pend, reply)
 
-    def _appended(self, batch, reply) -> bytes:
-        self._finish_appends(batch)
+    def _appended(self, g: TabletGlue, pend, reply) -> bytes:
+        """Wait until the Append's records are durable, then apply them in
+        order; only then may the ACK go. The server's tablet logs share one
+        commit group, so the first wait is the turn's one sync (with group
+        commit off each record is synced by itself)."""
+        for p in pend:
+            g.tablet.wait_durable(p)
+        for p in pend:
+            g.tablet.apply(p)
         return reply_text(reply)
 
     def _submit_append(self, tablet, epoch, prev_seq, prev_epoch, meta, values):
@@ -998,19 +1005,6 @@ class ClusterNode:
                 t.epoch = r.epoch
                 pend.append(t.submit(r.effect))
         return g, pend, reply
-
-    def _finish_appends(self, batch) -> None:
-        """Wait until every submitted record is durable, then apply them in
-        order. Only then may the ACKs go. The server's tablet logs share one
-        commit group, so the first wait flushes every tablet log the batch
-        touched with one sync; with group commit off each record is synced
-        by itself."""
-        for g, pend in batch:
-            for p in pend:
-                g.tablet.wait_durable(p)
-        for g, pend in batch:
-            for p in pend:
-                g.tablet.apply(p)
 
     def cmd_REPLSTREAM(self, conn, *args):
         """A primary's stream: from here on this connection carries only
