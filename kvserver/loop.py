@@ -519,14 +519,7 @@ class EventLoop:
                 self._close(conn)
 
     def _shut(self) -> None:
-        for conn in list(self.conns):
-            if conn.detached:
-                try:
-                    conn.sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-            else:
-                self._close(conn)
+        self.close_connections()
         if self._listener is not None:
             self._listener.close()
         self.sel.close()
