@@ -21,6 +21,7 @@ Range and conditional GET helpers (`parse_range`, `not_modified`,
 from __future__ import annotations
 
 import email.utils
+import hashlib
 import hmac
 import json
 import logging
@@ -314,6 +315,15 @@ def json_response(obj, status: int = 200) -> Response:
 
 def redirect(location: str, status: int = 303) -> Response:
     return Response(status, b"", [("Location", location)], content_type="text/plain; charset=utf-8")
+
+
+def sign(req: Request, *parts: str) -> str:
+    """A MAC of a redirect's message (its parts joined by ":"), keyed by the
+    session's CSRF token. A page shows a message from its URL only under this
+    session's signature, so a link from elsewhere cannot put its own words
+    on it (the drive's notices, the admin console's banners)."""
+    key = (req.session.csrf if req.session is not None else "").encode()
+    return hmac.new(key, ":".join(parts).encode(), hashlib.sha256).hexdigest()[:24]
 
 
 _ERROR_TITLES = {

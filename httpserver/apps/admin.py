@@ -34,7 +34,6 @@ server itself (ROWS), so a secondary's copy can be inspected too.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import logging
 import time
@@ -42,7 +41,7 @@ from urllib.parse import urlencode
 
 from httpserver.apps.admin_data import ClusterView, preview, show_name
 from httpserver.templates import Markup, csrf_field, page, render
-from httpserver.web import HTTPError, json_response, redirect
+from httpserver.web import HTTPError, json_response, redirect, sign
 from src.heartbeat import LBControlError
 from src.kv import BadRequest, KVError, NotFound
 
@@ -76,10 +75,8 @@ def _state_class(state: str) -> str:
 
 
 def _banner_sig(req, fields: dict) -> str:
-    """A MAC of a result banner's query fields, keyed by the session's CSRF token."""
-    key = (req.session.csrf if req.session is not None else "").encode()
-    msg = urlencode([(k, fields.get(k) or "") for k in BANNER_FIELDS])
-    return hmac.new(key, msg.encode(), hashlib.sha256).hexdigest()[:24]
+    """The signature of a result banner's query fields (web.sign)."""
+    return sign(req, urlencode([(k, fields.get(k) or "") for k in BANNER_FIELDS]))
 
 
 def _hex_arg(req, name: str) -> bytes:

@@ -31,7 +31,6 @@ served inline with its own type (the preview shows it as text).
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import logging
 import random
@@ -43,7 +42,7 @@ from urllib.parse import quote, urlencode
 
 from httpserver.templates import Markup, csrf_field, page, render
 from httpserver.web import (HTTPError, Response, content_disposition, etag_matches, http_date, json_response,
-                            parse_range, range_applies, redirect)
+                            parse_range, range_applies, redirect, sign)
 from src.drive import Drive, DriveError, Entry, Usage, human_size
 from src.kv import KVError
 
@@ -595,12 +594,6 @@ def upload_message(saved: list[Entry], failed: list) -> str:
     for name, err in failed:
         parts.append(f"\u201c{name}\u201d was not uploaded: {err}")
     return " ".join(parts)
-
-
-def sign(req, kind: str, message: str) -> str:
-    """A MAC of a redirect's message, keyed by the session's CSRF token."""
-    key = (req.session.csrf if req.session is not None else "").encode()
-    return hmac.new(key, f"{kind}:{message}".encode(), hashlib.sha256).hexdigest()[:24]
 
 
 def first(form: dict, key: str) -> str:
