@@ -79,9 +79,9 @@ class MailDelivery:
         """The username an address of ours names (None for other domains); raises InvalidUsername."""
         if address.lower() == "postmaster":
             return POSTMASTER_USER
-        local, _, domain = address.rpartition("@")
-        if domain.lower() != self.domain:
+        if not self._ours(address):
             return None
+        local = address.rpartition("@")[0]
         if local.lower() == "postmaster":
             return POSTMASTER_USER
         return normalize_username(local)
