@@ -40,6 +40,7 @@ import logging
 import os
 import re
 import smtplib
+import socket
 import threading
 import time
 from typing import Callable
@@ -52,11 +53,12 @@ from src.mailsweep import SWEEP_BUDGET_S, SWEEP_EVERY_S, MailSweeper, SweepStats
 
 log = logging.getLogger(__name__)
 
-LEASE_S = 600.0  # longer than any one attempt can take (SMTP_TIMEOUT_S per reply, a few hosts)
+LEASE_S = 600.0  # longer than any one attempt can take (ATTEMPT_S)
+ATTEMPT_S = LEASE_S / 2  # one attempt at an item, all its domains and hosts, is cut off after this
 POLL_S = 1.0
 WORKERS = 4  # worker threads per relay process: a silent remote server holds up one of them
 MAX_BACKOFF_S = 4 * 3600.0
-SMTP_TIMEOUT_S = 60.0
+SMTP_TIMEOUT_S = 60.0  # for each reply; a server that drips bytes is cut off by ATTEMPT_S
 MAX_HOSTS = 5  # MX addresses tried per domain and attempt
 
 _ENHANCED_RE = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\b")
@@ -77,7 +79,7 @@ class RelayWorker:
 
     def __init__(self, store: MailStore, *, domain: str, worker_id: str, resolver: str = "", relay_port: int = 25,
                  retry_initial_s: float = 60.0, retry_for_s: float = 4 * 24 * 3600.0, lease_s: float = LEASE_S,
-                 poll_s: float = POLL_S, smtp_timeout_s: float = SMTP_TIMEOUT_S,
+                 poll_s: float = POLL_S, smtp_timeout_s: float = SMTP_TIMEOUT_S, attempt_s: float = ATTEMPT_S,
                  clock: Callable[[], float] = time.time, sweeper: MailSweeper | None = None,
                  sweep_every_s: float = SWEEP_EVERY_S, sweep_budget_s: float = SWEEP_BUDGET_S):
         self.store = store
@@ -97,6 +99,7 @@ class RelayWorker:
         self.lease_s = lease_s
         self.poll_s = poll_s
         self.smtp_timeout_s = smtp_timeout_s
+        self.attempt_s = min(attempt_s, lease_s / 2)  # the lease outlives the attempt: never two at once
         self.clock = clock
         self.sweeper = sweeper
         self.sweep_every_s = sweep_every_s
@@ -240,7 +243,12 @@ class RelayWorker:
         failed: list[tuple[str, str, str]] = []
         retry: list[str] = []
         last_error = ""
+        deadline = time.monotonic() + self.attempt_s
         for domain, rcpts in by_domain.items():
+            if time.monotonic() >= deadline:
+                retry += rcpts
+                last_error = f"this attempt took more than {self.attempt_s:g} s; the rest waits for the next one"
+                continue
             try:
                 addrs = mail_hosts(domain, self.resolver)
             except DNSError as e:
@@ -252,8 +260,10 @@ class RelayWorker:
                 continue
             results = None
             for ip in addrs[:MAX_HOSTS]:
+                if time.monotonic() >= deadline:
+                    break
                 try:
-                    results = self._deliver_to(ip, item.mail_from, rcpts, raw)
+                    results = self._deliver_to(ip, item.mail_from, rcpts, raw, deadline)
                     break
                 except (HostTrouble, OSError, smtplib.SMTPException) as e:
                     last_error = f"{ip}: {e}"
@@ -272,21 +282,51 @@ class RelayWorker:
                     last_error = f"{code} {text}"
         return delivered, failed, retry, last_error
 
-    def _deliver_to(self, ip: str, mail_from: str, rcpts: list[str], raw: bytes) -> dict[str, tuple[int, str]]:
+    def _deliver_to(self, ip: str, mail_from: str, rcpts: list[str], raw: bytes,
+                    deadline: float) -> dict[str, tuple[int, str]]:
         """One SMTP transaction with one host: each recipient's final (code, text).
 
         Once DATA is answered the outcome is known, whatever QUIT then says:
         `smtplib.SMTP` used as a context manager raises on a QUIT reply other
         than 221, which made a delivered message look failed and sent it
-        again on every retry. So QUIT is sent by hand and its answer ignored."""
+        again on every retry. So QUIT is sent by hand and its answer ignored.
+
+        smtplib's timeout bounds each read, not the transaction: a server
+        that sends a byte every minute (a tarpit) would hold the worker, and
+        outlive its lease, so that another worker sent the message again
+        meanwhile. At `deadline` a timer shuts the socket, which ends the
+        read in progress; the recipients are tried again later."""
         s = smtplib.SMTP(timeout=self.smtp_timeout_s, local_hostname=self.domain)
+        cut = threading.Event()
+
+        def cut_off():
+            cut.set()
+            sock = s.sock
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        timer = threading.Timer(max(0.0, deadline - time.monotonic()), cut_off)
+        timer.daemon = True
+        timer.start()
         try:
-            return self._transaction(s, ip, mail_from, rcpts, raw)
-        finally:
             try:
-                s.quit()
-            except (OSError, smtplib.SMTPException):
-                pass
+                results = self._transaction(s, ip, mail_from, rcpts, raw)
+            except (HostTrouble, OSError, smtplib.SMTPException) as e:
+                if cut.is_set():
+                    raise HostTrouble(f"no complete answer within {self.attempt_s:g} s (cut off)") from e
+                raise
+            if cut.is_set():    # smtplib takes a reply cut short ("55") for a whole one: trust none
+                raise HostTrouble(f"no complete answer within {self.attempt_s:g} s (cut off)")
+            return results
+        finally:
+            timer.cancel()
+            if not cut.is_set():
+                try:
+                    s.quit()
+                except (OSError, smtplib.SMTPException):
+                    pass
             s.close()
 
     def _transaction(self, s: smtplib.SMTP, ip: str, mail_from: str, rcpts: list[str],

@@ -382,3 +382,54 @@ def test_a_restarted_relay_takes_every_lease_of_its_earlier_incarnations(tmp_pat
                         (w1.owner, False), ("relay2.0:beef", False), ("other:1", False)):
         item = store.update(item, lease_owner=owner, lease_until=now + 600)
         assert w0._claimable(item, now) is free, owner
+
+
+def test_a_tarpit_that_drips_bytes_is_cut_off_and_the_mail_retried(dns_server):
+    """A server that sends its greeting a byte at a time, never finishing a
+    line, never trips smtplib's timeout (it bounds each read); the attempt's
+    own deadline ends it, well inside the lease, and the mail is tried again
+    later instead of holding the worker for ever."""
+    import socket
+    import threading
+    import time
+    stop = threading.Event()
+    tarpit = socket.socket()
+    tarpit.bind(("127.0.0.1", 0))
+    tarpit.listen(4)
+
+    def drip():
+        conns = []
+        tarpit.settimeout(0.05)
+        while not stop.is_set():
+            try:
+                conns.append(tarpit.accept()[0])
+            except OSError:
+                pass
+            for c in conns:
+                try:
+                    c.send(b"2")
+                except OSError:
+                    pass
+            time.sleep(0.05)
+        for c in conns:
+            c.close()
+    t = threading.Thread(target=drip, daemon=True)
+    t.start()
+    store = MailStore(MemoryKV())
+    store.enqueue_outgoing("alice", "alice@penncloud.local", ["x@plain.test"], MSG)
+    w = worker(store, dns_server, tarpit.getsockname()[1], attempt_s=1.0, smtp_timeout_s=3)
+    try:
+        done = []
+        runner = threading.Thread(target=lambda: done.append(w.run_once()), daemon=True)
+        began = time.monotonic()
+        runner.start()
+        runner.join(10)
+        assert done, "the attempt is still hanging on the tarpit"
+        assert time.monotonic() - began < 5
+        [item] = store.queue()
+        assert item.rcpts == ("x@plain.test",) and item.attempts == 1
+        assert "cut off" in item.last_error and not item.lease_owner
+    finally:
+        stop.set()
+        t.join(5)
+        tarpit.close()
