@@ -35,11 +35,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import re
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 from smtp.lines import TOO_LONG, next_line
+
+log = logging.getLogger(__name__)
 
 MAX_COMMAND_LINE = 512
 MAX_AUTH_LINE = 12288
@@ -228,13 +231,25 @@ class SMTPConnection:
         method = getattr(self, "smtp_" + verb.upper(), None) if _VERB_RE.match(verb) else None
         if method is None:
             return self._error(Reply(500, "5.5.2 Command not recognized"))
-        reply = method(arg.strip(" "))
+        try:
+            reply = method(arg.strip(" "))
+        except Exception:
+            reply = self._internal_error(verb.upper())
         if reply.code >= 500:
             return self._error(reply)
         return reply
 
     def _reset(self) -> None:
         self.envelope = Envelope()
+
+    def _internal_error(self, verb: str) -> Reply:
+        """A bug while handling one command or message. Closing the connection
+        without a word would leave the client not knowing what became of its
+        mail (and a pipelining client would lose the rest of its session): a
+        temporary failure instead, so that it tries again, and the session
+        goes on."""
+        log.exception("%s from %s failed", verb, self.session.peer_ip)
+        return Reply(451, "4.3.0 Internal error; try again later")
 
     def smtp_HELO(self, arg: str) -> Reply:
         if not arg:
@@ -406,7 +421,10 @@ class SMTPConnection:
             self._reset()
             return problem
         self.envelope.content = content
-        reply = self.handler.handle_DATA(self.session, self.envelope)
+        try:
+            reply = self.handler.handle_DATA(self.session, self.envelope)
+        except Exception:
+            reply = self._internal_error("DATA")
         self._reset()
         if reply.code == 250:
             # The budget is for a client that errs without delivering mail

@@ -104,7 +104,8 @@ class MailDelivery:
         return Reply(250, "2.1.0 OK")
 
     def _ours(self, address: str) -> bool:
-        return address.rpartition("@")[2].lower() == self.domain
+        # "penncloud.local." is the same DNS name as "penncloud.local"
+        return address.rpartition("@")[2].lower().removesuffix(".") == self.domain
 
     def forged_sender(self, session: Session, content: bytes) -> str | None:
         """An address of our domain in From: or Sender: that this session may

@@ -16,6 +16,7 @@ from __future__ import annotations
 import email.utils
 import os
 from dataclasses import dataclass
+from email.errors import HeaderParseError
 from email.header import decode_header, make_header
 
 # Only this much of a message is parsed for its summary: headers are at the
@@ -49,12 +50,22 @@ _SUMMARY_FIELDS = {b"from": "sender", b"to": "to", b"subject": "subject", b"date
 
 
 def _text(value: bytes) -> str:
-    """A header value as readable text: UTF-8 (RFC 6532), RFC 2047 words decoded, folding removed."""
-    s = value.decode("utf-8", "replace")
+    """A header value as readable text: RFC 2047 words decoded, folding removed.
+
+    Raw 8-bit bytes are UTF-8 (RFC 6532) when they decode as UTF-8, else
+    Windows-1252 (old mailers put Latin-1 names in headers unencoded; the
+    webmail reads such bodies the same way). A broken encoded word (cut-off
+    base64, an unknown charset) is shown as it stands: this runs for every
+    delivered message, and raising here would refuse the mail.
+    """
+    try:
+        s = value.decode("utf-8")
+    except UnicodeDecodeError:
+        s = value.decode("cp1252", "replace")
     if "=?" in s:
         try:
             s = str(make_header(decode_header(s)))
-        except (ValueError, LookupError, UnicodeError):
+        except (ValueError, LookupError, UnicodeError, HeaderParseError):
             pass
     return " ".join(s.split())[:1000]
 

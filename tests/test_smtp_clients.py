@@ -157,6 +157,11 @@ def test_nobody_sends_as_a_local_user_without_being_them(mail):
         with pytest.raises(smtplib.SMTPDataError):
             s.sendmail("carol@example.org", ["bob@penncloud.local"],
                        b"From: carol@example.org\r\nSender: bob@penncloud.local\r\nSubject: spoof 3\r\n\r\nx\r\n")
+        s.rset()
+        with pytest.raises(smtplib.SMTPDataError) as e:   # a trailing dot names the same domain
+            s.sendmail("carol@example.org", ["bob@penncloud.local"],
+                       b'From: "Alice" <alice@penncloud.local.>\r\nSubject: spoof 5\r\n\r\nx\r\n')
+        assert e.value.smtp_code == 550
     with smtplib.SMTP("127.0.0.1", mail.smtp_port, timeout=10) as s:
         s.login("alice", PW["alice"])
         with pytest.raises(smtplib.SMTPDataError) as e:
@@ -409,3 +414,21 @@ def test_idle_pop3_session_is_closed_without_deleting(tmp_path):
         p.quit()
     finally:
         srv.stop()
+
+
+def test_broken_encoded_words_in_headers_are_delivered_as_they_stand(mail):
+    """Mailers that cut a subject at a fixed length leave broken RFC 2047
+    words behind; such mail is accepted (it used to drop the connection
+    after DATA, unanswered, and with it the rest of a pipelined session) and
+    listed with the header as it stands. Raw Latin-1 in a header reads as
+    Latin-1, not as replacement characters."""
+    broken = (b"From: =?utf-8?B?!!!notbase64?= <x@example.org>\r\nTo: bob@penncloud.local\r\n"
+              b"Subject: =?utf-8?B?SGVsbG8gV?=\r\n\r\nhi\r\n")
+    latin1 = b"From: Ren\xe9 <rene@example.org>\r\nSubject: Gr\xfc\xdfe\r\n\r\nbody \xe9\r\n"
+    with smtplib.SMTP("127.0.0.1", mail.smtp_port, timeout=10) as s:
+        s.sendmail("x@example.org", ["bob@penncloud.local"], broken)
+        s.sendmail("rene@example.org", ["bob@penncloud.local"], latin1)
+    listed = sorted((m.subject, m.sender) for m in mail.store.list("bob", "Inbox"))
+    assert listed == [("=?utf-8?B?SGVsbG8gV?=", "=?utf-8?B?!!!notbase64?= <x@example.org>"),
+                      ("Grüße", "René <rene@example.org>")]
+    assert strip_received(pop_retr(mail.pop_port, "bob", 1))[1] in (broken, latin1)

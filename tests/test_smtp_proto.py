@@ -305,3 +305,24 @@ def test_domains_that_cannot_exist_are_refused_at_rcpt():
     assert feed_lines(c, b"RCPT TO:<x@a..here.test>", b"RCPT TO:<x@" + long_label + b".here.test>",
                       b"RCPT TO:<x@" + b"a" * 63 + b".here.test>",          # a name: the relay rule decides
                       b"RCPT TO:<b@here.test>") == [501, 501, 554, 250]
+
+
+def test_a_bug_while_delivering_is_a_temporary_failure_and_the_session_goes_on():
+    """An exception from the handler (a bug) is answered 451, so the client
+    retries instead of losing its mail, and the connection stays usable."""
+    c, h = new()
+    calls = []
+
+    def flaky(session, envelope):
+        calls.append(envelope.content)
+        if len(calls) == 1:
+            raise RuntimeError("a bug")
+        return Reply(250, "2.0.0 OK")
+    h.handle_DATA = flaky
+    assert feed_lines(c, b"EHLO c", b"MAIL FROM:<a@x.test>", b"RCPT TO:<bob@here.test>", b"DATA") == [250, 250, 250, 354]
+    assert codes(c.receive_data(b"first\r\n.\r\n")) == [451]
+    h.handle_RCPT = lambda *a: 1 / 0
+    assert feed_lines(c, b"MAIL FROM:<a@x.test>", b"RCPT TO:<bob@here.test>") == [250, 451]
+    h.handle_RCPT = Handler.handle_RCPT.__get__(h)
+    assert feed_lines(c, b"RCPT TO:<bob@here.test>", b"DATA", b"second", b".") == [250, 354, 250]
+    assert calls == [b"first\r\n", b"second\r\n"] and not c.closed
