@@ -34,9 +34,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 from typing import Iterable, Iterator, Protocol
 
 from smtp.lines import TOO_LONG, next_line
+
+log = logging.getLogger(__name__)
 
 MAX_COMMAND_LINE = 255
 MAX_AUTH_LINE = 12288
@@ -252,7 +255,14 @@ class POP3Connection:
             if method is not None:
                 return self._error(f"{verb} is not allowed now")
             return self._error("Unknown command")
-        return method(arg)
+        try:
+            return method(arg)
+        except Exception:
+            # A bug on one command: say so and go on, rather than closing
+            # the connection unanswered (the client would not know which
+            # of its pipelined commands took effect).
+            log.exception("POP3 %s failed", verb)
+            return err("[SYS/TEMP] Internal error; try again later")
 
     # -- AUTHORIZATION ----------------------------------------------------------
 

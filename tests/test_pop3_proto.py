@@ -292,3 +292,12 @@ def test_auth_plain_as_another_identity_is_refused():
     token = base64.b64encode(b"alice\0bob\0pw pw pw")
     assert run(c, b"AUTH PLAIN " + token).startswith(b"-ERR [AUTH]")
     assert run(c, b"AUTH PLAIN " + base64.b64encode(b"bob\0bob\0pw pw pw")).startswith(b"+OK Logged in")
+
+
+def test_a_bug_in_one_command_is_an_error_reply_and_the_session_goes_on():
+    h = Handler()
+    c = POP3Connection(h)
+    h.drop.iter_message = lambda uid: 1 / 0
+    out = run(c, b"USER bob", b"PASS pw pw pw", b"TOP 1 0", b"STAT")
+    assert b"-ERR [SYS/TEMP] Internal error" in out and out.endswith(b"+OK 3 " + str(sum(map(len, MSGS.values()))).encode() + b"\r\n")
+    assert not c.closed
