@@ -37,7 +37,7 @@ import secrets
 from dataclasses import dataclass, field
 from email import policy as email_policy
 from email.message import EmailMessage, Message
-from email.parser import BytesParser
+from email.parser import BytesParser, Parser
 from email.utils import format_datetime, getaddresses, make_msgid, parsedate_to_datetime
 from html.parser import HTMLParser
 from urllib.parse import quote as percent_quote
@@ -295,6 +295,102 @@ def _is_attachment(part: Message) -> bool:
     return disp == "attachment" or part.get_filename() is not None
 
 
+# Parts nested deeper than this are not shown (the parser has built them, but
+# a message of thousands of nested multiparts must not exhaust the stack here).
+MAX_NESTING = 100
+
+# The machine-readable parts of delivery and disposition reports (RFC 3464,
+# RFC 8098): header blocks that are text, shown as such.
+_REPORT_TYPES = frozenset({"message/delivery-status", "message/global-delivery-status",
+                           "message/disposition-notification", "message/global-disposition-notification"})
+
+
+def _inline_text(part: Message) -> bool:
+    """A part shown in the body: a text part (any text/* subtype) that is not
+    a file (no name, not `attachment`)."""
+    return part.get_content_maintype() == "text" and not _is_attachment(part)
+
+
+def _rank(part: Message, prefer_html: bool, depth: int = 0) -> int:
+    """How good `part` is as the chosen alternative: the preferred one of
+    text/html and text/plain, then the other, then any other text; 0 for
+    something that cannot be shown. A multipart counts as its best leaf."""
+    if depth > MAX_NESTING:
+        return 0
+    if part.is_multipart() and part.get_content_maintype() == "multipart":
+        return max((_rank(p, prefer_html, depth + 1) for p in part.get_payload()), default=0)
+    if not _inline_text(part):
+        return 0
+    ctype = part.get_content_type()
+    if ctype == "text/html":
+        return 3 if prefer_html else 2
+    if ctype == "text/plain":
+        return 2 if prefer_html else 3
+    return 1
+
+
+def _report_text(part: Message) -> str:
+    payload = part.get_payload()
+    if isinstance(payload, list):  # the parser made each header block a message
+        return "".join(str(block) for block in payload).replace("\r\n", "\n")
+    return _part_text(part)
+
+
+def _body_blocks(part: Message, prefer_html: bool, out: list, depth: int = 0) -> None:
+    """The parts of the body to show, in order, as ("text" | "html", str).
+
+    Every inline text part is shown where it is (a list footer after the
+    main text, a patch after the covering note); of each multipart/alternative
+    only its best part: HTML first when `prefer_html`, else plain text."""
+    if depth > MAX_NESTING:
+        return
+    ctype = part.get_content_type()
+    if ctype in _REPORT_TYPES:
+        out.append(("text", _report_text(part)))
+    elif part.is_multipart() and part.get_content_maintype() == "multipart":
+        kids = part.get_payload()
+        if ctype == "multipart/alternative":
+            ranked = [(_rank(k, prefer_html), i) for i, k in enumerate(kids)]
+            best, i = max(ranked, default=(0, 0))  # ties: the last one (RFC 2046 5.1.4)
+            kids = [kids[i]] if best else []
+        for k in kids:
+            _body_blocks(k, prefer_html, out, depth + 1)
+    elif ctype == "text/rfc822-headers" and not _is_attachment(part):
+        out.append(("text", _headers_text(_part_text(part))))
+    elif _inline_text(part):
+        kind = "html" if ctype == "text/html" else "text"
+        out.append((kind, _part_text(part)))
+
+
+def _headers_text(text: str) -> str:
+    """A header block (a bounce's copy of the failed message's headers) with
+    its RFC 2047 words decoded, so "Subject: =?utf-8?q?Gr=C3=BC=C3=9Fe?="
+    reads "Subject: Grüße"; a header that does not parse stays as it was."""
+    try:
+        msg = Parser(policy=INCOMING).parsestr(text, headersonly=True)
+    except Exception:
+        return text
+    lines = []
+    for name, value in msg.raw_items():
+        try:
+            value = str(msg.policy.header_fetch_parse(name, value))
+        except Exception:
+            pass
+        lines.append(f"{name}: {one_line(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _html_of(blocks: list) -> str:
+    """The HTML view: HTML parts sanitised, text parts escaped in a <pre>."""
+    return "\n".join(sanitize_html(s) if kind == "html" else
+                     f'<pre class="mail-text">{html.escape(s, quote=False)}</pre>'
+                     for kind, s in blocks)
+
+
+def _text_of(blocks: list) -> str:
+    return "\n".join(html_to_text(sanitize_html(s)) if kind == "html" else s for kind, s in blocks)
+
+
 def parse_message(raw: bytes) -> DisplayMessage:
     """Parse stored bytes for display; never raises on malformed input."""
     try:
@@ -314,36 +410,43 @@ def parse_message(raw: bytes) -> DisplayMessage:
         d.date_dt = None
     d.message_id = clean_msgid(_header(msg, "Message-ID"))
     d.references = _MSGID_RE.findall(_header(msg, "References"))
-    texts: list[str] = []
-    htmls: list[str] = []
     try:
         for i, part in enumerate(_leaves(msg)):
             info = _attachment_info(i, part)
             if info is not None:
                 d.attachments.append(info)
-            elif part.get_content_type() == "text/plain":
-                texts.append(_part_text(part))
-            elif part.get_content_type() == "text/html":
-                htmls.append(_part_text(part))
+        # Two views of one body: plain text preferred (the text, the quote of
+        # a reply) and HTML preferred (the formatted page).
+        as_text: list = []
+        _body_blocks(msg, False, as_text)
+        as_html: list = []
+        _body_blocks(msg, True, as_html)
     except Exception:
-        texts = [raw.decode("utf-8", "replace")]
-        htmls = []
-        d.attachments = []
-    d.text = "\n".join(texts)
-    d.html = sanitize_html("\n".join(htmls)) if htmls else ""
+        return DisplayMessage(from_=d.from_, to=d.to, cc=d.cc, reply_to=d.reply_to, subject=d.subject,
+                              date=d.date, date_dt=d.date_dt, message_id=d.message_id,
+                              references=d.references, text=raw.decode("utf-8", "replace"))
+    # Only HTML in it: `text` stays empty and `body_text` is the HTML's text.
+    d.text = _text_of(as_text) if any(kind == "text" for kind, _ in as_text) else ""
+    d.html = _html_of(as_html) if any(kind == "html" for kind, _ in as_html) else ""
     return d
 
 
 def _attachment_info(i: int, part: Message) -> AttachmentInfo | None:
     """What the message page lists for leaf part `i`, if it is a file: a named
-    or `attachment` part, or a non-text part without a name (an inline image)."""
+    or `attachment` part, a non-text part without a name (an inline image), or
+    a text part other than the body's plain text and HTML (a patch, a CSV
+    table, a calendar invitation): shown in the body too, but only as a file
+    can it be saved or forwarded."""
     ctype = part.get_content_type()
     if _is_attachment(part):
         name = clean_filename(part.get_filename())
-    elif part.get_content_maintype() not in ("text", "multipart", "message"):
-        name = f"part{i + 1}{mimetypes.guess_extension(ctype) or '.bin'}"
-    else:
+    elif ctype == "text/calendar":
+        name = "invite.ics"  # what Outlook and Gmail call it
+    elif ctype in ("text/plain", "text/html") or part.get_content_maintype() in ("multipart", "message"):
         return None
+    else:
+        default = ".txt" if part.get_content_maintype() == "text" else ".bin"
+        name = f"part{i + 1}{mimetypes.guess_extension(ctype) or default}"
     return AttachmentInfo(i, name, ctype, _decoded_size(part))
 
 

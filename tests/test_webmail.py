@@ -495,3 +495,67 @@ def test_a_send_cut_short_and_sent_again_with_its_key_completes_without_duplicat
     # without a key (or a malformed one) every call is a new message
     webmail.send(store, accounts, "alice", D, ["bob@penncloud.local"], raw, send_key="../x")
     assert len(store.list("bob", "Inbox")) == 2
+
+
+# -- every part of a real-world message is shown (QA session 4) ------------------
+
+def test_other_text_parts_are_shown_in_order_and_listed_as_files():
+    """A patch and a CSV table after the covering note (git send-email,
+    mutt) are shown in the body and can be saved and forwarded."""
+    raw = (b"From: dev@example.org\r\nTo: alice@penncloud.local\r\nSubject: patch\r\nMIME-Version: 1.0\r\n"
+           b"Content-Type: multipart/mixed; boundary=b\r\n\r\n"
+           b"--b\r\nContent-Type: text/plain\r\n\r\nPatch attached.\r\n"
+           b"--b\r\nContent-Type: text/x-diff\r\nContent-Disposition: inline\r\n\r\n--- a/f\r\n+++ b/f\r\n-old\r\n+new\r\n"
+           b"--b\r\nContent-Type: text/csv\r\n\r\na,b\r\n1,2\r\n--b--\r\n")
+    d = parse_message(raw)
+    assert d.text.index("Patch attached.") < d.text.index("-old\n+new") < d.text.index("a,b\n1,2")
+    assert [(a.filename, a.content_type) for a in d.attachments] == [("part2.diff", "text/x-diff"),
+                                                                     ("part3.csv", "text/csv")]
+    assert webmail.attachment_bytes(raw, d.attachments[1].index) == ("part3.csv", "text/csv", b"a,b\r\n1,2")
+
+
+def test_a_calendar_invitation_without_a_name_is_an_ics_file():
+    ics = b"BEGIN:VCALENDAR\r\nMETHOD:REQUEST\r\nBEGIN:VEVENT\r\nSUMMARY:Sync\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n"
+    raw = (b"From: boss@example.org\r\nTo: alice@penncloud.local\r\nSubject: Sync\r\nMIME-Version: 1.0\r\n"
+           b"Content-Type: text/calendar; charset=utf-8; method=REQUEST\r\n\r\n" + ics)
+    d = parse_message(raw)
+    assert "SUMMARY:Sync" in d.body_text
+    [a] = d.attachments
+    assert webmail.attachment_bytes(raw, a.index) == ("invite.ics", "text/calendar", ics)
+
+
+def test_a_delivery_report_shows_its_status_and_which_message_failed():
+    from src import mailfmt
+    original = build_message(sender="alice@penncloud.local", to=["andre@example.org"], subject="Re: Grüße",
+                             body="hi", domain=D, now=NOW)
+    raw = mailfmt.bounce(domain=D, to="alice@penncloud.local", original=original, now=0, reason="Sorry.",
+                         failed=[mailfmt.FailedRecipient("andre@example.org", "5.1.2",
+                                                         "example.org: the domain does not exist")])
+    text = parse_message(raw).body_text
+    assert "Your message could not be delivered" in text
+    assert "Status: 5.1.2" in text and "Final-Recipient: rfc822; andre@example.org" in text
+    assert "Subject: Re: Grüße" in text
+    assert "To: andre@example.org" in text
+    assert "\n\n\n\n" not in text
+
+
+def test_every_inline_part_of_a_mixed_message_is_shown_with_the_best_alternative():
+    """A list footer after a multipart/alternative (Mailman, Google Groups):
+    the formatted view shows the HTML alternative and then the footer, the
+    plain view the text alternative and then the footer."""
+    raw = (b"From: list@example.org\r\nTo: alice@penncloud.local\r\nSubject: footer\r\nMIME-Version: 1.0\r\n"
+           b"Content-Type: multipart/mixed; boundary=b\r\n\r\n"
+           b"--b\r\nContent-Type: multipart/alternative; boundary=a\r\n\r\n"
+           b"--a\r\nContent-Type: text/plain\r\n\r\nMain text\r\n"
+           b"--a\r\nContent-Type: text/html\r\n\r\n<p>Main <b>HTML</b></p>\r\n--a--\r\n"
+           b"--b\r\nContent-Type: text/plain\r\nContent-Disposition: inline\r\n\r\nList FOOTER <unsubscribe>\r\n"
+           b"--b\r\nContent-Type: multipart/alternative; boundary=c\r\n\r\n"
+           b"--c\r\nContent-Type: text/plain\r\n\r\nSecond text\r\n"
+           b"--c\r\nContent-Type: text/html\r\n\r\n<p>Second <i>HTML</i></p>\r\n--c--\r\n--b--\r\n")
+    d = parse_message(raw)
+    assert d.html.index("Main <b>HTML</b>") < d.html.index("List FOOTER &lt;unsubscribe&gt;") \
+        < d.html.index("Second <i>HTML</i>")
+    assert "Main text" not in d.html and "Second text" not in d.html
+    assert d.text.index("Main text") < d.text.index("List FOOTER <unsubscribe>") < d.text.index("Second text")
+    assert "HTML" not in d.text
+    assert d.attachments == []
