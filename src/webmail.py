@@ -203,6 +203,14 @@ def build_message(*, sender: str, to: list[str], cc: list[str] = (), subject: st
     for att in attachments:
         name = clean_filename(att.filename)
         maintype, _, subtype = clean_content_type(att.content_type, name).partition("/")
+        if f"{maintype}/{subtype}" in _ATTACHED_MESSAGE:
+            # A forwarded message stays a message (RFC 2046 allows it no
+            # base64): as it is if 7-bit, else as a plain .eml file.
+            if att.data.isascii():
+                inner = BytesParser(policy=OUTGOING).parsebytes(att.data)
+                msg.add_attachment(inner, cte="7bit", filename=name)
+                continue
+            maintype, subtype = "application", "octet-stream"
         # Bytes, so even text files stay byte-exact (base64, no charset guessing).
         msg.add_attachment(att.data, maintype=maintype, subtype=subtype, filename=name)
     return msg.as_bytes(policy=OUTGOING)
@@ -284,10 +292,44 @@ def _decode_text(part: Message) -> str:
     return payload.decode("utf-8", "replace")
 
 
+# A message attached to a message (a forward "as attachment", the returned
+# message of a bounce) is one part of the outer message, shown as a block of
+# its own and saved as a .eml file; its own attachments are not the outer's.
+_ATTACHED_MESSAGE = frozenset({"message/rfc822", "message/global"})
+
+
 def _leaves(msg: Message):
-    for part in msg.walk():
-        if not part.is_multipart():
+    """The parts of `msg` that are not multiparts, in order; a message/* part
+    is one leaf (the parser has parsed what is inside it, but that is not
+    the outer message's)."""
+    stack = [msg]
+    while stack:
+        part = stack.pop()
+        if part.is_multipart() and part.get_content_maintype() == "multipart":
+            stack.extend(reversed(part.get_payload()))
+        else:
             yield part
+
+
+def _inner_message(part: Message) -> Message | None:
+    payload = part.get_payload()
+    if isinstance(payload, list) and payload and isinstance(payload[0], Message):
+        return payload[0]
+    return None
+
+
+# Attached messages are saved as they came: long header lines not refolded,
+# 8-bit bytes kept, CRLF line ends as stored.
+_EML_POLICY = INCOMING.clone(linesep="\r\n", refold_source="none")
+
+
+def _part_bytes(part: Message) -> bytes:
+    """The content of a leaf part as a file: decoded, or for an attached
+    message the message itself."""
+    if part.get_content_type() in _ATTACHED_MESSAGE:
+        inner = _inner_message(part)
+        return inner.as_bytes(policy=_EML_POLICY) if inner is not None else b""
+    return part.get_payload(decode=True) or b""
 
 
 def _is_attachment(part: Message) -> bool:
@@ -347,6 +389,16 @@ def _body_blocks(part: Message, prefer_html: bool, out: list, depth: int = 0) ->
     ctype = part.get_content_type()
     if ctype in _REPORT_TYPES:
         out.append(("text", _report_text(part)))
+    elif ctype in _ATTACHED_MESSAGE:
+        inner = _inner_message(part)
+        if inner is not None:
+            head = [(k, _header(inner, k)) for k in ("From", "Date", "Subject", "To", "Cc")]
+            names = [a.filename for a in (_attachment_info(i, p) for i, p in enumerate(_leaves(inner))) if a]
+            if names:
+                head.append(("Attachments", ", ".join(names) + " (in the attached message)"))
+            blocks: list = []
+            _body_blocks(inner, prefer_html, blocks, depth + 1)
+            out.append(("message", ([(k, v) for k, v in head if v], blocks)))
     elif part.is_multipart() and part.get_content_maintype() == "multipart":
         kids = part.get_payload()
         if ctype == "multipart/alternative":
@@ -380,15 +432,43 @@ def _headers_text(text: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _kinds(blocks: list) -> set[str]:
+    """The kinds of part in `blocks`, attached messages included."""
+    found = set()
+    for kind, s in blocks:
+        found |= _kinds(s[1]) if kind == "message" else {kind}
+    return found
+
+
 def _html_of(blocks: list) -> str:
-    """The HTML view: HTML parts sanitised, text parts escaped in a <pre>."""
-    return "\n".join(sanitize_html(s) if kind == "html" else
-                     f'<pre class="mail-text">{html.escape(s, quote=False)}</pre>'
-                     for kind, s in blocks)
+    """The HTML view: HTML parts sanitised, text parts escaped in a <pre>,
+    an attached message in a box headed by its From, Date and Subject."""
+    out = []
+    for kind, s in blocks:
+        if kind == "html":
+            out.append(sanitize_html(s))
+        elif kind == "message":
+            head, inner = s
+            rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in head)
+            out.append(f'<div class="mail-attached"><table class="mail-headers">{rows}</table>'
+                       f"{_html_of(inner)}</div>")
+        else:
+            out.append(f'<pre class="mail-text">{html.escape(s, quote=False)}</pre>')
+    return "\n".join(out)
 
 
 def _text_of(blocks: list) -> str:
-    return "\n".join(html_to_text(sanitize_html(s)) if kind == "html" else s for kind, s in blocks)
+    out = []
+    for kind, s in blocks:
+        if kind == "html":
+            out.append(html_to_text(sanitize_html(s)))
+        elif kind == "message":
+            head, inner = s
+            out.append("\n".join(["---------- Attached message ----------", *(f"{k}: {v}" for k, v in head), "",
+                                  _text_of(inner)]))
+        else:
+            out.append(s)
+    return "\n".join(out)
 
 
 def parse_message(raw: bytes) -> DisplayMessage:
@@ -426,8 +506,8 @@ def parse_message(raw: bytes) -> DisplayMessage:
                               date=d.date, date_dt=d.date_dt, message_id=d.message_id,
                               references=d.references, text=raw.decode("utf-8", "replace"))
     # Only HTML in it: `text` stays empty and `body_text` is the HTML's text.
-    d.text = _text_of(as_text) if any(kind == "text" for kind, _ in as_text) else ""
-    d.html = _html_of(as_html) if any(kind == "html" for kind, _ in as_html) else ""
+    d.text = _text_of(as_text) if "text" in _kinds(as_text) else ""
+    d.html = _html_of(as_html) if "html" in _kinds(as_html) else ""
     return d
 
 
@@ -438,6 +518,13 @@ def _attachment_info(i: int, part: Message) -> AttachmentInfo | None:
     table, a calendar invitation): shown in the body too, but only as a file
     can it be saved or forwarded."""
     ctype = part.get_content_type()
+    if ctype in _ATTACHED_MESSAGE:
+        inner = _inner_message(part)
+        subject = _header(inner, "Subject") if inner is not None else ""
+        name = clean_filename(part.get_filename() or (subject[:80] + ".eml" if subject else ""), "message.eml")
+        if not name.lower().endswith(".eml"):
+            name += ".eml"
+        return AttachmentInfo(i, name, ctype, len(_part_bytes(part)))
     if _is_attachment(part):
         name = clean_filename(part.get_filename())
     elif ctype == "text/calendar":
@@ -480,7 +567,7 @@ def attachments_bytes(raw: bytes, indexes) -> list[tuple[str, str, bytes]]:
             if i in wanted:
                 info = _attachment_info(i, part)
                 if info is not None:
-                    out.append((info.filename, info.content_type, part.get_payload(decode=True) or b""))
+                    out.append((info.filename, info.content_type, _part_bytes(part)))
     except Exception:
         return []
     return out

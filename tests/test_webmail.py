@@ -559,3 +559,51 @@ def test_every_inline_part_of_a_mixed_message_is_shown_with_the_best_alternative
     assert d.text.index("Main text") < d.text.index("List FOOTER <unsubscribe>") < d.text.index("Second text")
     assert "HTML" not in d.text
     assert d.attachments == []
+
+
+def _with_attached_message() -> bytes:
+    from email.message import EmailMessage
+    inner = EmailMessage()
+    inner["From"] = "Inner Person <inner@example.com>"
+    inner["To"] = "someone@example.org"
+    inner["Subject"] = "inner subject"
+    inner["Date"] = "Mon, 02 Mar 2026 09:00:00 +0000"
+    inner.set_content("This is the INNER body.\n")
+    inner.add_attachment(b"x" * 24, maintype="application", subtype="octet-stream", filename="inner.bin")
+    outer = EmailMessage()
+    outer["From"] = "outer@example.org"
+    outer["To"] = "alice@penncloud.local"
+    outer["Subject"] = "see below"
+    outer.set_content("Outer body: see the forwarded message.\n")
+    outer.add_attachment(inner)
+    return outer.as_bytes(policy=policy.SMTP)
+
+
+def test_an_attached_message_is_its_own_block_and_a_file_not_part_of_the_outer_body():
+    raw = _with_attached_message()
+    d = parse_message(raw)
+    assert d.text.startswith("Outer body: see the forwarded message.\n")
+    block = d.text[d.text.index("---------- Attached message ----------"):]
+    assert "From: Inner Person <inner@example.com>" in block and "Subject: inner subject" in block
+    assert "Date: Mon, 02 Mar 2026 09:00:00 +0000" in block
+    assert "inner.bin (in the attached message)" in block and block.rstrip().endswith("This is the INNER body.")
+    # The inner attachment is not the outer message's; the message itself is a .eml file.
+    [a] = d.attachments
+    assert (a.filename, a.content_type) == ("inner subject.eml", "message/rfc822")
+    name, _, data = webmail.attachment_bytes(raw, a.index)
+    inner = parsed(data)
+    assert inner["Subject"] == "inner subject" and inner.get_body().get_content().strip() == "This is the INNER body."
+    assert [p.get_filename() for p in inner.iter_attachments()] == ["inner.bin"]
+    # Forwarded on, it is still a message, shown as one at the other end.
+    fwd = parse_message(build_message(sender="alice@penncloud.local", to=["bob@penncloud.local"], body="FYI",
+                                      attachments=[Attachment(name, "message/rfc822", data)], domain=D))
+    assert [a.filename for a in fwd.attachments] == ["inner subject.eml"]
+    assert "Subject: inner subject" in fwd.text and "This is the INNER body." in fwd.text
+
+
+def test_an_attached_message_in_the_formatted_view_is_a_box_with_its_headers():
+    raw = _with_attached_message().replace(b"Content-Type: text/plain", b"Content-Type: text/html", 1)
+    d = parse_message(raw)
+    assert '<div class="mail-attached"><table class="mail-headers"><tr><th>From</th>' \
+           '<td>Inner Person &lt;inner@example.com&gt;</td></tr>' in d.html
+    assert '<pre class="mail-text">This is the INNER body.\n</pre></div>' in d.html
