@@ -36,6 +36,7 @@ import re
 import secrets
 from dataclasses import dataclass, field
 from email import policy as email_policy
+from email.header import Header
 from email.message import EmailMessage, Message
 from email.parser import BytesParser, Parser
 from email.utils import format_datetime, getaddresses, make_msgid, parsedate_to_datetime
@@ -186,7 +187,13 @@ def build_message(*, sender: str, to: list[str], cc: list[str] = (), subject: st
         msg["To"] = ", ".join(to)
     if cc:
         msg["Cc"] = ", ".join(cc)
-    msg["Subject"] = subject
+    if "=?" in subject:
+        # The header parser would decode "=?utf-8?q?hi?=" typed by the user
+        # (someone writing about MIME) into "hi", and the folder writes it out
+        # as it is: encode the whole subject, so every reader gets it literally.
+        msg.set_raw("Subject", Header(subject, "utf-8", header_name="Subject").encode(linesep="\r\n"))
+    else:
+        msg["Subject"] = subject
     msg["Message-ID"] = make_msgid(domain=domain)
     ids = [i for i in (clean_msgid(r) for r in references) if i]
     if in_reply_to and clean_msgid(in_reply_to):

@@ -543,3 +543,23 @@ def test_the_same_compose_form_sent_twice_delivers_once(site):
     assert key2 != key
     alice.send("bob", subject="twice", body="hi", extra=[("send_key", key2)])
     assert len(store.list("bob", "Inbox")) == 2
+
+
+@pytest.mark.parametrize("subject", [
+    "literal =?utf-8?q?hi?= word",
+    "=?utf-8?B?SGVsbG8gV?= typed literally",
+    "Grüße: how RFC 2047 words like =?iso-8859-1?q?caf=E9?= look, in a subject long enough to be folded",
+])
+def test_a_subject_with_encoded_word_syntax_is_sent_as_typed(site, subject):
+    """QA4 F8: "=?...?=" typed in the compose form used to be decoded on the way out."""
+    fe, kv = site
+    alice, bob = user(fe, "alice"), user(fe, "bob")
+    assert alice.send("bob", subject=subject, body="about MIME").status == 303
+    from src import mailfmt
+    [info] = MailStore(kv).list("bob", "Inbox")
+    raw = MailStore(kv).get_raw("bob", "Inbox", info.id)
+    assert email.message_from_bytes(raw, policy=policy.default)["Subject"] == subject
+    assert mailfmt.summarize(raw).subject == subject
+    assert max(len(line) for line in raw.split(b"\r\n\r\n")[0].split(b"\r\n")) <= 78
+    import html as _html
+    assert _html.escape(subject) in bob.get("/mail").text
