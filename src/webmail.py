@@ -164,6 +164,23 @@ def one_line(text: str) -> str:
     return "".join(" " if (ord(ch) < 32 or ord(ch) == 127) else ch for ch in text).strip()
 
 
+# Never shown: C0 controls but TAB and LF (NUL, ESC...), DEL, the C1 controls,
+# and the bidi embeddings, overrides and isolates, which let a sender make
+# "gnp.exe" read "exe.png" or reverse whatever follows on the page.
+_HIDDEN = dict.fromkeys([*range(0x00, 0x09), *range(0x0b, 0x20), *range(0x7f, 0xa0),
+                         *range(0x202a, 0x202f), *range(0x2066, 0x206a)])
+
+
+def clean_text(text: str) -> str:
+    """Text from a message made safe to show: the characters above removed."""
+    return text.translate(_HIDDEN)
+
+
+def clean_line(text: str) -> str:
+    """Header text made safe to show, on one line."""
+    return clean_text(one_line(text))
+
+
 def build_message(*, sender: str, to: list[str], cc: list[str] = (), subject: str = "",
                   body: str = "", attachments: list[Attachment] = (), in_reply_to: str | None = None,
                   references: list[str] = (), domain: str, now: _dt.datetime | None = None) -> bytes:
@@ -270,14 +287,14 @@ class DisplayMessage:
 def _header(msg: Message, name: str) -> str:
     try:
         v = msg.get(name)
-        return one_line(str(v)) if v is not None else ""
+        return clean_line(str(v)) if v is not None else ""
     except Exception:  # a header the email package cannot parse: show it raw
         raw = msg.get_all(name, failobj=[""])
-        return one_line(str(raw[0]) if raw else "")
+        return clean_line(str(raw[0]) if raw else "")
 
 
 def _part_text(part: Message) -> str:
-    return _decode_text(part).replace("\r\n", "\n").replace("\r", "\n")
+    return clean_text(_decode_text(part).replace("\r\n", "\n").replace("\r", "\n"))
 
 
 def _decode_text(part: Message) -> str:
@@ -381,7 +398,7 @@ def _rank(part: Message, prefer_html: bool, depth: int = 0) -> int:
 def _report_text(part: Message) -> str:
     payload = part.get_payload()
     if isinstance(payload, list):  # the parser made each header block a message
-        return "".join(str(block) for block in payload).replace("\r\n", "\n")
+        return clean_text("".join(str(block) for block in payload).replace("\r\n", "\n"))
     return _part_text(part)
 
 
@@ -435,7 +452,7 @@ def _headers_text(text: str) -> str:
             value = str(msg.policy.header_fetch_parse(name, value))
         except Exception:
             pass
-        lines.append(f"{name}: {one_line(value)}")
+        lines.append(f"{name}: {clean_line(value)}")
     return "\n".join(lines) + "\n"
 
 
@@ -744,7 +761,7 @@ class _Sanitizer(HTMLParser):
                 if value.strip().lower() not in _ALIGN_VALUES:
                     continue
                 value = value.strip().lower()
-            kept.append(f' {name}="{html.escape(value, quote=True)}"')
+            kept.append(f' {name}="{html.escape(clean_text(value), quote=True)}"')
         if tag == "a":
             if "a" in self.open:  # links do not nest: the new one ends the old one
                 self.handle_endtag("a")
@@ -780,7 +797,7 @@ class _Sanitizer(HTMLParser):
 
     def handle_data(self, data):
         if not self.dropping:
-            self.out.append(html.escape(data, quote=False))
+            self.out.append(html.escape(clean_text(data), quote=False))
 
     # Comments, doctypes, processing instructions and CDATA are dropped.
     def handle_comment(self, data):
@@ -864,7 +881,7 @@ def display_address(value: str) -> str:
     """A From/To value shortened for a list: the display name, else the address."""
     pairs = getaddresses([value]) if value else []
     names = [(n or a) for n, a in pairs if n or a]
-    return ", ".join(names) if names else value
+    return clean_line(", ".join(names) if names else value)
 
 
 # -- sending --------------------------------------------------------------------

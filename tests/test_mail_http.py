@@ -563,3 +563,26 @@ def test_a_subject_with_encoded_word_syntax_is_sent_as_typed(site, subject):
     assert max(len(line) for line in raw.split(b"\r\n\r\n")[0].split(b"\r\n")) <= 78
     import html as _html
     assert _html.escape(subject) in bob.get("/mail").text
+
+
+HIDDEN = ["\x00", "\x1b", "\x7f", "\x85", "\u202e", "\u202c", "\u2066", "\u2069"]
+
+
+def test_control_and_bidi_characters_never_reach_the_pages(site):
+    """QA4 F10: an RLO in a subject showed "gnp.exe" as "exe.png" and
+    reversed the preview after it; NUL, ESC and DEL were written raw."""
+    fe, kv = site
+    carol = user(fe, "carol")
+    raw = ("From: \u202eecila\u202c <x@example.org>\r\nTo: carol@penncloud.local\r\n"
+           "Subject: z3 bidi \u202e gnp.exe \u202c NUL\x00in \x1b[31mred\x7f \u2066iso\u2069 \x85\r\n"
+           "Content-Type: text/plain; charset=utf-8\r\n\r\n"
+           "bidi body \u202eevil\u202c\r\ncol1\tcol2\r\nnul\x00 esc\x1b[31m del\x7f\r\n").encode()
+    mid = MailStore(kv).deliver("carol", "Inbox", raw)
+    listing = carol.get("/mail").text
+    page = carol.get(f"/mail/inbox/{mid}").text
+    reply = carol.get(f"/mail/compose?reply=inbox/{mid}").text
+    for text in (listing, page, reply):
+        assert not [c for c in HIDDEN if c in text]
+    assert "z3 bidi gnp.exe NUL in [31mred iso" in " ".join(listing.split()) and "bidi body evil" in listing
+    assert "ecila" in listing and "ecila" in page
+    assert "col1\tcol2\nnul esc[31m del\n" in page

@@ -134,9 +134,10 @@ class MailApp:
             who = webmail.display_address(m.to if folder == "Sent" else m.sender) or "(nobody)"
             rows.append(render(
                 ROW, cls="unread" if not m.read else "read", href=f"/mail/{slug}/{m.id}", who=who,
-                subject=m.subject or "(no subject)", preview=self.preview_of(req.user, folder, m.id),
+                subject=webmail.clean_line(m.subject) or "(no subject)",
+                preview=self.preview_of(req.user, folder, m.id),
                 date=short_date(m.date, m.received, now),
-                full_date=m.date or f"received {arrival_time(m.received)}",
+                full_date=webmail.clean_line(m.date) or f"received {arrival_time(m.received)}",
                 mark=Markup('<span class="mail-dot" title="Unread"><span class="sr">unread</span></span>')
                 if not m.read else "",
                 size=human_size(m.size)))
