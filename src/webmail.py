@@ -35,6 +35,7 @@ import mimetypes
 import re
 import secrets
 from dataclasses import dataclass, field
+from email import errors as email_errors
 from email import policy as email_policy
 from email.header import Header
 from email.message import EmailMessage, Message
@@ -284,13 +285,61 @@ class DisplayMessage:
         return self.text if self.text.strip() or not self.html else html_to_text(self.html)
 
 
-def _header(msg: Message, name: str) -> str:
+# Headers whose value is addresses: shown as the email package writes them
+# only when it could read every address in them.
+_ADDRESS_HEADERS = frozenset({"from", "to", "cc", "reply-to", "sender", "bcc"})
+
+
+def _raw_header(msg: Message, name: str) -> str | None:
+    """The first `name` header as it came, undecoded (8-bit bytes as the
+    parser's surrogate escapes)."""
+    for key, value in msg.raw_items():
+        if key.lower() == name.lower():
+            return value
+    return None
+
+
+def _header_text(raw: str) -> str:
+    """A raw header value as text: 8-bit bytes read as UTF-8 if they are
+    valid UTF-8, else as Windows-1252 (as bodies are: mailers put Latin-1 in
+    headers too), RFC 2047 words decoded where they decode, unfolded."""
+    data = raw.encode("utf-8", "surrogateescape")
     try:
-        v = msg.get(name)
-        return clean_line(str(v)) if v is not None else ""
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = data.decode("cp1252", "replace")
+    text = " ".join(text.split())
+    if "=?" in text:
+        try:
+            text = str(INCOMING.header_factory("X-Unstructured", text))
+        except Exception:
+            pass
+    return text
+
+
+def _unreadable_addresses(value) -> bool:
+    """True if the email package could not read an address of an address
+    header: it then keeps only what it understood ("Alice" of `Alice
+    <alice@host.>`), and the page must show what was really written."""
+    defects = getattr(value, "defects", ())
+    return (any(isinstance(d, email_errors.InvalidHeaderDefect) for d in defects)
+            or any(not a.domain for a in getattr(value, "addresses", ())))
+
+
+def _header(msg: Message, name: str) -> str:
+    raw = _raw_header(msg, name)
+    if raw is None:
+        return ""
+    try:
+        if raw.isascii():
+            value = msg.get(name)
+        else:  # 8-bit bytes: the package would show them as U+FFFD
+            value = INCOMING.header_factory(name, _header_text(raw))
+        if name.lower() in _ADDRESS_HEADERS and _unreadable_addresses(value):
+            return clean_line(_header_text(raw))
+        return clean_line(str(value))
     except Exception:  # a header the email package cannot parse: show it raw
-        raw = msg.get_all(name, failobj=[""])
-        return clean_line(str(raw[0]) if raw else "")
+        return clean_line(_header_text(raw))
 
 
 def _part_text(part: Message) -> str:
@@ -642,6 +691,10 @@ def _addr_list(value: str) -> list[str]:
 def reply_draft(d: DisplayMessage, me: str, reply_all: bool = False) -> Draft:
     """A reply to `d` by `me` (an address): Re: subject, quoted body, thread ids."""
     author = _addr_list(d.reply_to) or _addr_list(d.from_)
+    if not author and (d.reply_to or d.from_):
+        # An address that cannot be used (`alice@host.`, `a@b@c`): put what
+        # was written in To, where the user sees it and Send names the problem.
+        author = [d.reply_to or d.from_]
     to = author[:]
     cc: list[str] = []
     if [a.lower() for a in author] == [me.lower()]:
@@ -878,10 +931,28 @@ def content_disposition(filename: str, inline: bool = False) -> str:
 
 
 def display_address(value: str) -> str:
-    """A From/To value shortened for a list: the display name, else the address."""
-    pairs = getaddresses([value]) if value else []
-    names = [(n or a) for n, a in pairs if n or a]
-    return clean_line(", ".join(names) if names else value)
+    """A From/To value shortened for a list: the display name, else the address.
+
+    A display name that looks like an address other than the real one
+    (`"alice@penncloud.local" <evil@example.org>`) comes with the real
+    address, and a value whose addresses cannot all be read is shown as it
+    is, so an outsider cannot pass for a local user in the list."""
+    if not value:
+        return ""
+    try:
+        header = INCOMING.header_factory("To", value)
+        if _unreadable_addresses(header):
+            return clean_line(value)
+        shown = []
+        for a in header.addresses:
+            name = a.display_name
+            if name and "@" in name and name.strip().lower() != a.addr_spec.lower():
+                shown.append(f"{name} <{a.addr_spec}>")
+            else:
+                shown.append(name or a.addr_spec)
+        return clean_line(", ".join(shown) or value)
+    except Exception:
+        return clean_line(value)
 
 
 # -- sending --------------------------------------------------------------------

@@ -586,3 +586,47 @@ def test_control_and_bidi_characters_never_reach_the_pages(site):
     assert "z3 bidi gnp.exe NUL in [31mred iso" in " ".join(listing.split()) and "bidi body evil" in listing
     assert "ecila" in listing and "ecila" in page
     assert "col1\tcol2\nnul esc[31m del\n" in page
+
+
+def test_raw_latin1_headers_read_as_the_body_does(site):
+    """QA4 F6: 8-bit Latin-1 header bytes were shown as U+FFFD in the list,
+    on the page and in a reply, while the body with the same bytes was right."""
+    fe, kv = site
+    alice = user(fe, "alice")
+    raw = (b"From: Ren\xe9 <rene@example.org>\r\nTo: alice@penncloud.local\r\n"
+           b"Subject: Gr\xfc\xdfe raw latin1 subject\r\n\r\nbody \xe9\r\n")
+    mid = MailStore(kv).deliver("alice", "Inbox", raw)
+    for text in (alice.get("/mail").text, alice.get(f"/mail/inbox/{mid}").text,
+                 alice.get(f"/mail/compose?reply=inbox/{mid}").text):
+        assert "\ufffd" not in text
+        assert "Grüße raw latin1 subject" in text and "René" in text
+    assert "body é" in alice.get(f"/mail/inbox/{mid}").text
+
+
+SPOOFS = [
+    # (From header, what the inbox row must show, what the page must show)
+    ('"alice@penncloud.local" <evil@example.org>', "alice@penncloud.local &lt;evil@example.org&gt;",
+     "&quot;alice@penncloud.local&quot; &lt;evil@example.org&gt;"),
+    ("=?utf-8?q?alice=40penncloud=2Elocal?= <evil@example.org>", "evil@example.org", "evil@example.org"),
+    ('"Alice" <alice@penncloud.local.>', "alice@penncloud.local.", "alice@penncloud.local."),
+    ("Bank Support <support@bank.com@evil.org>", "support@bank.com@evil.org", "support@bank.com@evil.org"),
+]
+
+
+@pytest.mark.parametrize("sender,row,shown", SPOOFS)
+def test_an_outsider_cannot_look_like_someone_else(site, sender, row, shown):
+    """QA4 F7: a display name that is a local address showed as that address
+    in the list; an address the email package could not read was dropped,
+    leaving only the name on the page and an empty To in a reply."""
+    fe, kv = site
+    bob = user(fe, "bob")
+    raw = f"From: {sender}\r\nTo: bob@penncloud.local\r\nSubject: spoof\r\n\r\nspoof body\r\n".encode()
+    mid = MailStore(kv).deliver("bob", "Inbox", raw)
+    listing = bob.get("/mail").text
+    cell = re.search(r'<td class="mail-col-who"><a [^>]*>(.*?)</a>', listing).group(1)
+    assert row in cell
+    page = bob.get(f"/mail/inbox/{mid}").text
+    assert shown in re.search(r"<tr><th>From</th><td>(.*?)</td>", page).group(1)
+    reply = bob.get(f"/mail/compose?reply=inbox/{mid}").text
+    to = re.search(r'name="to" value="([^"]*)"', reply).group(1)
+    assert to and ("evil" in to or "penncloud.local." in to)

@@ -92,17 +92,19 @@ class MailApp:
         except (NoSuchMessage, MailStoreError):
             raise HTTPError(404, "That message does not exist (it may have been deleted).") from None
 
-    def preview_of(self, user: str, folder: str, msg_id: str) -> str:
+    def preview_of(self, user: str, folder: str, msg_id: str) -> tuple[str, tuple[str, str, str]]:
+        """(preview line, (From, To, Subject) as the message page shows them)."""
         key = (user, folder, msg_id)
-        text = self.previews.get(key)
-        if text is None:
+        found = self.previews.get(key)
+        if found is None:
             try:
                 first = next(iter(self.store.iter_raw(user, folder, msg_id)), b"")
             except (MailStoreError, StopIteration):
-                return ""
-            text = webmail.preview(webmail.parse_message(first[:PREVIEW_SCAN_BYTES]))
-            self.previews.put(key, text)
-        return text
+                return "", ("", "", "")
+            d = webmail.parse_message(first[:PREVIEW_SCAN_BYTES])
+            found = webmail.preview(d), (d.from_, d.to, d.subject)
+            self.previews.put(key, found)
+        return found
 
     def mail_page(self, req, title: str, body: Markup, status: int = 200, active_folder: str = "",
                   unread: int | None = None, js: tuple[str, ...] = ()) -> Response:
@@ -131,11 +133,15 @@ class MailApp:
         rows = []
         now = time.time()
         for m in shown:
-            who = webmail.display_address(m.to if folder == "Sent" else m.sender) or "(nobody)"
+            preview, heads = self.preview_of(req.user, folder, m.id)
+            # The index's summary reads 8-bit header bytes as UTF-8 only (a
+            # Latin-1 "René" is "Ren\ufffd"): then the parsed headers are right.
+            sender, to, subject = (parsed if "\ufffd" in summary else summary
+                                    for parsed, summary in zip(heads, (m.sender, m.to, m.subject)))
+            who = webmail.display_address(to if folder == "Sent" else sender) or "(nobody)"
             rows.append(render(
                 ROW, cls="unread" if not m.read else "read", href=f"/mail/{slug}/{m.id}", who=who,
-                subject=webmail.clean_line(m.subject) or "(no subject)",
-                preview=self.preview_of(req.user, folder, m.id),
+                subject=webmail.clean_line(subject) or "(no subject)", preview=preview,
                 date=short_date(m.date, m.received, now),
                 full_date=webmail.clean_line(m.date) or f"received {arrival_time(m.received)}",
                 mark=Markup('<span class="mail-dot" title="Unread"><span class="sr">unread</span></span>')
