@@ -630,3 +630,16 @@ def test_an_outsider_cannot_look_like_someone_else(site, sender, row, shown):
     reply = bob.get(f"/mail/compose?reply=inbox/{mid}").text
     to = re.search(r'name="to" value="([^"]*)"', reply).group(1)
     assert to and ("evil" in to or "penncloud.local." in to)
+
+
+def test_the_preview_finds_text_after_a_big_style_block(site):
+    """QA4 F9: a newsletter whose <head><style> is 24 KB had an empty preview."""
+    fe, kv = site
+    alice = user(fe, "alice")
+    style = "".join(f".c{i} {{ color: #{i:06x}; margin: 0 auto; }}\r\n" for i in range(800))
+    assert len(style) > 24 * 1024
+    raw = (b"From: news@example.org\r\nTo: alice@penncloud.local\r\nSubject: news\r\nMIME-Version: 1.0\r\n"
+           b"Content-Type: text/html; charset=utf-8\r\n\r\n<html><head><style>" + style.encode()
+           + b"</style></head><body><p>Spring sale starts today</p></body></html>\r\n")
+    MailStore(kv).deliver("alice", "Inbox", raw)
+    assert '<span class="mail-preview">Spring sale starts today</span>' in alice.get("/mail").text

@@ -47,8 +47,10 @@ log = logging.getLogger(__name__)
 
 FOLDERS = {"inbox": "Inbox", "sent": "Sent"}
 PAGE_SIZE = 50
-# Only this much of a message's first chunk is parsed for its preview line.
-PREVIEW_SCAN_BYTES = 16 * 1024
+# Only this much of a message's first chunk is parsed for its preview line,
+# and, when that finds no text (a newsletter's 24 KB <style>, a huge header
+# block), the next size up, to at most the last one.
+PREVIEW_SCAN_BYTES = (16 * 1024, 64 * 1024, 256 * 1024)
 # Previews are remembered per frontend: a stored message never changes, so a
 # preview computed once is right for ever, and a list page then costs no body
 # reads for the messages it showed before.
@@ -101,8 +103,11 @@ class MailApp:
                 first = next(iter(self.store.iter_raw(user, folder, msg_id)), b"")
             except (MailStoreError, StopIteration):
                 return "", ("", "", "")
-            d = webmail.parse_message(first[:PREVIEW_SCAN_BYTES])
-            found = webmail.preview(d), (d.from_, d.to, d.subject)
+            for limit in PREVIEW_SCAN_BYTES:
+                d = webmail.parse_message(first[:limit])
+                found = webmail.preview(d), (d.from_, d.to, d.subject)
+                if found[0] or len(first) <= limit:
+                    break
             self.previews.put(key, found)
         return found
 
