@@ -237,3 +237,23 @@ def test_a_send_whose_answer_was_lost_is_sent_again_and_stored_once(site):
     store = MailStore(kv)
     assert [m.subject for m in store.list("bob", "Inbox")] == ["only once"]
     assert [m.subject for m in store.list("alice", "Sent")] == ["only once"]
+
+
+def test_the_date_column_shows_whole_dates_of_earlier_years(site):
+    """QA4 F11: "17 Dec 2025" did not fit the column and read "17 Dec 2…"
+    (the year, the only thing that format adds, was the part cut off)."""
+    from src.mailstore import MailStore
+    base, kv = site
+    with launch_browser() as browser:
+        bob = login_as(browser, base, "bob")
+        for date in ("Thu, 17 Dec 2020 10:00:00 +0000", "Sat, 05 Sep 2020 10:00:00 +0000",
+                     "Wed, 28 Apr 2021 23:59:00 +0000"):
+            MailStore(kv).deliver("bob", "Inbox", f"From: Wide Sender <w@example.org>\r\nTo: bob@penncloud.local\r\n"
+                                  f"Date: {date}\r\nSubject: old mail\r\n\r\nold\r\n".encode())
+        MailStore(kv).mark_read("bob", "Inbox", MailStore(kv).list("bob", "Inbox")[0].id)  # bold and not
+        bob.goto("/mail")
+        cells = bob.locator("tbody td.mail-col-date")
+        assert cells.count() == 3
+        for i in range(3):
+            text, fits = cells.nth(i).evaluate("td => [td.textContent, td.scrollWidth <= td.clientWidth]")
+            assert re.fullmatch(r"\d{1,2} \w{3} 20\d\d", text) and fits, text
