@@ -63,6 +63,8 @@ MAX_DEPTH = 256               # deepest folder nesting we follow (breadcrumbs, c
 MAX_DUPLICATE_SUFFIX = 1000   # "name (2)" ... "name (1000)"
 MAX_TREE_FOLDERS = 5000       # the folder picker lists at most this many
 LOCK_WAIT_S = 5.0             # how long a folder move waits for another one to finish
+TREE_LOCK_S = 15.0            # lease of the folder-move lock (a move holds it for milliseconds)
+CLAIM_WAIT_S = 3.0            # how long a folder's purge waits for another operation on a child
 
 
 # -- errors ---------------------------------------------------------------------
@@ -94,6 +96,21 @@ class MoveRefused(DriveError):
 
 class QuotaExceeded(DriveError):
     status = 413
+
+
+class Busy(DriveError):
+    """Another operation is working on this item (or on this user's folder tree) right now."""
+
+    status = 409
+
+    def __init__(self, message: str, holder: str = "", intent: dict | None = None):
+        super().__init__(message)
+        self.holder = holder            # the operation that holds the item, and its intent
+        self.intent = intent or {}
+
+
+class _Unfinished(Exception):
+    """A folder's purge had to stop for another operation; its intent stays for a later sweep."""
 
 
 class Damaged(DriveError):
@@ -206,10 +223,12 @@ class Entry:
     def chunks(self) -> int:
         return -(-self.size // self.cb) if self.cb else 0
 
-    def encode(self) -> bytes:
+    def encode(self, op: str | None = None) -> bytes:
         d = {"id": self.id, "kind": self.kind, "mtime": self.mtime}
         if self.kind == "file":
             d.update(size=self.size, type=self.type, cb=self.cb)
+        if op:
+            d["op"] = op
         return json.dumps(d, separators=(",", ":")).encode()
 
     @classmethod
@@ -373,24 +392,38 @@ class Drive:
         return raw, Entry.decode(name, raw)
 
     def _claim(self, user: str, folder: str, raw: bytes, e: Entry, opid: str) -> None:
-        """Mark the entry as taken by operation `opid` (CPUT from what we read).
+        """Mark the entry as taken by operation `opid`, whose intent is written already.
 
-        Of two operations on one item (a move and a delete, two moves), only
-        the first to claim it goes on; the other sees the item has changed.
-        `opid` is unique per operation, so the new value always differs from
-        every value read before (even one left marked by a failed operation).
+        Claims are exclusive. An entry marked by an operation whose intent
+        still exists (running, or abandoned and waiting for the sweeper) is
+        not claimed: Busy. A mark whose intent is gone was left by a finished
+        or failed operation and means nothing. Two claimers that read the
+        same value take turns through the CPUT: one wins, the other sees the
+        change. (Checking only the CPUT is not enough: a second operation
+        that reads the entry after the first one's claim would CPUT from the
+        marked value and go on too, and a move and a delete would both
+        "succeed".) `opid` is unique per operation, so the new value always
+        differs from every value read before.
         """
         d = json.loads(raw)
+        holder = d.get("op")
+        if holder and holder != opid:
+            intent = self._intent_of(user, holder)
+            if intent is not None:
+                raise Busy(f'"{e.name}" is being changed by another operation; try again in a moment.',
+                           holder, intent)
         d["op"] = opid
         try:
             self.kv.cput(_dir_row(user, folder), _entry_col(e.name), raw, _dumps(d))
         except (Mismatch, NotFound):
             raise ItemNotFound(f'"{e.name}" has just been changed or removed; reload and try again.') from None
 
-    def _put_entry(self, user: str, folder: str, e: Entry) -> None:
+    def _put_entry(self, user: str, folder: str, e: Entry, op: str | None = None) -> None:
         """PUTNX the entry (Exists if the name is taken), then make sure the
-        folder was not deleted meanwhile (else its purge could miss the entry)."""
-        self.kv.putnx(_dir_row(user, folder), _entry_col(e.name), e.encode())
+        folder was not deleted meanwhile (else its purge could miss the entry).
+        A move writes the new entry claimed by itself (`op`): until the move
+        is done nobody else may take it (a purge of the target waits)."""
+        self.kv.putnx(_dir_row(user, folder), _entry_col(e.name), e.encode(op))
         try:
             self.folder_meta(user, folder)
         except ItemNotFound:
@@ -500,6 +533,24 @@ class Drive:
         self.kv.put(_journal_row(opid), f"{user}/{opid}".encode(), _dumps(intent))
         return intent
 
+    def _intent_of(self, user: str, opid: str) -> dict | None:
+        """The intent of operation `opid`, if it has one (running or abandoned)."""
+        try:
+            return json.loads(self.kv.get(_journal_row(opid), f"{user}/{opid}".encode()))
+        except NotFound:
+            return None
+        except ValueError:
+            return {"op": "?", "expires": 0}
+
+    def _recover(self, user: str, opid: str, intent: dict) -> None:
+        """Finish or undo an abandoned operation, then forget its intent."""
+        handler = getattr(self, "_recover_" + str(intent.get("op")), None)
+        if handler is None:
+            log.warning("dropping drive intent with unknown op %r", intent.get("op"))
+        else:
+            handler(user, intent)
+        self._done(user, opid)
+
     def _done(self, user: str, opid: str) -> None:
         try:
             self.kv.delete(_journal_row(opid), f"{user}/{opid}".encode())
@@ -529,14 +580,11 @@ class Drive:
                 if intent.get("expires", 0) > now:
                     continue
                 user, opid = col.decode().split("/", 1)
-                handler = getattr(self, "_recover_" + str(intent.get("op")), None)
                 try:
-                    if handler is None:
-                        log.warning("dropping drive intent with unknown op %r", intent.get("op"))
-                    else:
-                        handler(user, intent)
-                    self._done(user, opid)
+                    self._recover(user, opid, intent)
                     done += 1
+                except (_Unfinished, Busy) as e:
+                    log.info("drive sweep: intent %s of %s waits for another operation (%s)", opid, user, e)
                 except Exception:
                     log.exception("drive sweep: intent %s of %s failed; will retry", opid, user)
         if done:
@@ -700,29 +748,45 @@ class Drive:
         raw, e = self._entry_raw(user, folder, name)
         if expect_id is not None and e.id != expect_id:
             raise ItemNotFound(f'"{name}" has changed since the page was shown; reload and try again.')
-        self._delete_entry(user, folder, raw, e)
+        try:
+            self._delete_entry(user, folder, raw, e)
+        except _Unfinished as why:
+            # The item is gone from its folder; part of its contents waits for
+            # another operation, and the sweeper finishes the purge later.
+            log.info("delete of %s's folder %s continues in the background: %s", user, e.id, why)
         return e
 
     def _delete_entry(self, user: str, folder: str, raw: bytes, e: Entry) -> None:
-        self._claim(user, folder, raw, e, "rm-" + new_id())
+        """Write the intent, claim the entry, then delete the file or folder."""
+        alive = True
         if e.is_folder:
-            self._rmdir(user, folder, e)
+            opid = "rd-" + new_id()
+            intent = self._intent(user, opid, {"op": "rmdir", "did": e.id, "parent": folder, "name": e.name})
         else:
             try:
-                self._ensure_live(user, e)
+                self._ensure_live(user, e)      # before the intent: its recovery reads the state
             except ItemNotFound:
-                pass  # dead already: finish its deletion below
-            self._delete_file(user, folder, e)
-
-    def _delete_file(self, user: str, folder: str, e: Entry) -> None:
-        opid = "rm-" + e.id
-        intent = self._intent(user, opid, {"op": "rmfile", "fid": e.id, "folder": folder,
-                                           "name": e.name, "size": e.size, "cb": e.cb})
-        self._hold(user, e.id, e.size, charge=False)
+                alive = False                   # dead already (a deletion cut short): finish it
+            opid = "rm-" + new_id()
+            intent = self._intent(user, opid, {"op": "rmfile", "fid": e.id, "folder": folder,
+                                               "name": e.name, "size": e.size, "cb": e.cb})
         try:
-            self.kv.cput(_file_row(user, e.id), b"state", b"live", b"dead")
-        except (Mismatch, NotFound):
-            pass  # someone else is deleting it; finishing twice is harmless
+            self._claim(user, folder, raw, e, opid)
+        except DriveError:
+            self._done(user, opid)
+            raise
+        if e.is_folder:
+            self._rmdir(user, e, opid, intent)
+        else:
+            self._delete_file(user, e, opid, intent, alive)
+
+    def _delete_file(self, user: str, e: Entry, opid: str, intent: dict, alive: bool) -> None:
+        if alive:   # a dead file's bytes were refunded by whoever killed it: never twice
+            self._hold(user, e.id, e.size, charge=False)
+            try:
+                self.kv.cput(_file_row(user, e.id), b"state", b"live", b"dead")
+            except (Mismatch, NotFound):
+                pass  # killed meanwhile (a sweeper): finishing twice is harmless
         self._recover_rmfile(user, intent)
         self._done(user, opid)
 
@@ -737,9 +801,7 @@ class Drive:
         self._drop_chunks(user, fid, -(-int(intent["size"]) // max(1, int(intent["cb"]))) if intent["cb"] else 0)
         self._tomb(user, fid)
 
-    def _rmdir(self, user: str, parent: str, e: Entry) -> None:
-        opid = "rd-" + e.id
-        intent = self._intent(user, opid, {"op": "rmdir", "did": e.id, "parent": parent, "name": e.name})
+    def _rmdir(self, user: str, e: Entry, opid: str, intent: dict) -> None:
         try:
             raw, meta = self._meta(user, e.id)
         except ItemNotFound:  # half deleted already: finish the job
@@ -767,15 +829,40 @@ class Drive:
         for col in self.kv.cols(row):
             if not col.startswith(b"e/"):
                 continue
-            try:
-                raw = self.kv.get(row, col)
-                self._delete_entry(user, did, raw, Entry.decode(col[2:].decode("utf-8"), raw))
-            except (NotFound, ItemNotFound):
-                continue  # moved out or deleted meanwhile
+            self._purge_child(user, did, col)
             if opid and self.clock() - renewed > self.lease_s / 4:
                 self._intent(user, opid, intent)
                 renewed = self.clock()
         self._delrow(row)
+
+    def _purge_child(self, user: str, folder: str, col: bytes) -> None:
+        """Delete one child of a folder being purged.
+
+        A child that another operation holds is waited for: a move out of
+        this folder takes it away, a move into it that is still running
+        either takes it back or leaves it here, to be deleted now. An
+        abandoned operation (its lease is over) is finished here, as the
+        sweeper would. If the holder takes longer than CLAIM_WAIT_S, the
+        purge stops (_Unfinished) and its intent stays for a later sweep;
+        skipping the child instead would leak it (a move that landed here
+        just before the folder died would leave a live file in a deleted row).
+        """
+        row = _dir_row(user, folder)
+        deadline = time.monotonic() + CLAIM_WAIT_S
+        while True:
+            try:
+                raw = self.kv.get(row, col)
+                self._delete_entry(user, folder, raw, Entry.decode(col[2:].decode("utf-8"), raw))
+                return
+            except (NotFound, ItemNotFound):
+                return  # moved out or deleted meanwhile
+            except Busy as busy:
+                if busy.holder and busy.intent.get("expires", 0) <= self.clock():
+                    self._recover(user, busy.holder, busy.intent)
+                    continue
+                if time.monotonic() > deadline:
+                    raise _Unfinished(str(busy)) from None
+                time.sleep(0.02)
 
     def _remove_entry(self, user: str, folder: str, name: str, item_id: str) -> None:
         """Delete folder/e/<name> if it still names `item_id` (rename is refused while deleting)."""
@@ -844,7 +931,7 @@ class Drive:
     def _tree_lock(self, user: str):
         """A per-user lock cell with a lease (PUTNX to take, CPUT to take over an expired one)."""
         row, col = _user_row(user), b"treelock"
-        mine = _dumps({"token": new_id(), "expires": self.clock() + self.lease_s})
+        mine = _dumps({"token": new_id(), "expires": self.clock() + TREE_LOCK_S})
         deadline = time.monotonic() + LOCK_WAIT_S
         while True:
             try:
@@ -860,7 +947,7 @@ class Drive:
             except (NotFound, Mismatch):
                 continue
             if time.monotonic() > deadline:
-                raise DriveError("Another move is in progress in your drive; please try again.")
+                raise Busy("Another folder move is in progress in your drive; please try again.")
             time.sleep(0.01)
         try:
             yield
@@ -874,23 +961,48 @@ class Drive:
     def _move(self, user: str, folder: str, raw: bytes, e: Entry, dest: str, new_name: str) -> Entry:
         self._ensure_live(user, e)
         opid = "mv-" + new_id()
-        self._claim(user, folder, raw, e, opid)
         intent = self._intent(user, opid, {"op": "move", "id": e.id, "kind": e.kind, "src": folder,
                                            "name": e.name, "dst": dest, "new": new_name})
+        try:
+            self._claim(user, folder, raw, e, opid)
+        except DriveError:
+            self._done(user, opid)
+            raise
         moved = Entry(new_name, e.id, e.kind, e.size, e.mtime, e.type, e.cb)
         try:
-            self._put_entry(user, dest, moved)
+            self._put_entry(user, dest, moved, op=opid)
         except Exists:
             self._done(user, opid)
             raise NameTaken(f'An item named "{new_name}" already exists there.') from None
         except ItemNotFound:
             self._done(user, opid)
             raise
-        self._recover_move(user, intent)
+        self._finish_move(user, intent)
         self._done(user, opid)
         return moved
 
     def _recover_move(self, user: str, intent: dict) -> None:
+        """The sweeper's half of a move whose frontend died. A folder moved
+        to another folder is finished under the tree lock, after the cycle
+        check again: while it hung, the folder was listed in both places, so
+        the user may have moved the target into it meanwhile (the check of
+        that move saw the folder's old parent). Finishing it then would
+        close a cycle that no path from the root reaches; it is undone
+        instead, and the folder stays where it was."""
+        if intent["kind"] == "folder" and intent["src"] != intent["dst"]:
+            with self._tree_lock(user):
+                try:
+                    trail = [fid for fid, _ in self.breadcrumbs(user, intent["dst"])]
+                except ItemNotFound:
+                    trail = [intent["id"]]      # the target is being deleted: undo too
+                if intent["id"] in trail:
+                    self._remove_entry(user, intent["dst"], intent["new"], intent["id"])
+                    return
+                self._finish_move(user, intent)
+            return
+        self._finish_move(user, intent)
+
+    def _finish_move(self, user: str, intent: dict) -> None:
         item, dst, new = intent["id"], intent["dst"], intent["new"]
         try:
             landed = json.loads(self.kv.get(_dir_row(user, dst), _entry_col(new))).get("id") == item

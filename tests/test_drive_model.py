@@ -5,11 +5,12 @@ import json
 import os
 import random
 import threading
+import time
 
 import pytest
 
 import src.drive
-from src.drive import (JOURNAL_SHARDS, Damaged, Drive, DriveError, InvalidName, ItemNotFound, MoveRefused,
+from src.drive import (JOURNAL_SHARDS, Busy, Damaged, Drive, DriveError, InvalidName, ItemNotFound, MoveRefused,
                        NameTaken, QuotaExceeded, check_name, numbered)
 from src.kv import MemoryKV
 
@@ -641,17 +642,212 @@ def test_a_failed_operation_leaves_no_claim_that_a_later_one_could_share(drive, 
     assert [x.name for x in drive.listing("alice", dest.id)] == []
 
 
-def test_each_delete_claims_with_its_own_mark(clock):
+def test_a_claim_is_exclusive_while_its_operation_lives(clock):
+    """An entry claimed by an operation whose intent exists (running, or
+    crashed and not yet swept) cannot be claimed by another one; once the
+    sweeper has dealt with the dead one, its mark means nothing."""
     kv = CrashingKV()
     d = Drive(kv, chunk_bytes=CB, clock=clock, window=1)
     root = d.root("alice")
+    dest = d.mkdir("alice", root, "dest")
     d.upload("alice", root, "f", b"data")
-    marks = []
-    for _ in range(2):
-        kv.countdown = 1  # the claim goes through, the next write "crashes"
-        with pytest.raises(Crash):
-            d.delete("alice", root, "f")
-        kv.countdown = None
-        marks.append(json.loads(kv.get(f"drive/d/alice/{root}", b"e/f"))["op"])
-    assert marks[0] != marks[1]
+    kv.countdown = 2  # the intent and the claim go through, the next write "crashes"
+    with pytest.raises(Crash):
+        d.delete("alice", root, "f")
+    kv.countdown = None
+    first = json.loads(kv.get(f"drive/d/alice/{root}", b"e/f"))["op"]
+    with pytest.raises(Busy):
+        d.delete("alice", root, "f")
+    with pytest.raises(Busy):
+        d.move("alice", root, "f", dest.id)
+    assert json.loads(kv.get(f"drive/d/alice/{root}", b"e/f"))["op"] == first
+    clock.t += 10_000
+    assert d.sweep() == 1             # the crashed delete never reached its point of no return
+    assert read_all(d, "alice", d.entry("alice", root, "f")) == b"data"
+    d.delete("alice", root, "f")
+    assert "f" not in visible_files(d, "alice", root) and d.usage("alice").used == 0
+    d.close()
+
+
+# -- races pinned down: one operation stopped at a chosen write while another runs --------
+
+class GateKV(MemoryKV):
+    """MemoryKV that stops the thread making a chosen write, just after it
+    (`stop_after(pred)`: pred(method, row, col) picks the write), until the test
+    calls `go()`. `stopped` is set once a thread is waiting there."""
+
+    def __init__(self):
+        super().__init__()
+        self.pred = None
+        self.stopped = threading.Event()
+        self._go = threading.Event()
+
+    def stop_after(self, pred):
+        self.pred, self._go = pred, threading.Event()
+        self.stopped.clear()
+
+    def go(self):
+        self._go.set()
+
+    def _after(self, method, row, col):
+        pred = self.pred
+        if pred is not None and pred(method, bytes(row).decode(), bytes(col).decode()):
+            self.pred = None
+            self.stopped.set()
+            self._go.wait(10)
+
+    def put(self, row, col, value):
+        super().put(row, col, value)
+        self._after("put", row, col)
+
+    def putnx(self, row, col, value):
+        super().putnx(row, col, value)
+        self._after("putnx", row, col)
+
+    def cput(self, row, col, old, new):
+        super().cput(row, col, old, new)
+        self._after("cput", row, col)
+
+
+def in_thread(fn, *args):
+    out = {}
+
+    def run():
+        try:
+            out["ok"] = fn(*args)
+        except Exception as e:              # noqa: BLE001 - the test looks at it
+            out["err"] = e
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, out
+
+
+def test_an_item_a_move_holds_cannot_be_deleted_moved_or_renamed_meanwhile(clock):
+    """QA saw a move and a delete from two tabs both answer 200: the moved
+    file was listed with its data gone. The second operation read the entry
+    after the first one's claim and claimed it again."""
+    kv = GateKV()
+    d = Drive(kv, chunk_bytes=CB, quota_bytes=10_000, clock=clock)
+    root = d.root("alice")
+    dest, other = d.mkdir("alice", root, "dest"), d.mkdir("alice", root, "other")
+    d.upload("alice", root, "f", b"payload")
+    kv.stop_after(lambda m, row, col: m == "cput" and col == "e/f")     # right after the move's claim
+    t, out = in_thread(d.move, "alice", root, "f", dest.id)
+    assert kv.stopped.wait(5)
+    with pytest.raises(Busy):
+        d.delete("alice", root, "f")
+    with pytest.raises(Busy):
+        d.move("alice", root, "f", other.id)
+    with pytest.raises(Busy):
+        d.rename("alice", root, "f", "g")
+    kv.go()
+    t.join(5)
+    assert "ok" in out
+    assert [e.name for e in d.listing("alice", dest.id)] == ["f"]
+    assert "f" not in visible_files(d, "alice", root) and d.listing("alice", other.id) == []
+    assert read_all(d, "alice", d.entry("alice", dest.id, "f")) == b"payload"
+    assert d.usage("alice").used == 7 and journal(kv) == []
+    d.close()
+
+
+def test_a_file_moved_out_of_a_folder_being_deleted_survives(clock):
+    """The purge of the folder waits for the move that holds the file: the
+    move takes it away and said "Moved", so the file must live on."""
+    kv = GateKV()
+    d = Drive(kv, chunk_bytes=CB, quota_bytes=10_000, clock=clock)
+    root = d.root("alice")
+    box = d.mkdir("alice", root, "box")
+    d.upload("alice", box.id, "keep", b"precious")
+    d.upload("alice", box.id, "junk", b"junk")
+    kv.stop_after(lambda m, row, col: m == "putnx" and row.endswith(root) and col == "e/keep")
+    mover, moved = in_thread(d.move, "alice", box.id, "keep", root)
+    assert kv.stopped.wait(5)                # the new entry is written, the old one not yet removed
+    deleter, deleted = in_thread(d.delete, "alice", root, "box")
+    time.sleep(0.3)                          # the purge is now waiting for the move
+    kv.go()
+    mover.join(5)
+    deleter.join(10)
+    assert "ok" in moved and "ok" in deleted
+    assert visible_files(d, "alice", root).keys() == {"keep"}
+    assert read_all(d, "alice", d.entry("alice", root, "keep")) == b"precious"
+    assert d.usage("alice").used == len(b"precious")
+    assert [c for c in journal(kv) if b"/tb-" not in c] == []     # only junk's tombstone
+    d.close()
+
+
+def test_a_file_moved_into_a_folder_being_deleted_stays_where_it_was(clock):
+    """The move has written its entry into the folder when the folder dies:
+    the move sees that and takes the entry back (404), and the purge, which
+    waited for the move, does not kill the file meanwhile."""
+    kv = GateKV()
+    d = Drive(kv, chunk_bytes=CB, quota_bytes=10_000, clock=clock)
+    root = d.root("alice")
+    box = d.mkdir("alice", root, "box")
+    d.upload("alice", root, "f", b"precious")
+    kv.stop_after(lambda m, row, col: m == "putnx" and row.endswith(box.id) and col == "e/f")
+    mover, moved = in_thread(d.move, "alice", root, "f", box.id)
+    assert kv.stopped.wait(5)                # the entry is in the folder; its life not yet checked
+    deleter, deleted = in_thread(d.delete, "alice", root, "box")
+    time.sleep(0.3)
+    kv.go()
+    mover.join(5)
+    deleter.join(10)
+    assert isinstance(moved.get("err"), ItemNotFound) and "ok" in deleted
+    assert visible_files(d, "alice", root).keys() == {"f"}
+    assert read_all(d, "alice", d.entry("alice", root, "f")) == b"precious"
+    assert d.usage("alice").used == len(b"precious") and journal(kv) == []
+    d.close()
+
+
+def test_a_half_done_file_move_listed_twice_cannot_be_deleted_in_either_place(clock):
+    """A frontend died between writing the new entry and removing the old
+    one: the file shows in both folders until the sweeper finishes the move.
+    Deleting "the extra copy" used to kill the file in both; now both
+    entries belong to the unfinished move until then."""
+    kv = CrashingKV()
+    d = Drive(kv, chunk_bytes=CB, quota_bytes=10_000, clock=clock)
+    root = d.root("alice")
+    dest = d.mkdir("alice", root, "dest")
+    d.upload("alice", root, "f", b"data")
+    kv.countdown = 3  # intent, claim, new entry; removing the old entry "crashes"
+    with pytest.raises(Crash):
+        d.move("alice", root, "f", dest.id)
+    kv.countdown = None
+    assert "f" in visible_files(d, "alice", root) and "f" in visible_files(d, "alice", dest.id)
+    for folder in (root, dest.id):
+        with pytest.raises(Busy):
+            d.delete("alice", folder, "f")
+    clock.t += 10_000
+    d.sweep()
+    assert "f" not in visible_files(d, "alice", root)
+    assert read_all(d, "alice", d.entry("alice", dest.id, "f")) == b"data"
+    assert d.usage("alice").used == 4
+    d.close()
+
+
+def test_the_sweeper_never_finishes_a_folder_move_into_a_cycle(clock):
+    """A frontend died in the middle of moving folder M into D (M listed in
+    both). The user then moved D into M, whose recorded parent was still the
+    root, so the cycle check passed. Finishing the dead move would make D and
+    M each other's parents, unreachable from the root for good: the sweeper
+    undoes it instead."""
+    kv = CrashingKV()
+    d = Drive(kv, chunk_bytes=CB, quota_bytes=10_000, clock=clock)
+    root = d.root("alice")
+    m = d.mkdir("alice", root, "M")
+    dd = d.mkdir("alice", root, "D")
+    d.upload("alice", dd.id, "precious", b"bytes")
+    kv.countdown = 4  # lock, intent, claim, entry in D; M's new parent "crashes" (and the lock stays)
+    with pytest.raises(Crash):
+        d.move("alice", root, "M", dd.id)
+    kv.countdown = None
+    clock.t += 20                            # the lock's lease is over, the move's is not
+    d.move("alice", root, "D", m.id)
+    clock.t += 10_000
+    d.sweep()
+    assert [e.name for e in d.listing("alice", root)] == ["M"]
+    assert [e.name for e in d.listing("alice", m.id)] == ["D"]
+    assert [e.name for e in d.listing("alice", dd.id)] == ["precious"]
+    assert [n for _, n in d.breadcrumbs("alice", dd.id)] == ["", "M", "D"]
+    assert read_all(d, "alice", d.entry("alice", dd.id, "precious")) == b"bytes"
     d.close()
