@@ -892,6 +892,8 @@ class _TextExtractor(HTMLParser):
             self.dropping += 1
         elif tag in self._BLOCK:
             self.parts.append("\n")
+        elif tag in ("td", "th"):
+            self.parts.append(" ")  # cells of a row: "cell1 cell2", not "cell1cell2"
 
     def handle_endtag(self, tag):
         if tag in _DROP_CONTENT:
@@ -911,7 +913,7 @@ def html_to_text(markup: str) -> str:
     p.feed(markup)
     p.close()
     text = "".join(p.parts)
-    lines = [ln.strip() for ln in text.split("\n")]
+    lines = [re.sub(r" {2,}", " ", ln.strip()) for ln in text.split("\n")]
     out: list[str] = []
     for ln in lines:
         if ln or (out and out[-1]):

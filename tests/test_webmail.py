@@ -607,3 +607,10 @@ def test_an_attached_message_in_the_formatted_view_is_a_box_with_its_headers():
     assert '<div class="mail-attached"><table class="mail-headers"><tr><th>From</th>' \
            '<td>Inner Person &lt;inner@example.com&gt;</td></tr>' in d.html
     assert '<pre class="mail-text">This is the INNER body.\n</pre></div>' in d.html
+
+
+def test_html_table_cells_become_separate_words():
+    """QA4 minor note: "<td>cell1</td><td>cell2</td>" read "cell1cell2"."""
+    text = webmail.html_to_text("<table><tr><td>cell1</td><td>cell2</td></tr>"
+                                "<tr><th><b>bold</b></th><td><a href='https://x.org'>l</a></td></tr></table>")
+    assert [ln for ln in text.split("\n") if ln] == ["cell1 cell2", "bold l"]
