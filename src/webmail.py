@@ -412,7 +412,7 @@ def _is_attachment(part: Message) -> bool:
 
 # Parts nested deeper than this are not shown (the parser has built them, but
 # a message of thousands of nested multiparts must not exhaust the stack here).
-MAX_NESTING = 100
+MAX_NESTING = 400
 
 # The machine-readable parts of delivery and disposition reports (RFC 3464,
 # RFC 8098): header blocks that are text, shown as such.
@@ -475,7 +475,7 @@ def _body_blocks(part: Message, prefer_html: bool, out: list, depth: int = 0) ->
     elif part.is_multipart() and part.get_content_maintype() == "multipart":
         kids = part.get_payload()
         if ctype == "multipart/alternative":
-            ranked = [(_rank(k, prefer_html), i) for i, k in enumerate(kids)]
+            ranked = [(_rank(k, prefer_html, depth + 1), i) for i, k in enumerate(kids)]
             best, i = max(ranked, default=(0, 0))  # ties: the last one (RFC 2046 5.1.4)
             kids = [kids[i]] if best else []
         for k in kids:

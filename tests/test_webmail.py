@@ -614,3 +614,11 @@ def test_html_table_cells_become_separate_words():
     text = webmail.html_to_text("<table><tr><td>cell1</td><td>cell2</td></tr>"
                                 "<tr><th><b>bold</b></th><td><a href='https://x.org'>l</a></td></tr></table>")
     assert [ln for ln in text.split("\n") if ln] == ["cell1 cell2", "bold l"]
+
+
+def test_deeply_nested_parts_are_still_shown():
+    raw = (b"Content-Type: multipart/mixed; boundary=b0\r\n\r\n"
+           + b"".join(b"--b%d\r\nContent-Type: multipart/alternative; boundary=b%d\r\n\r\n" % (i, i + 1)
+                      for i in range(300))
+           + b"--b300\r\nContent-Type: text/plain\r\n\r\ndeep\r\n")
+    assert parse_message(raw).text.strip() == "deep"
