@@ -57,6 +57,7 @@ CLIENT = "client"
 MAX_LINE_BYTES = 8 * 1024          # RFC 9112 §3 recommends at least 8000 octets for the request line
 MAX_HEADER_BYTES = 64 * 1024
 MAX_BODY_BYTES = 64 * 1024 ** 3
+MAX_LENGTH_DIGITS = 18             # Content-Length: 10**18 bytes is far past any limit
 MAX_CHUNK_SIZE_DIGITS = 16         # 16 hex digits = 2**64: longer sizes are an attack, not a file
 
 
@@ -246,6 +247,9 @@ def _content_length(headers: Headers, max_body: int) -> int | None:
             part = part.strip()
             if not part.isdigit() or not part.isascii():
                 raise ProtocolError(400, "Content-Length is not a number")
+            part = part.lstrip("0") or "0"
+            if len(part) > MAX_LENGTH_DIGITS:       # int() of 4300+ digits even raises
+                raise ProtocolError(413, f"a body of {len(part)} digits' length is over the {max_body}-byte limit")
             seen.add(int(part))
     if len(seen) != 1:
         raise ProtocolError(400, "differing Content-Length values")

@@ -160,7 +160,7 @@ class HTTPServer(TCPService):
                 return  # the client closed between requests
             self._exchange(sock, conn, ev, addr)
             if not conn.keep_alive:
-                self._linger(sock)
+                linger(sock)
                 return
             conn.start_next_cycle()
 
@@ -268,26 +268,32 @@ class HTTPServer(TCPService):
             sock.sendall(head + page)
         except OSError:
             return
-        self._linger(sock)
+        linger(sock)
 
-    @staticmethod
-    def _linger(sock: socket.socket) -> None:
-        """Half-close and swallow late input briefly, so the client reads our answer."""
-        try:
-            sock.shutdown(socket.SHUT_WR)
-            deadline = time.monotonic() + LINGER_S
-            seen = 0
-            while seen < DRAIN_LIMIT:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                sock.settimeout(left)
-                data = sock.recv(RECV_BYTES)
-                if not data:
-                    break
-                seen += len(data)
-        except OSError:
-            pass
+
+def linger(sock: socket.socket) -> None:
+    """Half-close and swallow late input briefly, so the client reads our answer.
+
+    Closing a socket whose receive queue holds unread bytes makes Linux send
+    a reset, which throws away whatever of our answer is still in the send
+    buffer: a client that sent more than we read (a pipelined request, the
+    rest of an upload we refused) would get "connection reset" instead of
+    the end of the answer. The load balancer uses this too."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + LINGER_S
+        seen = 0
+        while seen < DRAIN_LIMIT:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            sock.settimeout(left)
+            data = sock.recv(RECV_BYTES)
+            if not data:
+                break
+            seen += len(data)
+    except OSError:
+        pass
 
 
 _date_cache = (0, "")

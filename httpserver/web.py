@@ -414,6 +414,12 @@ def parse_range(value: str | None, size: int) -> tuple[int, int] | None:
     first, dash, last = spec.strip().partition("-")
     if not dash or not (first.isdigit() or first == "") or not (last.isdigit() or last == ""):
         return None
+    if not (first + last).isascii():
+        return None
+    # A position of more than 18 digits is past the end of any file; int()
+    # of 4300+ digits would even raise.
+    first, last = (x and (x.lstrip("0") or "0") for x in (first, last))
+    first, last = (_HUGE if len(x) > 18 else x for x in (first, last))
     if first == "":
         if last == "":
             return None
@@ -429,6 +435,9 @@ def parse_range(value: str | None, size: int) -> tuple[int, int] | None:
         raise HTTPError(416, "The requested range is past the end of the file.",
                         [("Content-Range", f"bytes */{size}")])
     return start, min(end, size - 1)
+
+
+_HUGE = str(10 ** 18)
 
 
 def range_applies(req: Request, etag: str | None, last_modified: float | None) -> bool:

@@ -27,6 +27,8 @@ rather than after the timeout; its next heartbeat brings it back.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 POLICIES = ("round_robin", "least_loaded")
@@ -87,8 +89,11 @@ class Balancer:
         fe = self.get(fe_id)
         if not 0 < port < 65536:
             raise ValueError(f"bad port {port!r}")
+        load = float(load)
+        if not math.isfinite(load) or load < 0:      # "inf" would make /_lb/status invalid JSON
+            raise ValueError(f"bad load {load!r}: a finite number >= 0")
         fe.port = port
-        fe.load = max(0.0, float(load))
+        fe.load = load
         fe.last_beat = now
         fe.sent_since_beat = 0
         fe.failed = False

@@ -25,6 +25,7 @@ import logging
 import socket
 import threading
 import time
+from typing import Callable
 
 from httpserver.http11 import (CLIENT, NEED_DATA, PAUSED, Connection, ConnectionClosed, Data, EndOfMessage,
                                InformationalResponse, ProtocolError, Request, Response)
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 RECV_BYTES = 256 * 1024
 CONNECT_TIMEOUT_S = 2.0
 UPSTREAM_TIMEOUT_S = 60.0  # a frontend may wait on the KV store's own retries (15 s) and more
+RECV_SLICE_S = 1.0         # waiting for a frontend's answer, look this often whether it still beats
 POOL_IDLE_S = 4.0  # shorter than any frontend's keep-alive idle timeout
 POOL_MAX_PER_FRONTEND = 32
 
@@ -66,12 +68,15 @@ class Channel:
                 ev = self.conn.next_event()
                 if ev is not NEED_DATA:
                     return ev
-                data = self.sock.recv(RECV_BYTES)
+                data = self._recv()
                 if data:
                     self.received_any = True
                 self.conn.receive_data(data)
         except (OSError, ProtocolError) as e:
             raise ChannelError(self.side, e) from e
+
+    def _recv(self) -> bytes:
+        return self.sock.recv(RECV_BYTES)
 
     def send(self, *events) -> None:
         try:
@@ -107,13 +112,40 @@ def has_body(req: Request) -> bool:
 
 
 class Upstream(Channel):
-    """A client-role connection to one frontend."""
+    """A client-role connection to one frontend.
 
-    def __init__(self, fe_id: str, sock: socket.socket, conn: Connection, reused: bool = False):
+    Reading, it waits in slices of RECV_SLICE_S and asks `gone(fe_id)`
+    between them: a frontend that stopped beating (frozen, its host cut off)
+    ends the wait after the heartbeat timeout, not UPSTREAM_TIMEOUT_S, so a
+    safe request goes to another frontend and an unsafe one gets its 502 in
+    seconds. A frontend that beats may take up to UPSTREAM_TIMEOUT_S to say
+    anything (it may be waiting for the store's failover)."""
+
+    def __init__(self, fe_id: str, sock: socket.socket, conn: Connection, reused: bool = False,
+                 gone: Callable[[str], bool] | None = None):
         super().__init__(sock, conn, "upstream")
         self.fe_id = fe_id
         self.reused = reused
         self.idle_since = 0.0
+        self.gone = gone
+
+    def _recv(self) -> bytes:
+        if self.gone is None:
+            return self.sock.recv(RECV_BYTES)
+        waited = 0.0
+        try:
+            while True:
+                self.sock.settimeout(RECV_SLICE_S)
+                try:
+                    return self.sock.recv(RECV_BYTES)
+                except socket.timeout:
+                    waited += RECV_SLICE_S
+                    if waited >= UPSTREAM_TIMEOUT_S:
+                        raise
+                    if self.gone(self.fe_id):
+                        raise socket.timeout(f"frontend {self.fe_id} stopped beating while we waited") from None
+        finally:
+            self.sock.settimeout(UPSTREAM_TIMEOUT_S)   # sends to a slow reader keep the long timeout
 
 
 class UpstreamPool:
@@ -128,7 +160,8 @@ class UpstreamPool:
     def _codec(self) -> Connection:
         return Connection(CLIENT, *self._limits)
 
-    def get(self, fe_id: str, addr: tuple[str, int], pooled_ok: bool) -> Upstream:
+    def get(self, fe_id: str, addr: tuple[str, int], pooled_ok: bool,
+            gone: Callable[[str], bool] | None = None) -> Upstream:
         """An idle pooled connection (when `pooled_ok`), else a new one. OSError if it cannot connect."""
         if pooled_ok:
             now = self._clock()
@@ -137,13 +170,13 @@ class UpstreamPool:
                 while idle:
                     up = idle.pop()
                     if now - up.idle_since < POOL_IDLE_S:
-                        up.reused = True
+                        up.reused, up.gone = True, gone
                         return up
                     up.close()
         sock = socket.create_connection(addr, timeout=CONNECT_TIMEOUT_S)
         sock.settimeout(UPSTREAM_TIMEOUT_S)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return Upstream(fe_id, sock, self._codec())
+        return Upstream(fe_id, sock, self._codec(), gone=gone)
 
     def put(self, up: Upstream) -> None:
         """Give back a connection whose exchange is complete; closed if not reusable."""
@@ -210,15 +243,18 @@ def upstream_request(req: Request, client_ip: str) -> Request:
         if n in _REFRAMED:
             if n == "x-forwarded-for":
                 forwarded_for = v
-            elif n == "content-length" and length is None:
-                length = v.split(",")[0].strip()
             continue
         if n == "host":
             host = v
         items.append((n, v))
-    for n, _ in req.headers.items:
+    # The framing comes from the request as the codec read it, even when the
+    # visitor named Content-Length in Connection (end_to_end drops what
+    # Connection names): the body we forward must keep its length.
+    for n, v in req.headers.items:
         if n == "transfer-encoding":
             chunked = True  # the codec accepts no coding but chunked
+        elif n == "content-length" and length is None:
+            length = v.split(",")[0].strip()
     items.append(("X-Forwarded-For", f"{forwarded_for}, {client_ip}" if forwarded_for else client_ip))
     items.append(("X-Forwarded-Proto", "http"))
     if host is not None:

@@ -38,6 +38,7 @@ import urllib.parse
 
 from httpserver.http11 import (NEED_DATA, REASONS, SERVER, Connection, Data, EndOfMessage, InformationalResponse,
                                ProtocolError, Request, Response)
+from httpserver.serve import linger
 from httpserver.web import parse_cookies
 from lb.balancer import Balancer, UnknownFrontend
 from lb.proxy import RECV_BYTES, Channel, ChannelError, UpstreamPool, end_to_end, has_body, read_response_head, \
@@ -165,6 +166,11 @@ class LoadBalancer:
                 return fe, True
             time.sleep(STARTUP_POLL_S)
 
+    def _stopped_beating(self, fe_id: str) -> bool:
+        """Has `fe_id` missed its heartbeats (frozen, or cut off) since a request went to it?"""
+        with self._lock:
+            return not self.balancer.get(fe_id).live(self.clock(), self.balancer.timeout_s)
+
     def mark_failed(self, fe_id: str) -> None:
         with self._lock:
             self.balancer.mark_failed(fe_id)
@@ -175,6 +181,12 @@ class LoadBalancer:
     # -- one visitor connection ----------------------------------------------------------
 
     def _handle(self, sock: socket.socket, peer: tuple) -> None:
+        try:
+            self._serve(sock, peer)
+        finally:
+            linger(sock)    # else late input makes the close a reset that eats our answer's end
+
+    def _serve(self, sock: socket.socket, peer: tuple) -> None:
         sock.settimeout(self.cfg.http.idle_timeout_s)
         h = self.cfg.http
         client = Channel(sock, Connection(SERVER, h.max_line_bytes, h.max_header_bytes, h.max_body_bytes), "client")
@@ -346,7 +358,8 @@ class LoadBalancer:
             if fe is None:
                 return self._unavailable(client, req)
             try:
-                up = self.pool.get(fe.id, (fe.host, fe.port), pooled_ok=safe and fe.id not in fresh_for)
+                up = self.pool.get(fe.id, (fe.host, fe.port), pooled_ok=safe and fe.id not in fresh_for,
+                                   gone=self._stopped_beating)
             except OSError as e:
                 log.info("cannot connect to frontend %s at %s: %s", fe.id, fe.addr, e)
                 self.mark_failed(fe.id)

@@ -403,3 +403,15 @@ def test_fuzz_mutated_requests_only_protocol_errors():
             _drive(conn, bytes(data), rng)
         except ProtocolError as e:
             assert e.status in (400, 413, 414, 417, 431, 501, 505)
+
+
+def test_a_content_length_of_thousands_of_digits_is_413_not_a_crash():
+    """Python refuses int() of more than 4300 digits (ValueError, not a
+    ProtocolError): the server closed the connection unanswered and logged a
+    traceback for every such request."""
+    for digits in (b"1" * 5000, b"0" * 5000 + b"5" * 20, b"0" * 5000 + b"1001"):
+        conn = Connection(SERVER, max_line_bytes=8192, max_header_bytes=16384, max_body_bytes=1000)
+        conn.receive_data(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: " + digits + b"\r\n\r\n")
+        with pytest.raises(http11.ProtocolError) as e:
+            conn.next_event()
+        assert e.value.status == 413

@@ -425,3 +425,107 @@ def test_a_visitor_right_after_the_lb_starts_waits_for_the_first_beat_not_a_503(
         assert r.status == 503 and time.monotonic() - t0 < 0.5
     finally:
         lb.stop()
+
+
+def test_a_get_waiting_on_a_frontend_that_froze_goes_elsewhere_once_it_stops_beating(tmp_path, backends):
+    """A frontend that takes a request and then freezes (SIGSTOP, a host cut
+    off) answers nothing; once its heartbeats stop, the LB gives up on it
+    and sends the GET to another frontend, in seconds rather than after the
+    60 s upstream timeout."""
+    hole = socket.socket()                  # accepts, never answers: a frozen frontend
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(8)
+    cfg = make_cfg(tmp_path, [hole.getsockname()[1], backends[1].port], timeout=1.5)
+    lb = start_lb(cfg)
+    try:
+        ctl = LBControlClient("127.0.0.1", lb.port, cfg.cluster.secret)
+        ctl.heartbeat("fe1", hole.getsockname()[1], 0)
+        ctl.heartbeat("fe2", backends[1].port, 0)
+        stop = threading.Event()
+
+        def keep_fe2_alive():              # fe2 beats on; fe1 has beaten once and is silent now
+            while not stop.wait(0.3):
+                ctl.heartbeat("fe2", backends[1].port, 0)
+        t = threading.Thread(target=keep_fe2_alive, daemon=True)
+        t.start()
+        began = time.monotonic()
+        try:
+            r, body = get(lb.port, headers={"Cookie": "pcfe=fe1"})
+        finally:
+            stop.set()
+            t.join(5)
+        assert r.status == 200 and json.loads(body)["backend"] == "fe2"
+        assert time.monotonic() - began < 8
+    finally:
+        lb.stop()
+        hole.close()
+
+
+def test_the_body_keeps_its_length_when_connection_names_content_length(tmp_path, backends):
+    """`Connection: Content-Length` asks the LB to drop the field it frames
+    the body with; the frontend must still get the body."""
+    cfg = make_cfg(tmp_path, [b.port for b in backends[:1]])
+    lb = start_lb(cfg)
+    try:
+        beat(lb, cfg, backends[:1])
+        body = b"username=alice&password=secret"
+        s = socket.create_connection(("127.0.0.1", lb.port), timeout=10)
+        s.sendall(b"POST /login HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, Content-Length\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        got = b""
+        while b"}" not in got:
+            data = s.recv(65536)
+            if not data:
+                break
+            got += data
+        s.close()
+        assert got.startswith(b"HTTP/1.1 200")
+        assert json.loads(got.split(b"\r\n\r\n", 1)[1])["sha256"] == hashlib.sha256(body).hexdigest()
+    finally:
+        lb.stop()
+
+
+def test_a_client_that_sends_more_still_gets_the_whole_answer(tmp_path, backends):
+    """The LB closes a `Connection: close` exchange with unread input from the
+    client (a pipelined request, the rest of an upload) by half-closing and
+    draining first: a plain close would be a reset that throws away the end
+    of the answer still in the LB's send buffer."""
+    cfg = make_cfg(tmp_path, [b.port for b in backends[:1]])
+    lb = start_lb(cfg)
+    try:
+        beat(lb, cfg, backends[:1])
+        n = 3_000_000
+        s = socket.create_connection(("127.0.0.1", lb.port), timeout=10)
+        s.sendall(f"GET /big/{n} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        time.sleep(0.3)
+        s.sendall(b"x" * 1000)               # late input the LB never reads
+        time.sleep(0.3)
+        got = b""
+        while True:
+            data = s.recv(1 << 20)
+            if not data:
+                break
+            got += data
+        s.close()
+        head, _, payload = got.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and len(payload) == n
+    finally:
+        lb.stop()
+
+
+@pytest.mark.parametrize("load", ["inf", "1e999", "nan", "-1"])
+def test_a_heartbeat_with_a_load_that_is_not_a_finite_number_is_refused(tmp_path, backends, load):
+    cfg = make_cfg(tmp_path, [b.port for b in backends[:1]])
+    lb = start_lb(cfg)
+    try:
+        c = http.client.HTTPConnection("127.0.0.1", lb.port, timeout=10)
+        c.request("POST", "/_lb/heartbeat", body=f"id=fe1&port={backends[0].port}&load={load}",
+                  headers={"Content-Type": "application/x-www-form-urlencoded"})
+        r = c.getresponse()
+        r.read()
+        c.close()
+        assert r.status == 400
+        r, body = get(lb.port, "/_lb/status")
+        json.loads(body, parse_constant=lambda name: pytest.fail(f"{name} in /_lb/status"))
+    finally:
+        lb.stop()
