@@ -105,10 +105,19 @@ class RelayWorker:
         self.sweep_every_s = sweep_every_s
         self.sweep_budget_s = sweep_budget_s
         self._next_sweep_at = 0.0  # the first round starts at once
+        self._stop: threading.Event | None = None
+        self._cut_in_flight: Callable[[str], None] | None = None   # ends the delivery under way
 
     # -- the loop ------------------------------------------------------------------
 
+    def abort(self) -> None:
+        """Cut the delivery under way, if any (the relay is stopping)."""
+        cut = self._cut_in_flight
+        if cut is not None:
+            cut("the relay is stopping")
+
     def run(self, stop: threading.Event) -> None:
+        self._stop = stop
         while True:
             for job in (self.run_once, self.sweep_if_due):
                 try:
@@ -124,6 +133,8 @@ class RelayWorker:
         """One pass over the queue; returns how many items this worker handled."""
         n = 0
         for item in self.store.queue():
+            if self._stop is not None and self._stop.is_set():
+                break
             if not self._claimable(item, self.clock()):
                 continue
             domains = {r.rpartition("@")[2].lower() for r in item.rcpts}
@@ -158,7 +169,7 @@ class RelayWorker:
 
     def sweep_if_due(self) -> SweepStats | None:
         """Go on with the orphan sweep for up to `sweep_budget_s`; the round's stats when one ends."""
-        if self.sweeper is None:
+        if self.sweeper is None or (self._stop is not None and self._stop.is_set()):
             return None
         if not self.sweeper.in_round and self.clock() < self._next_sweep_at:
             return None
@@ -297,32 +308,35 @@ class RelayWorker:
         meanwhile. At `deadline` a timer shuts the socket, which ends the
         read in progress; the recipients are tried again later."""
         s = smtplib.SMTP(timeout=self.smtp_timeout_s, local_hostname=self.domain)
-        cut = threading.Event()
+        cut: list[str] = []
 
-        def cut_off():
-            cut.set()
+        def cut_off(why: str) -> None:
+            cut.append(why)
             sock = s.sock
             if sock is not None:
                 try:
                     sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
-        timer = threading.Timer(max(0.0, deadline - time.monotonic()), cut_off)
+        timer = threading.Timer(max(0.0, deadline - time.monotonic()), cut_off,
+                                [f"no complete answer within {self.attempt_s:g} s"])
         timer.daemon = True
         timer.start()
+        self._cut_in_flight = cut_off
         try:
             try:
                 results = self._transaction(s, ip, mail_from, rcpts, raw)
             except (HostTrouble, OSError, smtplib.SMTPException) as e:
-                if cut.is_set():
-                    raise HostTrouble(f"no complete answer within {self.attempt_s:g} s (cut off)") from e
+                if cut:
+                    raise HostTrouble(f"{cut[0]} (cut off)") from e
                 raise
-            if cut.is_set():    # smtplib takes a reply cut short ("55") for a whole one: trust none
-                raise HostTrouble(f"no complete answer within {self.attempt_s:g} s (cut off)")
+            if cut:     # smtplib takes a reply cut short ("55") for a whole one: trust none
+                raise HostTrouble(f"{cut[0]} (cut off)")
             return results
         finally:
+            self._cut_in_flight = None
             timer.cancel()
-            if not cut.is_set():
+            if not cut:
                 try:
                     s.quit()
                 except (OSError, smtplib.SMTPException):
@@ -398,10 +412,16 @@ def make_relay_workers(cfg, kv, n: int = WORKERS, **kw) -> list[RelayWorker]:
     return workers
 
 
-def run_workers(workers: list[RelayWorker], stop: threading.Event) -> None:
-    """Run every worker on a thread of its own until `stop` is set."""
+def run_workers(workers: list[RelayWorker], stop: threading.Event, join_s: float = 5.0) -> None:
+    """Run every worker on a thread of its own until `stop` is set; then cut
+    the deliveries under way (their mail is tried again by the next relay:
+    at least once, never lost) and give the threads `join_s` to finish."""
     threads = [threading.Thread(target=w.run, args=(stop,), name=w.worker_id, daemon=True) for w in workers]
     for t in threads:
         t.start()
+    stop.wait()
+    for w in workers:
+        w.abort()
+    deadline = time.monotonic() + join_s
     for t in threads:
-        t.join()
+        t.join(max(0.0, deadline - time.monotonic()))

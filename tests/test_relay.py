@@ -433,3 +433,41 @@ def test_a_tarpit_that_drips_bytes_is_cut_off_and_the_mail_retried(dns_server):
         stop.set()
         t.join(5)
         tarpit.close()
+
+
+def test_a_stopping_relay_cuts_its_delivery_under_way_and_the_mail_stays_queued(dns_server, tmp_path):
+    """`./run_all.sh stop` gives a process 8 s before SIGKILL; a worker
+    waiting on a silent remote server (60 s per reply) used to hold the
+    relay past that. Stopping now cuts the delivery; the mail stays in the
+    queue, unleased, for the next relay."""
+    import socket
+    import threading
+    import time
+    from smtp.relay import make_relay_workers, run_workers
+    from src.config import parse_config
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(8)
+    kv = MemoryKV()
+    store = MailStore(kv)
+    store.enqueue_outgoing("bob", "bob@penncloud.local", ["x@plain.test"], MSG)
+    cfg = parse_config({"mail": {"resolver": dns_server.addr, "relay_port": hole.getsockname()[1]}},
+                       data_dir=str(tmp_path))
+    workers = make_relay_workers(cfg, kv, n=1, poll_s=0.05)
+    stop = threading.Event()
+    t = threading.Thread(target=run_workers, args=(workers, stop), daemon=True)
+    t.start()
+    try:
+        hole.settimeout(5)
+        conn, _ = hole.accept()               # the worker is now waiting for a greeting
+        time.sleep(0.2)
+        began = time.monotonic()
+        stop.set()
+        t.join(10)
+        assert not t.is_alive() and time.monotonic() - began < 3
+        [item] = store.queue()
+        assert item.rcpts == ("x@plain.test",) and not item.lease_owner and "stopping" in item.last_error
+        conn.close()
+    finally:
+        stop.set()
+        hole.close()
