@@ -505,6 +505,11 @@ class Connection:
             self._scan = 0
         end = buf.find(b"\r\n\r\n", max(0, self._scan - 3))
         if end < 0:
+            if buf.find(b"\n\n", max(0, self._scan - 1)) >= 0:
+                # A blank line of bare LFs (`nc`, a hand-written client): the
+                # CRLF CRLF we wait for will never come; say so now instead
+                # of a 408 after the idle timeout.
+                raise ProtocolError(400, "lines must end in CRLF (\\r\\n), not a bare LF")
             self._scan = len(buf)
             self._check_partial_head()
             return None

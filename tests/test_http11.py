@@ -112,6 +112,7 @@ BAD = [
     ("chunked twice", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, chunked\r\n\r\n", 400),
     ("TE in HTTP/1.0", b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
     ("obs-fold", b"GET / HTTP/1.1\r\nHost: a\r\nX: 1\r\n 2\r\n\r\n", 400),
+    ("bare LF lines (at once, not a 408 later)", b"GET / HTTP/1.1\nHost: a\n\n", 400),
     ("space before colon", b"GET / HTTP/1.1\r\nHost : a\r\n\r\n", 400),
     ("no colon", b"GET / HTTP/1.1\r\nHost: a\r\nnonsense\r\n\r\n", 400),
     ("control char in value", b"GET / HTTP/1.1\r\nHost: a\r\nX: a\x00b\r\n\r\n", 400),
