@@ -36,7 +36,7 @@ import time
 
 from httpserver import http11
 from httpserver.http11 import NEED_DATA, Connection, Data, EndOfMessage, ProtocolError
-from httpserver.web import ClientGone, HTTPError, Request, Response
+from httpserver.web import BodyCut, ClientGone, HTTPError, Request, Response
 from src.server import TCPService
 
 log = logging.getLogger(__name__)
@@ -247,6 +247,10 @@ class HTTPServer(TCPService):
         except (OSError, ClientGone):
             conn.keep_alive = False
             raise
+        except BodyCut as e:
+            log.info("response body of %s %s cut: %s", req.method, req.raw_path, e)
+            conn.keep_alive = False
+            raise ConnectionAbortedError() from None
         except Exception:
             # Too late for an error page: the head is out. Cut the connection so
             # the client sees an incomplete body rather than a silently short one.

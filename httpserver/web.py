@@ -49,6 +49,13 @@ class ClientGone(Exception):
     """The client closed or vanished while we were reading its request body."""
 
 
+class BodyCut(Exception):
+    """A response body that cannot go on for a reason that is not a bug (the
+    file was deleted while it was being sent): the server cuts the
+    connection, as for any failure after the head, but logs one INFO line
+    instead of an ERROR with a traceback."""
+
+
 class HTTPError(Exception):
     """Answer with `status` and a friendly page saying `message`."""
 

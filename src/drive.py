@@ -715,6 +715,8 @@ class Drive:
             try:
                 return self.kv.get(_chunk_row(user, e.id, n), _CHUNK)
             except NotFound:
+                if self._state(user, e.id) == "dead":   # deleted since the read began: not damage
+                    raise ItemNotFound(f'"{e.name}" was deleted while it was being read.') from None
                 raise Damaged(f'"{e.name}" is damaged: part of it is missing.') from None
 
         pending: deque = deque()

@@ -851,3 +851,16 @@ def test_the_sweeper_never_finishes_a_folder_move_into_a_cycle(clock):
     assert [n for _, n in d.breadcrumbs("alice", dd.id)] == ["", "M", "D"]
     assert read_all(d, "alice", d.entry("alice", dd.id, "precious")) == b"bytes"
     d.close()
+
+
+def test_a_file_deleted_while_it_is_read_is_not_called_damaged(clock):
+    kv = MemoryKV()
+    d = Drive(kv, chunk_bytes=CB, quota_bytes=10_000, window=1, clock=clock)
+    root = d.root("alice")
+    e = d.upload("alice", root, "f", os.urandom(5 * CB))
+    chunks = d.read("alice", e)
+    next(chunks)
+    d.delete("alice", root, "f")
+    with pytest.raises(ItemNotFound, match="deleted while it was being read"):
+        list(chunks)
+    d.close()

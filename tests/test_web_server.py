@@ -15,7 +15,7 @@ import pytest
 from httpserver import http11
 from httpserver.serve import HTTPServer
 from httpserver.sessions import Sessions
-from httpserver.web import App, Response, Router, StaticFiles, json_response, text
+from httpserver.web import App, BodyCut, Response, Router, StaticFiles, json_response, text
 from src.config import parse_config
 from src.kv import MemoryKV
 
@@ -47,6 +47,13 @@ def make_app(static_dir):
     @r.route("GET", "/stream-len", login=False)
     def stream_len(req):
         return Response(200, iter([b"abc", b"def"]), content_type="text/plain", content_length=6)
+
+    @r.route("GET", "/cut/<why>", login=False)
+    def cut(req, why):
+        def body():
+            yield b"first part,"
+            raise BodyCut("the file was deleted meanwhile") if why == "gone" else RuntimeError("a bug")
+        return Response(200, body(), content_type="text/plain", content_length=100)
 
     @r.route("POST", "/upload", login=False, csrf=False)
     def upload(req):
@@ -376,3 +383,24 @@ def test_stalled_body_gets_408(server):
     assert r[0] == 408 and time.monotonic() - start < 3.0
     assert closed(s)
     s.close()
+
+
+@pytest.mark.parametrize("why,level", [("gone", "INFO"), ("bug", "ERROR")])
+def test_a_body_that_fails_after_the_head_is_cut_and_logged_as_what_it_is(server, caplog, why, level):
+    """Too late for an error page: the connection is cut so the client sees an
+    incomplete body. A file deleted meanwhile (BodyCut) is one INFO line; a
+    bug is an ERROR with its traceback."""
+    import logging
+    caplog.set_level(logging.INFO, logger="httpserver.serve")
+    sock = connect(server)
+    sock.sendall(f"GET /cut/{why} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+    got = b""
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            break
+        got += data
+    sock.close()
+    assert got.startswith(b"HTTP/1.1 200") and got.endswith(b"first part,")
+    [rec] = [r for r in caplog.records if "response body" in r.getMessage()]
+    assert rec.levelname == level and (rec.exc_info is None) == (why == "gone")

@@ -41,9 +41,9 @@ import weakref
 from urllib.parse import quote, urlencode
 
 from httpserver.templates import Markup, csrf_field, page, render
-from httpserver.web import (HTTPError, Response, content_disposition, etag_matches, http_date, json_response,
-                            parse_range, range_applies, redirect, sign)
-from src.drive import Drive, DriveError, Entry, Usage, human_size
+from httpserver.web import (BodyCut, HTTPError, Response, content_disposition, etag_matches, http_date,
+                            json_response, parse_range, range_applies, redirect, sign)
+from src.drive import Drive, DriveError, Entry, ItemNotFound, Usage, human_size
 from src.kv import KVError
 
 log = logging.getLogger(__name__)
@@ -431,7 +431,7 @@ class DriveApp:
                 status = 206
                 headers.append(("Content-Range", f"bytes {start}-{end}/{e.size}"))
         length = max(0, end - start + 1)
-        body = self.drive.read(req.user, e, start, end) if length else b""
+        body = _cut_if_deleted(self.drive.read(req.user, e, start, end)) if length else b""
         return Response(status, body=body, headers=headers, content_type=ctype, content_length=length)
 
     # -- actions ------------------------------------------------------------------------------
@@ -583,6 +583,15 @@ class NoFiles(DriveError):
 
 class QuotaRefusal(DriveError):
     status = 413
+
+
+def _cut_if_deleted(chunks):
+    """A download whose file another tab deletes meanwhile is cut (the head
+    and its length are out), logged as what it is, not as damage."""
+    try:
+        yield from chunks
+    except ItemNotFound as e:
+        raise BodyCut(str(e)) from None
 
 
 def upload_message(saved: list[Entry], failed: list) -> str:
