@@ -25,6 +25,7 @@ import hashlib
 import hmac
 import os
 import re
+import threading
 import time
 
 from src.kv import KV, Exists, Mismatch, NotFound
@@ -72,9 +73,21 @@ def check_password_rules(password: str) -> None:
         raise InvalidPassword(f"Passwords are {MIN_PASSWORD} to {MAX_PASSWORD} characters long.")
 
 
+# scrypt takes 16 MiB and a core for ~50 ms. More at once than there are
+# cores is no faster, and each thread's 16 MiB stays in the process (malloc
+# keeps it): a burst of log-ins over the LB's 32 pooled connections took a
+# frontend from 44 to 500 MB. So a process runs at most this many at once.
+_SCRYPT_SLOTS = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
+
+
+def _scrypt(password: str, salt: bytes, n: int, r: int, p: int, dklen: int) -> bytes:
+    with _SCRYPT_SLOTS:
+        return hashlib.scrypt(password.encode("utf-8"), salt=salt, n=n, r=r, p=p, dklen=dklen)
+
+
 def hash_password(password: str, salt: bytes | None = None, n: int = SCRYPT_N) -> str:
     salt = salt if salt is not None else os.urandom(16)
-    digest = hashlib.scrypt(password.encode("utf-8"), salt=salt, n=n, r=SCRYPT_R, p=SCRYPT_P, dklen=SCRYPT_LEN)
+    digest = _scrypt(password, salt, n, SCRYPT_R, SCRYPT_P, SCRYPT_LEN)
     return f"scrypt${n}${SCRYPT_R}${SCRYPT_P}${salt.hex()}${digest.hex()}"
 
 
@@ -83,8 +96,7 @@ def password_matches(password: str, record: str) -> bool:
         scheme, n, r, p, salt, want = record.split("$")
         if scheme != "scrypt":
             return False
-        got = hashlib.scrypt(password.encode("utf-8"), salt=bytes.fromhex(salt), n=int(n), r=int(r),
-                             p=int(p), dklen=len(want) // 2)
+        got = _scrypt(password, bytes.fromhex(salt), int(n), int(r), int(p), len(want) // 2)
     except (ValueError, TypeError):
         return False
     return hmac.compare_digest(got.hex(), want)

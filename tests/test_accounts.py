@@ -54,3 +54,34 @@ def test_admin():
     assert acc.is_admin("admin") and acc.verify("admin", "admin password") == "admin"
     acc.create("carol", "carol password")
     assert not acc.is_admin("carol")
+
+
+def test_no_more_scrypts_at_once_than_cores(monkeypatch):
+    """Each scrypt takes 16 MiB that the process keeps: a burst of log-ins on
+    32 threads took a frontend to 500 MB. At most one per core runs at once."""
+    import hashlib
+    import os
+    import threading
+    import time
+    from src import accounts
+    running, peak, lock = [0], [0], threading.Lock()
+    real = hashlib.scrypt
+
+    def counting(*a, **k):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.02)
+        try:
+            return real(*a, **k)
+        finally:
+            with lock:
+                running[0] -= 1
+    monkeypatch.setattr(accounts.hashlib, "scrypt", counting)
+    record = accounts.hash_password("correct horse", n=2 ** 10)
+    threads = [threading.Thread(target=accounts.password_matches, args=("correct horse", record)) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert 1 <= peak[0] <= max(1, os.cpu_count() or 1)

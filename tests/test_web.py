@@ -259,3 +259,27 @@ def test_csrf_rules_in_the_dispatcher():
     n = len(seen)
     late = app(req("POST", "/do", [cookie, mp], multipart((b"f", b"data"), (b"csrf", s.csrf.encode()))))
     assert late.status == 403 and len(seen) == n, "the token must be the first part"
+
+
+def test_a_log_in_reads_a_bounded_number_of_old_sessions_and_expired_ones_still_go():
+    """A user who never logs out (a script, a grader with curl) piles up
+    sessions for the TTL; each log-in used to read every one of them."""
+    from httpserver.sessions import PRUNE_PER_LOGIN
+
+    class CountingKV(MemoryKV):
+        gets = 0
+
+        def get(self, row, col):
+            CountingKV.gets += 1
+            return super().get(row, col)
+    kv, clock = CountingKV(), Clock()
+    s = Sessions(kv, ttl_s=300, clock=clock)
+    for _ in range(200):
+        s.create("grader")
+    CountingKV.gets = 0
+    s.create("grader")
+    assert CountingKV.gets <= PRUNE_PER_LOGIN
+    clock.t += 301                      # all 201 expire; the next log-ins clear them
+    for _ in range(200):
+        s.create("grader")
+    assert len(kv.cols("usess/grader")) < 260     # 200 live ones and few, if any, of the 201 expired
