@@ -8,6 +8,10 @@ per row (docs/mail.md explains it at length):
                            the value is the message's metadata as JSON, and for a
                            small message (at most inline_bytes) a LF and then
                            the message itself, so it costs one write and one read
+    mread/<user>/<folder>  one empty column per message of the folder that has
+                           been read, and "=" once the row is complete: the
+                           unread count is a COLS of each row, not a read of
+                           every message (a folder page reads only its 50)
     mmsg/<user>/<id>       the message's exact bytes, in chunks: columns
                            "00000000", "00000001", ... of at most chunk_bytes each
     mailq                  the relay queue: one column per queued message (its
@@ -52,6 +56,7 @@ FOLDER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _-]{0,63}$")
 DEFAULT_CHUNK_BYTES = 1024 * 1024
 DEFAULT_INLINE_BYTES = 8 * 1024
 QUEUE_ROW = b"mailq"
+COMPLETE = b"="          # in an mread row: every read message of the folder has its column
 _CAS_TRIES = 16
 
 
@@ -171,6 +176,10 @@ class MailStore:
         return f"mbox/{_check_user(user)}/{check_folder(folder)}".encode()
 
     @staticmethod
+    def _read_row(user: str, folder: str) -> bytes:
+        return f"mread/{_check_user(user)}/{check_folder(folder)}".encode()
+
+    @staticmethod
     def _body_row(user: str, msg_id: str) -> bytes:
         return f"mmsg/{_check_user(user)}/{msg_id}".encode()
 
@@ -206,6 +215,8 @@ class MailStore:
             self.kv.putnx(index_row, msg_id.encode(), value)
         except Exists:
             pass  # delivered before (a retry): the first copy stands
+        if read:    # (a Sent copy; new mail is unread and costs no second write)
+            self.kv.put(self._read_row(user, folder), msg_id.encode(), b"")
         return msg_id
 
     def _meta(self, user: str, folder: str, msg_id: str) -> tuple[bytes, dict]:
@@ -222,16 +233,60 @@ class MailStore:
                            received=m["t"], chunks=m["chunks"])
 
     def list(self, user: str, folder: str) -> list[MessageInfo]:
-        """Every message in the folder, newest first."""
+        """Every message in the folder, newest first (one read per message)."""
+        return self.infos(user, folder, self.ids(user, folder))
+
+    def ids(self, user: str, folder: str) -> list[str]:
+        """The ids of the folder's messages, newest first: one COLS, no reads."""
+        return [c.decode() for c in reversed(self.kv.cols(self._index_row(user, folder)))]
+
+    def infos(self, user: str, folder: str, ids: list[str]) -> list[MessageInfo]:
+        """The messages of `ids` that are still there, in that order."""
         row = self._index_row(user, folder)
         out = []
-        for col in reversed(self.kv.cols(row)):
+        for msg_id in ids:
             try:
-                value = self.kv.get(row, col)
+                value = self.kv.get(row, _check_id(msg_id).encode())
             except NotFound:
-                continue  # deleted while we listed
-            out.append(self._info(folder, col.decode(), _meta_of(value)))
+                continue  # deleted meanwhile
+            out.append(self._info(folder, msg_id, _meta_of(value)))
         return out
+
+    def unread_count(self, user: str, folder: str, ids: list[str]) -> int:
+        """How many of the folder's messages (`ids`, from `ids()`) are unread:
+        one COLS of the mread row. A folder from before that row existed is
+        indexed once, by reading every message."""
+        marks = set(self.kv.cols(self._read_row(user, folder)))
+        if COMPLETE not in marks:
+            marks = self._index_reads(user, folder)
+        return sum(1 for i in ids if i.encode() not in marks)
+
+    def _index_reads(self, user: str, folder: str) -> set[bytes]:
+        row = self._read_row(user, folder)
+        marks = set()
+        for m in self.list(user, folder):
+            if m.read:
+                self.kv.put(row, m.id.encode(), b"")
+                marks.add(m.id.encode())
+        self.kv.put(row, COMPLETE, b"")
+        return marks
+
+    def heal_read_marks(self, user: str, folder: str, shown: list[MessageInfo], ids: list[str]) -> None:
+        """Make the read marks of messages just read from the index agree
+        with them. A mark is written after its message's flag, so a crash in
+        between (or a message read while the folder was being indexed) leaves
+        the count off by one; showing the message puts it right."""
+        row = self._read_row(user, folder)
+        marks = set(self.kv.cols(row))
+        for m in shown:
+            key = m.id.encode()
+            try:
+                if m.read and key not in marks:
+                    self.kv.put(row, key, b"")
+                elif not m.read and key in marks:
+                    self.kv.delete(row, key)
+            except NotFound:
+                pass
 
     def info(self, user: str, folder: str, msg_id: str) -> MessageInfo:
         return self._info(folder, msg_id, self._meta(user, folder, msg_id)[1])
@@ -257,12 +312,23 @@ class MailStore:
             new = _json(m) + old[old.index(b"\n"):] if m.get("inline") else _json(m)
             try:
                 self.kv.cput(row, msg_id.encode(), old, new)
-                return
+                break
             except Mismatch:
                 continue
             except NotFound:
                 raise NoSuchMessage(f"no message {msg_id} in {folder}") from None
-        raise MailStoreError("the message keeps changing; try again")
+        else:
+            raise MailStoreError("the message keeps changing; try again")
+        self._set_read_mark(user, folder, msg_id, read)
+
+    def _set_read_mark(self, user: str, folder: str, msg_id: str, read: bool) -> None:
+        try:
+            if read:
+                self.kv.put(self._read_row(user, folder), msg_id.encode(), b"")
+            else:
+                self.kv.delete(self._read_row(user, folder), msg_id.encode())
+        except NotFound:
+            pass
 
     def delete(self, user: str, folder: str, msg_id: str) -> None:
         """Remove the message for good (index cell first, then its body)."""
@@ -270,6 +336,7 @@ class MailStore:
             self.kv.delete(self._index_row(user, folder), _check_id(msg_id).encode())
         except NotFound:
             raise NoSuchMessage(f"no message {msg_id} in {folder}") from None
+        self._set_read_mark(user, folder, msg_id, False)    # a left-over mark is ignored anyway
         try:
             self.kv.delrow(self._body_row(user, msg_id))
         except NotFound:
@@ -277,15 +344,18 @@ class MailStore:
 
     def move(self, user: str, src: str, dst: str, msg_id: str) -> None:
         """Move a message between folders; its id and bytes stay the same."""
-        value, _ = self._meta(user, src, msg_id)
+        value, m = self._meta(user, src, msg_id)
         try:
             self.kv.putnx(self._index_row(user, dst), msg_id.encode(), value)
         except Exists:
             pass
+        if m["read"]:
+            self._set_read_mark(user, dst, msg_id, True)
         try:
             self.kv.delete(self._index_row(user, src), msg_id.encode())
         except NotFound:
             pass
+        self._set_read_mark(user, src, msg_id, False)
 
     # -- the relay queue ---------------------------------------------------------
 

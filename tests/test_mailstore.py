@@ -204,3 +204,22 @@ def test_bad_folder_names_are_refused(folder):
     store = MailStore(MemoryKV())
     with pytest.raises(BadFolder):
         store.deliver("alice", folder, b"Subject: x\r\n\r\nbody\r\n")
+
+
+def test_unread_count_follows_reads_moves_and_deletes_from_the_read_marks():
+    kv = MemoryKV()
+    store = MailStore(kv)
+    a, b, c = (store.deliver("u", "Inbox", b"Subject: %d\r\n\r\nx\r\n" % i) for i in range(3))
+    count = lambda folder="Inbox": store.unread_count("u", folder, store.ids("u", folder))  # noqa: E731
+    assert count() == 3                         # first call: the folder is indexed
+    store.mark_read("u", "Inbox", a)
+    store.mark_read("u", "Inbox", a)
+    assert count() == 2
+    store.mark_read("u", "Inbox", a, read=False)
+    store.mark_read("u", "Inbox", b)
+    assert count() == 2
+    store.move("u", "Inbox", "Sent", b)         # a read message leaves: the count stays
+    store.delete("u", "Inbox", c)               # an unread one goes: one less
+    assert count() == 1 and count("Sent") == 0
+    store.deliver("u", "Sent", b"Subject: mine\r\n\r\nx\r\n", read=True)
+    assert count("Sent") == 0 and count() == 1

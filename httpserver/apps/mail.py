@@ -131,10 +131,16 @@ class MailApp:
             n = max(1, int(req.arg("page", "1")))
         except ValueError:
             n = 1
-        messages = self.store.list(req.user, folder)
-        pages = max(1, (len(messages) + PAGE_SIZE - 1) // PAGE_SIZE)
+        # The page reads the folder's ids (one COLS) and only its own 50
+        # messages; the unread count comes from the read marks (one COLS).
+        ids = self.store.ids(req.user, folder)
+        pages = max(1, (len(ids) + PAGE_SIZE - 1) // PAGE_SIZE)
         n = min(n, pages)
-        shown = messages[(n - 1) * PAGE_SIZE: n * PAGE_SIZE]
+        shown = self.store.infos(req.user, folder, ids[(n - 1) * PAGE_SIZE: n * PAGE_SIZE])
+        unread = 0
+        if folder == "Inbox":
+            unread = self.store.unread_count(req.user, folder, ids)
+            self.store.heal_read_marks(req.user, folder, shown, ids)
         rows = []
         now = time.time()
         for m in shown:
@@ -163,10 +169,9 @@ class MailApp:
             next_link = render('<a href="/mail{p}?page={n}">Older →</a>', p="" if slug == "inbox" else "/sent",
                                n=n + 1) if n < pages else ""
             pager = render(PAGER, prev=prev_link, next=next_link, n=n, pages=pages)
-        unread = sum(1 for m in messages if not m.read)
         notice = render('<p class="mail-notice" role="status">Your message was sent.</p>') \
             if req.arg("sent") else ""
-        body = render(FOLDER_PAGE, title=folder, count=plural(len(messages), "message"), notice=notice,
+        body = render(FOLDER_PAGE, title=folder, count=plural(len(ids), "message"), notice=notice,
                       unread=f", {unread} unread" if folder == "Inbox" and unread else "", table=table, pager=pager)
         return self.mail_page(req, folder, body, active_folder=slug, unread=unread if folder == "Inbox" else None)
 
