@@ -47,6 +47,11 @@ Why it is safe:
   row already gone costs one DELROW answered NOTFOUND. Every decision reads
   the index through the `KV` interface, never the listing.
 
+The same rounds also walk the `msend/<user>` rows (webmail send keys, see
+MailStore.id_for_send_key) and remove keys older than SEND_KEY_TTL_S (a day):
+they guard a send against being repeated by a retry of its form, which
+happens within minutes; kept for ever, the row grew by one cell per message.
+
 The one case it does not cover: `MailStore.move` into a folder created after
 the round began, racing the sweep's read of the old folder. Nothing moves
 messages today (the webmail deletes, it does not file); a mover that files
@@ -74,8 +79,10 @@ log = logging.getLogger(__name__)
 INDEX_PREFIX = b"mbox/"
 BODY_PREFIX = b"mmsg/"
 QUEUE_BODY_PREFIX = b"mqmsg/"
+SEND_KEY_PREFIX = b"msend/"
 PAGE_ROWS = 256                # row names per ROWS request (the server allows up to 10,000)
 GRACE_S = 24 * 3600.0          # a body younger than this is never swept
+SEND_KEY_TTL_S = 24 * 3600.0   # a webmail send key (msend/<user>) is kept this long
 SWEEP_EVERY_S = 600.0          # the relay starts a round this long after the last one ended
 SWEEP_BUDGET_S = 5.0           # the relay gives a round at most this long per loop turn
 
@@ -193,6 +200,7 @@ class SweepStats:
     kept: int = 0             # old but referenced (the normal case for every stored big message)
     reclaimed: int = 0        # orphans removed
     unknown: int = 0          # names mailstore does not write: left alone
+    send_keys: int = 0        # webmail send keys past SEND_KEY_TTL_S removed
     tablets_skipped: int = 0  # tablets that could not be listed this round
     seconds: float = 0.0
 
@@ -208,7 +216,7 @@ class _Round:
     after: bytes | None = None           # resume the walk after this row
 
 
-_PREFIXES = (BODY_PREFIX, QUEUE_BODY_PREFIX)
+_PREFIXES = (BODY_PREFIX, QUEUE_BODY_PREFIX, SEND_KEY_PREFIX)
 
 
 class MailSweeper:
@@ -221,7 +229,7 @@ class MailSweeper:
 
     def __init__(self, store: MailStore, lister: RowLister, *, grace_s: float = GRACE_S,
                  page_rows: int = PAGE_ROWS, clock: Callable[[], float] | None = None,
-                 monotonic: Callable[[], float] = time.monotonic):
+                 monotonic: Callable[[], float] = time.monotonic, send_key_ttl_s: float = SEND_KEY_TTL_S):
         if page_rows < 1:
             raise ValueError("page_rows must be positive")
         if grace_s < 0:
@@ -230,6 +238,7 @@ class MailSweeper:
         self.kv: KV = store.kv
         self.lister = lister
         self.grace_s = grace_s
+        self.send_key_ttl_s = send_key_ttl_s
         self.page_rows = page_rows
         self.clock = clock or store.clock
         self.monotonic = monotonic
@@ -284,8 +293,8 @@ class MailSweeper:
         s = r.stats
         log_fn = log.info if s.reclaimed or s.tablets_skipped else log.debug
         log_fn("mail sweep: %d body rows, %d young, %d kept, %d orphans reclaimed, %d unknown names, "
-               "%d tablets skipped, %.1f s", s.bodies, s.young, s.kept, s.reclaimed, s.unknown,
-               s.tablets_skipped, s.seconds)
+               "%d old send keys removed, %d tablets skipped, %.1f s", s.bodies, s.young, s.kept, s.reclaimed,
+               s.unknown, s.send_keys, s.tablets_skipped, s.seconds)
         return s
 
     # -- one round --
@@ -316,6 +325,10 @@ class MailSweeper:
 
     def _sweep_page(self, prefix: bytes, names: list[bytes], r: _Round) -> None:
         now = self.clock()
+        if prefix == SEND_KEY_PREFIX:
+            for row in names:
+                self._expire_send_keys(row, now, r)
+            return
         old: list[tuple[bytes, str, str]] = []       # (row, user or "", id)
         for row in names:
             r.stats.bodies += 1
@@ -358,6 +371,33 @@ class MailSweeper:
                 pass  # someone else removed it first
             r.stats.reclaimed += 1
             log.debug("mail sweep: reclaimed orphan body row %r", row)
+
+    def _expire_send_keys(self, row: bytes, now: float, r: _Round) -> None:
+        """Remove the send keys of `row` (`msend/<user>`) older than the TTL.
+
+        A webmail send records its message id under the compose form's key
+        (MailStore.id_for_send_key) so that sending the form again completes
+        the send instead of repeating it. That matters for seconds (the
+        page's own retry) or minutes (the Back button); after a day the key
+        goes, or the row would grow by one cell per message sent for ever.
+        The id says when the key was made (it is a MailStore.new_id)."""
+        for col in self.kv.cols(row):
+            try:
+                made = id_time(self.kv.get(row, col).decode("ascii"))
+            except NotFound:
+                continue
+            except UnicodeDecodeError:
+                made = None
+            if made is None:
+                r.stats.unknown += 1
+                continue
+            if now - made < self.send_key_ttl_s:
+                continue
+            try:
+                self.kv.delete(row, col)
+                r.stats.send_keys += 1
+            except NotFound:
+                pass
 
     def _queue(self) -> list[QueueItem]:
         return self.store.queue()
