@@ -17,18 +17,20 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import random
 import secrets
 import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 from httpserver.serve import HTTPServer
-from httpserver.sessions import Sessions
+from httpserver.sessions import SWEEP_EVERY_S, Sessions
 from httpserver.throttle import LoginThrottle
 from httpserver.web import App, Router, StaticFiles
 from src.accounts import Accounts
 from src.config import Config, Node
 from src.kv import KV, KVError
+from src.mailsweep import lister_for
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +138,22 @@ class Frontend:
         self._admin_thread = threading.Thread(target=self._admin_loop, name=f"{self.node.id}-admin", daemon=True)
         self._admin_thread.start()
         self._admin_thread.join(ADMIN_WAIT_S)
+        lister = lister_for(self.kv)
+        if lister is not None:
+            threading.Thread(target=self._sweep_sessions, args=(lister,), name=f"{self.node.id}-sessions",
+                             daemon=True).start()
         return self
+
+    def _sweep_sessions(self, lister) -> None:
+        """Every SWEEP_EVERY_S (first at a random moment, so that frontends
+        started together do not sweep in step), end expired sessions."""
+        wait = random.uniform(1.0, SWEEP_EVERY_S)
+        while not self._stop.wait(wait):
+            wait = SWEEP_EVERY_S
+            try:
+                self.sessions.sweep(lister)
+            except Exception:
+                log.warning("session sweep failed; will retry", exc_info=True)
 
     def _ensure_admin(self) -> bool:
         try:

@@ -34,12 +34,14 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from src.kv import KV, Mismatch, NotFound
+from src.kv import KV, KVError, Mismatch, NotFound
 
 log = logging.getLogger(__name__)
 
 REFRESH_AFTER_S = 60.0
 PRUNE_PER_LOGIN = 8           # sessions of the user looked at (and ended if expired) per log-in
+SWEEP_EVERY_S = 600.0         # each frontend looks through every session this often
+SESSION_PREFIX = b"sess/"
 SID_RE = re.compile(r"[A-Za-z0-9_-]{22}")
 KEY_RE = re.compile(r"[0-9a-f]{64}")
 COOKIE = "sid"
@@ -158,6 +160,36 @@ class Sessions:
                 self.kv.delete(row, col)
             except NotFound:
                 pass
+
+    def sweep(self, lister) -> int:
+        """End every expired session in the store; returns how many.
+
+        Log-ins prune their own user's sessions, and a session presented
+        after its expiry is ended then; this catches the rest, the sessions
+        of people who closed the browser and never came back (without it
+        they stayed for ever). `lister` is a mailsweep.RowLister (the
+        store's `ROWS`): the walk goes through the `sess/` rows of every
+        tablet. A tablet that cannot be listed is skipped until next time.
+        """
+        from src.mailsweep import rows_under
+        now, ended = self.clock(), 0
+        for tablet in lister.tablets():
+            try:
+                for rows in rows_under(lister, tablet, SESSION_PREFIX):
+                    for row in rows:
+                        key = row[len(SESSION_PREFIX):].decode("ascii", "replace")
+                        try:
+                            s = Session.decode("", self.kv.get(row, b"s"))
+                        except NotFound:
+                            continue
+                        if s is None or now - s.last_seen >= self.ttl:
+                            self._end(key, s.user if s else None)
+                            ended += 1
+            except (KVError, OSError) as e:
+                log.info("session sweep: tablet %d skipped this time (%s)", tablet, e)
+        if ended:
+            log.info("session sweep: ended %d expired sessions", ended)
+        return ended
 
     def _prune(self, user: str) -> None:
         """End a few of the user's sessions that have expired.

@@ -283,3 +283,22 @@ def test_a_log_in_reads_a_bounded_number_of_old_sessions_and_expired_ones_still_
     for _ in range(200):
         s.create("grader")
     assert len(kv.cols("usess/grader")) < 260     # 200 live ones and few, if any, of the 201 expired
+
+
+def test_the_session_sweep_ends_expired_sessions_nobody_presents_again():
+    """Sessions of people who closed the browser and never came back stayed
+    in the store for ever: nothing but their own user's next log-in looked
+    at them. The sweep walks every tablet's sess/ rows."""
+    from tests.test_mailsweep import memory_lister
+    kv, clock = MemoryKV(), Clock()
+    s = Sessions(kv, ttl_s=300, clock=clock)
+    gone = [s.create(f"user{i}") for i in range(6)]
+    clock.t += 200
+    alive = s.create("alice")
+    kv.put("drive/u/alice", "root", b"x")                  # other rows are none of its business
+    clock.t += 150                                          # the six expired, alice's has 150 s left
+    assert s.sweep(memory_lister(kv)) == 6
+    assert [r for r in kv._rows if r.startswith(b"sess/")] == [f"sess/{alive.key}".encode()]
+    assert all(kv.cols(f"usess/user{i}") == [] for i in range(6))
+    assert s.get(alive.sid).user == "alice" and kv.cols("drive/u/alice") == [b"root"]
+    assert all(s.get(g.sid) is None for g in gone)
