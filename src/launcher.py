@@ -38,6 +38,20 @@ from src.config import Config, ConfigError, load_config
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START_TIMEOUT_S = 60.0
 STOP_GRACE_S = 8.0
+LOG_KEEP_BYTES = 16 * 1024 * 1024   # a log this big is set aside as <name>.log.1 at the next start
+
+
+def rotate_log(path: str, keep_bytes: int = LOG_KEEP_BYTES) -> None:
+    """Before a process starts: a log over `keep_bytes` becomes `<path>.1`
+    (replacing the one before), so the logs of a cluster that is restarted
+    now and then stay within twice that each. A process writes its log
+    through the stdout and stderr the launcher opened for it, so it cannot
+    be rotated while the process runs."""
+    try:
+        if os.path.getsize(path) > keep_bytes:
+            os.replace(path, path + ".1")
+    except FileNotFoundError:
+        pass
 
 
 @dataclass(frozen=True)
@@ -156,6 +170,7 @@ class Launcher:
 
     def launch(self, spec: ProcessSpec) -> bool:
         log_path = self.log_path(spec)
+        rotate_log(log_path)
         with open(log_path, "ab") as log:
             offset = log.tell()
             env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=REPO)

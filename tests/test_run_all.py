@@ -114,3 +114,17 @@ def test_status_into_a_closed_pipe_is_quiet(tmp_path):
     err = p.stderr.read().decode()
     assert p.wait(60) == 3                # nothing of this cluster runs: "not running", not a crash
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_a_big_log_is_set_aside_at_the_next_start(tmp_path):
+    """Process logs are plain files the launcher opens; one over the limit
+    becomes <name>.log.1 when the process is started again."""
+    from src.launcher import rotate_log
+    log = tmp_path / "kv1.log"
+    log.write_bytes(b"old\n" * 100)
+    rotate_log(str(log), keep_bytes=1000)
+    assert log.read_bytes() == b"old\n" * 100                 # small: kept as it is
+    log.write_bytes(b"x" * 2000)
+    rotate_log(str(log), keep_bytes=1000)
+    assert not log.exists() and (tmp_path / "kv1.log.1").read_bytes() == b"x" * 2000
+    rotate_log(str(tmp_path / "never.log"))                    # no log yet: nothing to do
