@@ -338,7 +338,7 @@ _ERROR_TITLES = {
     404: "Page not found", 405: "Not allowed here", 408: "Too slow", 409: "Already taken",
     413: "Too large", 415: "Wrong kind of data", 416: "Range not available",
     429: "Too many attempts", 500: "Something broke on our side",
-    503: "Storage is unavailable right now",
+    501: "Not implemented", 503: "Storage is unavailable right now",
 }
 
 
@@ -618,7 +618,11 @@ class Router:
         return r
 
     def match(self, method: str, raw_path: str) -> tuple[Route, dict[str, str]]:
-        """The route and its (percent-decoded) parameters; HTTPError 404 or 405."""
+        """The route and its (percent-decoded) parameters; HTTPError 404 or
+        405, or 501 for a method HTTP does not define (RFC 9110 15.6.2: 405
+        would say that this page happens not to allow it)."""
+        if method not in KNOWN_METHODS:
+            raise HTTPError(501, f"This server does not know the {method[:32]} method.")
         allowed: set[str] = set()
         byname = self._static.get(raw_path)
         if byname is not None:
@@ -643,6 +647,9 @@ class Router:
         raise HTTPError(404, "There is no page at this address.")
 
 
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
+
+
 # -- the dispatcher ----------------------------------------------------------------
 
 class App:
@@ -653,6 +660,8 @@ class App:
         self.sessions = sessions
 
     def __call__(self, req: Request) -> Response:
+        if req.method == "OPTIONS" and req.raw_path == "*":     # the server as a whole (RFC 9110 9.3.7)
+            return Response(200, headers=[("Allow", "GET, HEAD, POST")])
         try:
             route, params = self.router.match(req.method, req.raw_path)
             req.route = route

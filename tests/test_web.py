@@ -46,6 +46,10 @@ def test_router_patterns_and_statuses():
     with pytest.raises(HTTPError) as ei:
         r.match("DELETE", "/drive/folder/x")
     assert ei.value.status == 405 and ("Allow", "GET, HEAD, POST") in ei.value.headers
+    for unknown in ("BREW", "get"):          # methods are case-sensitive: "get" is not GET
+        with pytest.raises(HTTPError) as ei:
+            r.match(unknown, "/drive/folder/x")
+        assert ei.value.status == 501
     with pytest.raises(ValueError):
         r.route("GET", "/", login=False)(lambda q: text("twice"))
 

@@ -404,3 +404,13 @@ def test_a_body_that_fails_after_the_head_is_cut_and_logged_as_what_it_is(server
     assert got.startswith(b"HTTP/1.1 200") and got.endswith(b"first part,")
     [rec] = [r for r in caplog.records if "response body" in r.getMessage()]
     assert rec.levelname == level and (rec.exc_info is None) == (why == "gone")
+
+
+def test_options_star_is_about_the_whole_server(server):
+    sock = connect(server)
+    sock.sendall(b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n")
+    got = b""
+    while b"\r\n\r\n" not in got:
+        got += sock.recv(4096)
+    sock.close()
+    assert got.startswith(b"HTTP/1.1 200") and b"Allow: GET, HEAD, POST" in got
