@@ -16,8 +16,8 @@ the background thread checkpoints the biggest one (writers go on into a fresh
 memtable meanwhile); if they pass twice their share, writers wait (bounded)
 for a checkpoint to finish, so a burst of writes cannot outgrow memory. A
 tablet is also checkpointed when its log passes `checkpoint_log_bytes` or when
-`checkpoint_interval_s` has passed since its last checkpoint and it has new
-writes.
+`checkpoint_interval_s` has passed since its last checkpoint and its new
+writes are at least 1/16 of its checkpoint (INTERVAL_REWRITE_LIMIT).
 
 All tablet logs of the server share one `CommitGroup` (wal.py): one sync
 makes every tablet's pending records durable.
@@ -39,6 +39,12 @@ from kvserver.wal import CommitGroup, fsync_dir
 log = logging.getLogger(__name__)
 
 CHECK_INTERVAL_S = 0.5        # how often the checkpointer looks even when not woken
+# A checkpoint rewrites the whole tablet. The periodic one is skipped while
+# the new writes are less than 1/16 of the checkpoint: else a big tablet that
+# gets a write now and then (the processes' once-a-second status cells) was
+# rewritten every checkpoint_interval_s, hundreds of MB every 5 minutes on an
+# idle cluster. The log-size and memory triggers still apply.
+INTERVAL_REWRITE_LIMIT = 16
 MEM_RECHECK_S = 0.005         # how stale the writers' view of memtable memory may be
 
 
@@ -154,7 +160,8 @@ class Store:
         for t in list(self.tablets.values()):
             if t.log_bytes >= self.cfg.checkpoint_log_bytes:
                 due.append(t)
-            elif now - t.last_checkpoint_time >= self.cfg.checkpoint_interval_s and t.active_bytes:
+            elif (now - t.last_checkpoint_time >= self.cfg.checkpoint_interval_s and t.active_bytes
+                  and t.active_bytes * INTERVAL_REWRITE_LIMIT >= t.checkpoint_bytes):
                 due.append(t)
         if self.memtable_bytes > self.mem_share:
             biggest = max(self.tablets.values(), key=lambda t: t.active_bytes, default=None)

@@ -384,6 +384,12 @@ class Tablet:
         return self._view[0].bytes
 
     @property
+    def checkpoint_bytes(self) -> int:
+        """The size of the checkpoint file (0 without one)."""
+        ckpt = self._view[2]
+        return ckpt.file_bytes if ckpt is not None else 0
+
+    @property
     def log_bytes(self) -> int:
         lg = self.log
         return lg.queued_bytes if lg is not None else 0
