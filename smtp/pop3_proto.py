@@ -38,6 +38,7 @@ import logging
 from typing import Iterable, Iterator, Protocol
 
 from smtp.lines import TOO_LONG, next_line
+from smtp.smtp_proto import WEB_VERBS
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +247,9 @@ class POP3Connection:
             return self._error("Command is not valid UTF-8")
         verb, _, rest = text.lstrip(" ").partition(" ")
         verb = verb.upper()
+        if verb in WEB_VERBS:       # a browser posting a form here (see smtp_proto): hang up
+            self.close()
+            return err("This is a mail server, not a web server; closing")
         # PASS has one argument, so its spaces belong to the password
         # (RFC 1939); every other argument is trimmed.
         arg = rest if verb == "PASS" else rest.strip(" ")

@@ -44,6 +44,8 @@ from smtp.lines import TOO_LONG, next_line
 
 log = logging.getLogger(__name__)
 
+WEB_VERBS = frozenset({"GET", "POST", "PUT", "HEAD", "CONNECT", "OPTIONS", "HOST:"})   # HTTP, not mail
+
 MAX_COMMAND_LINE = 512
 MAX_AUTH_LINE = 12288
 MAX_TEXT_LINE = 1000
@@ -228,6 +230,11 @@ class SMTPConnection:
         except UnicodeDecodeError:
             return self._error(Reply(500, "5.5.2 Command is not valid UTF-8"))
         verb, _, arg = text.strip(" ").partition(" ")
+        if verb.upper() in WEB_VERBS:
+            # A web page can make a browser post a form to this port; its body
+            # would then be read as SMTP. Hang up at once, as Postfix does.
+            self.closed = True
+            return Reply(554, "5.7.0 This is a mail server, not a web server; closing")
         method = getattr(self, "smtp_" + verb.upper(), None) if _VERB_RE.match(verb) else None
         if method is None:
             return self._error(Reply(500, "5.5.2 Command not recognized"))

@@ -333,6 +333,13 @@ def encode_name(name: bytes | str) -> bytes:
 
 _TOKENS = re.compile(rb"[^ \t]+")
 _LITERAL = re.compile(rb"\{([0-9]+)\}")
+# A browser can be made (by any web page: a form with enctype="text/plain")
+# to send an HTTP request to a KV port; its body would then run as KV
+# commands. Such a request line, or a Host: header line, closes the
+# connection at once (Redis does the same). No KV client sends either.
+_HTTP_METHODS = frozenset({b"GET", b"POST", b"PUT", b"HEAD", b"DELETE", b"OPTIONS", b"PATCH", b"CONNECT",
+                           b"TRACE"})
+_HTTP_VERSION = re.compile(rb"HTTP/[0-9](\.[0-9])?")
 
 
 class _Body:
@@ -467,6 +474,9 @@ class RequestParser:
         tokens = _TOKENS.findall(line)
         if not tokens:
             return None
+        if (len(tokens) == 3 and tokens[0] in _HTTP_METHODS and _HTTP_VERSION.fullmatch(tokens[2])) \
+                or tokens[0].lower() == b"host:":
+            return self._fatal("this is a PennCloud KV server, not a web server; closing")
         cmd = tokens[0].upper().decode("ascii", "replace")
         toks = tokens[1:]
         spec = self.commands.get(cmd)

@@ -133,6 +133,7 @@ REQUEST_ERRORS = [
     ("name too long, encoded", b"GET " + b"%41" * 4097 + b" c\r\n", [E("BADREQ", "4096")]),
     ("empty decoded name impossible but %00 is one byte", b"GET %00 c\r\n", [R("GET", b"\x00", b"c")]),
     ("error then usable", b"FROB\r\nPING\r\n", [E("BADREQ"), R("PING")]),
+    ("POST with other words is only unknown", b"POST / x\r\nPING\r\n", [E("BADREQ"), R("PING")]),
 ]
 
 FATAL = [
@@ -141,6 +142,13 @@ FATAL = [
     ("literal not followed by CRLF", b"PUT a b {3}\r\nabcd\r\n", [E("BADREQ", "CRLF", True)]),
     ("literal followed by CR then junk", b"PUT a b {3}\r\nabc\rX\r\n", [E("BADREQ", "CRLF", True)]),
     ("discarded literal not followed by CRLF", b"FROB {2}\r\nabc\r\n", [E("BADREQ", "CRLF", True)]),
+    # A web page can make a browser post a form (enctype=text/plain) to a KV
+    # port: its body would run as commands. HTTP closes the connection at once.
+    ("an HTTP request line", b"POST / HTTP/1.1\r\nHost: x\r\n\r\nPUT acct/admin pw x\r\n",
+     [E("BADREQ", "not a web server", True)]),
+    ("an HTTP GET (a KV GET of row / col HTTP/1.1 otherwise)", b"GET / HTTP/1.1\r\n",
+     [E("BADREQ", "not a web server", True)]),
+    ("an HTTP header line", b"host: example.org\r\nPUT a b c\r\n", [E("BADREQ", "not a web server", True)]),
 ]
 
 TRAILER = b"GET next row\r\n"

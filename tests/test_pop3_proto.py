@@ -301,3 +301,11 @@ def test_a_bug_in_one_command_is_an_error_reply_and_the_session_goes_on():
     out = run(c, b"USER bob", b"PASS pw pw pw", b"TOP 1 0", b"STAT")
     assert b"-ERR [SYS/TEMP] Internal error" in out and out.endswith(b"+OK 3 " + str(sum(map(len, MSGS.values()))).encode() + b"\r\n")
     assert not c.closed
+
+
+def test_an_http_request_from_a_browser_is_hung_up_on():
+    h = Handler()
+    c = POP3Connection(h)
+    out = run(c, b"POST / HTTP/1.1", b"Host: x", b"", b"USER bob", b"PASS pw pw pw", b"DELE 1", b"QUIT")
+    assert out.startswith(b"-ERR") and out.count(b"\r\n") == 1 and c.closed
+    assert h.drop.committed is None

@@ -326,3 +326,14 @@ def test_a_bug_while_delivering_is_a_temporary_failure_and_the_session_goes_on()
     h.handle_RCPT = Handler.handle_RCPT.__get__(h)
     assert feed_lines(c, b"RCPT TO:<bob@here.test>", b"DATA", b"second", b".") == [250, 354, 250]
     assert calls == [b"first\r\n", b"second\r\n"] and not c.closed
+
+
+def test_an_http_request_from_a_browser_is_hung_up_on_before_its_body():
+    """A web page can make a browser POST a form to port 2500: the header
+    lines are fewer than the error budget, and the body would be read as
+    SMTP (EHLO, MAIL, RCPT, DATA: mail to our users from someone else's
+    browser). The request line ends the session."""
+    c, h = new()
+    out = c.receive_data(b"POST / HTTP/1.1\r\nHost: x\r\n\r\nEHLO x\r\nMAIL FROM:<a@x.test>\r\n"
+                         b"RCPT TO:<bob@here.test>\r\nDATA\r\nhi\r\n.\r\n")
+    assert codes(out) == [554] and c.closed and h.delivered == []
