@@ -270,6 +270,11 @@ class LoadBalancer:
     # -- control endpoints -----------------------------------------------------------------
 
     def _authorized(self, req: Request, client_ip: str) -> bool:
+        if req.headers.get("origin") is not None or req.headers.get("sec-fetch-site") is not None:
+            # A browser: a web page the operator visits could otherwise send
+            # these from 127.0.0.1 (disable every frontend, or point one at
+            # its own port). Our processes' control client sends neither.
+            return False
         secret = self.cfg.cluster.secret
         if secret:
             given = req.headers.get(SECRET_HEADER) or ""

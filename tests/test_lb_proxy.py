@@ -529,3 +529,26 @@ def test_a_heartbeat_with_a_load_that_is_not_a_finite_number_is_refused(tmp_path
         json.loads(body, parse_constant=lambda name: pytest.fail(f"{name} in /_lb/status"))
     finally:
         lb.stop()
+
+
+def test_control_endpoints_refuse_browsers_even_from_an_allowed_host(tmp_path, backends):
+    """Without a secret the control endpoints trust the configured hosts
+    (127.0.0.1): a web page the operator opened could post to them from the
+    operator's browser (security QA: it disabled every frontend). A request
+    a browser sent (Origin, Sec-Fetch-Site) is refused."""
+    cfg = make_cfg(tmp_path, [b.port for b in backends[:1]])
+    lb = start_lb(cfg)
+    try:
+        for headers in ({"Origin": "http://evil.example"}, {"Origin": "null"}, {"Sec-Fetch-Site": "cross-site"}):
+            c = http.client.HTTPConnection("127.0.0.1", lb.port, timeout=10)
+            c.request("POST", "/_lb/frontend/fe1/disable", body=b"",
+                      headers=dict(headers, **{"Content-Type": "text/plain"}))
+            r = c.getresponse()
+            r.read()
+            c.close()
+            assert r.status == 403
+        assert [f["enabled"] for f in lb.status()["frontends"]] == [True]
+        beat(lb, cfg, backends[:1])                        # our own control client still works
+        assert get(lb.port)[0].status == 200
+    finally:
+        lb.stop()
