@@ -25,7 +25,7 @@ from typing import Any
 
 from httpserver.serve import HTTPServer
 from httpserver.sessions import SWEEP_EVERY_S, Sessions
-from httpserver.throttle import LoginThrottle
+from src.throttle import LoginThrottle
 from httpserver.web import App, Router, StaticFiles
 from src.accounts import Accounts
 from src.config import Config, Node

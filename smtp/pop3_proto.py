@@ -35,10 +35,12 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import math
 from typing import Iterable, Iterator, Protocol
 
 from smtp.lines import TOO_LONG, next_line
 from smtp.smtp_proto import WEB_VERBS
+from src.throttle import Throttled
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +80,9 @@ class Maildrop(Protocol):
 
 
 class POP3Handler(Protocol):
-    def authenticate(self, username: str, password: str) -> str | None:
-        """The canonical username if the password is right, else None."""
+    def authenticate(self, username: str, password: str, peer_ip: str = "") -> str | None:
+        """The canonical username if the password is right, else None
+        (Throttled: too many failures for that user or address)."""
 
     def open_maildrop(self, user: str) -> Maildrop:
         """Lock and open the user's mailbox; MailboxInUse if another session has it."""
@@ -165,8 +168,9 @@ def top_of(chunks: Iterable[bytes], body_lines: int) -> bytes:
 class POP3Connection:
     """One POP3 session, fed bytes in and giving bytes out."""
 
-    def __init__(self, handler: POP3Handler, *, max_bad_commands: int = MAX_BAD_COMMANDS):
+    def __init__(self, handler: POP3Handler, *, max_bad_commands: int = MAX_BAD_COMMANDS, peer_ip: str = ""):
         self.handler = handler
+        self.peer_ip = peer_ip
         self.max_bad_commands = max_bad_commands
         self.closed = False
         self.user: str | None = None
@@ -312,7 +316,7 @@ class POP3Connection:
 
     def _login(self, user: str, password: str) -> bytes:
         try:
-            who = self.handler.authenticate(user, password)
+            who = self.handler.authenticate(user, password, self.peer_ip)
             if who is None:
                 return self._error("[AUTH] Invalid user name or password")
             drop = self.handler.open_maildrop(who)
@@ -320,6 +324,8 @@ class POP3Connection:
             return self._error("[IN-USE] Mailbox is in use by another session")
         except TemporaryFailure:
             return err("[SYS/TEMP] The mail store is unavailable; try again later")
+        except Throttled as e:
+            return self._error(f"[SYS/TEMP] Too many failed log-ins; try again in {math.ceil(e.wait_s)} seconds")
         self._drop, self.user = drop, who
         self._msgs = list(drop.messages())
         self._deleted = set()

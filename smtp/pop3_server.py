@@ -32,6 +32,7 @@ from src.config import Config
 from src.kv import KV, Exists, KVError, Mismatch, NotFound
 from src.mailstore import MailStore, MailStoreError, NoSuchMessage
 from src.server import TCPService
+from src.throttle import LoginThrottle
 
 log = logging.getLogger(__name__)
 
@@ -158,10 +159,11 @@ class POP3Mailboxes:
     def __init__(self, accounts: Accounts, store: MailStore, lock_ttl_s: float, process_id: str = "pop3"):
         self.accounts, self.store, self.lock_ttl_s = accounts, store, lock_ttl_s
         self.owner = f"{process_id}:{os.urandom(4).hex()}"      # this incarnation of the process
+        self.throttle = LoginThrottle()     # the web log-in's rule: POP3 must not be a way around it
 
-    def authenticate(self, username: str, password: str) -> str | None:
+    def authenticate(self, username: str, password: str, peer_ip: str = "") -> str | None:
         try:
-            who = self.accounts.verify(username, password)
+            who = self.throttle.attempt(username, peer_ip, lambda: self.accounts.verify(username, password))
         except KVError as e:
             log.warning("POP3 log-in: store unavailable: %s", e)
             raise TemporaryFailure() from None
@@ -195,7 +197,7 @@ class POP3Server(TCPService):
 
     def _serve(self, sock: socket.socket, peer: tuple) -> None:
         sock.settimeout(self.idle_timeout_s)
-        conn = POP3Connection(self.handler)
+        conn = POP3Connection(self.handler, peer_ip=str(peer[0]))
         try:
             sock.sendall(conn.greeting())
             while not conn.closed:

@@ -36,11 +36,13 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 from smtp.lines import TOO_LONG, next_line
+from src.throttle import Throttled
 
 log = logging.getLogger(__name__)
 
@@ -500,6 +502,8 @@ class SMTPConnection:
             who = self.handler.handle_AUTH(self.session, user, pw)
         except TemporaryFailure:
             return Reply(454, "4.7.0 Temporary authentication failure; try again later")
+        except Throttled as e:
+            return Reply(454, f"4.7.0 Too many failed log-ins; try again in {math.ceil(e.wait_s)} seconds")
         if who is None:
             return Reply(535, "5.7.8 Authentication credentials invalid")
         self.session.auth_user = who

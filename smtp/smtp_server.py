@@ -38,6 +38,7 @@ from src.config import Config
 from src.kv import KV, KVError
 from src.mailstore import MailStore, MailStoreError
 from src.server import TCPService
+from src.throttle import LoginThrottle
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class MailDelivery:
         self.clock = clock
         self._known: dict[str, float] = {}  # username -> when it was seen to exist
         self._known_lock = threading.Lock()
+        self.throttle = LoginThrottle()     # the web log-in's rule: AUTH must not be a way around it
 
     def user_exists(self, user: str) -> bool:
         now = self.clock()
@@ -88,7 +90,7 @@ class MailDelivery:
 
     def handle_AUTH(self, session: Session, username: str, password: str) -> str | None:
         try:
-            who = self.accounts.verify(username, password)
+            who = self.throttle.attempt(username, session.peer_ip, lambda: self.accounts.verify(username, password))
         except KVError as e:
             log.warning("AUTH from %s: store unavailable: %s", session.peer_ip, e)
             raise TemporaryFailure() from None

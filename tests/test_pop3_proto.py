@@ -41,7 +41,7 @@ class Handler:
         self.drop = Drop(MSGS)
         self.locked = False
 
-    def authenticate(self, user, pw):
+    def authenticate(self, user, pw, peer_ip=""):
         return "bob" if (user.lower(), pw) == ("bob", "pw pw pw") else None
 
     def open_maildrop(self, user):
@@ -184,7 +184,7 @@ def test_retr_of_a_message_deleted_by_another_session_is_an_error_not_an_empty_m
 def test_pass_keeps_the_spaces_of_the_password():
     """RFC 1939: PASS has one argument, so spaces are part of the password."""
     class Spaced(Handler):
-        def authenticate(self, user, pw):
+        def authenticate(self, user, pw, peer_ip=""):
             return "bob" if (user, pw) == ("bob", " spaced pass ") else None
     c = POP3Connection(Spaced())
     assert run(c, b"USER  bob ", b"PASS  spaced pass ").endswith(b"+OK Logged in, 3 messages\r\n")

@@ -4,6 +4,7 @@ The servers run in-process over MemoryKV (their construction functions take
 any KV); process-level crash tests are in test_smtp_crash.py.
 """
 
+import base64
 import poplib
 import shutil
 import smtplib
@@ -432,3 +433,31 @@ def test_broken_encoded_words_in_headers_are_delivered_as_they_stand(mail):
     assert listed == [("=?utf-8?B?SGVsbG8gV?=", "=?utf-8?B?!!!notbase64?= <x@example.org>"),
                       ("Grüße", "René <rene@example.org>")]
     assert strip_received(pop_retr(mail.pop_port, "bob", 1))[1] in (broken, latin1)
+
+
+def test_password_guessing_over_smtp_and_pop3_is_throttled_like_the_web_log_in(mail):
+    """Security QA: 100 guesses in 5 s over SMTP AUTH or POP3, no lock-out,
+    while the web log-in locks after 5 failures. The same rule now applies."""
+    from src.throttle import FREE_FAILURES
+    with smtplib.SMTP("127.0.0.1", mail.smtp_port, timeout=10) as s:
+        s.ehlo()
+        codes = []
+        def auth_plain(password):       # one attempt per guess (smtplib's login() tries two mechanisms)
+            return s.docmd("AUTH", "PLAIN " + base64.b64encode(f"\0alice\0{password}".encode()).decode())
+        for i in range(FREE_FAILURES + 2):
+            codes.append(auth_plain(f"guess {i}")[0])
+        assert codes[:FREE_FAILURES] == [535] * FREE_FAILURES and 454 in codes[FREE_FAILURES:]
+        code, text = auth_plain(PW["alice"])
+        assert code == 454 and b"try again in" in text               # even the right one waits now
+    answers = []
+    for i in range(FREE_FAILURES + 2):
+        p = poplib.POP3("127.0.0.1", mail.pop_port, timeout=10)
+        try:
+            p.user("bob")
+            p.pass_(f"guess {i}")
+        except poplib.error_proto as e:
+            answers.append(e.args[0])
+        finally:
+            p.close()
+    assert all(b"[AUTH]" in a for a in answers[:FREE_FAILURES])
+    assert any(b"Too many failed log-ins" in a for a in answers[FREE_FAILURES:])

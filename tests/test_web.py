@@ -9,7 +9,7 @@ from httpserver import templates
 from httpserver.http11 import Headers
 from httpserver.sessions import REFRESH_AFTER_S, Sessions
 from httpserver.templates import Markup, escape, render
-from httpserver.throttle import FREE_FAILURES, LoginThrottle
+from src.throttle import FREE_FAILURES, LoginThrottle
 from httpserver.web import (App, HTTPError, Request, Router, content_disposition, not_modified, parse_range,
                             range_applies, text)
 from src.kv import MemoryKV

@@ -1,6 +1,8 @@
 """Slowing down password guessing, per account and per client address.
 
-The rule (per frontend, in memory):
+Used by the web log-in (each frontend), SMTP AUTH and POP3 log-ins (each
+mail process): the same rule everywhere, or a guesser would simply use the
+protocol without it. The rule (per process, in memory):
 
   * Failures are counted per key (`user:<name>` and `addr:<ip>`) and forgotten
     WINDOW_S after the last one.
@@ -20,6 +22,7 @@ frontend, and the exponential delay keeps even a multiple small.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -31,6 +34,14 @@ BASE_DELAY_S = 1.0
 MAX_DELAY_S = 60.0
 WINDOW_S = 15 * 60.0
 MAX_KEYS = 50_000
+
+
+class Throttled(Exception):
+    """A log-in attempt refused without checking the password: wait `wait_s`."""
+
+    def __init__(self, wait_s: float):
+        super().__init__(f"too many failed log-ins; try again in {math.ceil(wait_s)} seconds")
+        self.wait_s = wait_s
 
 
 class LoginThrottle:
@@ -75,6 +86,21 @@ class LoginThrottle:
                 self._fails[key] = (count + 1, now)
             while len(self._fails) > MAX_KEYS:
                 self._fails.popitem(last=False)
+
+    def attempt(self, user: str, addr: str, verify: Callable[[], str | None]) -> str | None:
+        """Run `verify()` (the password check: the canonical user or None) if
+        `user` and `addr` are not locked, and count its outcome; Throttled if
+        they are."""
+        key = user.strip().lower()[:64]
+        wait = self.wait_time(key, addr)
+        if wait > 0:
+            raise Throttled(wait)
+        who = verify()
+        if who is None:
+            self.failure(key, addr)
+        else:
+            self.success(key)
+        return who
 
     def success(self, user: str) -> None:
         with self._lock:
