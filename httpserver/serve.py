@@ -217,6 +217,14 @@ class HTTPServer(TCPService):
             headers.append(("X-Content-Type-Options", "nosniff"))
         if "x-frame-options" not in present:
             headers.append(("X-Frame-Options", "SAMEORIGIN"))
+        if "content-security-policy" not in present:   # what every page allows (the mail page: more)
+            headers.append(("Content-Security-Policy", "frame-ancestors 'self'; object-src 'none'; base-uri 'self'"))
+        if "referrer-policy" not in present:           # no Referer (with its URL) leaves the site
+            headers.append(("Referrer-Policy", "same-origin"))
+        if req.user is not None and "cache-control" not in present:
+            # A logged-in page is no one else's business: after log-out, Back
+            # must not show the inbox from the browser's cache.
+            headers.append(("Cache-Control", "no-store"))
         if resp.content_type:
             headers.append(("Content-Type", resp.content_type))
         body = resp.body

@@ -257,3 +257,24 @@ def test_the_date_column_shows_whole_dates_of_earlier_years(site):
         for i in range(3):
             text, fits = cells.nth(i).evaluate("td => [td.textContent, td.scrollWidth <= td.clientWidth]")
             assert re.fullmatch(r"\d{1,2} \w{3} 20\d\d", text) and fits, text
+
+
+def test_log_out_works_from_a_message_page_and_back_shows_nothing_cached(site):
+    """Security QA: the message page kept referrers from leaving the site
+    with `no-referrer`, so the browser sent `Origin: null` with the Log out
+    form and the log-out was refused (403): the user stayed logged in. And
+    after logging out, Back showed the inbox from the browser's cache."""
+    from src.mailstore import MailStore
+    base, kv = site
+    with launch_browser() as browser:
+        bob = login_as(browser, base, "bob")
+        mid = MailStore(kv).deliver("bob", "Inbox", b"From: a@example.org\r\nSubject: private\r\n\r\nsecret text\r\n")
+        bob.goto(f"/mail/inbox/{mid}")
+        assert "secret text" in bob.locator(".mail-body").inner_text()
+        bob.get_by_role("button", name="Log out").click()
+        bob.wait_for_load_state()
+        assert bob.url.rstrip("/") == base and bob.locator("input[name=password]").count() > 0
+        assert bob.context.request.get("/mail", max_redirects=0).status == 303      # the session is gone
+        bob.go_back()
+        bob.wait_for_load_state()
+        assert "secret text" not in bob.content()

@@ -211,7 +211,10 @@ class MailApp:
         resp.headers.append(("Content-Security-Policy",
                              "default-src 'self'; img-src 'self' data:; object-src 'none'; frame-src 'none'; "
                              "base-uri 'none'; form-action 'self'"))
-        resp.headers.append(("Referrer-Policy", "no-referrer"))
+        # No Referer leaves the site (a link in a mail gives away nothing);
+        # not `no-referrer`, which makes the browser send `Origin: null` with
+        # our own forms on the page, and the Log out form was then refused.
+        resp.headers.append(("Referrer-Policy", "same-origin"))
         return resp
 
     def arrival_row(self, user: str, folder: str, msg_id: str) -> Markup | str:
