@@ -98,7 +98,9 @@ class MailDelivery:
         return who
 
     def handle_MAIL(self, session: Session, envelope: Envelope, address: str) -> Reply:
-        if session.auth_user is not None and address:
+        if session.auth_user is not None:
+            # Not even <>: the null sender is for bounces, and a logged-in user
+            # sending as <> could put anyone in From: with no bounce path.
             if address.lower() != f"{session.auth_user}@{self.domain}":
                 return Reply(553, f"5.7.1 Sender address must be your own: {session.auth_user}@{self.domain}")
         elif session.auth_user is None and self._ours(address):

@@ -171,6 +171,9 @@ def test_nobody_sends_as_a_local_user_without_being_them(mail):
         assert e.value.smtp_code == 550
         s.sendmail("alice@penncloud.local", ["bob@penncloud.local"],
                    b"From: Alice <Alice@penncloud.local>\r\nSubject: genuine\r\n\r\nx\r\n")
+        with pytest.raises(smtplib.SMTPSenderRefused) as e:     # <> is for bounces, not for users
+            s.sendmail("", ["ceo@bank.example"], b"From: ceo@bank.example\r\nSubject: wire\r\n\r\nx\r\n")
+        assert e.value.smtp_code == 553
     with smtplib.SMTP("127.0.0.1", mail.smtp_port, timeout=10) as s:    # outside mail still comes in
         s.sendmail("carol@example.org", ["bob@penncloud.local"],
                    b"From: Carol <carol@example.org>\r\nSubject: from outside\r\n\r\nx\r\n")
