@@ -872,10 +872,21 @@ class _Sanitizer(HTMLParser):
         return "".join(self.out)
 
 
+# A browser ends <script> and <style> at "</style" followed by a space, "/"
+# or ">", whatever comes before the ">" (`</style/>`, `</style x>`);
+# html.parser (3.11) only at `</style>` and then took everything after such
+# an end tag for style text and dropped it: the rest of the message vanished.
+_RAW_TEXT_END = re.compile(r"</(script|style)(?=[\t\n\r\f />])[^>]*>", re.IGNORECASE)
+
+
+def _raw_text_ends_as_browsers_do(markup: str) -> str:
+    return _RAW_TEXT_END.sub(lambda m: f"</{m.group(1)}>", markup)
+
+
 def sanitize_html(markup: str) -> str:
     """`markup` reduced to a safe allow-list of HTML (see the module docstring)."""
     s = _Sanitizer()
-    s.feed(markup)
+    s.feed(_raw_text_ends_as_browsers_do(markup))
     return s.result()
 
 
@@ -910,7 +921,7 @@ class _TextExtractor(HTMLParser):
 def html_to_text(markup: str) -> str:
     """The readable text of some HTML (for quoting and previews)."""
     p = _TextExtractor()
-    p.feed(markup)
+    p.feed(_raw_text_ends_as_browsers_do(markup))
     p.close()
     text = "".join(p.parts)
     lines = [re.sub(r" {2,}", " ", ln.strip()) for ln in text.split("\n")]

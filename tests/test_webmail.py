@@ -11,7 +11,7 @@ import pytest
 
 from src import webmail
 from src.webmail import (Attachment, ComposeError, build_message, content_disposition, forward_draft,
-                         parse_message, parse_recipients, reply_draft, sanitize_html)
+                         html_to_text, parse_message, parse_recipients, reply_draft, sanitize_html)
 
 D = "penncloud.local"
 NOW = dt.datetime(2026, 11, 22, 12, 30, tzinfo=dt.timezone.utc)
@@ -622,3 +622,11 @@ def test_deeply_nested_parts_are_still_shown():
                       for i in range(300))
            + b"--b300\r\nContent-Type: text/plain\r\n\r\ndeep\r\n")
     assert parse_message(raw).text.strip() == "deep"
+
+
+@pytest.mark.parametrize("markup", ["<style>p{}</style/>AFTER", "<style>x</style x>AFTER",
+                                    "<script>x</script x>AFTER", "<style>x</style\n>AFTER"])
+def test_a_script_or_style_end_tag_with_junk_ends_it_as_in_a_browser(markup):
+    """Security QA: html.parser took `</style/>` for style text, so the rest
+    of the message vanished from the page (a browser shows it)."""
+    assert sanitize_html(markup) == "AFTER" and html_to_text(markup) == "AFTER"
