@@ -854,17 +854,25 @@ class Drive:
         while True:
             try:
                 raw = self.kv.get(row, col)
+            except NotFound:
+                return  # moved out or deleted meanwhile
+            try:
                 self._delete_entry(user, folder, raw, Entry.decode(col[2:].decode("utf-8"), raw))
                 return
-            except (NotFound, ItemNotFound):
-                return  # moved out or deleted meanwhile
+            except ItemNotFound:
+                # Changed between our read and our claim (another operation
+                # claimed it): read it again. That operation may yet fail (a
+                # move to a taken name) and leave the entry here, and
+                # skipping it then leaked the file with the folder's row.
+                wait = None
             except Busy as busy:
                 if busy.holder and busy.intent.get("expires", 0) <= self.clock():
                     self._recover(user, busy.holder, busy.intent)
                     continue
-                if time.monotonic() > deadline:
-                    raise _Unfinished(str(busy)) from None
-                time.sleep(0.02)
+                wait = busy
+            if time.monotonic() > deadline:
+                raise _Unfinished(str(wait or "an entry kept changing")) from None
+            time.sleep(0.02)
 
     def _remove_entry(self, user: str, folder: str, name: str, item_id: str) -> None:
         """Delete folder/e/<name> if it still names `item_id` (rename is refused while deleting)."""

@@ -864,3 +864,31 @@ def test_a_file_deleted_while_it_is_read_is_not_called_damaged(clock):
     with pytest.raises(ItemNotFound, match="deleted while it was being read"):
         list(chunks)
     d.close()
+
+
+def test_a_purge_whose_claim_lost_to_a_failing_move_reads_the_child_again(clock):
+    """Crash QA round 2: the purge of folder T read T/x.bin, a move from
+    another tab claimed it first and then failed (the target already had an
+    x.bin), and the purge, told "has just been changed", skipped the child:
+    T's row went with the entry still in it, the file live and charged for
+    ever. Now the purge reads the child again and deletes it."""
+    kv = GateKV()
+    d = Drive(kv, chunk_bytes=CB, quota_bytes=10_000, clock=clock)
+    root = d.root("alice")
+    t = d.mkdir("alice", root, "T")
+    dest = d.mkdir("alice", root, "dest")
+    d.upload("alice", t.id, "x.bin", b"doomed")
+    d.upload("alice", dest.id, "x.bin", b"kept")
+    kv.stop_after(lambda m, row, col: m == "put" and row.startswith("drive/j/") and "/rm-" in col)
+    deleter, deleted = in_thread(d.delete, "alice", root, "T")
+    assert kv.stopped.wait(5)                   # the purge has read x.bin, not claimed it yet
+    with pytest.raises(NameTaken):
+        d.move("alice", t.id, "x.bin", dest.id)  # claims it, then fails: the name is taken there
+    kv.go()
+    deleter.join(10)
+    assert "ok" in deleted
+    assert [e.name for e in d.listing("alice", root)] == ["dest"]
+    assert read_all(d, "alice", d.entry("alice", dest.id, "x.bin")) == b"kept"
+    assert d.usage("alice").used == len(b"kept")
+    assert not [r for r in kv._rows if r.startswith(f"drive/d/alice/{t.id}".encode())]
+    d.close()
