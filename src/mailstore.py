@@ -252,13 +252,19 @@ class MailStore:
             out.append(self._info(folder, msg_id, _meta_of(value)))
         return out
 
-    def unread_count(self, user: str, folder: str, ids: list[str]) -> int:
-        """How many of the folder's messages (`ids`, from `ids()`) are unread:
-        one COLS of the mread row. A folder from before that row existed is
-        indexed once, by reading every message."""
+    def read_marks(self, user: str, folder: str) -> set[bytes]:
+        """The ids of the folder's messages that have been read: one COLS of
+        the mread row. A folder from before that row existed is indexed
+        once, by reading every message. Read the marks before the messages
+        they are compared with (`heal_read_marks`)."""
         marks = set(self.kv.cols(self._read_row(user, folder)))
         if COMPLETE not in marks:
             marks = self._index_reads(user, folder)
+        return marks
+
+    @staticmethod
+    def unread_count(ids: list[str], marks: set[bytes]) -> int:
+        """How many of `ids` (from `ids()`) have no read mark."""
         return sum(1 for i in ids if i.encode() not in marks)
 
     def _index_reads(self, user: str, folder: str) -> set[bytes]:
@@ -271,19 +277,26 @@ class MailStore:
         self.kv.put(row, COMPLETE, b"")
         return marks
 
-    def heal_read_marks(self, user: str, folder: str, shown: list[MessageInfo], ids: list[str]) -> None:
-        """Make the read marks of messages just read from the index agree
-        with them. A mark is written after its message's flag, so a crash in
-        between (or a message read while the folder was being indexed) leaves
-        the count off by one; showing the message puts it right."""
+    def heal_read_marks(self, user: str, folder: str, shown: list[MessageInfo], marks: set[bytes]) -> None:
+        """Make the read marks of messages just shown agree with their flags.
+
+        A mark is written after its message's flag, so a crash in between
+        (or a message read while the folder was being indexed) leaves the
+        count off by one; showing the message puts it right. `marks` were
+        read before `shown`, so a flag changed by another tab in between is
+        the newer fact; and the flag is read once more before a mark is
+        changed (a tab that opens the message meanwhile has written its
+        flag, then its mark: its mark is never taken away)."""
         row = self._read_row(user, folder)
-        marks = set(self.kv.cols(row))
         for m in shown:
             key = m.id.encode()
+            if m.read == (key in marks):
+                continue
             try:
-                if m.read and key not in marks:
+                read = _meta_of(self.kv.get(self._index_row(user, folder), key))["read"]
+                if read and key not in marks:
                     self.kv.put(row, key, b"")
-                elif not m.read and key in marks:
+                elif not read and key in marks:
                     self.kv.delete(row, key)
             except NotFound:
                 pass

@@ -210,7 +210,7 @@ def test_unread_count_follows_reads_moves_and_deletes_from_the_read_marks():
     kv = MemoryKV()
     store = MailStore(kv)
     a, b, c = (store.deliver("u", "Inbox", b"Subject: %d\r\n\r\nx\r\n" % i) for i in range(3))
-    count = lambda folder="Inbox": store.unread_count("u", folder, store.ids("u", folder))  # noqa: E731
+    count = lambda folder="Inbox": store.unread_count(store.ids("u", folder), store.read_marks("u", folder))  # noqa: E731
     assert count() == 3                         # first call: the folder is indexed
     store.mark_read("u", "Inbox", a)
     store.mark_read("u", "Inbox", a)
@@ -223,3 +223,25 @@ def test_unread_count_follows_reads_moves_and_deletes_from_the_read_marks():
     assert count() == 1 and count("Sent") == 0
     store.deliver("u", "Sent", b"Subject: mine\r\n\r\nx\r\n", read=True)
     assert count("Sent") == 0 and count() == 1
+
+
+def test_healing_the_read_marks_never_undoes_another_tabs_read():
+    """Crash QA round 2: a folder page read the flags, another tab opened a
+    message (flag, then mark), and the page's heal, comparing its older flag
+    with the newer mark, deleted the mark: one unread too many, for good.
+    The page reads the marks first, and the flag again before a change."""
+    kv = MemoryKV()
+    store = MailStore(kv)
+    ids = [store.deliver("u", "Inbox", b"Subject: %d\r\n\r\nx\r\n" % i) for i in range(3)]
+    marks = store.read_marks("u", "Inbox")                # this page: marks, then flags ...
+    shown = store.infos("u", "Inbox", ids)
+    store.mark_read("u", "Inbox", ids[1])                 # ... another tab opens a message meanwhile ...
+    store.heal_read_marks("u", "Inbox", shown, marks)     # ... then this page heals
+    assert store.unread_count(store.ids("u", "Inbox"), store.read_marks("u", "Inbox")) == 2
+    # and the other way round: the mark is older than the flag it disagrees with
+    marks = store.read_marks("u", "Inbox")
+    store.mark_read("u", "Inbox", ids[2])
+    shown = store.infos("u", "Inbox", ids)
+    kv.delete(b"mread/u/Inbox", ids[2].encode())          # as if the mark were lost to a crash
+    store.heal_read_marks("u", "Inbox", shown, marks)
+    assert store.unread_count(store.ids("u", "Inbox"), store.read_marks("u", "Inbox")) == 1

@@ -133,14 +133,15 @@ class MailApp:
             n = 1
         # The page reads the folder's ids (one COLS) and only its own 50
         # messages; the unread count comes from the read marks (one COLS).
+        marks = self.store.read_marks(req.user, folder) if folder == "Inbox" else set()
         ids = self.store.ids(req.user, folder)
         pages = max(1, (len(ids) + PAGE_SIZE - 1) // PAGE_SIZE)
         n = min(n, pages)
         shown = self.store.infos(req.user, folder, ids[(n - 1) * PAGE_SIZE: n * PAGE_SIZE])
         unread = 0
         if folder == "Inbox":
-            unread = self.store.unread_count(req.user, folder, ids)
-            self.store.heal_read_marks(req.user, folder, shown, ids)
+            unread = self.store.unread_count(ids, marks)
+            self.store.heal_read_marks(req.user, folder, shown, marks)
         rows = []
         now = time.time()
         for m in shown:
