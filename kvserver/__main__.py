@@ -84,7 +84,7 @@ def main(argv=None) -> int:
         return 1
     stop = process.stop_event()
     process.announce_ready(server.port)
-    stop.wait()
+    process.wait_for(stop)
     log.info("stopping")
     server.stop()
     return 0

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot listen on %s:%s: %s", node.host, node.port if args.port is None else args.port, e)
         return 1
     process.announce_ready(lb.port)
-    stop.wait()
+    process.wait_for(stop)
     log.info("stopping")
     lb.stop()
     return 0

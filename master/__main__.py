@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     stop = process.stop_event()
     process.announce_ready(master.port)
-    stop.wait()
+    process.wait_for(stop)
     master.stop()
     return 0
 

@@ -41,6 +41,14 @@ STOP_GRACE_S = 8.0
 LOG_KEEP_BYTES = 16 * 1024 * 1024   # a log this big is set aside as <name>.log.1 at the next start
 
 
+
+def _arg_after(argv: list[bytes], flag: bytes) -> bytes | None:
+    """The argument that follows `flag` in a command line, if any."""
+    try:
+        return argv[argv.index(flag) + 1]
+    except (ValueError, IndexError):
+        return None
+
 def rotate_log(path: str, keep_bytes: int = LOG_KEEP_BYTES) -> None:
     """Before a process starts: a log over `keep_bytes` becomes `<path>.1`
     (replacing the one before), so the logs of a cluster that is restarted
@@ -133,7 +141,10 @@ class Launcher:
                 argv = f.read().split(b"\0")
         except OSError:
             return None
-        if b"--id" in argv and spec.name.encode() in argv:
+        # Ours only if it is that process of THIS cluster: the same id and the
+        # same data directory (a pid file copied with a backup, or a pid now
+        # held by another cluster's kv1 after a reboot, must not be stopped).
+        if b"--id" in argv and spec.name.encode() in argv and _arg_after(argv, b"--data") == self.cfg.data_dir.encode():
             return pid
         return None
 
@@ -208,8 +219,25 @@ class Launcher:
         return "\n".join("      " + line for line in text[-lines:])
 
     def stop(self) -> int:
+        """Stop the store's clients first (LB, frontends, mail), then the
+        tablet servers, then the master, each wave given STOP_GRACE_S. All at
+        once, a frontend in the middle of an upload met a store that was
+        going away and spent its grace retrying, and was killed."""
+        specs = list(reversed(process_specs(self.cfg)))
+        waves = [[s for s in specs if s.module not in ("kvserver", "master")],
+                 [s for s in specs if s.module == "kvserver"], [s for s in specs if s.module == "master"]]
+        for wave in waves:
+            self._stop_wave(wave)
+        for spec in process_specs(self.cfg):
+            try:
+                os.unlink(self.pid_path(spec))
+            except FileNotFoundError:
+                pass
+        return 0
+
+    def _stop_wave(self, specs: list[ProcessSpec]) -> None:
         pids = {}
-        for spec in reversed(process_specs(self.cfg)):
+        for spec in specs:
             pid = self.running_pid(spec)
             if pid is not None:
                 os.kill(pid, signal.SIGTERM)
@@ -226,12 +254,6 @@ class Launcher:
                 self.say(f"  {spec.name:<8} killed (did not stop within {STOP_GRACE_S:.0f}s)")
             except ProcessLookupError:
                 self.say(f"  {spec.name:<8} stopped")
-        for spec in process_specs(self.cfg):
-            try:
-                os.unlink(self.pid_path(spec))
-            except FileNotFoundError:
-                pass
-        return 0
 
     def status(self) -> int:
         """One line per process; exit status 0 if every one is up, else 3

@@ -76,6 +76,19 @@ def stop_event() -> threading.Event:
     return stop
 
 
+def wait_for(stop: threading.Event) -> None:
+    """Block until `stop` is set, looking once a second.
+
+    Not `stop.wait()` with no timeout: Linux delivers a signal to any
+    thread of the process, and CPython runs the Python handler (which sets
+    `stop`) only when the main thread next runs bytecode. A main thread
+    blocked for good in the event's lock, while another thread took the
+    SIGTERM, never got there: the process ignored the stop until the
+    launcher's SIGKILL (QA saw the master do that)."""
+    while not stop.wait(1.0):
+        pass
+
+
 def announce_ready(port: int) -> None:
     """The one line on stdout that says the process serves (0: it has no port)."""
     sys.stdout.write(f"READY {port}\n")
@@ -83,4 +96,4 @@ def announce_ready(port: int) -> None:
 
 
 __all__ = ["argument_parser", "data_dir", "load", "fail", "size_arg", "kv_client", "stop_event",
-           "announce_ready", "ConfigError"]
+           "wait_for", "announce_ready", "ConfigError"]

@@ -128,3 +128,66 @@ def test_a_big_log_is_set_aside_at_the_next_start(tmp_path):
     rotate_log(str(log), keep_bytes=1000)
     assert not log.exists() and (tmp_path / "kv1.log.1").read_bytes() == b"x" * 2000
     rotate_log(str(tmp_path / "never.log"))                    # no log yet: nothing to do
+
+
+def test_a_pid_file_naming_another_clusters_process_is_not_ours(tmp_path):
+    """Ops QA: stop with the --data of a backup copy (its pid files copied
+    too) stopped the live cluster: a pid counted as ours when its command
+    line had `--id kv1`, whatever its data directory."""
+    import sys
+    from src.config import load_config
+    from src.launcher import Launcher, ProcessSpec
+    cfg_path, _ = write_config(tmp_path)
+    cfg = load_config(cfg_path)
+    launcher = Launcher(cfg, cfg_path, out=open(os.devnull, "w"))
+    spec = ProcessSpec("kv1", "kvserver", "127.0.0.1", 0)
+    os.makedirs(launcher.run_dir, exist_ok=True)
+    procs = []
+    try:
+        for data in ("/some/other/data", cfg.data_dir):
+            p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)",
+                                  "--id", "kv1", "--data", data])
+            procs.append(p)
+            with open(launcher.pid_path(spec), "w") as f:
+                f.write(f"{p.pid}\n")
+            wait_until(lambda: os.path.exists(f"/proc/{p.pid}/cmdline") and
+                       b"--data" in open(f"/proc/{p.pid}/cmdline", "rb").read(), 5, what="the process runs")
+        assert launcher.running_pid(spec) == procs[1].pid       # this cluster's kv1
+        with open(launcher.pid_path(spec), "w") as f:
+            f.write(f"{procs[0].pid}\n")
+        assert launcher.running_pid(spec) is None                # another cluster's kv1
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def test_a_sigterm_taken_by_another_thread_still_stops_the_process(tmp_path):
+    """Ops QA: the master sometimes ignored SIGTERM until the launcher's
+    SIGKILL. Linux gives a signal to any thread; Python runs the handler
+    (which sets the stop event) in the main thread, which sat in
+    `stop.wait()` with no timeout and never ran it. Here the main thread
+    blocks SIGTERM, so another thread must take it, as happens by chance."""
+    import sys
+    import time
+    script = tmp_path / "proc.py"
+    script.write_text(
+        "import signal, sys, threading, time\n"
+        f"sys.path.insert(0, {REPO!r})\n"
+        "from src import process\n"
+        "stop = process.stop_event()\n"
+        "threading.Thread(target=lambda: time.sleep(60), daemon=True).start()\n"
+        "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})\n"
+        "print('READY', flush=True)\n"
+        "process.wait_for(stop)\n"
+        "print('STOPPED', flush=True)\n")
+    p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "READY"
+        began = time.monotonic()
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(10) == 0 and p.stdout.readline().strip() == "STOPPED"
+        assert time.monotonic() - began < 5
+    finally:
+        p.kill()
+        p.wait()
