@@ -6,6 +6,7 @@
 #   --config FILE            another cluster description (default configs/local.toml)
 #   --data DIR               another data directory (or set PENNCLOUD_DATA)
 set -euo pipefail
+export PENNCLOUD_CWD="$PWD"     # relative --config/--data paths mean relative to here
 cd "$(dirname "$0")"
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv

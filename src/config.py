@@ -14,6 +14,7 @@ Sizes may be written as integers (bytes) or strings with a unit: "64MiB",
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -137,6 +138,10 @@ def parse_size(text: str) -> int:
     return int(m.group(1)) * _UNITS[(m.group(2) or "b").lower()]
 
 
+_HOST_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?|\[?[0-9A-Fa-f:.]+\]?")
+_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
 class _Reader:
     """Reads typed values out of one TOML table, naming file and key in errors."""
 
@@ -171,7 +176,8 @@ class _Reader:
 
     def float(self, key: str, default: float, lo: float | None = None) -> float:
         v = self.take(key, default)
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            # (nan passes every comparison: a failure_timeout_s of nan meant no failover, ever)
             self.fail(key, f"must be a number of seconds, not {v!r}")
         self._range(key, v, lo, None)
         return float(v)
@@ -207,14 +213,20 @@ class _Reader:
             self.fail(key, f"must be at most {hi}, not {v}")
 
     def node(self, default_id: str, default_host: str, default_port: int) -> Node:
-        node_id = self.str("id", default_id)
-        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", node_id):
-            self.fail("id", f"must be 1-64 letters, digits, '.', '_' or '-', not {node_id!r}")
+        node_id = self.id("id", default_id)
         host = self.str("host", default_host)
-        if not host:
-            self.fail("host", "must not be empty")
+        if not _HOST_RE.fullmatch(host):
+            # (a trailing space made the launcher take the server for a remote one)
+            self.fail("host", f"must be a host name or an IP address, not {host!r}")
         port = self.int("port", default_port, 0, 65535)
         return Node(node_id, host, port)
+
+    def id(self, key: str, default: str) -> str:
+        """A process id: it names files (pid, log) and directories, so no '/'."""
+        v = self.str(key, default)
+        if not _ID_RE.fullmatch(v) or v in (".", ".."):
+            self.fail(key, f"must be 1-64 letters, digits, '.', '_' or '-', not {v!r}")
+        return v
 
     def done(self):
         if self.table:
@@ -226,8 +238,8 @@ def load_config(path: str, data_dir: str | None = None) -> Config:
 
     `data_dir`, when given, overrides the file's `data_dir` (the command line's
     or $PENNCLOUD_DATA's choice, resolved by `__main__`). A relative data_dir
-    in the file is taken relative to the file's parent's parent (the checkout),
-    so `configs/local.toml` puts data in `./data`.
+    in the file is taken relative to the file's directory (`configs/local.toml`
+    says `../data`: the checkout's `data/`).
     """
     try:
         with open(path, "rb") as f:
@@ -248,8 +260,7 @@ def parse_config(raw: dict, path: str = "<config>", data_dir: str | None = None)
     if data_dir is None:
         data_dir = file_data_dir
         if not os.path.isabs(data_dir):
-            base = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-            data_dir = os.path.join(base, data_dir)
+            data_dir = os.path.join(os.path.dirname(os.path.abspath(path)), data_dir)
     data_dir = os.path.abspath(data_dir)
 
     r = _Reader(path, "cluster", top.take("cluster", {}))
@@ -307,7 +318,7 @@ def parse_config(raw: dict, path: str = "<config>", data_dir: str | None = None)
         domain=domain,
         smtp=smtp_node,
         pop3=pop3_node,
-        relay_id=r.str("relay_id", "relay"),
+        relay_id=r.id("relay_id", "relay"),
         resolver=resolver,
         relay_port=r.int("relay_port", 25, 1, 65535),
         max_message_bytes=r.size("max_message_bytes", 25 * MiB, 1 * KiB),
@@ -338,10 +349,15 @@ def parse_config(raw: dict, path: str = "<config>", data_dir: str | None = None)
     relay = Node(mail.relay_id, smtp_node.host, 0)
     processes = (master, *kvservers, *frontends, lb.node, smtp_node, pop3_node, relay)
     seen: set[str] = set()
+    listening: dict[tuple[str, int], str] = {}
     for n in processes:
         if n.id in seen:
             raise ConfigError(f"{path}: two processes are named {n.id!r}")
         seen.add(n.id)
+        if n.port:          # (0: any free port, for a process a test starts itself)
+            other = listening.setdefault((n.host, n.port), n.id)
+            if other != n.id:
+                raise ConfigError(f"{path}: {other!r} and {n.id!r} would both listen on {n.host}:{n.port}")
     if kvservers and cluster.replication > len(kvservers):
         raise ConfigError(
             f"{path}: cluster.replication: {cluster.replication} replicas need at least "

@@ -24,6 +24,7 @@ each starts only the processes whose `host` is one of its own addresses, and
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import shlex
 import signal
@@ -31,6 +32,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from src.config import Config, ConfigError, load_config
@@ -40,6 +42,22 @@ START_TIMEOUT_S = 60.0
 STOP_GRACE_S = 8.0
 LOG_KEEP_BYTES = 16 * 1024 * 1024   # a log this big is set aside as <name>.log.1 at the next start
 
+
+
+@contextmanager
+def one_at_a_time(data_dir: str):
+    """Hold `<data_dir>/run/launcher.lock` while starting or stopping: two
+    starts at once (two terminals) each launched a frontend, one of them
+    with no pid file, which then kept its port from every later start."""
+    run = os.path.join(data_dir, "run")
+    os.makedirs(run, exist_ok=True)
+    with open(os.path.join(run, "launcher.lock"), "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            sys.stderr.write("run_all.sh: another run_all.sh is starting or stopping this cluster; waiting\n")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def _arg_after(argv: list[bytes], flag: bytes) -> bytes | None:
@@ -162,6 +180,11 @@ class Launcher:
     def start(self) -> int:
         os.makedirs(self.run_dir, exist_ok=True)
         os.makedirs(self.log_dir, exist_ok=True)
+        zero = [s.name for s in process_specs(self.cfg) if s.port == 0 and s.name != self.cfg.mail.relay_id]
+        if zero:
+            self.say(f"run_all.sh: {self.config_path}: {', '.join(zero)} need a port (0 is for tests that "
+                     "start a process themselves: the others must know where to find it)")
+            return 2
         failures = 0
         for spec in process_specs(self.cfg):
             if not is_local(spec.host):
@@ -176,6 +199,9 @@ class Launcher:
                 continue
             if not self.launch(spec):
                 failures += 1
+                if spec.module == "master":
+                    self.say("  the master did not start: not starting the rest (they would only wait for it)")
+                    return 1
         self.report()
         return 1 if failures else 0
 
@@ -296,8 +322,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=os.path.join(REPO, "configs", "local.toml"))
     p.add_argument("--data", default=None, help="data directory (default: the config's, or $PENNCLOUD_DATA)")
     args = p.parse_args(argv)
+    # run_all.sh changes into the checkout first; a relative --config or
+    # --data means relative to where the user typed it.
+    here = os.environ.get("PENNCLOUD_CWD") or os.getcwd()
+    args.config = os.path.join(here, args.config)
+    data = args.data or os.environ.get("PENNCLOUD_DATA") or None
+    if data is not None:
+        data = os.path.join(here, data)
     try:
-        cfg = load_config(args.config, args.data or os.environ.get("PENNCLOUD_DATA") or None)
+        cfg = load_config(args.config, data)
     except ConfigError as e:
         sys.stderr.write(f"run_all.sh: {e}\n")
         return 2
@@ -307,14 +340,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.data:
         flags += f" --data {shlex.quote(args.data)}"
     launcher = Launcher(cfg, args.config, flags=flags)
-    if args.command == "start":
-        return launcher.start()
-    if args.command == "stop":
-        return launcher.stop()
-    if args.command == "restart":
-        launcher.stop()
-        return launcher.start()
-    return launcher.status()
+    try:
+        if args.command == "status":
+            return launcher.status()
+        with one_at_a_time(cfg.data_dir):
+            if args.command == "start":
+                return launcher.start()
+            if args.command == "stop":
+                return launcher.stop()
+            launcher.stop()
+            return launcher.start()
+    except OSError as e:        # a data directory that is a file, read-only, full...
+        sys.stderr.write(f"run_all.sh: {e.filename or cfg.data_dir}: {e.strerror or e}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("\nrun_all.sh: interrupted; what started is running "
+                         f"(./run_all.sh status{flags}, ./run_all.sh stop{flags})\n")
+        return 130
 
 
 if __name__ == "__main__":

@@ -26,6 +26,14 @@ def test_local_config_loads():
     ({"lb": {"policy": "random"}}, "lb.policy: must be one of"),
     ({"mail": {"domain": "bad domain"}}, "mail.domain: is not a valid domain"),
     ({"cluster": {"replication": 3}, "kvserver": [{}]}, "need at least"),
+    # from the ops QA: each of these started a broken cluster
+    ({"cluster": {"failure_timeout_s": float("nan")}}, "cluster.failure_timeout_s: must be a number"),
+    ({"cluster": {"failure_timeout_s": float("inf")}}, "cluster.failure_timeout_s: must be a number"),
+    ({"kvserver": [{"host": "127.0.0.1 "}]}, "kvserver[0].host: must be a host name or an IP address"),
+    ({"mail": {"relay_id": "../../x"}}, "mail.relay_id: must be 1-64 letters"),
+    ({"mail": {"relay_id": ""}}, "mail.relay_id: must be 1-64 letters"),
+    ({"kvserver": [{"port": 7001}, {"port": 7001}]}, "'kv1' and 'kv2' would both listen on 127.0.0.1:7001"),
+    ({"frontend": [{"port": 7000}]}, "'master' and 'fe1' would both listen on 127.0.0.1:7000"),
 ])
 def test_bad_config_names_key(raw, needle):
     with pytest.raises(ConfigError) as e:
@@ -47,3 +55,12 @@ def test_sizes_with_units():
     cfg = parse_config({"storage": {"memory_budget": "2 MiB", "max_cell_bytes": 1000}})
     assert cfg.storage.memory_budget_bytes == 2 * MiB
     assert cfg.storage.max_cell_bytes == 1000
+
+
+def test_a_relative_data_dir_is_relative_to_the_config_file(tmp_path):
+    """Ops QA: with a config in /tmp/x/cluster.toml, data_dir = "data" put the
+    data in /tmp/data (the rule was "the file's parent's parent")."""
+    (tmp_path / "class").mkdir()
+    path = tmp_path / "class" / "cluster.toml"
+    path.write_text('data_dir = "data"\n')
+    assert load_config(str(path)).data_dir == str(tmp_path / "class" / "data")

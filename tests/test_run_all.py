@@ -191,3 +191,37 @@ def test_a_sigterm_taken_by_another_thread_still_stops_the_process(tmp_path):
     finally:
         p.kill()
         p.wait()
+
+
+def test_mistakes_running_it_are_one_line_errors_and_start_nothing(tmp_path):
+    """Ops QA: a data directory that is a file gave a traceback; port = 0
+    started a tablet server nobody could find; a relative --config was
+    looked up in the checkout, not where the user typed it."""
+    config, _ = write_config(tmp_path)
+    as_file = tmp_path / "not-a-dir"
+    as_file.write_text("x")
+    r = run_all("start", "--config", config, "--data", str(as_file))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and str(as_file) in r.stderr
+    zero = tmp_path / "zero.toml"
+    zero.write_text(open(config).read().replace("[[kvserver]]\nid = \"kv1\"\nport = ",
+                                                "[[kvserver]]\nid = \"kv1\"\nport = 0 #"))
+    r = run_all("start", "--config", str(zero))
+    assert r.returncode == 2 and "kv1 need a port" in r.stdout + r.stderr
+    assert not os.path.exists(tmp_path / "data" / "run" / "master.pid")
+    # A relative path is relative to the user's directory.
+    r = subprocess.run([os.path.join(REPO, "run_all.sh"), "status", "--config", os.path.basename(config)],
+                       capture_output=True, text=True, timeout=60, cwd=os.path.dirname(config))
+    assert r.returncode == 3 and "no such config file" not in r.stderr
+
+
+def test_two_launchers_on_one_cluster_take_turns(tmp_path):
+    import threading
+    from src.launcher import one_at_a_time
+    order = []
+    with one_at_a_time(str(tmp_path)):
+        t = threading.Thread(target=lambda: (one_at_a_time(str(tmp_path)).__enter__(), order.append("second")))
+        t.start()
+        t.join(0.5)
+        order.append("first done")
+    t.join(5)
+    assert order == ["first done", "second"]
