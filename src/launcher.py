@@ -169,6 +169,19 @@ class Launcher:
     def answers(self, spec: ProcessSpec) -> bool:
         if not spec.port:
             return self.running_pid(spec) is not None  # no port to ask (the relay)
+        if spec.module in ("master", "kvserver"):
+            # Not just a connection, which the kernel accepts for a stopped
+            # (frozen) process too: an answer within a second, and a tablet
+            # server KILLed from the admin console is not up either.
+            from src.kvclient import ServerClient
+            try:
+                c = ServerClient(spec.addr, timeout=1.0, secret=self.cfg.cluster.secret)
+                try:
+                    return c.ping() and (spec.module == "master" or c.status().get("state") != "killed")
+                finally:
+                    c.close()
+            except Exception:       # no answer, a refusal, a broken reply: not up
+                return False
         try:
             with socket.create_connection((spec.host, spec.port), timeout=1.0):
                 return True

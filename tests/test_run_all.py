@@ -225,3 +225,33 @@ def test_two_launchers_on_one_cluster_take_turns(tmp_path):
         order.append("first done")
     t.join(5)
     assert order == ["first done", "second"]
+
+
+def test_status_calls_a_frozen_or_killed_tablet_server_down(tmp_path):
+    """Ops QA: `status` (a health check: exit 0 only when all are up) said
+    "up" for a SIGSTOPped tablet server, since the kernel still accepts its
+    connections, and for one KILLed from the admin console."""
+    from src.config import load_config
+    from src.kvclient import ServerClient
+    from src.launcher import Launcher, ProcessSpec
+    from tests.harness import Proc
+    config, _ = write_config(tmp_path)
+    launcher = Launcher(load_config(config), config, out=open(os.devnull, "w"))
+    kv = Proc("kvserver", ["--standalone", "--port", "0", "--data", str(tmp_path / "kv"), "--tablets", "4"]).start()
+    try:
+        spec = ProcessSpec("kv1", "kvserver", "127.0.0.1", kv.port)
+        assert launcher.answers(spec)
+        os.kill(kv.popen.pid, signal.SIGSTOP)
+        try:
+            assert not launcher.answers(spec)
+        finally:
+            os.kill(kv.popen.pid, signal.SIGCONT)
+        assert launcher.answers(spec)
+        admin = ServerClient(f"127.0.0.1:{kv.port}", timeout=5)
+        admin.call("KILL")
+        assert not launcher.answers(spec)
+        admin.call("WAKE")
+        assert launcher.answers(spec)
+        admin.close()
+    finally:
+        kv.kill()
