@@ -262,7 +262,7 @@ class LoadBalancer:
         if body is None:
             body = _page(title, text)
         items = [("Content-Type", content_type), ("Content-Length", str(len(body))),
-                 ("Cache-Control", "no-store"), *headers]
+                 ("Cache-Control", "no-store"), *_OWN_PAGE_HEADERS, *headers]
         if close or client.conn.in_state not in ("done",):
             items.append(("Connection", "close"))
         client.send(Response(status, items), Data(body), EndOfMessage())
@@ -430,12 +430,19 @@ class LoadBalancer:
         self.pool.put(up)
 
 
+# The LB's own pages (502, 503, its errors, /_lb/status) carry what the
+# frontends' pages do: no sniffing, no framing by other sites.
+_OWN_PAGE_HEADERS = (("X-Content-Type-Options", "nosniff"), ("X-Frame-Options", "DENY"),
+                     ("Content-Security-Policy", "frame-ancestors 'none'; default-src 'none'; style-src 'unsafe-inline'"))
+
+
 def _raw_error(sock: socket.socket, status: int) -> None:
     """Answer a request the codec could not parse (it has no request to answer), then close."""
     reason = REASONS.get(status, "Error")
     body = _page(f"{status} {reason}", "The request took too long to arrive." if status == 408
                  else "The request could not be understood.")
-    head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/html; charset=utf-8\r\n"
+    extra = "".join(f"{n}: {v}\r\n" for n, v in _OWN_PAGE_HEADERS)
+    head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/html; charset=utf-8\r\n{extra}"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
     try:
         sock.sendall(head + body)

@@ -234,6 +234,8 @@ def test_heartbeat_timeout_and_no_frontend(tmp_path, backends):
     try:
         r, body = get(lb.port)
         assert r.status == 503 and b"try again" in body
+        # the LB's own pages are not to be sniffed or framed (security QA S8)
+        assert r.getheader("X-Content-Type-Options") == "nosniff" and r.getheader("X-Frame-Options") == "DENY"
         beat(lb, cfg, backends[:1])
         assert get(lb.port)[0].status == 200
         wait_until(lambda: get(lb.port)[0].status == 503, timeout=6, what="fe1 timed out")
