@@ -230,7 +230,10 @@ class _Reader:
 
     def done(self):
         if self.table:
-            self.fail(sorted(self.table)[0], "unknown key")
+            key = sorted(self.table)[0]
+            if not self.section and isinstance(self.table[key], (dict, list)):
+                self.fail(key, f"unknown section [{key}]")
+            self.fail(key, "unknown key")
 
 
 def load_config(path: str, data_dir: str | None = None) -> Config:

@@ -216,6 +216,9 @@ class Launcher:
                     self.say("  the master did not start: not starting the rest (they would only wait for it)")
                     return 1
         self.report()
+        if failures:
+            self.say(f"\n  {failures} process(es) did not start: see above (and their logs); "
+                     "the addresses above may not all answer")
         return 1 if failures else 0
 
     def launch(self, spec: ProcessSpec) -> bool:
@@ -265,8 +268,11 @@ class Launcher:
         specs = list(reversed(process_specs(self.cfg)))
         waves = [[s for s in specs if s.module not in ("kvserver", "master")],
                  [s for s in specs if s.module == "kvserver"], [s for s in specs if s.module == "master"]]
+        stopped = 0
         for wave in waves:
-            self._stop_wave(wave)
+            stopped += self._stop_wave(wave)
+        if not stopped:
+            self.say("  nothing of this cluster was running")
         for spec in process_specs(self.cfg):
             try:
                 os.unlink(self.pid_path(spec))
@@ -274,13 +280,15 @@ class Launcher:
                 pass
         return 0
 
-    def _stop_wave(self, specs: list[ProcessSpec]) -> None:
+    def _stop_wave(self, specs: list[ProcessSpec]) -> int:
+        """SIGTERM these, SIGKILL what is left after the grace; how many ran."""
         pids = {}
         for spec in specs:
             pid = self.running_pid(spec)
             if pid is not None:
                 os.kill(pid, signal.SIGTERM)
                 pids[spec] = pid
+        ran = list(pids)
         deadline = time.monotonic() + STOP_GRACE_S
         while pids and time.monotonic() < deadline:
             for spec in [s for s in pids if self.running_pid(s) is None]:
@@ -293,6 +301,7 @@ class Launcher:
                 self.say(f"  {spec.name:<8} killed (did not stop within {STOP_GRACE_S:.0f}s)")
             except ProcessLookupError:
                 self.say(f"  {spec.name:<8} stopped")
+        return len(ran)
 
     def status(self) -> int:
         """One line per process; exit status 0 if every one is up, else 3

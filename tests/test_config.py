@@ -34,6 +34,7 @@ def test_local_config_loads():
     ({"mail": {"relay_id": ""}}, "mail.relay_id: must be 1-64 letters"),
     ({"kvserver": [{"port": 7001}, {"port": 7001}]}, "'kv1' and 'kv2' would both listen on 127.0.0.1:7001"),
     ({"frontend": [{"port": 7000}]}, "'master' and 'fe1' would both listen on 127.0.0.1:7000"),
+    ({"storag": {"memory_budget": "1GiB"}}, "storag: unknown section [storag]"),
 ])
 def test_bad_config_names_key(raw, needle):
     with pytest.raises(ConfigError) as e:

@@ -255,3 +255,9 @@ def test_status_calls_a_frozen_or_killed_tablet_server_down(tmp_path):
         admin.close()
     finally:
         kv.kill()
+
+
+def test_stop_says_so_when_nothing_was_running(tmp_path):
+    config, _ = write_config(tmp_path)
+    r = run_all("stop", "--config", config)
+    assert r.returncode == 0 and "nothing of this cluster was running" in r.stdout
