@@ -167,9 +167,13 @@ class LoadBalancer:
             time.sleep(STARTUP_POLL_S)
 
     def _stopped_beating(self, fe_id: str) -> bool:
-        """Has `fe_id` missed its heartbeats (frozen, or cut off) since a request went to it?"""
+        """Has `fe_id` missed its heartbeats (frozen, or cut off) since a
+        request went to it? Heartbeats only: a frontend marked failed because
+        one other request to it failed may still be doing this one's work
+        (cutting it would answer 502 for a POST it carried out)."""
         with self._lock:
-            return not self.balancer.get(fe_id).live(self.clock(), self.balancer.timeout_s)
+            fe = self.balancer.get(fe_id)
+            return fe.last_beat is None or self.clock() - fe.last_beat >= self.balancer.timeout_s
 
     def mark_failed(self, fe_id: str) -> None:
         with self._lock:

@@ -50,6 +50,7 @@ from src import mailfmt
 from src.kv import KVError
 from src.mailstore import MailStore, MailStoreError, QueueItem
 from src.mailsweep import SWEEP_BUDGET_S, SWEEP_EVERY_S, MailSweeper, SweepStats, lister_for
+from src.process import wait_for
 
 log = logging.getLogger(__name__)
 
@@ -419,7 +420,7 @@ def run_workers(workers: list[RelayWorker], stop: threading.Event, join_s: float
     threads = [threading.Thread(target=w.run, args=(stop,), name=w.worker_id, daemon=True) for w in workers]
     for t in threads:
         t.start()
-    stop.wait()
+    wait_for(stop)          # not stop.wait(): see src/process.py
     for w in workers:
         w.abort()
     deadline = time.monotonic() + join_s

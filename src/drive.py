@@ -1006,11 +1006,32 @@ class Drive:
                 except ItemNotFound:
                     trail = [intent["id"]]      # the target is being deleted: undo too
                 if intent["id"] in trail:
-                    self._remove_entry(user, intent["dst"], intent["new"], intent["id"])
+                    self._undo_folder_move(user, intent)
                     return
                 self._finish_move(user, intent)
             return
         self._finish_move(user, intent)
+
+    def _undo_folder_move(self, user: str, intent: dict) -> None:
+        """Take back a hung folder move: its new entry goes, and if the move
+        had already given the folder its new parent, the old one comes back
+        (else the folder stayed listed where it was but could not be opened:
+        its parent named a folder since deleted)."""
+        item, dst, new = intent["id"], intent["dst"], intent["new"]
+        self._remove_entry(user, dst, new, item)
+        for _ in range(100):
+            try:
+                raw, meta = self._meta(user, item)
+            except ItemNotFound:
+                return
+            if meta.get("parent") != dst:
+                return
+            try:
+                self.kv.cput(_dir_row(user, item), b"meta", raw,
+                             _dumps(dict(meta, parent=intent["src"], name=intent["name"])))
+                return
+            except (Mismatch, NotFound):
+                continue
 
     def _finish_move(self, user: str, intent: dict) -> None:
         item, dst, new = intent["id"], intent["dst"], intent["new"]
@@ -1128,7 +1149,10 @@ class Upload:
                 cand = Entry(numbered(self.name, k), fid, "file", self.size,
                              mtime if mtime is not None else now, content_type(self.name), self.cb)
                 try:
-                    d._put_entry(user, self.folder, cand)
+                    # Claimed by the upload until it has settled: a delete
+                    # from another tab in between used the upload's hold as
+                    # its own, and the bytes stayed charged for ever.
+                    d._put_entry(user, self.folder, cand, op=self._opid)
                     e = cand
                     break
                 except Exists:

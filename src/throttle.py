@@ -62,44 +62,61 @@ class LoginThrottle:
 
     def wait_time(self, user: str, addr: str) -> float:
         """Seconds until a log-in attempt for `user` from `addr` is allowed (0 = now)."""
-        now = self.clock()
-        wait = 0.0
         with self._lock:
-            for key in (f"user:{user}", f"addr:{addr}"):
-                entry = self._fails.get(key)
-                if entry is None:
-                    continue
-                count, last = entry
-                if now - last > WINDOW_S:
-                    del self._fails[key]
-                    continue
-                wait = max(wait, last + self._delay(key, count) - now)
+            return self._wait_locked(user, addr, self.clock())
+
+    def _wait_locked(self, user: str, addr: str, now: float) -> float:
+        wait = 0.0
+        for key in (f"user:{user}", f"addr:{addr}"):
+            entry = self._fails.get(key)
+            if entry is None:
+                continue
+            count, last = entry
+            if now - last > WINDOW_S:
+                del self._fails[key]
+                continue
+            wait = max(wait, last + self._delay(key, count) - now)
         return max(0.0, wait)
 
     def failure(self, user: str, addr: str) -> None:
-        now = self.clock()
         with self._lock:
-            for key in (f"user:{user}", f"addr:{addr}"):
-                count, last = self._fails.pop(key, (0, now))
-                if now - last > WINDOW_S:
-                    count = 0
-                self._fails[key] = (count + 1, now)
-            while len(self._fails) > MAX_KEYS:
-                self._fails.popitem(last=False)
+            self._fail_locked(user, addr, self.clock())
+
+    def _fail_locked(self, user: str, addr: str, now: float) -> None:
+        for key in (f"user:{user}", f"addr:{addr}"):
+            count, last = self._fails.pop(key, (0, now))
+            if now - last > WINDOW_S:
+                count = 0
+            self._fails[key] = (count + 1, now)
+        while len(self._fails) > MAX_KEYS:
+            self._fails.popitem(last=False)
 
     def attempt(self, user: str, addr: str, verify: Callable[[], str | None]) -> str | None:
         """Run `verify()` (the password check: the canonical user or None) if
-        `user` and `addr` are not locked, and count its outcome; Throttled if
-        they are."""
+        `user` and `addr` are not locked; Throttled if they are.
+
+        The attempt counts as a failure before the password is checked, and
+        is taken back if it was right: checking first and counting after let
+        guesses sent at the same moment all through (200 at once, 200
+        checked). A success clears the account's count and takes back its
+        own count from the address, so a class behind one address can log in
+        all day."""
         key = user.strip().lower()[:64]
-        wait = self.wait_time(key, addr)
-        if wait > 0:
-            raise Throttled(wait)
+        with self._lock:
+            wait = self._wait_locked(key, addr, self.clock())
+            if wait > 0:
+                raise Throttled(wait)
+            self._fail_locked(key, addr, self.clock())
         who = verify()
-        if who is None:
-            self.failure(key, addr)
-        else:
-            self.success(key)
+        if who is not None:
+            with self._lock:
+                self._fails.pop(f"user:{key}", None)
+                entry = self._fails.get(f"addr:{addr}")
+                if entry is not None:
+                    if entry[0] <= 1:
+                        del self._fails[f"addr:{addr}"]
+                    else:
+                        self._fails[f"addr:{addr}"] = (entry[0] - 1, entry[1])
         return who
 
     def success(self, user: str) -> None:

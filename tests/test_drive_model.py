@@ -892,3 +892,50 @@ def test_a_purge_whose_claim_lost_to_a_failing_move_reads_the_child_again(clock)
     assert d.usage("alice").used == len(b"kept")
     assert not [r for r in kv._rows if r.startswith(f"drive/d/alice/{t.id}".encode())]
     d.close()
+
+
+def test_a_file_whose_upload_is_settling_cannot_be_deleted_meanwhile(clock):
+    """Review: a delete between an upload's visible entry and its quota
+    settling took the upload's hold for its own, and the bytes stayed
+    charged for ever. The entry is the upload's until it has settled."""
+    kv = GateKV()
+    d = Drive(kv, chunk_bytes=CB, quota_bytes=10_000, clock=clock)
+    root = d.root("alice")
+    kv.stop_after(lambda m, row, col: m == "putnx" and row.endswith(root) and col == "e/f")
+    uploader, uploaded = in_thread(d.upload, "alice", root, "f", b"x" * 100)
+    assert kv.stopped.wait(5)                  # visible, not settled yet
+    with pytest.raises(Busy):
+        d.delete("alice", root, "f")
+    kv.go()
+    uploader.join(5)
+    assert "ok" in uploaded and d.usage("alice").used == 100
+    d.delete("alice", root, "f")
+    assert d.listing("alice", root) == [] and d.usage("alice").used == 0
+    d.close()
+
+
+def test_undoing_a_hung_folder_move_gives_the_folder_its_old_parent_back(clock, monkeypatch):
+    """Review: a folder move that died after giving the folder its new parent
+    (but before removing its old entry), into a folder the user then
+    deleted: the sweeper's undo removed the new entry but left the parent
+    pointing at the deleted folder, so the folder could not be opened."""
+    monkeypatch.setattr(src.drive, "CLAIM_WAIT_S", 0.1)
+    kv = CrashingKV()
+    d = Drive(kv, chunk_bytes=CB, quota_bytes=10_000, clock=clock)
+    root = d.root("alice")
+    m = d.mkdir("alice", root, "M")
+    dd = d.mkdir("alice", root, "D")
+    d.upload("alice", m.id, "inside", b"bytes")
+    kv.countdown = 5  # lock, intent, claim, entry in D, M's new parent; removing the old entry "crashes"
+    with pytest.raises(Crash):
+        d.move("alice", root, "M", dd.id)
+    kv.countdown = None
+    clock.t += 20                              # the lock's lease is over, the move's is not
+    d.delete("alice", root, "D")               # its purge waits for the hung move, then leaves it to the sweeper
+    clock.t += 10_000
+    d.sweep()
+    d.sweep()
+    assert [e.name for e in d.listing("alice", root)] == ["M"]
+    assert [n for _, n in d.breadcrumbs("alice", m.id)] == ["", "M"]
+    assert read_all(d, "alice", d.entry("alice", m.id, "inside")) == b"bytes"
+    d.close()

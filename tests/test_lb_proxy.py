@@ -73,6 +73,8 @@ class Backend:
 
             def do_POST(self):
                 backend.hits += 1
+                if self.path.startswith("/slow"):
+                    time.sleep(2.5)             # a long piece of work (a big upload's last chunks)
                 n = int(self.headers.get("Content-Length", "0"))
                 h = hashlib.sha256()
                 while n:
@@ -553,4 +555,32 @@ def test_control_endpoints_refuse_browsers_even_from_an_allowed_host(tmp_path, b
         beat(lb, cfg, backends[:1])                        # our own control client still works
         assert get(lb.port)[0].status == 200
     finally:
+        lb.stop()
+
+
+def test_a_slow_request_to_a_beating_frontend_is_not_cut_when_another_request_fails(tmp_path, backends):
+    """Review: the LB's wait for an answer gave up on a frontend once it was
+    marked failed (by some other request's failure), though it still beat:
+    a POST it carried out was answered 502. Only missed heartbeats count."""
+    cfg = make_cfg(tmp_path, [b.port for b in backends[:1]], timeout=1.5)
+    lb = start_lb(cfg)
+    stop = threading.Event()
+    try:
+        ctl = LBControlClient("127.0.0.1", lb.port, cfg.cluster.secret)
+
+        def beat_on():
+            while not stop.wait(0.3):
+                ctl.heartbeat("fe1", backends[0].port, 0)
+        beater = threading.Thread(target=beat_on, daemon=True)
+        ctl.heartbeat("fe1", backends[0].port, 0)
+        beater.start()
+        threading.Timer(1.0, lambda: lb.mark_failed("fe1")).start()   # another request to fe1 failed
+        c = http.client.HTTPConnection("127.0.0.1", lb.port, timeout=10)
+        c.request("POST", "/slow", body=b"work", headers={"Content-Type": "text/plain"})
+        r = c.getresponse()
+        body = r.read()
+        c.close()
+        assert r.status == 200 and json.loads(body)["backend"] == "fe1"
+    finally:
+        stop.set()
         lb.stop()

@@ -23,6 +23,7 @@ from httpserver.web import HTTPError, Request, Router, redirect
 from httpserver.sessions import COOKIE
 from src.accounts import (MAX_PASSWORD, MIN_PASSWORD, AccountError, InvalidPassword, InvalidUsername,
                           UsernameTaken, WrongPassword, normalize_username)
+from src.throttle import Throttled
 
 log = logging.getLogger(__name__)
 
@@ -131,19 +132,17 @@ def register(router: Router, ctx) -> None:
     def login(req: Request):
         username = req.field("username", "") or ""
         password = req.field("password", "") or ""
-        key = username.strip().lower()[:64]
-        wait = throttle.wait_time(key, req.client_addr)
-        if wait > 0:
-            resp = landing(req, 429, f"Too many failed log-ins. Please wait {math.ceil(wait)} seconds "
+        try:
+            user = throttle.attempt(username, req.client_addr, lambda: accounts.verify(username, password))
+        except Throttled as e:
+            wait = math.ceil(e.wait_s)
+            resp = landing(req, 429, f"Too many failed log-ins. Please wait {wait} seconds "
                                      "and try again.", login_user=username)
-            resp.headers.append(("Retry-After", str(math.ceil(wait))))
+            resp.headers.append(("Retry-After", str(wait)))
             return resp
-        user = accounts.verify(username, password)
         if user is None:
-            throttle.failure(key, req.client_addr)
-            log.info("failed log-in for %r from %s", key, req.client_addr)
+            log.info("failed log-in for %r from %s", username.strip().lower()[:64], req.client_addr)
             return landing(req, 401, "That username and password do not match.", login_user=username)
-        throttle.success(key)
         return logged_in(req, user)
 
     @router.route("POST", "/logout", login=False, csrf=False)
