@@ -188,7 +188,7 @@ def test_a_file_too_large_for_mail_keeps_the_draft(tmp_path, javascript):
             if javascript:
                 alert = page.locator(".mail-too-large")
                 alert.wait_for()
-                assert "97.7 KB, over the 64 KB mail limit" in alert.inner_text()
+                assert "97.7 KiB, over the 64 KiB mail limit" in alert.inner_text()
                 page.get_by_role("button", name="Send").click()
                 assert posts == [] and page.url.endswith("/mail/compose")
                 # Under the limit as it is, over it once encoded for mail.
@@ -200,7 +200,7 @@ def test_a_file_too_large_for_mail_keeps_the_draft(tmp_path, javascript):
                 page.wait_for_url("**/mail/sent**")
             else:
                 page.get_by_role("button", name="Send").click()
-                page.get_by_text("is larger than the 64 KB mail limit").wait_for()
+                page.get_by_text("is larger than the 64 KiB mail limit").wait_for()
                 assert page.input_value("input[name=to]") == "bob"
                 assert page.input_value("input[name=subject]") == "keep me"
                 assert page.input_value("textarea[name=body]") == "a long text\nI do not want to type again"
@@ -278,3 +278,35 @@ def test_log_out_works_from_a_message_page_and_back_shows_nothing_cached(site):
         bob.go_back()
         bob.wait_for_load_state()
         assert "secret text" not in bob.content()
+
+
+def test_a_send_refused_by_the_server_shows_its_message_at_the_top(site):
+    """UX QA: with the page's script, the server's answer (the form with its
+    error) was written in at the old scroll position, near the Send button;
+    the red message at the top was out of view and Send looked dead."""
+    base, kv = site
+    with launch_browser() as browser:
+        alice = login_as(browser, base, "alice")
+        alice.set_viewport_size({"width": 1200, "height": 500})
+        alice.goto("/mail/compose")
+        alice.fill("input[name=to]", "nobody-here")
+        alice.fill("textarea[name=body]", "line\n" * 80)
+        alice.get_by_role("button", name="Send").scroll_into_view_if_needed()
+        alice.get_by_role("button", name="Send").click()
+        message = alice.get_by_text("There is no user")
+        message.wait_for()
+        assert alice.evaluate("window.scrollY") == 0 and message.is_visible()
+        box = message.bounding_box()
+        assert box is not None and box["y"] < 500
+
+
+def test_the_inbox_unread_count_is_shown_on_message_pages_too(site):
+    """UX QA: the sidebar's unread badge vanished on every message page."""
+    from src.mailstore import MailStore
+    base, kv = site
+    store = MailStore(kv)
+    ids = [store.deliver("bob", "Inbox", b"Subject: %d\r\n\r\nx\r\n" % i) for i in range(3)]
+    with launch_browser() as browser:
+        bob = login_as(browser, base, "bob")
+        bob.goto(f"/mail/inbox/{ids[0]}")
+        assert bob.locator(".mail-count").inner_text() == "2"

@@ -191,13 +191,13 @@ def test_attachment_over_the_limit_is_refused_and_nothing_is_sent(site):
     assert "mail-compose-form" in r.text
     assert 'value="bob"' in r.text and 'value="keepme"' in r.text and "bodykeep\nline two" in r.text
     assert 'value="carol@example.com"' in r.text and "&lt;a@b.example&gt;" in r.text
-    assert "\u201cbig.bin\u201d (3 MB) is larger than the 256 KB mail limit" in r.text
+    assert "\u201cbig.bin\u201d (3 MiB) is larger than the 256 KiB mail limit" in r.text
     assert "choose the files to attach again" in r.text
     # Two files that fit one by one but not together: the one that does not fit is named.
     half = b"y" * (MAX_MESSAGE // 2 + 10)
     r = alice.send("bob", subject="two", body="b", files=[("attachment", "one.bin", "application/octet-stream", half),
                                                             ("attachment", "two.bin", "application/octet-stream", half)])
-    assert r.status == 413 and "\u201ctwo.bin\u201d" in r.text and "at most 256 KB in all" in r.text
+    assert r.status == 413 and "\u201ctwo.bin\u201d" in r.text and "at most 256 KiB in all" in r.text
     assert 'value="two"' in r.text
     store = MailStore(kv)
     assert store.list("bob", "Inbox") == [] and store.list("alice", "Sent") == []

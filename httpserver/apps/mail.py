@@ -113,10 +113,15 @@ class MailApp:
 
     def mail_page(self, req, title: str, body: Markup, status: int = 200, active_folder: str = "",
                   unread: int | None = None, js: tuple[str, ...] = ()) -> Response:
-        """The page in the shared layout with the mail sidebar. The unread
-        badge is shown when the caller knows the count (the Inbox page): it
-        costs a listing of the whole Inbox, too much for every page."""
-        unread = unread or 0
+        """The page in the shared layout with the mail sidebar, with the
+        Inbox's unread count on every mail page (two COLS: the Inbox's ids
+        and its read marks; the Inbox page passes the count it has)."""
+        if unread is None:
+            try:
+                unread = self.store.unread_count(self.store.ids(req.user, "Inbox"),
+                                                 self.store.read_marks(req.user, "Inbox"))
+            except (KVError, MailStoreError):
+                unread = 0      # the page still works without its badge
         side = render(SIDEBAR, inbox_cls="active" if active_folder == "inbox" else "",
                       sent_cls="active" if active_folder == "sent" else "",
                       unread=render(' <span class="mail-count">{n}</span>', n=unread) if unread else "")
@@ -547,11 +552,13 @@ def plural(n: int, word: str) -> str:
 
 
 def human_size(n: int) -> str:
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
+    """Sizes in the drive's binary units (KiB, MiB): mail said "28.6 MB" for
+    what the drive calls "28.6 MiB", and its "25 MB" limit is 25 MiB."""
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
             return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}".replace(".0 ", " ")
         n /= 1024
-    return f"{n} GB"
+    return f"{n} GiB"
 
 
 def short_date(header: str, received: float, now: float) -> str:

@@ -42,7 +42,7 @@ document.addEventListener("DOMContentLoaded", function () {
   var tooLarge = form.querySelector(".mail-too-large");
 
   function human(n) {
-    var units = ["bytes", "KB", "MB", "GB"], i = 0;
+    var units = ["bytes", "KiB", "MiB", "GiB"], i = 0;
     while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
     return i === 0 ? n + " bytes" : (Math.round(n * 10) / 10) + " " + units[i];
   }
@@ -114,10 +114,12 @@ document.addEventListener("DOMContentLoaded", function () {
           setTimeout(post, 500 * attempts);
           return;
         }
-        // An error page or the form with its error message: show it as it is.
+        // An error page or the form with its error message: show it as it is,
+        // from the top (where the message is; the page kept its scroll position).
         document.open();
         document.write(xhr.responseText);
         document.close();
+        window.scrollTo(0, 0);
       });
       xhr.addEventListener("error", function () {
         idle();
