@@ -628,3 +628,18 @@ def test_stale_pages_do_not_act_on_the_wrong_item(site):
     assert c.upload(gone, [("late.txt", b"x")]).status == 404
     assert c.post(f"/drive/mkdir/{gone}", {"name": "late"}).status == 404
     assert listed(c, root) == ["report.txt"]
+
+
+def test_an_action_in_a_folder_another_tab_deleted_goes_back_to_my_drive_with_the_message(site):
+    """UX QA: "New folder" in a folder another tab had deleted gave a bare
+    "Page not found" page that led to the dashboard (an upload there said so
+    inline). Now it is My Drive, with the message."""
+    fe, _ = site
+    c = login(fe.port, "alice")
+    root = root_of(c)
+    gone = mkdir(c, root, "Conflict")
+    assert c.post(f"/drive/delete/{root}", {"name": "Conflict"}).status == 303     # the other tab
+    r = c.post(f"/drive/mkdir/{gone}", {"name": "New"})
+    assert r.status == 303 and r.headers["location"].startswith("/drive?err=")
+    page = c.get(r.headers["location"])
+    assert page.status == 200 and "does not exist" in page.text and "Conflict" not in listed(c, root)

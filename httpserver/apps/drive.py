@@ -453,8 +453,12 @@ class DriveApp:
             return json_response({"ok": False, "error": msg}, status=status)
         try:
             return self.folder_page(req, folder, error=msg, status=status)
-        except HTTPError:  # the folder itself is gone (or was never this user's)
-            raise HTTPError(status, msg) from None
+        except HTTPError:
+            # The folder itself is gone (deleted in another tab, or never this
+            # user's): back to My Drive with the message, rather than a bare
+            # error page that leads to the dashboard.
+            root = self._root(req)
+            return redirect(folder_url(root, root, err=msg, sig=sign(req, "err", msg)))
 
     def _act(self, req, folder, action):
         """Run one form action with the errors every action shares."""
