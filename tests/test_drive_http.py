@@ -640,6 +640,5 @@ def test_an_action_in_a_folder_another_tab_deleted_goes_back_to_my_drive_with_th
     gone = mkdir(c, root, "Conflict")
     assert c.post(f"/drive/delete/{root}", {"name": "Conflict"}).status == 303     # the other tab
     r = c.post(f"/drive/mkdir/{gone}", {"name": "New"})
-    assert r.status == 303 and r.headers["location"].startswith("/drive?err=")
-    page = c.get(r.headers["location"])
-    assert page.status == 200 and "does not exist" in page.text and "Conflict" not in listed(c, root)
+    assert r.status == 404 and "does not exist" in r.text
+    assert f'action="/drive/upload/{root}"' in r.text and "Back to your dashboard" not in r.text

@@ -455,10 +455,9 @@ class DriveApp:
             return self.folder_page(req, folder, error=msg, status=status)
         except HTTPError:
             # The folder itself is gone (deleted in another tab, or never this
-            # user's): back to My Drive with the message, rather than a bare
-            # error page that leads to the dashboard.
-            root = self._root(req)
-            return redirect(folder_url(root, root, err=msg, sig=sign(req, "err", msg)))
+            # user's): My Drive with the message, and the same status, rather
+            # than a bare error page that leads to the dashboard.
+            return self.folder_page(req, self._root(req), error=msg, status=status)
 
     def _act(self, req, folder, action):
         """Run one form action with the errors every action shares."""
