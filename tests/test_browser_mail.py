@@ -119,6 +119,7 @@ def test_compose_send_read_reply_forward_delete(site, tmp_path):
         carol.get_by_role("link", name=re.compile("Fwd: Re: Lunch")).first.click()
         body = carol.locator(".mail-body").inner_text()
         assert "Forwarded message" in body and "Sounds good!" in body
+        carol.once("dialog", lambda d: d.accept())          # "Delete this message?"
         carol.get_by_role("button", name="Delete").click()
         carol.wait_for_url(re.compile(r"/mail$"))
         assert "Your inbox is empty" in carol.content()
@@ -310,3 +311,25 @@ def test_the_inbox_unread_count_is_shown_on_message_pages_too(site):
         bob = login_as(browser, base, "bob")
         bob.goto(f"/mail/inbox/{ids[0]}")
         assert bob.locator(".mail-count").inner_text() == "2"
+
+
+def test_deleting_a_message_asks_first(site):
+    """UX QA: Delete on a message page was immediate and final (mail has no
+    Trash); the drive asks first. With the page's script it asks too."""
+    from src.mailstore import MailStore
+    base, kv = site
+    store = MailStore(kv)
+    mid = store.deliver("bob", "Inbox", b"Subject: keep\r\n\r\nx\r\n")
+    with launch_browser() as browser:
+        bob = login_as(browser, base, "bob")
+        bob.goto(f"/mail/inbox/{mid}")
+        asked = []
+        bob.once("dialog", lambda d: (asked.append(d.message), d.dismiss()))
+        bob.get_by_role("button", name="Delete").click()
+        bob.wait_for_timeout(300)
+        assert asked and "cannot be undone" in asked[0]
+        assert store.has_message("bob", "Inbox", mid)         # dismissed: still there
+        bob.once("dialog", lambda d: d.accept())
+        bob.get_by_role("button", name="Delete").click()
+        bob.wait_for_url("**/mail")
+        assert not store.has_message("bob", "Inbox", mid)

@@ -212,7 +212,7 @@ class MailApp:
             VIEW, subject=d.subject or "(no subject)", from_=d.from_, to=d.to or "(undisclosed)", cc_row=cc_row,
             date_row=date_row, content=content, toggle=toggle, attachments=atts, slug=slug, id=msg_id,
             csrf=csrf_field(req), back="/mail" if slug == "inbox" else "/mail/sent", folder=folder)
-        resp = self.mail_page(req, d.subject or "(no subject)", body, active_folder=slug)
+        resp = self.mail_page(req, d.subject or "(no subject)", body, active_folder=slug, js=("mail.js",))
         # Belt and braces on top of the sanitiser: nothing remote may load.
         resp.headers.append(("Content-Security-Policy",
                              "default-src 'self'; img-src 'self' data:; object-src 'none'; frame-src 'none'; "
@@ -634,7 +634,7 @@ VIEW = """<article class="mail-message">
 <a class="button" href="/mail/compose?replyall={slug}/{id}">↩ Reply all</a>
 <a class="button" href="/mail/compose?forward={slug}/{id}">↪ Forward</a>
 <form method="post" action="/mail/{slug}/{id}/unread" class="mail-inline">{csrf}<button type="submit">Mark unread</button></form>
-<form method="post" action="/mail/{slug}/{id}/delete" class="mail-inline">{csrf}<button type="submit" class="danger">Delete</button></form>
+<form method="post" action="/mail/{slug}/{id}/delete" class="mail-inline" data-confirm="Delete this message? This cannot be undone.">{csrf}<button type="submit" class="danger">Delete</button></form>
 <a class="mail-back" href="{back}">← Back to {folder}</a>
 </div>
 <table class="mail-headers">

@@ -5,6 +5,13 @@
 // that met a frontend dying under it (the load balancer's 502/503/504) is
 // sent again by itself: the form's send_key makes that safe, the server
 // stores no second copy (the same POST, sent by XMLHttpRequest).
+// A form with data-confirm (Delete on a message page: mail has no Trash)
+// asks first; without this file it deletes at once.
+document.addEventListener("submit", function (ev) {
+  var question = ev.target.getAttribute && ev.target.getAttribute("data-confirm");
+  if (question && !window.confirm(question)) ev.preventDefault();
+}, true);
+
 document.addEventListener("DOMContentLoaded", function () {
   var form = document.querySelector("form.mail-compose-form");
   if (!form) return;
