@@ -395,3 +395,20 @@ def test_login_and_signup_from_another_site_are_refused(fe, client):
         assert r.status == 403 and client.sid is None, origin
     r = client.post("/login", {"username": "mallory", "password": PASSWORD})       # no Origin: curl
     assert r.status == 303 and client.sid
+
+
+@pytest.mark.parametrize("name", ["bob", "b", "a.b", "a_", "a-", "x" * 32, "bob.", ".bob", "-x", "a b", "x" * 33])
+def test_the_sign_up_forms_pattern_says_what_the_server_says(client, name):
+    """UX QA: the form took "bob." and the server refused it after the round
+    trip (the password field cleared). The browser's pattern now follows the
+    server's rule."""
+    import html as htmlmod
+    import re
+    from src.accounts import InvalidUsername, normalize_username
+    page = client.get("/").body
+    pattern = htmlmod.unescape(re.search(r'name="username"[^>]*pattern="([^"]+)"', page, re.S).group(1))
+    try:
+        server_ok = normalize_username(name) == name
+    except InvalidUsername:
+        server_ok = False
+    assert (re.fullmatch(pattern, name) is not None) == server_ok

@@ -48,10 +48,11 @@ _LANDING = """
     <h2>Create an account</h2>
     <form method="post" action="/signup" class="stack">
       <label>Username <input name="username" autocomplete="username" required maxlength="32"
-        pattern="[A-Za-z0-9][A-Za-z0-9._\\-]{{0,31}}" value="{signup_user}" autocapitalize="none"
-        spellcheck="false"></label>
-      <p class="hint">1-32 letters, digits, '.', '_' or '-'. It is also your mail address:
-        <em>name</em>@{domain}.</p>
+        pattern="[A-Za-z0-9]([A-Za-z0-9._\\-]{{0,30}}[A-Za-z0-9_\\-])?" value="{signup_user}"
+        autocapitalize="none" spellcheck="false"
+        title="1-32 letters, digits, '.', '_' or '-', starting with a letter or digit, not ending with '.'"></label>
+      <p class="hint">1-32 letters, digits, '.', '_' or '-', starting with a letter or digit and not
+        ending with '.'. It is also your mail address: <em>name</em>@{domain}.</p>
       <label>Password <input name="password" type="password" autocomplete="new-password" required
         minlength="{min_pw}" maxlength="{max_pw}"></label>
       <p class="hint">At least {min_pw} characters.</p>

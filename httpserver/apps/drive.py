@@ -231,7 +231,7 @@ class DriveApp:
             '<button type="submit">Create</button></form>\n'
             '</div>\n<p class="drive-hint">You can also drop files anywhere on this page.</p>\n'
             '<ul id="uploads" hidden aria-live="polite"></ul>\n'
-            '<div id="drop-overlay" hidden>Drop files to upload them here</div>\n'
+            '<div id="drop-overlay" hidden><span>Drop files to upload them here</span></div>\n'
             '{table}</div>',
             crumbs=self._crumbs(crumbs, root), quota=quota_bar(usage),
             notices=notices(*self._messages(req), error),
