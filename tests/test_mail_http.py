@@ -684,3 +684,26 @@ def test_a_folder_page_reads_its_own_messages_only_and_the_unread_count_stays_ri
     store.mark_read("bob", "Inbox", ids[7])
     kv.delete(b"mread/bob/Inbox", ids[7].encode())               # the flag was written, the mark not
     assert "200 messages, 199 unread" in bob.get("/mail").text
+
+
+def test_back_delete_and_mark_unread_return_to_the_page_the_message_was_opened_from(site, monkeypatch):
+    """UX QA: from a message opened on page 2, "Back to Inbox", Delete and
+    Mark unread all went to page 1."""
+    from httpserver.apps import mail
+    from src.mailstore import MailStore
+    monkeypatch.setattr(mail, "PAGE_SIZE", 5)
+    fe, kv = site
+    bob = user(fe, "bob")
+    store = MailStore(kv)
+    for i in range(12):
+        store.deliver("bob", "Inbox", b"Subject: m%d\r\n\r\nx\r\n" % i)
+    page2 = bob.get("/mail?page=2").text
+    link = re.search(r'href="(/mail/inbox/[0-9a-f]+\?page=2)"', page2).group(1)
+    view = bob.get(link).text
+    assert 'href="/mail?page=2"' in view
+    mid = link.split("/")[3].split("?")[0]
+    r = bob.post_form(f"/mail/inbox/{mid}/unread", {"page": "2"})
+    assert r.status == 303 and r.headers["location"] == "/mail?page=2"
+    r = bob.post_form(f"/mail/inbox/{mid}/delete", {"page": "2"})
+    assert r.status == 303 and r.headers["location"] == "/mail?page=2"
+    assert bob.post_form(f"/mail/inbox/{store.ids('bob', 'Inbox')[0]}/delete", {}).headers["location"] == "/mail"

@@ -157,7 +157,8 @@ class MailApp:
                                     for parsed, summary in zip(heads, (m.sender, m.to, m.subject)))
             who = webmail.display_address(to if folder == "Sent" else sender) or "(nobody)"
             rows.append(render(
-                ROW, cls="unread" if not m.read else "read", href=f"/mail/{slug}/{m.id}", who=who,
+                ROW, cls="unread" if not m.read else "read",
+                href=f"/mail/{slug}/{m.id}" + (f"?page={n}" if n > 1 else ""), who=who,
                 subject=webmail.clean_line(subject) or "(no subject)", preview=preview,
                 date=short_date(m.date, m.received, now),
                 full_date=webmail.clean_line(m.date) or f"received {arrival_time(m.received)}",
@@ -211,7 +212,7 @@ class MailApp:
         body = render(
             VIEW, subject=d.subject or "(no subject)", from_=d.from_, to=d.to or "(undisclosed)", cc_row=cc_row,
             date_row=date_row, content=content, toggle=toggle, attachments=atts, slug=slug, id=msg_id,
-            csrf=csrf_field(req), back="/mail" if slug == "inbox" else "/mail/sent", folder=folder)
+            csrf=csrf_field(req), back=folder_link(slug, page_arg(req)), page=page_arg(req), folder=folder)
         resp = self.mail_page(req, d.subject or "(no subject)", body, active_folder=slug, js=("mail.js",))
         # Belt and braces on top of the sanitiser: nothing remote may load.
         resp.headers.append(("Content-Security-Policy",
@@ -264,7 +265,7 @@ class MailApp:
             self.store.delete(req.user, folder, msg_id)
         except (NoSuchMessage, MailStoreError):
             raise HTTPError(404, "That message does not exist (it may have been deleted already).") from None
-        return redirect("/mail" if slug == "inbox" else "/mail/sent")
+        return redirect(folder_link(slug, page_arg(req)))
 
     def unread(self, req, slug: str, msg_id: str) -> Response:
         folder = self.folder_of(slug)
@@ -272,7 +273,7 @@ class MailApp:
             self.store.mark_read(req.user, folder, msg_id, read=False)
         except (NoSuchMessage, MailStoreError):
             raise HTTPError(404, "That message does not exist.") from None
-        return redirect("/mail" if slug == "inbox" else "/mail/sent")
+        return redirect(folder_link(slug, page_arg(req)))
 
     # -- compose -------------------------------------------------------------------
 
@@ -547,6 +548,21 @@ def _read_bounded(part, limit: int) -> bytes:
             raise HTTPError(413, "That is too large to send by mail. Share it from your drive instead.")
 
 
+def page_arg(req) -> int:
+    """The folder page a message was opened from (`?page=`, or the forms'
+    `page` field), so that Back, Delete and Mark unread return there."""
+    try:
+        raw = req.arg("page") if req.method in ("GET", "HEAD") else (req.field("page") or req.arg("page"))
+        return max(1, min(int(raw or 1), 1_000_000))
+    except (ValueError, TypeError):
+        return 1
+
+
+def folder_link(slug: str, page: int) -> str:
+    base = "/mail" if slug == "inbox" else "/mail/sent"
+    return base + (f"?page={page}" if page > 1 else "")
+
+
 def plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
@@ -633,8 +649,8 @@ VIEW = """<article class="mail-message">
 <a class="button" href="/mail/compose?reply={slug}/{id}">↩ Reply</a>
 <a class="button" href="/mail/compose?replyall={slug}/{id}">↩ Reply all</a>
 <a class="button" href="/mail/compose?forward={slug}/{id}">↪ Forward</a>
-<form method="post" action="/mail/{slug}/{id}/unread" class="mail-inline">{csrf}<button type="submit">Mark unread</button></form>
-<form method="post" action="/mail/{slug}/{id}/delete" class="mail-inline" data-confirm="Delete this message? This cannot be undone.">{csrf}<button type="submit" class="danger">Delete</button></form>
+<form method="post" action="/mail/{slug}/{id}/unread" class="mail-inline">{csrf}<input type="hidden" name="page" value="{page}"><button type="submit">Mark unread</button></form>
+<form method="post" action="/mail/{slug}/{id}/delete" class="mail-inline" data-confirm="Delete this message? This cannot be undone.">{csrf}<input type="hidden" name="page" value="{page}"><button type="submit" class="danger">Delete</button></form>
 <a class="mail-back" href="{back}">← Back to {folder}</a>
 </div>
 <table class="mail-headers">
