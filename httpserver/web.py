@@ -31,7 +31,7 @@ import re
 import stat
 import time
 from typing import Callable, Iterable, Iterator
-from urllib.parse import parse_qs, quote, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
 from httpserver.http11 import REASONS, Headers
 from httpserver.multipart import (NEED_DATA, Done, MultipartError, MultipartParser, PartData, PartEnd,
@@ -670,7 +670,12 @@ class App:
                 self._load_session(req)
             if route.login and req.user is None:
                 if req.method in ("GET", "HEAD"):
-                    return redirect("/")
+                    # To the log-in page, which says why and comes back here
+                    # (not for /home, whose answer DESIGN.md fixes: "/", and
+                    # where a log-in goes anyway).
+                    if req.raw_path == "/home":
+                        return redirect("/")
+                    return redirect("/?" + urlencode({"next": req.raw_path}))
                 raise HTTPError(401, "Your session has ended. Please log in again.")
             if route.admin and not req.session.admin:
                 raise HTTPError(403, "This page is for administrators only.")

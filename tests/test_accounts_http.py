@@ -412,3 +412,21 @@ def test_the_sign_up_forms_pattern_says_what_the_server_says(client, name):
     except InvalidUsername:
         server_ok = False
     assert (re.fullmatch(pattern, name) is not None) == server_ok
+
+
+def test_log_in_returns_to_the_page_that_asked_for_it_and_never_off_site(fe):
+    """UX QA: a logged-out visit to /drive landed on the start page with no
+    word, and the log-in then went to /home. The start page now says why,
+    and the log-in goes back; a `next` that leaves the site is ignored."""
+    from src.accounts import Accounts
+    Accounts(fe.kv).create("alice", "correct horse")
+    c = Client(fe.port)
+    r = c.get("/drive")
+    assert r.status == 303 and r.getheader("Location") == "/?next=%2Fdrive"
+    page = c.get("/?next=%2Fdrive")
+    assert "Please log in to see that page." in page.body and 'name="next" value="/drive"' in page.body
+    r = c.post("/login", {"username": "alice", "password": "correct horse", "next": "/drive"})
+    assert r.status == 303 and r.getheader("Location") == "/drive"
+    for evil in ("//evil.example/x", "https://evil.example/", "/\\evil.example", "javascript:alert(1)"):
+        r = Client(fe.port).post("/login", {"username": "alice", "password": "correct horse", "next": evil})
+        assert r.status == 303 and r.getheader("Location") == "/home"

@@ -430,7 +430,7 @@ def test_no_session_no_csrf(site):
     alice.upload(root, [("f.txt", b"data")])
     anon = Client(fe.port)
     r = anon.get(file_url(root, "f.txt"))
-    assert r.status == 303 and r.getheader("Location") == "/"
+    assert r.status == 303 and r.getheader("Location") == "/?next=" + quote(file_url(root, "f.txt"), safe="")
     assert anon.get("/drive").status == 303
     assert anon.post(f"/drive/delete/{root}", {"name": "f.txt"}, csrf=False).status in (401, 303)
     # A logged-in user without the token (a cross-site form) is refused.

@@ -296,7 +296,7 @@ def test_mail_pages_need_a_login(site):
     fe, _ = site
     anon = Client(fe.port)
     r = anon.get("/mail")
-    assert r.status == 303 and r.getheader("Location") == "/"
+    assert r.status == 303 and r.getheader("Location") == "/?next=%2Fmail"      # log in, then back here
     assert anon.get("/mail/compose").status == 303
     assert anon.post_form("/mail/send", {"to": "bob"}, csrf=False).status in (303, 401, 403)
 

@@ -27,6 +27,17 @@ from src.throttle import Throttled
 
 log = logging.getLogger(__name__)
 
+
+def local_path(value: str | None) -> str:
+    """`value` if it is a path on this site ("/drive/f/..."), else "": the
+    page to return to after log-in must never lead to another site
+    ("//evil.example", "/\\evil.example", "https://...")."""
+    if not value or not value.startswith("/") or value.startswith(("//", "/\\")) or len(value) > 2048:
+        return ""
+    if any(ord(c) < 32 or c == "\\" for c in value):
+        return ""
+    return value
+
 _LANDING = """
 <section class="hero">
   <h1>Your files and mail, in one place.</h1>
@@ -37,7 +48,7 @@ _LANDING = """
 <div class="auth-grid">
   <section class="card" id="login">
     <h2>Log in</h2>
-    <form method="post" action="/login" class="stack">
+    <form method="post" action="/login" class="stack">{next_field}
       <label>Username <input name="username" autocomplete="username" required value="{login_user}"
         autocapitalize="none" spellcheck="false"></label>
       <label>Password <input name="password" type="password" autocomplete="current-password" required></label>
@@ -94,9 +105,14 @@ def register(router: Router, ctx) -> None:
     domain = ctx.config.mail.domain
 
     def landing(req: Request, status: int = 200, error: str = "", login_user: str = "",
-                signup_user: str = "", anchor: str = ""):
-        body = render(_LANDING, notice=notice(error) if error else Markup(""), login_user=login_user,
-                      signup_user=signup_user, domain=domain, min_pw=MIN_PASSWORD, max_pw=MAX_PASSWORD)
+                signup_user: str = "", anchor: str = "", info: str = ""):
+        nxt = local_path(req.arg("next") if req.method == "GET" else req.field("next"))
+        if nxt and not error and not info:
+            info = "Please log in to see that page."
+        shown = notice(error) if error else notice(info, "info") if info else Markup("")
+        body = render(_LANDING, notice=shown, login_user=login_user, signup_user=signup_user, domain=domain,
+                      min_pw=MIN_PASSWORD, max_pw=MAX_PASSWORD,
+                      next_field=render('<input type="hidden" name="next" value="{v}">', v=nxt) if nxt else "")
         resp = page(req, "Welcome", body, status=status)
         return resp
 
@@ -104,7 +120,7 @@ def register(router: Router, ctx) -> None:
         if req.session is not None:
             sessions.destroy(req.session.sid, req.session.user)
         s = sessions.create(user, admin=accounts.is_admin(user))
-        resp = redirect("/home")
+        resp = redirect(local_path(req.field("next")) or "/home")
         # No Max-Age: the browser keeps the cookie while it runs, and the
         # server's sliding expiry decides how long the session lives.
         resp.set_cookie(COOKIE, s.sid)
