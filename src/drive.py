@@ -859,17 +859,18 @@ class Drive:
             try:
                 self._delete_entry(user, folder, raw, Entry.decode(col[2:].decode("utf-8"), raw))
                 return
-            except ItemNotFound:
-                # Changed between our read and our claim (another operation
-                # claimed it): read it again. That operation may yet fail (a
-                # move to a taken name) and leave the entry here, and
-                # skipping it then leaked the file with the folder's row.
-                wait = None
             except Busy as busy:
                 if busy.holder and busy.intent.get("expires", 0) <= self.clock():
                     self._recover(user, busy.holder, busy.intent)
                     continue
                 wait = busy
+            except DriveError:
+                # Changed between our read and our claim (another operation
+                # claimed it), or a subfolder changed while we marked it:
+                # read it again. That operation may yet fail (a move to a
+                # taken name) and leave the entry here, and skipping it then
+                # leaked the file with the folder's row.
+                wait = None
             if time.monotonic() > deadline:
                 raise _Unfinished(str(wait or "an entry kept changing")) from None
             time.sleep(0.02)
