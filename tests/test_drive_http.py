@@ -327,6 +327,10 @@ def test_item_page_and_preview(site):
     page = c.get(file_url(root, "notes.txt", "item")).text
     assert "héllo &lt;b&gt;world&lt;/b&gt;" in page  # text preview, escaped
     assert f'<option value="{sub}"' in page  # the folder picker
+    # it starts on "Choose a folder…", and the folder the file is in cannot be
+    # chosen (UX QA: it started there, and Move moved nothing)
+    assert '<option value="" selected disabled>Choose a folder' in page
+    assert re.search(rf'<option value="{root}" disabled>My\xa0Drive \(here\)</option>', page)
     assert "<img" in c.get(file_url(root, "pic.png", "item")).text
     assert "<iframe" in c.get(file_url(root, "doc.pdf", "item")).text
     # HTML is never served as HTML on our origin: /view gives text/plain, sandboxed.

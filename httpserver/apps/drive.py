@@ -319,8 +319,11 @@ class DriveApp:
                 continue
             # An <option> collapses spaces and cannot be styled: no-break spaces keep a name's own.
             label = ("\u00a0\u00a0\u00a0" * depth) + (fname or "My Drive").replace(" ", "\u00a0")
-            options.append(render('<option value="{v}"{sel}>{label}</option>', v=fid,
-                                  sel=Markup(" selected" if fid == folder else ""), label=label))
+            # The folder the item is in cannot be chosen (moving there does
+            # nothing: the picker used to start on it, and Move "worked").
+            options.append(render('<option value="{v}"{dis}>{label}</option>', v=fid,
+                                  dis=Markup(" disabled" if fid == folder else ""),
+                                  label=label + (" (here)" if fid == folder else "")))
         preview = self._preview(req, folder, e)
         meta = ("Folder" if e.is_folder else f"{human_size(e.size)} · {e.type}") + f" · modified {fmt_time(e.mtime)}"
         what = "folder" if e.is_folder else "file"
@@ -335,7 +338,8 @@ class DriveApp:
             '<button type="submit">Rename</button></form>\n'
             '<form method="post" action="/drive/move/{folder}" class="{f_move}">{csrf}'
             '<h2>Move</h2><input type="hidden" name="name" value="{name}"><input type="hidden" name="id" value="{id}">'
-            '<label for="dest">Move to folder</label><select id="dest" name="dest">{options}</select>'
+            '<label for="dest">Move to folder</label><select id="dest" name="dest" required>'
+            '<option value="" selected disabled>Choose a folder…</option>{options}</select>'
             '<button type="submit">Move</button></form>\n'
             '<form method="post" action="/drive/delete/{folder}" class="{f_delete}">{csrf}'
             '<h2>Delete</h2><input type="hidden" name="name" value="{name}"><input type="hidden" name="id" value="{id}">'
