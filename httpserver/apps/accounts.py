@@ -128,8 +128,8 @@ def register(router: Router, ctx) -> None:
 
     @router.route("GET", "/", login=False)
     def start_page(req: Request):
-        if req.user:
-            return redirect("/home")
+        if req.user:        # (logged in meanwhile, in another tab: straight on)
+            return redirect(local_path(req.arg("next")) or "/home")
         return landing(req)
 
     @router.route("POST", "/signup", login=False, csrf=False)

@@ -348,7 +348,7 @@ class DriveApp:
             '</div>\n<p><a href="{back}">\u2190 Back to the folder</a></p></div>',
             crumbs=self._crumbs(crumbs + [("", e.name)], root), name=e.name, meta=meta,
             actions=Markup("") if e.is_folder else render(
-                '<p><a class="button" href="{dl}" download>Download</a> '
+                '<p class="item-actions"><a class="button" href="{dl}" download>Download</a> '
                 '<a href="{view}" target="_blank" rel="noopener">Open in a new tab</a></p>',
                 dl=item_url("file", folder, e.name), view=item_url("view", folder, e.name)),
             preview=preview, folder=folder, csrf=csrf_field(req), id=e.id, options=Markup("").join(options),
