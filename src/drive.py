@@ -405,18 +405,27 @@ class Drive:
         "succeed".) `opid` is unique per operation, so the new value always
         differs from every value read before.
         """
+        self._refuse_if_held(user, raw, e, opid)
         d = json.loads(raw)
-        holder = d.get("op")
-        if holder and holder != opid:
-            intent = self._intent_of(user, holder)
-            if intent is not None:
-                raise Busy(f'"{e.name}" is being changed by another operation; try again in a moment.',
-                           holder, intent)
         d["op"] = opid
         try:
             self.kv.cput(_dir_row(user, folder), _entry_col(e.name), raw, _dumps(d))
         except (Mismatch, NotFound):
             raise ItemNotFound(f'"{e.name}" has just been changed or removed; reload and try again.') from None
+
+    def _refuse_if_held(self, user: str, raw: bytes, e: Entry, opid: str | None = None) -> None:
+        """Busy if the entry carries the mark of an operation (other than
+        `opid`) whose intent still exists. Also checked before anything is
+        done to a file's state: an upload's entry is visible (and marked)
+        before the upload has settled, and deciding its state "live" for it
+        then made the upload's own clean-up, when its folder had just been
+        deleted, leave the file live, unlisted and charged."""
+        holder = json.loads(raw).get("op")
+        if holder and holder != opid:
+            intent = self._intent_of(user, holder)
+            if intent is not None:
+                raise Busy(f'"{e.name}" is being changed by another operation; try again in a moment.',
+                           holder, intent)
 
     def _put_entry(self, user: str, folder: str, e: Entry, op: str | None = None) -> None:
         """PUTNX the entry (Exists if the name is taken), then make sure the
@@ -765,6 +774,7 @@ class Drive:
             opid = "rd-" + new_id()
             intent = self._intent(user, opid, {"op": "rmdir", "did": e.id, "parent": folder, "name": e.name})
         else:
+            self._refuse_if_held(user, raw, e)  # before the state is touched (see there)
             try:
                 self._ensure_live(user, e)      # before the intent: its recovery reads the state
             except ItemNotFound:
@@ -970,6 +980,7 @@ class Drive:
                 pass
 
     def _move(self, user: str, folder: str, raw: bytes, e: Entry, dest: str, new_name: str) -> Entry:
+        self._refuse_if_held(user, raw, e)
         self._ensure_live(user, e)
         opid = "mv-" + new_id()
         intent = self._intent(user, opid, {"op": "move", "id": e.id, "kind": e.kind, "src": folder,

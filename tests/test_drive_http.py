@@ -646,3 +646,24 @@ def test_an_action_in_a_folder_another_tab_deleted_goes_back_to_my_drive_with_th
     r = c.post(f"/drive/mkdir/{gone}", {"name": "New"})
     assert r.status == 404 and "does not exist" in r.text
     assert f'action="/drive/upload/{root}"' in r.text and "Back to your dashboard" not in r.text
+
+
+def test_a_move_that_happened_says_so_even_if_its_target_is_deleted_right_after(site, monkeypatch):
+    """Verification QA: a move into a folder deleted a moment later answered
+    404 "That folder has been deleted." although the move had happened (the
+    page looked the target's name up after the move)."""
+    fe, _ = site
+    c = login(fe.port, "alice")
+    root = root_of(c)
+    target = mkdir(c, root, "Soon gone")
+    c.upload(root, [("f.txt", b"data")])
+    drive = fe.ctx.drive
+    real_move = drive.move
+
+    def move_then_other_tab_deletes(user, *a, **kw):
+        moved = real_move(user, *a, **kw)
+        drive.delete(user, root, "Soon gone")
+        return moved
+    monkeypatch.setattr(drive, "move", move_then_other_tab_deletes)
+    r = c.post(f"/drive/move/{root}", {"name": "f.txt", "dest": target}, headers={"Accept": "application/json"})
+    assert r.status == 200 and json.loads(r.text)["message"] == "Moved \u201cf.txt\u201d to \u201cSoon gone\u201d."

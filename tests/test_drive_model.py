@@ -939,3 +939,27 @@ def test_undoing_a_hung_folder_move_gives_the_folder_its_old_parent_back(clock, 
     assert [n for _, n in d.breadcrumbs("alice", m.id)] == ["", "M"]
     assert read_all(d, "alice", d.entry("alice", m.id, "inside")) == b"bytes"
     d.close()
+
+
+def test_an_upload_into_a_folder_being_deleted_leaves_nothing_behind(clock):
+    """Verification QA: the purge decided the state of a file whose upload
+    had just made it visible ("live"), so the upload's clean-up, when it saw
+    its folder dead, left the file live, unlisted, charged and its chunks
+    stored (4 of 95 rounds). The purge now waits for the upload first."""
+    kv = GateKV()
+    d = Drive(kv, chunk_bytes=CB, quota_bytes=10_000, clock=clock)
+    root = d.root("alice")
+    t = d.mkdir("alice", root, "T")
+    kv.stop_after(lambda m, row, col: m == "putnx" and row.endswith(t.id) and col == "e/late.bin")
+    uploader, uploaded = in_thread(d.upload, "alice", t.id, "late.bin", b"z" * (3 * CB))
+    assert kv.stopped.wait(5)                  # visible in T, not settled
+    deleter, deleted = in_thread(d.delete, "alice", root, "T")
+    time.sleep(0.3)                            # the purge waits for the upload
+    kv.go()
+    uploader.join(5)
+    deleter.join(10)
+    assert isinstance(uploaded.get("err"), ItemNotFound) and "ok" in deleted
+    assert d.listing("alice", root) == [] and d.usage("alice").used == 0
+    assert chunk_rows(kv, "alice") == []
+    assert d._read_used("alice")[1]["held"] == {}
+    d.close()

@@ -497,8 +497,11 @@ class DriveApp:
         name, dest, expect = first(f, "name"), first(f, "dest"), first(f, "id") or None
 
         def act():
-            e = self.drive.move(req.user, folder, name, dest, None, expect)
+            # The target's name first: read after the move, a target deleted
+            # meanwhile (with what just landed in it) made a move that
+            # happened answer 404.
             where = self.drive.breadcrumbs(req.user, dest)[-1][1] or "My Drive"
+            e = self.drive.move(req.user, folder, name, dest, None, expect)
             return self._done(req, folder, f"Moved \u201c{e.name}\u201d to \u201c{where}\u201d.", name=e.name)
         return self._act(req, folder, act)
 
