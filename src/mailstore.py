@@ -293,13 +293,31 @@ class MailStore:
             if m.read == (key in marks):
                 continue
             try:
-                read = _meta_of(self.kv.get(self._index_row(user, folder), key))["read"]
-                if read and key not in marks:
-                    self.kv.put(row, key, b"")
-                elif not read and key in marks:
-                    self.kv.delete(row, key)
+                self._mark_as_flag(user, folder, key, self._flag(user, folder, key))
             except NotFound:
                 pass
+
+    def _flag(self, user: str, folder: str, key: bytes) -> bool:
+        return _meta_of(self.kv.get(self._index_row(user, folder), key))["read"]
+
+    def _mark_as_flag(self, user: str, folder: str, key: bytes, read: bool) -> None:
+        """Set the mark to `read`, then read the flag again and follow it if
+        it changed meanwhile: another tab that flipped the flag between our
+        read and our write wrote its mark before ours; the last mark written
+        must be checked against a flag read after it."""
+        row = self._read_row(user, folder)
+        for _ in range(_CAS_TRIES):
+            if read:
+                self.kv.put(row, key, b"")
+            else:
+                try:
+                    self.kv.delete(row, key)
+                except NotFound:
+                    pass
+            now = self._flag(user, folder, key)
+            if now == read:
+                return
+            read = now
 
     def info(self, user: str, folder: str, msg_id: str) -> MessageInfo:
         return self._info(folder, msg_id, self._meta(user, folder, msg_id)[1])

@@ -245,3 +245,32 @@ def test_healing_the_read_marks_never_undoes_another_tabs_read():
     kv.delete(b"mread/u/Inbox", ids[2].encode())          # as if the mark were lost to a crash
     store.heal_read_marks("u", "Inbox", shown, marks)
     assert store.unread_count(store.ids("u", "Inbox"), store.read_marks("u", "Inbox")) == 1
+
+
+def test_a_mark_unread_inside_the_heal_does_not_leave_a_mark_behind():
+    """Verification QA: a third tab's Mark unread landing between the heal's
+    read of a flag and its write of the mark left a read mark on an unread
+    message (the count one too low). The heal reads the flag again after
+    writing and follows it."""
+    class Interleaving(MemoryKV):
+        hook = None
+
+        def get(self, row, col):
+            value = super().get(row, col)
+            hook, self.hook = self.hook, None
+            if hook is not None:
+                hook()
+            return value
+    kv = Interleaving()
+    store = MailStore(kv)
+    mid = store.deliver("u", "Inbox", b"Subject: x\r\n\r\nx\r\n")
+    store.read_marks("u", "Inbox")                       # index the folder
+    marks = store.read_marks("u", "Inbox")
+    store.mark_read("u", "Inbox", mid)                   # read in another tab: flag, then ...
+    kv.delete(b"mread/u/Inbox", mid.encode())            # ... its mark lost (a crash)
+    shown = store.infos("u", "Inbox", [mid])
+    # the heal reads the flag (read), and right then a third tab marks it unread
+    kv.hook = lambda: store.mark_read("u", "Inbox", mid, read=False)
+    store.heal_read_marks("u", "Inbox", shown, marks)
+    assert not store.info("u", "Inbox", mid).read
+    assert store.unread_count(store.ids("u", "Inbox"), store.read_marks("u", "Inbox")) == 1
