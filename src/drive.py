@@ -462,9 +462,16 @@ class Drive:
         """Every live folder as (id, name, depth), depth-first from the root (the folder picker)."""
         root = self.root(user)
         out: list[tuple[str, str, int]] = []
+        seen: set[str] = set()
         stack = [(root, "", 0)]
         while stack and len(out) < MAX_TREE_FOLDERS:
             fid, name, depth = stack.pop()
+            if fid in seen:
+                # Listed twice: a folder move cut short by a crash shows the
+                # folder in both places until the sweeper finishes it, and
+                # can make a loop meanwhile (the picker had 765 options).
+                continue
+            seen.add(fid)
             out.append((fid, name, depth))
             try:
                 kids = [e for e in self.listing(user, fid) if e.is_folder]

@@ -963,3 +963,23 @@ def test_an_upload_into_a_folder_being_deleted_leaves_nothing_behind(clock):
     assert chunk_rows(kv, "alice") == []
     assert d._read_used("alice")[1]["held"] == {}
     d.close()
+
+
+def test_the_folder_picker_lists_each_folder_once_while_a_hung_move_shows_it_twice(clock):
+    """Crash QA round 2: while a crashed folder move waited for the sweeper,
+    the folder was listed in both places, and after the user's next move
+    the tree looped: the picker on the move page had 1,907 options."""
+    kv = CrashingKV()
+    d = Drive(kv, chunk_bytes=CB, quota_bytes=10_000, clock=clock)
+    root = d.root("alice")
+    m = d.mkdir("alice", root, "M")
+    dd = d.mkdir("alice", root, "D")
+    kv.countdown = 4                          # M's entry is in D and still in My Drive
+    with pytest.raises(Crash):
+        d.move("alice", root, "M", dd.id)
+    kv.countdown = None
+    clock.t += 20
+    d.move("alice", root, "D", m.id)          # a loop until the sweeper undoes the hung move
+    ids = [fid for fid, _, _ in d.folders("alice")]
+    assert sorted(ids) == sorted({root, m.id, dd.id}) and len(ids) == 3
+    d.close()
