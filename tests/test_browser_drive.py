@@ -217,3 +217,15 @@ def test_a_long_upload_error_stays_on_its_row(site, width):
         page.click("#upload-form button")
         assert "at most 255 bytes" in page.inner_text(".notice.error")
         assert page.evaluate("document.documentElement.scrollWidth") <= width
+
+
+def test_the_notice_after_the_reload_says_which_upload_got_a_new_name(site):
+    """UX QA: "saved as notes (2).txt" was shown for 0.4 s before the page
+    reloaded; after it, only "1 file uploaded"."""
+    with launch_browser() as browser:
+        page = signed_up(browser, site)
+        drop(page, {"notes.txt": "one"})
+        page.wait_for_function("document.querySelectorAll('table.items a.item').length === 1", timeout=10_000)
+        drop(page, {"notes.txt": "two"})
+        page.wait_for_function("document.querySelectorAll('table.items a.item').length === 2", timeout=10_000)
+        assert "notes.txt saved as notes (2).txt" in page.inner_text("body")

@@ -19,7 +19,7 @@
   }
 
   // -- uploads ------------------------------------------------------------------
-  var running = 0, failed = 0, succeeded = 0;
+  var running = 0, failed = 0, succeeded = 0, renamed = [];
 
   function row(file) {
     var li = document.createElement("li");
@@ -52,6 +52,8 @@
     if (running === 0) {
       var msg = succeeded + (succeeded === 1 ? " file uploaded" : " files uploaded");
       if (failed) msg += ", " + failed + " failed";
+      // A name that was taken got " (2)"...: say so after the reload too.
+      if (renamed.length) msg += " (" + renamed.join(", ") + ")";
       document.body.setAttribute("data-uploads-done", msg);
       if (!failed) {
         // Show the new files in the listing, and the message once more after the reload.
@@ -87,6 +89,7 @@
         ui.bar.value = 100;
         ui.li.classList.add("done");
         ui.status.textContent = reply && reply.name !== file.name ? "done, saved as " + reply.name : "done";
+        if (reply && reply.name !== file.name) renamed.push(file.name + " saved as " + reply.name);
         succeeded++;
       } else {
         ui.li.classList.add("failed");
