@@ -707,3 +707,19 @@ def test_back_delete_and_mark_unread_return_to_the_page_the_message_was_opened_f
     r = bob.post_form(f"/mail/inbox/{mid}/delete", {"page": "2"})
     assert r.status == 303 and r.headers["location"] == "/mail?page=2"
     assert bob.post_form(f"/mail/inbox/{store.ids('bob', 'Inbox')[0]}/delete", {}).headers["location"] == "/mail"
+
+
+def test_a_drive_file_too_large_for_mail_cannot_be_ticked(site):
+    """UX QA: drive files over the mail limit could be ticked, and were
+    refused only after Send (files from the computer are checked at once)."""
+    fe, kv = site
+    alice = user(fe, "alice")
+    drive = fe.ctx.drive
+    root = drive.root("alice")
+    drive.upload("alice", root, "small.txt", b"x" * 100)
+    drive.upload("alice", root, "huge.bin", b"x" * (MAX_MESSAGE + 1))
+    page = alice.get("/mail/compose").text
+    small = re.search(r'<input type="checkbox" name="drive_file" value="[^"]*small\.txt"([^>]*)>', page).group(1)
+    huge = re.search(r'<input type="checkbox" name="drive_file" value="[^"]*huge\.bin"([^>]*)>', page)
+    assert "disabled" not in small
+    assert "disabled" in huge.group(1) and "too large for mail" in page[huge.end():huge.end() + 200]

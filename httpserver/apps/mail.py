@@ -324,8 +324,13 @@ class MailApp:
         files = drive_files(self.ctx, req.user)
         if not files:
             return ""
+        # A file the mail limit cannot take is shown, but cannot be ticked:
+        # it was refused only after Send (UX QA). Its size is known here.
+        limit = self.cfg.mail.max_message_bytes
         items = Markup("".join(render(DRIVE_ITEM, id=f_id, path=path, size=human_size(size),
-                                      checked="checked" if f_id in chosen else "")
+                                      checked="checked" if f_id in chosen and size <= limit else "",
+                                      disabled="disabled" if size > limit else "",
+                                      note=" \u00b7 too large for mail" if size > limit else "")
                                for f_id, path, size in files))
         return render(DRIVE_BLOCK, items=items, open="open" if chosen else "")
 
@@ -697,7 +702,7 @@ FWD_ITEM = """<label class="mail-check"><input type="checkbox" name="fwd_part" v
 
 DRIVE_BLOCK = """<details class="mail-attach" {open}><summary>Attach files from your drive</summary>{items}</details>"""
 
-DRIVE_ITEM = """<label class="mail-check"><input type="checkbox" name="drive_file" value="{id}" {checked}> <span class="mail-path">{path}</span> <span class="mail-muted">({size})</span></label>"""
+DRIVE_ITEM = """<label class="mail-check"><input type="checkbox" name="drive_file" value="{id}" {checked} {disabled}> <span class="mail-path">{path}</span> <span class="mail-muted">({size}{note})</span></label>"""
 
 
 def register(router, ctx) -> None:
