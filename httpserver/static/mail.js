@@ -63,7 +63,7 @@ document.addEventListener("DOMContentLoaded", function () {
       tooLarge.textContent = !over ? "" : "The files you chose are " + human(raw) +
         (raw > maxBytes ? "" : " (about " + human(encoded) + " once attached, as mail makes files a third larger)") +
         ", over the " + (form.dataset.maxSize || human(maxBytes)) +
-        " mail limit. Choose smaller files, or share big ones from your drive instead.";
+        " mail limit. Choose smaller files (the limit is for the whole message, as it travels).";
     }
     return !over;
   }
