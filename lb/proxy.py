@@ -233,16 +233,19 @@ def stream_body(src: Channel, dst: Channel) -> None:
             raise ChannelError(src.side, f"unexpected {ev!r} inside a body")
 
 
-_REFRAMED = frozenset({"expect", "content-length", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
+_REFRAMED = frozenset({"expect", "content-length", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "via"})
+VIA = "1.1 penncloud-lb"     # RFC 9110 7.6.3: an intermediary adds itself to Via
 
 
 def upstream_request(req: Request, client_ip: str) -> Request:
     """The request as sent to a frontend: end-to-end headers, our framing, X-Forwarded-*."""
-    items, forwarded_for, host, length, chunked = [], None, None, None, False
+    items, forwarded_for, host, length, chunked, via = [], None, None, None, False, []
     for n, v in end_to_end(req.headers):
         if n in _REFRAMED:
             if n == "x-forwarded-for":
                 forwarded_for = v
+            elif n == "via":
+                via.append(v)
             continue
         if n == "host":
             host = v
@@ -257,6 +260,7 @@ def upstream_request(req: Request, client_ip: str) -> Request:
             length = v.split(",")[0].strip()
     items.append(("X-Forwarded-For", f"{forwarded_for}, {client_ip}" if forwarded_for else client_ip))
     items.append(("X-Forwarded-Proto", "http"))
+    items.append(("Via", ", ".join([*via, VIA])))
     if host is not None:
         items.append(("X-Forwarded-Host", host))
     else:  # HTTP/1.0 without Host: the frontend still needs one

@@ -65,7 +65,7 @@ class Backend:
                         self.wfile.write(block[:k])
                         left -= k
                     return
-                info = {"backend": backend.name, "path": self.path,
+                info = {"backend": backend.name, "path": self.path, "via": self.headers.get("Via"),
                         "xff": self.headers.get("X-Forwarded-For"), "cookie": self.headers.get("Cookie")}
                 self._send(json.dumps(info).encode(), "application/json")
 
@@ -583,4 +583,16 @@ def test_a_slow_request_to_a_beating_frontend_is_not_cut_when_another_request_fa
         assert r.status == 200 and json.loads(body)["backend"] == "fe1"
     finally:
         stop.set()
+        lb.stop()
+
+
+def test_the_lb_adds_itself_to_via(tmp_path, backends):
+    """RFC 9110 7.6.3: a proxy adds itself to Via (security QA: it added only X-Forwarded-*)."""
+    cfg = make_cfg(tmp_path, [b.port for b in backends[:1]])
+    lb = start_lb(cfg)
+    try:
+        beat(lb, cfg, backends[:1])
+        assert json.loads(get(lb.port)[1])["via"] == "1.1 penncloud-lb"
+        assert json.loads(get(lb.port, headers={"Via": "1.0 corp-proxy"})[1])["via"] == "1.0 corp-proxy, 1.1 penncloud-lb"
+    finally:
         lb.stop()
