@@ -85,3 +85,11 @@ def test_snapshot_of_a_cluster_that_is_down_is_quick_and_complete(tmp_path):
     assert kv1["actions"] == [] and "not running" in kv1["detail"]  # no Kill/Wake for a dead process
     assert snap["map"]["servers"] == ["kv1", "kv2", "kv3"] and snap["map"]["down"] == ["kv1", "kv2", "kv3"]
     json.dumps(snap)  # the JSON endpoint serves it as is
+
+
+def test_a_killed_server_is_explained_not_shown_as_a_protocol_reply():
+    """UX QA: the data browser said "kv3 does not answer: RETRY killed"."""
+    from httpserver.apps.admin import _why
+    from src.kv import error_from_reply
+    assert _why(error_from_reply("RETRY", "killed")) == "it was killed from the console (Wake it in the process table)"
+    assert _why(ConnectionRefusedError(111, "Connection refused")) == "[Errno 111] Connection refused"

@@ -70,6 +70,15 @@ _STATE_CLASS = {"up": "ok", "serving": "ok", "alive": "ok", "stopped": "muted", 
                 "recovering": "warn", "killed": "bad", "down": "bad", "dead": "bad", "unknown": "muted"}
 
 
+
+def _why(e: Exception) -> str:
+    """Why a tablet server did not answer, for people: its protocol's
+    `RETRY killed` means it was KILLed from this console."""
+    text = str(e) or type(e).__name__
+    if text.rstrip().endswith("killed"):
+        return "it was killed from the console (Wake it in the process table)"
+    return text
+
 def _state_class(state: str) -> str:
     return _STATE_CLASS.get(state.split(" ")[0].rstrip(","), "warn")
 
@@ -289,7 +298,7 @@ def register(router, ctx) -> None:
             lines = view.client(n.addr).tablets()
             error = ""
         except (KVError, OSError) as e:
-            lines, error = [], str(e) or type(e).__name__
+            lines, error = [], _why(e)
         rows = []
         for line in lines:
             parts = line.split()
@@ -340,7 +349,7 @@ def register(router, ctx) -> None:
             # server can refuse is the tablet: it answered, it does not hold it.
             raise HTTPError(404, f"{n.id} does not hold tablet {t}. Its page lists the tablets it holds.") from None
         except (KVError, OSError) as e:
-            names, error = [], str(e) or type(e).__name__
+            names, error = [], _why(e)
         items = Markup("").join(
             render('<li><a class="adm-mono" href="/admin/data/{sid}/{t}/row?r={hex}">{name}</a></li>',
                    sid=n.id, t=t, hex=name.hex(), name=show_name(name)) for name in names)
@@ -374,7 +383,7 @@ def register(router, ctx) -> None:
             cols = ctx.kv.cols(row)
             error = ""
         except (KVError, OSError) as e:
-            cols, error = [], str(e) or type(e).__name__
+            cols, error = [], _why(e)
         shown = cols[:MAX_COLUMNS_SHOWN]
         items = Markup("").join(
             render('<li><a class="adm-mono" href="/admin/data/{sid}/{t}/value?r={r}&amp;c={c}">{name}</a></li>',

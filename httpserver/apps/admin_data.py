@@ -177,8 +177,10 @@ class ClusterView:
         if probe["ok"]:
             row["state"] = st.get("state", "?")
             row["load"] = f"{st.get('ops', '?')} ops, {st.get('keys', '?')} keys, {_size(st.get('disk_bytes'))}"
-            row["detail"] = (f"{st.get('log_records', '?')} log records, "
-                             f"{st.get('group_flushes', '?')} syncs")
+            # (a KILLed server's STATUS has no sync count: say only what it says)
+            row["detail"] = ", ".join(part for part in (
+                f"{st['log_records']} log records" if "log_records" in st else "",
+                f"{st['group_flushes']} syncs" if "group_flushes" in st else "") if part)
         else:
             row["state"] = "down"
             row["load"] = ""
