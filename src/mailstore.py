@@ -216,7 +216,7 @@ class MailStore:
         except Exists:
             pass  # delivered before (a retry): the first copy stands
         if read:    # (a Sent copy; new mail is unread and costs no second write)
-            self.kv.put(self._read_row(user, folder), msg_id.encode(), b"")
+            self._set_read_mark(user, folder, msg_id, True)
         return msg_id
 
     def _meta(self, user: str, folder: str, msg_id: str) -> tuple[bytes, dict]:
@@ -287,7 +287,6 @@ class MailStore:
         the newer fact; and the flag is read once more before a mark is
         changed (a tab that opens the message meanwhile has written its
         flag, then its mark: its mark is never taken away)."""
-        row = self._read_row(user, folder)
         for m in shown:
             key = m.id.encode()
             if m.read == (key in marks):
@@ -305,15 +304,8 @@ class MailStore:
         it changed meanwhile: another tab that flipped the flag between our
         read and our write wrote its mark before ours; the last mark written
         must be checked against a flag read after it."""
-        row = self._read_row(user, folder)
         for _ in range(_CAS_TRIES):
-            if read:
-                self.kv.put(row, key, b"")
-            else:
-                try:
-                    self.kv.delete(row, key)
-                except NotFound:
-                    pass
+            self._set_read_mark(user, folder, key.decode(), read)
             now = self._flag(user, folder, key)
             if now == read:
                 return
