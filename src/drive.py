@@ -394,18 +394,16 @@ class Drive:
     def _claim(self, user: str, folder: str, raw: bytes, e: Entry, opid: str) -> None:
         """Mark the entry as taken by operation `opid`, whose intent is written already.
 
-        Claims are exclusive. An entry marked by an operation whose intent
-        still exists (running, or abandoned and waiting for the sweeper) is
-        not claimed: Busy. A mark whose intent is gone was left by a finished
-        or failed operation and means nothing. Two claimers that read the
-        same value take turns through the CPUT: one wins, the other sees the
-        change. (Checking only the CPUT is not enough: a second operation
-        that reads the entry after the first one's claim would CPUT from the
-        marked value and go on too, and a move and a delete would both
-        "succeed".) `opid` is unique per operation, so the new value always
-        differs from every value read before.
+        Claims are exclusive. The caller has checked with `_refuse_if_held`,
+        on this same `raw`, that no operation holds the entry; the CPUT from
+        `raw` then fails if anything claimed it since (a claim changes the
+        value). Two claimers that read the same value take turns through the
+        CPUT: one wins, the other sees the change. (The CPUT alone is not
+        enough: a second operation that reads the entry after the first one's
+        claim would CPUT from the marked value and go on too, and a move and
+        a delete would both "succeed".) `opid` is unique per operation, so
+        the new value always differs from every value read before.
         """
-        self._refuse_if_held(user, raw, e, opid)
         d = json.loads(raw)
         d["op"] = opid
         try:
@@ -413,15 +411,17 @@ class Drive:
         except (Mismatch, NotFound):
             raise ItemNotFound(f'"{e.name}" has just been changed or removed; reload and try again.') from None
 
-    def _refuse_if_held(self, user: str, raw: bytes, e: Entry, opid: str | None = None) -> None:
-        """Busy if the entry carries the mark of an operation (other than
-        `opid`) whose intent still exists. Also checked before anything is
-        done to a file's state: an upload's entry is visible (and marked)
-        before the upload has settled, and deciding its state "live" for it
-        then made the upload's own clean-up, when its folder had just been
-        deleted, leave the file live, unlisted and charged."""
+    def _refuse_if_held(self, user: str, raw: bytes, e: Entry) -> None:
+        """Busy if the entry carries the mark of an operation whose intent
+        still exists (running, or abandoned and waiting for the sweeper); a
+        mark whose intent is gone was left by a finished or failed operation
+        and means nothing. Checked before anything is done: an upload's
+        entry is visible (and marked) before the upload has settled, and
+        deciding its state "live" for it made the upload's own clean-up,
+        when its folder had just been deleted, leave the file live, unlisted
+        and charged."""
         holder = json.loads(raw).get("op")
-        if holder and holder != opid:
+        if holder:
             intent = self._intent_of(user, holder)
             if intent is not None:
                 raise Busy(f'"{e.name}" is being changed by another operation; try again in a moment.',
@@ -776,12 +776,12 @@ class Drive:
 
     def _delete_entry(self, user: str, folder: str, raw: bytes, e: Entry) -> None:
         """Write the intent, claim the entry, then delete the file or folder."""
+        self._refuse_if_held(user, raw, e)      # before the state or an intent is touched
         alive = True
         if e.is_folder:
             opid = "rd-" + new_id()
             intent = self._intent(user, opid, {"op": "rmdir", "did": e.id, "parent": folder, "name": e.name})
         else:
-            self._refuse_if_held(user, raw, e)  # before the state is touched (see there)
             try:
                 self._ensure_live(user, e)      # before the intent: its recovery reads the state
             except ItemNotFound:
