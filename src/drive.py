@@ -1038,16 +1038,20 @@ class Drive:
         its parent named a folder since deleted)."""
         item, dst, new = intent["id"], intent["dst"], intent["new"]
         self._remove_entry(user, dst, new, item)
+        self._place_folder(user, item, intent["src"], intent["name"], when=lambda meta: meta.get("parent") == dst)
+
+    def _place_folder(self, user: str, folder: str, parent: str, name: str, when) -> None:
+        """Give a folder's `meta` this parent and name while `when(meta)`
+        holds (CPUT, read again after a race); nothing if the folder is gone."""
         for _ in range(100):
             try:
-                raw, meta = self._meta(user, item)
+                raw, meta = self._meta(user, folder)
             except ItemNotFound:
                 return
-            if meta.get("parent") != dst:
+            if not when(meta):
                 return
             try:
-                self.kv.cput(_dir_row(user, item), b"meta", raw,
-                             _dumps(dict(meta, parent=intent["src"], name=intent["name"])))
+                self.kv.cput(_dir_row(user, folder), b"meta", raw, _dumps(dict(meta, parent=parent, name=name)))
                 return
             except (Mismatch, NotFound):
                 continue
@@ -1061,18 +1065,8 @@ class Drive:
         if not landed:
             return  # the move never happened
         if intent["kind"] == "folder":
-            for _ in range(100):
-                try:
-                    raw, meta = self._meta(user, item)
-                except ItemNotFound:
-                    break
-                if meta.get("parent") == dst and meta.get("name") == new:
-                    break
-                try:
-                    self.kv.cput(_dir_row(user, item), b"meta", raw, _dumps(dict(meta, parent=dst, name=new)))
-                    break
-                except (Mismatch, NotFound):
-                    continue
+            self._place_folder(user, item, dst, new,
+                               when=lambda meta: (meta.get("parent"), meta.get("name")) != (dst, new))
         self._remove_entry(user, intent["src"], intent["name"], item)
 
 
