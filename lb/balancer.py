@@ -52,9 +52,12 @@ class FrontendState:
     def addr(self) -> str:
         return f"{self.host}:{self.port}"
 
+    def beating(self, now: float, timeout: float) -> bool:
+        """Has it sent a heartbeat within `timeout`?"""
+        return self.last_beat is not None and now - self.last_beat < timeout
+
     def live(self, now: float, timeout: float) -> bool:
-        return (self.last_beat is not None and not self.failed
-                and now - self.last_beat < timeout and self.port > 0)
+        return self.beating(now, timeout) and not self.failed and self.port > 0
 
 
 class UnknownFrontend(KeyError):

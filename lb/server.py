@@ -172,8 +172,7 @@ class LoadBalancer:
         one other request to it failed may still be doing this one's work
         (cutting it would answer 502 for a POST it carried out)."""
         with self._lock:
-            fe = self.balancer.get(fe_id)
-            return fe.last_beat is None or self.clock() - fe.last_beat >= self.balancer.timeout_s
+            return not self.balancer.get(fe_id).beating(self.clock(), self.balancer.timeout_s)
 
     def mark_failed(self, fe_id: str) -> None:
         with self._lock:
@@ -437,7 +436,8 @@ class LoadBalancer:
 # The LB's own pages (502, 503, its errors, /_lb/status) carry what the
 # frontends' pages do: no sniffing, no framing by other sites.
 _OWN_PAGE_HEADERS = (("X-Content-Type-Options", "nosniff"), ("X-Frame-Options", "DENY"),
-                     ("Content-Security-Policy", "frame-ancestors 'none'; default-src 'none'; style-src 'unsafe-inline'"))
+                     ("Content-Security-Policy",
+                      "frame-ancestors 'none'; default-src 'none'; style-src 'unsafe-inline'"))
 
 
 def _raw_error(sock: socket.socket, status: int) -> None:

@@ -111,6 +111,9 @@ class RelayWorker:
 
     # -- the loop ------------------------------------------------------------------
 
+    def _stopping(self) -> bool:
+        return self._stop is not None and self._stop.is_set()
+
     def abort(self) -> None:
         """Cut the delivery under way, if any (the relay is stopping)."""
         cut = self._cut_in_flight
@@ -134,7 +137,7 @@ class RelayWorker:
         """One pass over the queue; returns how many items this worker handled."""
         n = 0
         for item in self.store.queue():
-            if self._stop is not None and self._stop.is_set():
+            if self._stopping():
                 break
             if not self._claimable(item, self.clock()):
                 continue
@@ -170,7 +173,7 @@ class RelayWorker:
 
     def sweep_if_due(self) -> SweepStats | None:
         """Go on with the orphan sweep for up to `sweep_budget_s`; the round's stats when one ends."""
-        if self.sweeper is None or (self._stop is not None and self._stop.is_set()):
+        if self.sweeper is None or self._stopping():
             return None
         if not self.sweeper.in_round and self.clock() < self._next_sweep_at:
             return None
