@@ -117,7 +117,7 @@ class Sessions:
         if s is None:
             return None
         now = self.clock()
-        if now - s.last_seen >= self.ttl:
+        if self._expired(s, now):
             self._end(key, s.user)
             return None
         if now - s.last_seen > self.refresh_after:
@@ -161,6 +161,10 @@ class Sessions:
             except NotFound:
                 pass
 
+    def _expired(self, s: "Session | None", now: float) -> bool:
+        """Gone for good: unreadable, or idle for the TTL."""
+        return s is None or now - s.last_seen >= self.ttl
+
     def sweep(self, lister) -> int:
         """End every expired session in the store; returns how many.
 
@@ -182,7 +186,7 @@ class Sessions:
                             s = Session.decode("", self.kv.get(row, b"s"))
                         except NotFound:
                             continue
-                        if s is None or now - s.last_seen >= self.ttl:
+                        if self._expired(s, now):
                             self._end(key, s.user if s else None)
                             ended += 1
             except (KVError, OSError) as e:
@@ -211,5 +215,5 @@ class Sessions:
                 s = None
             # A session stored under its raw id (before ids were hashed) can
             # never be presented again: dropping it removes the raw id too.
-            if s is None or now - s.last_seen >= self.ttl or not KEY_RE.fullmatch(key):
+            if self._expired(s, now) or not KEY_RE.fullmatch(key):
                 self._end(key, user)
