@@ -35,7 +35,6 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
-import math
 from typing import Iterable, Iterator, Protocol
 
 from smtp.lines import TOO_LONG, next_line
@@ -325,7 +324,7 @@ class POP3Connection:
         except TemporaryFailure:
             return err("[SYS/TEMP] The mail store is unavailable; try again later")
         except Throttled as e:
-            return self._error(f"[SYS/TEMP] Too many failed log-ins; try again in {math.ceil(e.wait_s)} seconds")
+            return self._error(f"[SYS/TEMP] {e}")
         self._drop, self.user = drop, who
         self._msgs = list(drop.messages())
         self._deleted = set()

@@ -36,7 +36,6 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
-import math
 import re
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
@@ -503,7 +502,7 @@ class SMTPConnection:
         except TemporaryFailure:
             return Reply(454, "4.7.0 Temporary authentication failure; try again later")
         except Throttled as e:
-            return Reply(454, f"4.7.0 Too many failed log-ins; try again in {math.ceil(e.wait_s)} seconds")
+            return Reply(454, f"4.7.0 {e}")
         if who is None:
             return Reply(535, "5.7.8 Authentication credentials invalid")
         self.session.auth_user = who

@@ -40,7 +40,7 @@ class Throttled(Exception):
     """A log-in attempt refused without checking the password: wait `wait_s`."""
 
     def __init__(self, wait_s: float):
-        super().__init__(f"too many failed log-ins; try again in {math.ceil(wait_s)} seconds")
+        super().__init__(f"Too many failed log-ins; try again in {math.ceil(wait_s)} seconds")
         self.wait_s = wait_s
 
 

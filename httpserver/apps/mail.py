@@ -190,6 +190,7 @@ class MailApp:
             self.store.mark_read(req.user, folder, msg_id)
         except MailStoreError:
             pass  # deleted meanwhile: still show what we read
+        page = page_arg(req)            # the folder page it was opened from: Back returns there
         d = webmail.parse_message(raw)
         as_text = req.arg("as") == "text" or not d.html
         if as_text:
@@ -212,7 +213,7 @@ class MailApp:
         body = render(
             VIEW, subject=d.subject or "(no subject)", from_=d.from_, to=d.to or "(undisclosed)", cc_row=cc_row,
             date_row=date_row, content=content, toggle=toggle, attachments=atts, slug=slug, id=msg_id,
-            csrf=csrf_field(req), back=folder_link(slug, page_arg(req)), page=page_arg(req), folder=folder)
+            csrf=csrf_field(req), back=folder_link(slug, page), page=page, folder=folder)
         resp = self.mail_page(req, d.subject or "(no subject)", body, active_folder=slug, js=("mail.js",))
         # Belt and braces on top of the sanitiser: nothing remote may load.
         resp.headers.append(("Content-Security-Policy",
