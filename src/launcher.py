@@ -43,7 +43,6 @@ STOP_GRACE_S = 8.0
 LOG_KEEP_BYTES = 16 * 1024 * 1024   # a log this big is set aside as <name>.log.1 at the next start
 
 
-
 @contextmanager
 def one_at_a_time(data_dir: str):
     """Hold `<data_dir>/run/launcher.lock` while starting or stopping: two
@@ -66,6 +65,7 @@ def _arg_after(argv: list[bytes], flag: bytes) -> bytes | None:
         return argv[argv.index(flag) + 1]
     except (ValueError, IndexError):
         return None
+
 
 def rotate_log(path: str, keep_bytes: int = LOG_KEEP_BYTES) -> None:
     """Before a process starts: a log over `keep_bytes` becomes `<path>.1`
@@ -162,7 +162,8 @@ class Launcher:
         # Ours only if it is that process of THIS cluster: the same id and the
         # same data directory (a pid file copied with a backup, or a pid now
         # held by another cluster's kv1 after a reboot, must not be stopped).
-        if b"--id" in argv and spec.name.encode() in argv and _arg_after(argv, b"--data") == self.cfg.data_dir.encode():
+        ours = _arg_after(argv, b"--data") == self.cfg.data_dir.encode()
+        if b"--id" in argv and spec.name.encode() in argv and ours:
             return pid
         return None
 
@@ -288,7 +289,7 @@ class Launcher:
             if pid is not None:
                 os.kill(pid, signal.SIGTERM)
                 pids[spec] = pid
-        ran = list(pids)
+        ran = len(pids)
         deadline = time.monotonic() + STOP_GRACE_S
         while pids and time.monotonic() < deadline:
             for spec in [s for s in pids if self.running_pid(s) is None]:
@@ -301,7 +302,7 @@ class Launcher:
                 self.say(f"  {spec.name:<8} killed (did not stop within {STOP_GRACE_S:.0f}s)")
             except ProcessLookupError:
                 self.say(f"  {spec.name:<8} stopped")
-        return len(ran)
+        return ran
 
     def status(self) -> int:
         """One line per process; exit status 0 if every one is up, else 3
