@@ -49,19 +49,23 @@ _SUMMARY_FIELDS = {b"from": "sender", b"to": "to", b"subject": "subject", b"date
                    b"message-id": "message_id"}
 
 
-def _text(value: bytes) -> str:
-    """A header value as readable text: RFC 2047 words decoded, folding removed.
-
-    Raw 8-bit bytes are UTF-8 (RFC 6532) when they decode as UTF-8, else
-    Windows-1252 (old mailers put Latin-1 names in headers unencoded; the
-    webmail reads such bodies the same way). A broken encoded word (cut-off
-    base64, an unknown charset) is shown as it stands: this runs for every
-    delivered message, and raising here would refuse the mail.
-    """
+def raw_header_text(value: bytes) -> str:
+    """Raw 8-bit header bytes as text: UTF-8 (RFC 6532) when they decode as
+    UTF-8, else Windows-1252 (old mailers put Latin-1 names in headers
+    unencoded; the webmail reads such bodies the same way)."""
     try:
-        s = value.decode("utf-8")
+        return value.decode("utf-8")
     except UnicodeDecodeError:
-        s = value.decode("cp1252", "replace")
+        return value.decode("cp1252", "replace")
+
+
+def _text(value: bytes) -> str:
+    """A header value as readable text (`raw_header_text`), RFC 2047 words
+    decoded, folding removed. A broken encoded word (cut-off base64, an
+    unknown charset) is shown as it stands: this runs for every delivered
+    message, and raising here would refuse the mail.
+    """
+    s = raw_header_text(value)
     if "=?" in s:
         try:
             s = str(make_header(decode_header(s)))

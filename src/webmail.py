@@ -44,6 +44,8 @@ from email.utils import format_datetime, getaddresses, make_msgid, parsedate_to_
 from html.parser import HTMLParser
 from urllib.parse import quote as percent_quote
 
+from src import mailfmt
+
 # Limits for what a user may type into the compose form.
 MAX_RECIPIENTS = 100
 MAX_SUBJECT_CHARS = 998 - len("Subject: ")   # RFC 5322 2.1.1 line limit
@@ -303,12 +305,7 @@ def _header_text(raw: str) -> str:
     """A raw header value as text: 8-bit bytes read as UTF-8 if they are
     valid UTF-8, else as Windows-1252 (as bodies are: mailers put Latin-1 in
     headers too), RFC 2047 words decoded where they decode, unfolded."""
-    data = raw.encode("utf-8", "surrogateescape")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        text = data.decode("cp1252", "replace")
-    text = " ".join(text.split())
+    text = " ".join(mailfmt.raw_header_text(raw.encode("utf-8", "surrogateescape")).split())
     if "=?" in text:
         try:
             text = str(INCOMING.header_factory("X-Unstructured", text))
