@@ -229,3 +229,35 @@ def test_the_notice_after_the_reload_says_which_upload_got_a_new_name(site):
         drop(page, {"notes.txt": "two"})
         page.wait_for_function("document.querySelectorAll('table.items a.item').length === 2", timeout=10_000)
         assert "notes.txt saved as notes (2).txt" in page.inner_text("body")
+
+
+def test_a_download_of_a_file_another_tab_deleted_says_so(site):
+    """The file links carry no `download` attribute (the server's
+    Content-Disposition makes them downloads): with one, Chromium swallowed
+    the 404 of a file deleted in another tab and nothing at all happened."""
+    with launch_browser() as browser:
+        ctx = browser.new_context(base_url=site, accept_downloads=True)
+        r = ctx.request.post("/signup", form={"username": "alice", "password": "correct horse"}, max_redirects=0)
+        assert r.status == 303, r.text()
+        page = ctx.new_page()
+        page.goto("/drive")
+        page.set_input_files("#file-input", files=[{"name": "report.txt", "mimeType": "text/plain",
+                                                     "buffer": b"quarterly numbers\n"}])
+        page.wait_for_selector("table.items a.item span:text-is('report.txt')", timeout=10_000)
+        with page.expect_download() as dl:
+            row(page, "report.txt").locator("a.item").click()
+        with open(dl.value.path(), "rb") as f:
+            assert f.read() == b"quarterly numbers\n"
+
+        other = ctx.new_page()                      # a second tab deletes it
+        other.goto("/drive")
+        other.once("dialog", lambda d: d.accept())
+        row(other, "report.txt").locator("a[data-action=delete]").click()
+        other.wait_for_selector(".notice.ok")
+
+        row(page, "report.txt").locator("a.item").click()   # the first tab's list is old
+        page.wait_for_load_state()
+        assert "/drive/file/" in page.url
+        assert 'There is no item named "report.txt" here.' in page.inner_text("body")
+        shot(page, "drive-download-gone.png")
+        ctx.close()

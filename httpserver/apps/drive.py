@@ -277,7 +277,7 @@ class DriveApp:
                 href = item_url("file", folder, e.name)
                 size = human_size(e.size)
             rows.append(render(
-                '<tr data-kind="{kind}"><td class="name"><a class="item" href="{href}"{dl}>'
+                '<tr data-kind="{kind}"><td class="name"><a class="item" href="{href}">'
                 '<i class="icon icon-{icon}" aria-hidden="true"></i><span>{name}</span></a></td>'
                 '<td class="size">{size}</td><td class="date"><time datetime="{iso}">{date}</time></td>'
                 '<td class="actions">{open}'
@@ -287,7 +287,7 @@ class DriveApp:
                 '<a href="{item}?do=delete" class="danger" data-action="delete" data-kind="{kind}" '
                 'data-name="{name}" data-id="{id}" data-post="/drive/delete/{folder}">Delete</a>'
                 '<a href="{item}" class="more" title="Actions" aria-label="Actions for {name}">\u22ef</a></td></tr>',
-                kind=e.kind, href=href, dl=Markup("" if e.is_folder else " download"), icon=icon_of(e),
+                kind=e.kind, href=href, icon=icon_of(e),
                 name=e.name, size=size, iso=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(e.mtime)),
                 date=fmt_time(e.mtime), id=e.id, folder=folder, item=item_url("item", folder, e.name),
                 open=Markup("") if e.is_folder else render('<a href="{u}">Preview</a>',
@@ -348,7 +348,7 @@ class DriveApp:
             '</div>\n<p><a href="{back}">\u2190 Back to the folder</a></p></div>',
             crumbs=self._crumbs(crumbs + [("", e.name)], root), name=e.name, meta=meta,
             actions=Markup("") if e.is_folder else render(
-                '<p class="item-actions"><a class="button" href="{dl}" download>Download</a> '
+                '<p class="item-actions"><a class="button" href="{dl}">Download</a> '
                 '<a href="{view}" target="_blank" rel="noopener">Open in a new tab</a></p>',
                 dl=item_url("file", folder, e.name), view=item_url("view", folder, e.name)),
             preview=preview, folder=folder, csrf=csrf_field(req), id=e.id, options=Markup("").join(options),

@@ -672,7 +672,7 @@ VIEW = """<article class="mail-message">
 
 ATT_LIST = """<div class="mail-attachments"><h2>{n}</h2><ul>{items}</ul></div>"""
 
-ATT_ITEM = """<li><a href="{href}" download>{name}</a> <span class="mail-muted">{type}, {size}</span></li>"""
+ATT_ITEM = """<li><a href="{href}">{name}</a> <span class="mail-muted">{type}, {size}</span></li>"""
 
 COMPOSE = """<header class="mail-head"><h1>New message</h1><span class="mail-muted">from {me}</span></header>
 {error}
