@@ -56,6 +56,7 @@ import threading
 import time
 
 from src.kvproto import NEED_DATA, ProtocolErrorEvent, error
+from src.server import listen
 
 log = logging.getLogger(__name__)
 
@@ -162,14 +163,7 @@ class EventLoop:
     # -- life cycle -------------------------------------------------------------------------
 
     def start(self) -> "EventLoop":
-        ls = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM)
-        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            ls.bind((self.host, self.requested_port))
-            ls.listen(128)
-        except OSError:
-            ls.close()
-            raise
+        ls = listen(self.host, self.requested_port)
         ls.setblocking(False)
         self._listener = ls
         self.port = ls.getsockname()[1]

@@ -30,6 +30,20 @@ Handler = Callable[[socket.socket, tuple], None]
 ACCEPT_PAUSE_S = 0.5    # after accept() failed (out of file descriptors): try again after this
 
 
+def listen(host: str, port: int, backlog: int = 128) -> socket.socket:
+    """A listening socket on host:port (port 0: any free one). An OSError
+    names the address, so "Address already in use" says which one."""
+    ls = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        ls.bind((host, port))
+        ls.listen(backlog)
+    except OSError as e:
+        ls.close()
+        raise OSError(e.errno, f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return ls
+
+
 class TCPServer:
     def __init__(self, host: str, port: int, handle_connection: Handler, name: str = "server",
                  backlog: int = 128, nodelay: bool = True):
@@ -51,14 +65,7 @@ class TCPServer:
 
     def start(self) -> "TCPServer":
         """Bind and start accepting. Raises OSError (e.g. port in use) here, in the caller."""
-        ls = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM)
-        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            ls.bind((self.host, self.requested_port))
-            ls.listen(self._backlog)
-        except OSError:
-            ls.close()
-            raise
+        ls = listen(self.host, self.requested_port, self._backlog)
         self._listener = ls
         self.port = ls.getsockname()[1]
         self._accept_thread = threading.Thread(target=self._accept_loop, name=f"{self.name}-accept", daemon=True)

@@ -99,3 +99,22 @@ def test_out_of_file_descriptors_backs_off_instead_of_spinning(caplog):
         for c in clients:
             c.close()
         srv.stop()
+
+
+def test_a_port_in_use_is_named_in_the_error():
+    """Ops QA: "Address already in use" in a log did not say which address,
+    and a cluster has a dozen; both listeners (this base and the tablet
+    server's loop) say it."""
+    import errno
+    import pytest
+    from kvserver.loop import EventLoop
+    taken = TCPServer("127.0.0.1", 0, echo, name="first").start()
+    try:
+        with pytest.raises(OSError) as e:
+            TCPServer("127.0.0.1", taken.port, echo, name="second").start()
+        assert e.value.errno == errno.EADDRINUSE and f"127.0.0.1:{taken.port}" in str(e.value)
+        with pytest.raises(OSError) as e:
+            EventLoop(None, "127.0.0.1", taken.port, "kv", 1).start()
+        assert f"127.0.0.1:{taken.port}" in str(e.value)
+    finally:
+        taken.stop()
