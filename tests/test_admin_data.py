@@ -93,3 +93,28 @@ def test_a_killed_server_is_explained_not_shown_as_a_protocol_reply():
     from src.kv import error_from_reply
     assert _why(error_from_reply("RETRY", "killed")) == "it was killed from the console (Wake it in the process table)"
     assert _why(ConnectionRefusedError(111, "Connection refused")) == "[Errno 111] Connection refused"
+
+
+def test_the_process_table_of_a_killed_server_says_only_what_it_reports(procs, tmp_path):
+    """UX QA: a KILLed server's row read "? log records, ? syncs": its STATUS
+    after KILL has no counters. The row says killed, offers Wake, and shows
+    no made-up numbers; a serving server shows its counters."""
+    from src.kvclient import ServerClient
+    p = procs.start("kvserver", ["--standalone", "--port", "0", "--data", str(tmp_path / "kv"),
+                                 "--tablets", "4"], name="kv1")
+    cfg = parse_config({"cluster": {"replication": 1},
+                        "kvserver": [{"id": "kv1", "host": "127.0.0.1", "port": p.port}]},
+                       data_dir=str(tmp_path))
+    view = ClusterView(cfg, MemoryKV())
+    c = ServerClient(f"127.0.0.1:{p.port}")
+    try:
+        c.put("r", "c", b"v")
+        row = view._server_row(cfg.node("kv1"), {"ok": True, "status": c.status()}, None)
+        assert row["state"] == "serving" and row["actions"] == ["kill"]
+        assert "log records" in row["detail"] and "syncs" in row["detail"], row
+        c.kill()
+        row = view._server_row(cfg.node("kv1"), {"ok": True, "status": c.status()}, None)
+        assert row["state"] == "killed" and row["actions"] == ["wake"]
+        assert "?" not in row["detail"] + row["load"] and row["detail"] == "0 log records", row
+    finally:
+        c.close()
