@@ -6,8 +6,9 @@ Policy (DESIGN.md "Mail servers"):
 - mail for local users (`<username>@<mail domain>`) is accepted from anyone;
   an unknown local user is refused with 550 at RCPT;
 - mail for other domains only from a session that logged in with AUTH, and
-  then only with the user's own address (or <>) as the sender; everyone else
-  gets 554 "relay access denied" (never an open relay);
+  then only with the user's own address as the sender (not even <>, which
+  is for bounces); everyone else gets 554 "relay access denied" (never an
+  open relay);
 - nobody claims to be a local user without being one: a session that did not
   log in may not use an address of our domain, neither as MAIL FROM (530)
   nor in the message's From:/Sender: headers (550 after DATA), and a logged-in
@@ -103,7 +104,7 @@ class MailDelivery:
             # sending as <> could put anyone in From: with no bounce path.
             if address.lower() != f"{session.auth_user}@{self.domain}":
                 return Reply(553, f"5.7.1 Sender address must be your own: {session.auth_user}@{self.domain}")
-        elif session.auth_user is None and self._ours(address):
+        elif self._ours(address):
             return Reply(530, f"5.7.0 Log in (AUTH) to send as <{address}>")
         return Reply(250, "2.1.0 OK")
 
