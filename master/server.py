@@ -11,8 +11,12 @@ network and persistence, in this order for every change:
 so no server ever hears of a view a restarted master would not know. Changes
 are serialised by `_change_lock`, which is held across the save on purpose
 (changes are rare, and a change must not be published before it is durable);
-readers (MAP, LOOKUP, NODES, heartbeat answers) read the published views, a
-dict that is replaced, never mutated, and so never wait on the disk.
+readers (MAP, LOOKUP, NODES) read the published views, a dict that is
+replaced, never mutated, and so never wait on the disk. A heartbeat takes the
+lock (it records the server's report and may change views), so it can wait
+for another change's save: a slow master disk delays heartbeat answers, and
+a tablet server counts its lease from when it sent the heartbeat, so a late
+answer grants a shorter lease (kvserver/cluster.py).
 
 Commands (PROTOCOL.md "Master commands", plus the internal ones of
 docs/replication.md):
