@@ -272,7 +272,8 @@ class CheckpointAborted(Exception):
 # -- reading --------------------------------------------------------------------------
 
 class Block:
-    """A parsed data block: sorted keys and their values (bytes or BigValue)."""
+    """A parsed data block: sorted keys and their values (bytes, or a BigRef
+    to a value outside the blocks: a cached block holds no file reader)."""
 
     __slots__ = ("keys", "values")
 
@@ -365,7 +366,7 @@ class CheckpointReader:
         if len(data) < 4 or zlib.crc32(data[:-4]) != U32.unpack_from(data, len(data) - 4)[0]:
             raise CorruptCheckpoint(f"{self.path}: block at offset {off}: CRC mismatch")
         keys: list[tuple[bytes, bytes]] = []
-        values: list[Value] = []
+        values: list[bytes | BigRef] = []
         p, end = 0, len(data) - 4
         try:
             while p < end:
