@@ -166,8 +166,7 @@ class RelayWorker:
             # A bug this item triggers must not stop every other item
             # behind it: log it, and try the item again later.
             log.exception("queue item %s: delivery failed with a bug; tried again later", mine.id)
-            backoff = min(self.retry_initial_s * 2 ** mine.attempts, MAX_BACKOFF_S)
-            self.store.update(mine, attempts=mine.attempts + 1, next_at=self.clock() + backoff,
+            self.store.update(mine, attempts=mine.attempts + 1, next_at=self._next_attempt_at(mine, self.clock()),
                               last_error=f"bug: {e!r}"[:500], lease_owner="", lease_until=0.0)
         return 1
 
@@ -201,6 +200,14 @@ class RelayWorker:
 
     # -- one item ------------------------------------------------------------------
 
+    def _next_attempt_at(self, item: QueueItem, now: float) -> float:
+        """When to try `item` again after its attempt number `item.attempts`
+        failed: the back-off doubles from `retry_initial_s` up to
+        MAX_BACKOFF_S, and is never later than the give-up time (so the last
+        attempt is made, and the bounce sent, when `retry_for_s` runs out)."""
+        backoff = min(self.retry_initial_s * 2 ** item.attempts, MAX_BACKOFF_S)
+        return max(now, min(now + backoff, item.created + self.retry_for_s))
+
     def _process(self, item: QueueItem) -> None:
         item = self._send_pending_bounce(item)
         if item is None:
@@ -221,8 +228,7 @@ class RelayWorker:
             retry = []
         log.info("queue item %s attempt %d: %d delivered, %d failed, %d to retry", item.id, item.attempts + 1,
                  len(delivered), len(failed), len(retry))
-        backoff = min(self.retry_initial_s * 2 ** item.attempts, MAX_BACKOFF_S)
-        next_at = max(now, min(now + backoff, item.created + self.retry_for_s))
+        next_at = self._next_attempt_at(item, now)
         pending = item.failed + tuple(tuple(f) for f in failed)
         bounce_id = item.bounce_id or (self.store.new_id() if pending else "")
         item = self.store.update(item, rcpts=tuple(retry), failed=pending, bounce_id=bounce_id,

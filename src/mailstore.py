@@ -460,12 +460,6 @@ class MailStore:
             return None
         return replace(new, stored=value)
 
-    def retry_at(self, item: QueueItem, rcpts: list[str], next_at: float, error: str) -> QueueItem | None:
-        """Keep `rcpts` queued for another attempt at `next_at`, releasing the lease."""
-        new = replace(item, rcpts=tuple(rcpts), next_at=next_at, attempts=item.attempts + 1,
-                      lease_owner="", lease_until=0.0, last_error=error[:500])
-        return self._swap(item, new)
-
     def queue_raw(self, item: QueueItem) -> bytes:
         return b"".join(self._read_chunks(self._queue_body_row(item.id), item.chunks))
 

@@ -144,9 +144,10 @@ def test_queue_claim_lease_retry_done(store):
     mine = store.claim(item, "w1", 30)
     assert mine and mine.lease_owner == "w1"
     assert store.claim(item, "w2", 30) is None  # stale view: someone changed it
-    later = store.retry_at(mine, ["y@remote.test"], next_at=123.0, error="451 busy")
+    later = store.update(mine, rcpts=("y@remote.test",), next_at=123.0, attempts=1, last_error="451 busy",
+                         lease_owner="", lease_until=0.0)
     assert later.rcpts == ("y@remote.test",) and later.attempts == 1 and later.lease_owner == ""
-    assert store.retry_at(mine, [], 0, "") is None  # an old copy cannot overwrite
+    assert store.update(mine, rcpts=()) is None  # an old copy cannot overwrite
     [now] = store.queue()
     assert now == later
     store.done(now)

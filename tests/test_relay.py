@@ -320,10 +320,12 @@ def test_a_poison_item_neither_blocks_the_queue_nor_loops(dns_server):
                 raise RuntimeError("a bug")
             return real(item, raw)
         w._attempt = buggy
+        w.retry_initial_s, w.retry_for_s = 600.0, 30.0
         assert w.run_once() == 2
         assert any("fine@remote.test" in rs for _, rs, _ in peer.handler.received)
         [left] = store.queue()
         assert left.rcpts == ("bug@remote.test",) and left.attempts == 1 and "a bug" in left.last_error
+        assert left.next_at <= left.created + 30.0      # never put off past its give-up time
         assert w.run_once() == 0                        # not due again at once
 
 
