@@ -59,6 +59,8 @@ BLOCK_BYTES = 16 * 1024                  # target size of a data block
 BIG_VALUE_BYTES = 4 * 1024               # values this big or bigger live outside blocks
 COPY_CHUNK = 1024 * 1024
 ENTRY_OVERHEAD = 96                      # rough Python cost of one parsed entry, for the cache
+INDEX_BLOCK_OVERHEAD = 120               # rough Python cost of one block in the loaded index:
+                                         # (row, col) of its first key, (offset, length)
 
 assert FOOTER_BYTES == 64
 
@@ -348,7 +350,7 @@ class CheckpointReader:
                 self.blocks.append((off, length))
         except struct.error:
             raise CorruptCheckpoint(f"{self.path}: index truncated") from None
-        self.index_memory = len(index) + 120 * len(self.blocks)
+        self.index_memory = len(index) + INDEX_BLOCK_OVERHEAD * len(self.blocks)
 
     def __del__(self):
         fd = getattr(self, "_fd", -1)
