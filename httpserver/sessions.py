@@ -18,9 +18,14 @@ is enough, no salt or slow hash: the id is 128 random bits, not a password.
 Sliding expiry without a write per request: a session is valid while
 `now - last_seen < ttl`. `last_seen` is rewritten only when it is more than
 REFRESH_AFTER_S (or a quarter of the TTL, if shorter) old, with CPUT, so a refresh can never bring back a session
-that a logout (on any frontend) deleted meanwhile. Expired sessions are
-deleted when someone presents them, and index entries pointing at gone
-sessions are pruned at every log-in of that user.
+that a logout (on any frontend) deleted meanwhile.
+
+Expired sessions are removed three ways: when someone presents one (`get`);
+at each log-in, up to PRUNE_PER_LOGIN of that user's index entries, picked at
+random, are looked at and ended if expired or gone (`_prune`); and every
+frontend sweeps all `sess/` rows every SWEEP_EVERY_S (`sweep`, started by
+httpserver/frontend.py). The sweep is what bounds the table: it is the only
+one that ends the sessions of users who never come back.
 """
 
 from __future__ import annotations
@@ -79,7 +84,7 @@ def session_key(sid: str) -> str:
 
 
 def _row(key: str) -> bytes:
-    return b"sess/" + key.encode()
+    return SESSION_PREFIX + key.encode()
 
 
 def _index(user: str) -> bytes:
