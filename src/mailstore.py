@@ -17,6 +17,8 @@ per row (docs/mail.md explains it at length):
     mailq                  the relay queue: one column per queued message (its
                            envelope, schedule and lease as JSON)
     mqmsg/<qid>            a queued message's bytes, chunked like mmsg rows
+    msend/<user>           webmail send keys: one column per send (a hash of the
+                           compose form's key), the value its message id
 
 Invariants, and why they hold after a crash at any point:
 
@@ -418,7 +420,8 @@ class MailStore:
         """The message id of the webmail send with this key (a hash of the
         compose form's one-time key): chosen and stored (PUTNX) by the first
         attempt, read back by a retry. Row `msend/<user>`, one small cell per
-        send (they are not cleaned up yet)."""
+        send; the mail sweep removes those older than SEND_KEY_TTL_S
+        (src/mailsweep.py)."""
         row = f"msend/{_check_user(user)}".encode()
         fresh = self.new_id()
         try:
