@@ -12,7 +12,11 @@ protocol without it. The rule (per process, in memory):
     seconds after each further failure, capped at MAX_DELAY_S. A log-in
     attempt during a lock is refused with 429 and Retry-After, without even
     checking the password, so no thread is held while waiting.
-  * A successful log-in clears the account's count (not the address's).
+  * Every attempt is counted before the password is checked (guesses sent
+    at the same moment cannot all get through); a successful one clears the
+    account's count and takes its own count back from the address's.
+  * An account is its name as typed at log-in, stripped and lower-cased:
+    "Eve" and "eve" are one account, as they are to the store.
 
 At most MAX_KEYS keys are remembered (least recently failed dropped first),
 so the table cannot be grown without bound. With several frontends an
@@ -60,11 +64,6 @@ class LoginThrottle:
             return 0.0
         return min(MAX_DELAY_S, BASE_DELAY_S * 2 ** (extra - 1))
 
-    def wait_time(self, user: str, addr: str) -> float:
-        """Seconds until a log-in attempt for `user` from `addr` is allowed (0 = now)."""
-        with self._lock:
-            return self._wait_locked(user, addr, self.clock())
-
     def _wait_locked(self, user: str, addr: str, now: float) -> float:
         wait = 0.0
         for key in (f"user:{user}", f"addr:{addr}"):
@@ -77,10 +76,6 @@ class LoginThrottle:
                 continue
             wait = max(wait, last + self._delay(key, count) - now)
         return max(0.0, wait)
-
-    def failure(self, user: str, addr: str) -> None:
-        with self._lock:
-            self._fail_locked(user, addr, self.clock())
 
     def _fail_locked(self, user: str, addr: str, now: float) -> None:
         for key in (f"user:{user}", f"addr:{addr}"):
@@ -118,7 +113,3 @@ class LoginThrottle:
                     else:
                         self._fails[f"addr:{addr}"] = (entry[0] - 1, entry[1])
         return who
-
-    def success(self, user: str) -> None:
-        with self._lock:
-            self._fails.pop(f"user:{user}", None)

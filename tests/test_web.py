@@ -209,25 +209,36 @@ def test_refresh_cannot_revive_a_logged_out_session():
 
 
 def test_throttle_rule():
+    """The rule of src/throttle.py, through attempt(), the servers' one entry."""
+    from src.throttle import Throttled
     clock = Clock()
     t = LoginThrottle(clock)
-    for _ in range(FREE_FAILURES):
-        assert t.wait_time("eve", "1.2.3.4") == 0
-        t.failure("eve", "1.2.3.4")
-    assert t.wait_time("eve", "1.2.3.4") == 0    # 5 failures are free
-    t.failure("eve", "1.2.3.4")
-    assert t.wait_time("eve", "9.9.9.9") == pytest.approx(1.0)  # the account is locked from any address
+    wrong, right = (lambda: None), (lambda: "eve")
+
+    def guess(user, addr):
+        """0 if the guess was checked (and was wrong), else how long it was refused for."""
+        try:
+            assert t.attempt(user, addr, wrong) is None
+            return 0.0
+        except Throttled as e:
+            return e.wait_s
+    for i in range(FREE_FAILURES):
+        assert guess("Eve" if i % 2 else "eve", "1.2.3.4") == 0
+    assert guess("eve", "1.2.3.4") == 0          # 5 failures are free; the 6th is checked, and locks
+    assert guess(" EVE", "9.9.9.9") == pytest.approx(1.0)  # the account, from any address, however typed
     clock.t += 1.01
-    assert t.wait_time("eve", "9.9.9.9") == 0
-    t.failure("eve", "9.9.9.9")
-    assert t.wait_time("eve", "5.5.5.5") == pytest.approx(2.0)
-    t.success("eve")
-    assert t.wait_time("eve", "5.5.5.5") == 0
+    assert guess("eve", "9.9.9.9") == 0
+    assert guess("eve", "5.5.5.5") == pytest.approx(2.0)   # doubling
+    clock.t += 2.01
+    assert t.attempt("eve", "5.5.5.5", right) == "eve"     # a success clears the account
+    assert guess("eve", "5.5.5.5") == 0
+    t = LoginThrottle(clock)
     for i in range(25):                           # one address guessing many accounts
-        t.failure(f"user{i}", "6.6.6.6")
-    assert t.wait_time("someone-new", "6.6.6.6") > 0
+        guess(f"user{i}", "6.6.6.6")
+    with pytest.raises(Throttled):
+        t.attempt("someone-new", "6.6.6.6", right)
     clock.t += 16 * 60                            # forgotten after the window
-    assert t.wait_time("someone-new", "6.6.6.6") == 0
+    assert t.attempt("someone-new", "6.6.6.6", right) == "eve"
 
 
 def _csrf_app():
