@@ -34,7 +34,8 @@ Invariants, and why they hold after a crash at any point:
   relay worker that died after delivering a bounce) stores it once.
 - Deleting removes the index cell first, then the body row; moving writes the
   new index cell before removing the old one (a crash in between shows the
-  message in both folders, never in neither).
+  message in both folders, never in neither). No page moves messages yet
+  (`move` is kept for filing; src/mailsweep.py says what a mover must do).
 - Queue items are claimed with CPUT on their cell (a lease with an owner and
   an expiry), so two workers never deliver the same item at the same time,
   and an item whose worker died is claimed again once the lease runs out.
@@ -368,7 +369,11 @@ class MailStore:
             pass
 
     def move(self, user: str, src: str, dst: str, msg_id: str) -> None:
-        """Move a message between folders; its id and bytes stay the same."""
+        """Move a message between folders; its id and bytes stay the same.
+
+        No page calls this yet (the webmail deletes, it does not file): it is
+        kept, with its tests, for filing. A mover that files into a new folder
+        should create the folder row first (see src/mailsweep.py)."""
         value, m = self._meta(user, src, msg_id)
         try:
             self.kv.putnx(self._index_row(user, dst), msg_id.encode(), value)
