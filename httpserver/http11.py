@@ -27,6 +27,9 @@ The state machine of one exchange, per direction:
       \\                                         (only if both sides are DONE
        `--peer closed, nothing buffered--> CLOSED   and keep-alive holds)
 
+(A CLIENT with keep-alive goes from the last byte straight back to HEAD:
+responses are parsed back to back.)
+
 Every framing error raises `ProtocolError(status, text)`, the one error root
 of this module; `status` is what a server should answer with:
 
@@ -35,6 +38,7 @@ of this module; `status` is what a server should answer with:
          a body cut short, HTTP/1.1 without exactly one Host
     413  a body over max_body_bytes (declared or while reading chunks)
     414  a request line over max_line_bytes
+    417  an Expect other than 100-continue
     431  a header line over max_line_bytes or a head over max_header_bytes
     501  a transfer coding other than chunked
     505  an HTTP major version other than 1

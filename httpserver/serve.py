@@ -20,7 +20,7 @@ connection (src.server.TCPServer gives us the thread and TCP_NODELAY):
       drain what the handler left  up to DRAIN_LIMIT, else close
       keep-alive? next cycle : close
 
-A malformed head gets its status (400/413/414/431/501/505) and the connection
+A malformed head gets its status (400/413/414/417/431/501/505) and the connection
 is closed; a stalled head gets 408 and a close. A close after an error first
 shuts down our side and discards what the client still sends for a moment, so
 the client reads our answer instead of a connection reset.
