@@ -138,7 +138,10 @@ def parse_size(text: str) -> int:
     return int(m.group(1)) * _UNITS[(m.group(2) or "b").lower()]
 
 
-_HOST_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?|\[?[0-9A-Fa-f:.]+\]?")
+# A host name or an IPv4 address. Not an IPv6 literal: addresses travel as
+# `host:port` (KV replies, MAP, URLs) with no brackets, so "::1" would come
+# out as "::1:7000", and "[::1]" is not an address a socket can bind.
+_HOST_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")
 _ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
@@ -217,7 +220,8 @@ class _Reader:
         host = self.str("host", default_host)
         if not _HOST_RE.fullmatch(host):
             # (a trailing space made the launcher take the server for a remote one)
-            self.fail("host", f"must be a host name or an IP address, not {host!r}")
+            why = " (IPv6 addresses are not supported)" if ":" in host else ""
+            self.fail("host", f"must be a host name or an IPv4 address, not {host!r}{why}")
         port = self.int("port", default_port, 0, 65535)
         return Node(node_id, host, port)
 

@@ -29,7 +29,9 @@ def test_local_config_loads():
     # from the ops QA: each of these started a broken cluster
     ({"cluster": {"failure_timeout_s": float("nan")}}, "cluster.failure_timeout_s: must be a number"),
     ({"cluster": {"failure_timeout_s": float("inf")}}, "cluster.failure_timeout_s: must be a number"),
-    ({"kvserver": [{"host": "127.0.0.1 "}]}, "kvserver[0].host: must be a host name or an IP address"),
+    ({"kvserver": [{"host": "127.0.0.1 "}]}, "kvserver[0].host: must be a host name or an IPv4 address"),
+    ({"master": {"host": "[::1]"}}, "master.host: must be a host name or an IPv4 address, not '[::1]' (IPv6"),
+    ({"lb": {"host": "::1"}}, "lb.host: must be a host name or an IPv4 address, not '::1' (IPv6"),
     ({"mail": {"relay_id": "../../x"}}, "mail.relay_id: must be 1-64 letters"),
     ({"mail": {"relay_id": ""}}, "mail.relay_id: must be 1-64 letters"),
     ({"kvserver": [{"port": 7001}, {"port": 7001}]}, "'kv1' and 'kv2' would both listen on 127.0.0.1:7001"),
