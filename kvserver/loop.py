@@ -1,10 +1,15 @@
 """The tablet server's event loop: every client connection served by one thread.
 
-    loop = EventLoop(server, host, port, name)
+    loop = EventLoop(server, host, port, name, big_request_slots)
     loop.start()              bind + listen (port 0 allowed: loop.port), start the thread
     loop.stop()               close the listener and every connection, join
     loop.wake()               from any thread: run a turn soon (replicas acknowledged)
     loop.call_soon(fn)        from any thread: run fn() on the loop's thread
+
+`big_request_slots` is how many connections may at once buffer a request of
+more than BIG_REQUEST_BYTES (a big PUT); the others stop being read until a
+slot frees (or BIG_REQUEST_WAIT_S passes), so many large writes at once
+cannot exhaust the memory (kvserver/server.py sizes it from the memory budget).
 
 Why one thread and not one per connection: in CPython only one thread runs
 Python at a time, and handing the interpreter lock from thread to thread
