@@ -201,7 +201,7 @@ class Part:
         return bytes(out)
 
     def text(self, limit: int = MAX_FORM_BYTES) -> str:
-        """The content of a plain field as text (400 if over `limit` or not UTF-8)."""
+        """The content of a plain field as text (413 if over `limit`, 400 if not UTF-8)."""
         data = self.read(limit + 1)
         if len(data) > limit:
             raise HTTPError(413, f"The field {self.name!r} is too large.")
@@ -596,7 +596,8 @@ class Router:
               csrf: bool = True, session: bool = True) -> Callable:
         """Decorator: `handler(req, **params) -> Response` for `method` on `pattern`.
 
-        login   no session: GET/HEAD answer 303 to "/", other methods 401
+        login   no session: GET/HEAD answer 303 to the log-in page
+                `/?next=<this path>` (for /home: plain `/`), other methods 401
         admin   a logged-in user who is not an administrator gets 403
         csrf    non-GET requests must carry the session's CSRF token (else 403)
         session look the session up at all (False for static files: faster)
