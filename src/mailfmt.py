@@ -4,7 +4,8 @@ Shared by the SMTP server (the `Received:` trace header), the relay (delivery
 status notifications, RFC 3464, for mail that could not be delivered), the
 mail store (the summary of a message's headers kept in a folder index) and
 the webmail (which builds whole messages with `email.message.EmailMessage`
-and can reuse `new_message_id` and `summarize`).
+itself, and reads raw 8-bit header bytes with `raw_header_text`, as the
+summary does).
 
 Messages are bytes with CRLF line endings everywhere: that is what SMTP
 carries, what POP3 returns and what the store keeps. Nothing here does I/O;
