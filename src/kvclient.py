@@ -371,11 +371,13 @@ class ServerClient:
         total = sum(len(b) for bufs in bufs_list for b in bufs)
         conn, _ = self._acquire()
         send_error: list[BaseException] = []
+        sent = [0]          # how many requests went out whole: any of them may have run
 
         def send_all():
             try:
                 for bufs in bufs_list:
                     conn.send(bufs)
+                    sent[0] += 1
             except OSError as e:
                 send_error.append(e)
                 try:
@@ -409,7 +411,9 @@ class ServerClient:
             sender.join()
             broken = broken or bool(send_error)
         while len(out) < len(requests):
-            cls = Unreachable if send_error and not out else OutcomeUnknown
+            # A request the send never finished cannot have run (the server
+            # acts on whole requests only); one sent whole may have.
+            cls = Unreachable if send_error and len(out) >= sent[0] else OutcomeUnknown
             out.append(cls(f"{self.addr}: connection broke during a pipeline"))
         if broken:
             conn.close()

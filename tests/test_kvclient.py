@@ -341,6 +341,39 @@ def test_big_pipeline_does_not_deadlock(fakes):
     c.close()
 
 
+def test_a_pipeline_cut_while_sending_says_which_requests_may_have_run():
+    """Reader QA: when a send failed half-way, every request was reported
+    Unreachable ("surely never reached the server"), also those sent whole
+    before it, which the server may have run: a caller would resend them."""
+    import socket
+    import struct
+    from src.kvproto import encode_request
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(1)
+    first = encode_request("PUT", b"r", b"c", b"small")
+
+    def server():
+        conn, _ = ls.accept()
+        got = b""
+        while len(got) < sum(len(b) for b in first):
+            got += conn.recv(65536)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()                            # a reset: the client's next sends fail
+    t = threading.Thread(target=server, daemon=True)
+    t.start()
+    c = ServerClient(f"127.0.0.1:{ls.getsockname()[1]}", timeout=10)
+    try:
+        out = c.pipeline([("PUT", (b"r", b"c", b"small"))] +
+                         [("PUT", (b"r", b"big%d" % i, b"x" * (4 << 20))) for i in range(4)])
+    finally:
+        c.close()
+        ls.close()
+        t.join(5)
+    assert isinstance(out[0], OutcomeUnknown)
+    assert isinstance(out[-1], Unreachable)     # never sent whole: cannot have run
+
+
 def test_big_value_round_trip(fakes):
     s = fakes(FakeTabletServer)
     c = ServerClient(s.addr)
