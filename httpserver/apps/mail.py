@@ -20,7 +20,8 @@ Routes (all need a log-in; every POST carries the session's CSRF token):
     POST /mail/send                         multipart form: to, cc, subject,
                                             body, in_reply_to, references,
                                             attachment (files), drive_file
-                                            (drive file ids), fwd + fwd_part
+                                            (`<folder id>/<name>` references
+                                            to drive files), fwd + fwd_part
                                             (attachments of a forwarded message)
 
 `<folder>` is `inbox` or `sent`. Authorisation is by construction: every
@@ -328,11 +329,11 @@ class MailApp:
         # A file the mail limit cannot take is shown, but cannot be ticked:
         # it was refused only after Send (UX QA). Its size is known here.
         limit = self.cfg.mail.max_message_bytes
-        items = Markup("".join(render(DRIVE_ITEM, id=f_id, path=path, size=human_size(size),
-                                      checked="checked" if f_id in chosen and size <= limit else "",
+        items = Markup("".join(render(DRIVE_ITEM, ref=ref, path=path, size=human_size(size),
+                                      checked="checked" if ref in chosen and size <= limit else "",
                                       disabled="disabled" if size > limit else "",
                                       note=" \u00b7 too large for mail" if size > limit else "")
-                               for f_id, path, size in files))
+                               for ref, path, size in files))
         return render(DRIVE_BLOCK, items=items, open="open" if chosen else "")
 
     def send(self, req) -> Response:
@@ -410,16 +411,17 @@ class MailApp:
                  len(result.remote), len(raw))
         return redirect(f"/mail/sent?sent={result.sent_id}")
 
-    def drive_attachments(self, req, ids: list[str]) -> list[Attachment]:
-        ids = [i for i in ids if i]
-        if not ids:
+    def drive_attachments(self, req, refs: list[str]) -> list[Attachment]:
+        """The drive files chosen in the form (`<folder id>/<name>` references)."""
+        refs = [r for r in refs if r]
+        if not refs:
             return []
-        if len(ids) > MAX_DRIVE_ATTACHMENTS:
+        if len(refs) > MAX_DRIVE_ATTACHMENTS:
             raise ComposeError(f"At most {MAX_DRIVE_ATTACHMENTS} files from the drive per message.")
         out = []
         limit = self.cfg.mail.max_message_bytes
-        for file_id in ids:
-            got = drive_file(self.ctx, req.user, file_id, limit)
+        for ref in refs:
+            got = drive_file(self.ctx, req.user, ref, limit)
             if got is None:
                 raise ComposeError("A file chosen from the drive no longer exists.")
             out.append(Attachment(*got))
@@ -703,7 +705,7 @@ FWD_ITEM = """<label class="mail-check"><input type="checkbox" name="fwd_part" v
 
 DRIVE_BLOCK = """<details class="mail-attach" {open}><summary>Attach files from your drive</summary>{items}</details>"""
 
-DRIVE_ITEM = """<label class="mail-check"><input type="checkbox" name="drive_file" value="{id}" {checked} {disabled}> <span class="mail-path">{path}</span> <span class="mail-muted">({size}{note})</span></label>"""
+DRIVE_ITEM = """<label class="mail-check"><input type="checkbox" name="drive_file" value="{ref}" {checked} {disabled}> <span class="mail-path">{path}</span> <span class="mail-muted">({size}{note})</span></label>"""
 
 
 def register(router, ctx) -> None:
