@@ -39,9 +39,10 @@ new primary has already overwritten.
 
 Unknown outcomes. A write whose record was logged and sent, but whose
 primary was deposed before every member acknowledged it, may or may not
-survive the failover. Its client gets no reply: the connection is closed
-(`OutcomeUnknown`), which clients read as "outcome unknown", never `RETRY`
-(RETRY promises the write was not applied).
+survive the failover. Its client gets no reply: the writer raises
+`WriteInDoubt` (a DropConnection) and the connection is closed, which the
+client reads as "outcome unknown" (src/kvclient.py's `OutcomeUnknown`, a
+different class), never `RETRY` (RETRY promises the write was not applied).
 
 Internal commands (docs/replication.md has the grammar):
 
@@ -109,9 +110,12 @@ MASTER_INTERNAL = {
 }
 
 
-class OutcomeUnknown(DropConnection):
-    """A write was logged and sent but its primary was deposed before it
-    committed: the server closes the client's connection instead of replying."""
+class WriteInDoubt(DropConnection):
+    """A write was logged and sent to the replicas but cannot be settled
+    here (its primary was deposed before it committed, or the local log
+    failed after sending it): the server closes the client's connection
+    instead of replying. Not src/kvclient.py's OutcomeUnknown, which is
+    what the client makes of the closed connection."""
 
 
 # -- the wire form of records (pure) ---------------------------------------------------
@@ -780,14 +784,14 @@ class ClusterNode:
             # The local log failed or was dropped (KILL) after the record went
             # to the replicas: it may survive there, so no RETRY (which says
             # "not applied"): the outcome is unknown.
-            raise OutcomeUnknown(f"tablet {tablet.id} seq {p.record.seq}: {e}") from None
+            raise WriteInDoubt(f"tablet {tablet.id} seq {p.record.seq}: {e}") from None
         with g.lock:
             self._act(g, g.sm.local_durable(p.record.seq))
         return self.settle(tablet, handle)
 
     def settle(self, tablet: Tablet, handle) -> bool:
         """True once every member of the view has the record (it is then
-        applied); False while some have yet to acknowledge it; OutcomeUnknown
+        applied); False while some have yet to acknowledge it; WriteInDoubt
         if this server stopped being its primary first."""
         g, p = handle
         seq = p.record.seq
@@ -804,7 +808,7 @@ class ClusterNode:
             if g.inflight.pop(seq, None) is not None:
                 tablet.apply(p)
         if not committed:
-            raise OutcomeUnknown(f"tablet {tablet.id} seq {seq}: primary deposed before commit")
+            raise WriteInDoubt(f"tablet {tablet.id} seq {seq}: primary deposed before commit")
         return True
 
     # -- actions -------------------------------------------------------------------------
