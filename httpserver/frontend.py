@@ -4,9 +4,9 @@
 
 The frontend is stateless: accounts, sessions and every user's data live in
 the KV store, so any frontend serves any user and a crashed one loses nothing.
-It registers the apps of APPS in order (a module that does not exist yet is
-skipped), serves /static/<file> from httpserver/static, and on start makes
-sure the `admin` account exists (see `admin_password`).
+It registers the apps of APPS in order, serves /static/<file> from
+httpserver/static, and on start makes sure the `admin` account exists (see
+`admin_password`).
 
 Each app is `httpserver/apps/<name>.py` with `register(router, ctx)`;
 `ctx` is an `AppContext`.
@@ -20,8 +20,7 @@ import os
 import random
 import secrets
 import threading
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from httpserver.serve import HTTPServer
 from httpserver.sessions import SWEEP_EVERY_S, Sessions
@@ -29,6 +28,7 @@ from src.throttle import LoginThrottle
 from httpserver.web import App, Router, StaticFiles
 from src.accounts import Accounts
 from src.config import Config, Node
+from src.drive import Drive
 from src.kv import KV, KVError
 from src.mailsweep import lister_for
 
@@ -53,7 +53,7 @@ class AppContext:
     throttle: LoginThrottle
     static: StaticFiles
     frontend: "Frontend | None" = None
-    extra: dict[str, Any] = field(default_factory=dict)   # apps may share objects here
+    drive: Drive | None = None   # set by the drive app; the mail app attaches drive files from it
 
 
 def admin_password(cfg: Config) -> str:
@@ -110,14 +110,7 @@ class Frontend:
             lambda req, name: self.ctx.static.serve(req, name))
         self.apps: list[str] = []
         for name in APPS:
-            modname = f"httpserver.apps.{name}"
-            try:
-                mod = importlib.import_module(modname)
-            except ModuleNotFoundError as e:
-                if e.name == modname:
-                    log.info("app %s not present; skipped", name)
-                    continue
-                raise
+            mod = importlib.import_module(f"httpserver.apps.{name}")
             mod.register(self.router, self.ctx)
             self.apps.append(name)
         self.app = App(self.router, self.sessions)

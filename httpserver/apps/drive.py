@@ -148,10 +148,7 @@ class DriveApp:
         cfg = ctx.config.drive
         self.drive = Drive(ctx.kv, chunk_bytes=cfg.chunk_bytes, quota_bytes=cfg.quota_bytes)
         self.ctx = ctx
-        try:
-            ctx.drive = self.drive  # shared with the other apps (mail attaches drive files)
-        except AttributeError:
-            pass
+        ctx.drive = self.drive  # shared with the other apps (mail attaches drive files)
 
     # -- the sweeper ------------------------------------------------------------------
 

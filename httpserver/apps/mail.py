@@ -451,24 +451,10 @@ class PreviewCache:
                 self._items.popitem(last=False)
 
 
-# -- the drive (helper F's src/drive.py), used read-only --------------------------
+# -- the drive (src/drive.py), used read-only -----------------------------------
 
 MAX_PICKER_FILES = 200      # files offered in the compose form's drive picker
 MAX_PICKER_FOLDERS = 100    # folders walked to find them
-
-
-def drive_of(ctx):
-    """The frontend's Drive if the app context has one, else our own (read-only use)."""
-    drive = getattr(ctx, "drive", None)
-    if drive is None:
-        from src.drive import Drive
-        drive = Drive(ctx.kv, chunk_bytes=ctx.config.drive.chunk_bytes, quota_bytes=ctx.config.drive.quota_bytes,
-                      window=1)
-        try:
-            ctx.drive = drive
-        except AttributeError:
-            pass
-    return drive
 
 
 def drive_files(ctx, user: str) -> list[tuple[str, str, int]]:
@@ -477,7 +463,7 @@ def drive_files(ctx, user: str) -> list[tuple[str, str, int]]:
     A reference is `<folder id>/<name>`: how the drive names a file.
     """
     from src.drive import DriveError
-    drive = drive_of(ctx)
+    drive = ctx.drive   # the drive app's, set when it registered
     out: list[tuple[str, str, int]] = []
     try:
         folders = drive.folders(user)[:MAX_PICKER_FOLDERS]
@@ -506,7 +492,7 @@ def drive_file(ctx, user: str, ref: str, limit: int) -> tuple[str, str, bytes] |
     """
     from src.drive import DriveError
     folder_id, _, name = ref.partition("/")
-    drive = drive_of(ctx)
+    drive = ctx.drive   # the drive app's, set when it registered
     try:
         e = drive.entry(user, folder_id, name)
         if e.is_folder:
