@@ -140,6 +140,11 @@ class KV(Protocol):
     def cols(self, row: bytes | str) -> list[bytes]:
         """The row's column names, sorted bytewise ([] for an absent row)."""
 
+    def get_many(self, row: bytes | str, cols: list[bytes | str]) -> dict[bytes, bytes]:
+        """The values of those columns of one row that exist, each read as
+        by `get` (one cell at a time, not a snapshot of the row), but
+        without a round trip per cell."""
+
     def delrow(self, row: bytes | str) -> None:
         """Remove every column of the row at once; NotFound if it has none."""
 
@@ -210,3 +215,17 @@ class MemoryKV:
         with self._lock:
             if not self._rows.pop(row, None):
                 raise NotFound()
+
+    def get_many(self, row, cols):
+        return get_each(self, row, cols)
+
+
+def get_each(kv: KV, row, cols) -> dict[bytes, bytes]:
+    """get_many done with `kv.get`, one cell after another."""
+    out = {}
+    for col in cols:
+        try:
+            out[name_bytes(col)] = kv.get(row, col)
+        except NotFound:
+            pass
+    return out

@@ -84,6 +84,7 @@ log = logging.getLogger(__name__)
 RECV_BYTES = 256 * 1024
 WAIT_SLICE_S = 0.5      # a slow reply: how often the cluster client asks the master whether to wait on
 PIPELINE_THREAD_BYTES = 64 * 1024   # above this a pipeline sends from a helper thread (no deadlock)
+GET_MANY_BATCH = 256                # GETs per pipeline in get_many (bounds the replies held at once)
 
 # Commands that change nothing, so resending one after an unknown outcome is harmless.
 READ_ONLY = frozenset({"PING", "GET", "COLS", "MAP", "LOOKUP", "NODES", "STATUS", "TABLETS", "ROWS", "AUTH"})
@@ -444,6 +445,9 @@ class ServerClient:
     def delrow(self, row) -> None:
         _expect(self.call("DELROW", name_bytes(row)), Ok)
 
+    def get_many(self, row, cols) -> dict[bytes, bytes]:
+        return _pipelined_gets(self, self, row, cols)
+
     # -- admin and master helpers --
 
     def ping(self) -> bool:
@@ -675,6 +679,18 @@ class ClusterClient:
 
         _expect(self._execute(row, "PUTNX", (col, value), settle=settle), Ok)
 
+    def get_many(self, row, cols) -> dict[bytes, bytes]:
+        """Pipelined GETs on the row's primary; a cell that gets any other
+        answer (MOVED, RETRY, a broken connection) is read again by `get`,
+        with all of its retries."""
+        try:
+            _, addr = self._route(name_bytes(row))
+        except (KVError, KVProtocolError):
+            addr = None
+        if addr is None:
+            return kv.get_each(self, row, cols)
+        return _pipelined_gets(self.server(addr), self, row, cols)
+
     def cput(self, row, col, old, new) -> None:
         row, col, old, new = name_bytes(row), name_bytes(col), _value(old), _value(new)
 
@@ -692,6 +708,30 @@ class ClusterClient:
             return "raise", kv.Mismatch("the cell changed while the outcome of our CPUT was unknown")
 
         _expect(self._execute(row, "CPUT", (col, old, new), on_unknown=on_unknown), Ok)
+
+
+def _pipelined_gets(server: ServerClient, reader: kv.KV, row, cols) -> dict[bytes, bytes]:
+    """get_many: GETs of one row sent to `server` GET_MANY_BATCH at a time,
+    each batch in one pipeline; a cell answered with anything but its value
+    or NOTFOUND is read again with `reader.get` (which knows how to retry)."""
+    row = name_bytes(row)
+    cols = [name_bytes(c) for c in cols]
+    out: dict[bytes, bytes] = {}
+    again: list[bytes] = []
+    for i in range(0, len(cols), GET_MANY_BATCH):
+        batch = cols[i:i + GET_MANY_BATCH]
+        try:
+            replies = server.pipeline([("GET", (row, col)) for col in batch])
+        except (KVError, KVProtocolError):       # could not even connect
+            again += batch
+            continue
+        for col, reply in zip(batch, replies):
+            if isinstance(reply, Value):
+                out[col] = reply.data
+            elif not isinstance(reply, kv.NotFound):
+                again.append(col)
+    out.update(kv.get_each(reader, row, again))
+    return out
 
 
 def _gone_is_done(exc: KVError):

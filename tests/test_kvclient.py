@@ -449,6 +449,30 @@ def test_cluster_follows_moved(fakes):
         c.close()
 
 
+def test_cluster_get_many_pipelines_and_falls_back_cell_by_cell(fakes):
+    """get_many (a POP3 log-in reads every message's index cell): one
+    pipeline per batch to the row's primary, absent cells left out; a cell
+    answered MOVED or RETRY is read again by get, which follows the answer."""
+    (a, b), master, c = _cluster(fakes)
+    try:
+        row = row_in_tablet(0)                          # the map says a
+        cols = [b"m%04d" % i for i in range(600)]       # three batches
+        for col in cols[::2]:
+            a.store.put(row, col, b"v" + col)
+        got = c.get_many(row, cols)
+        assert got == {col: b"v" + col for col in cols[::2]}
+        assert a.count("GET") == 600 and a.accepted == 1        # one connection, no round trip each
+        assert MemoryKV().get_many("r", ["x"]) == {}
+        a.retry_next = 1                                # the first GET of the next call: RETRY
+        assert c.get_many(row, cols[:4]) == {cols[0]: b"v" + cols[0], cols[2]: b"v" + cols[2]}
+        for col in cols[::2]:                           # the tablet moves to b
+            b.store.put(row, col, b"w" + col)
+        a.moved[0] = b.addr
+        assert c.get_many(row, cols[:10]) == {col: b"w" + col for col in cols[:10:2]}
+    finally:
+        c.close()
+
+
 def test_cluster_retries_retry_then_succeeds(fakes):
     (a, b), master, c = _cluster(fakes)
     try:
