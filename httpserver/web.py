@@ -460,8 +460,17 @@ def range_applies(req: Request, etag: str | None, last_modified: float | None) -
 
 
 def content_disposition(filename: str, inline: bool = False) -> str:
-    """A Content-Disposition value for `filename` (ASCII fallback + RFC 5987 UTF-8)."""
-    fallback = "".join(c if 32 <= ord(c) < 127 and c not in '"\\;' else "_" for c in filename) or "download"
+    """A Content-Disposition value that is safe for any file name (RFC 6266):
+    the exact name in `filename*=` (UTF-8, percent-encoded: RFC 8187), and an
+    ASCII stand-in in `filename=` for clients that do not read that. The
+    stand-in keeps visible ASCII only, and not '"', '\\' or ';' (they would
+    end or break the quoted value) nor '%' (a client could decode it as an
+    escape): each of those, and space, becomes "_".
+
+    The one function for the drive's downloads and the mail's attachments;
+    the caller passes a name that is already safe as a name (the webmail's
+    come from `clean_filename`)."""
+    fallback = "".join(c if 32 < ord(c) < 127 and c not in '"\\%;' else "_" for c in filename) or "download"
     kind = "inline" if inline else "attachment"
     return f"{kind}; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
 

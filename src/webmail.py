@@ -42,7 +42,6 @@ from email.message import EmailMessage, Message
 from email.parser import BytesParser, Parser
 from email.utils import format_datetime, getaddresses, make_msgid, parsedate_to_datetime
 from html.parser import HTMLParser
-from urllib.parse import quote as percent_quote
 
 from src import mailfmt
 
@@ -930,15 +929,6 @@ def html_to_text(markup: str) -> str:
 
 
 # -- helpers for the HTTP layer -----------------------------------------------
-
-def content_disposition(filename: str, inline: bool = False) -> str:
-    """A Content-Disposition value that is safe for any file name (RFC 6266):
-    an ASCII fallback in `filename=` and the exact name in `filename*=`."""
-    name = clean_filename(filename)
-    fallback = "".join(ch if 32 < ord(ch) < 127 and ch not in '"\\%;' else "_" for ch in name) or "attachment"
-    kind = "inline" if inline else "attachment"
-    return f"{kind}; filename=\"{fallback}\"; filename*=UTF-8''{percent_quote(name, safe='')}"
-
 
 def display_address(value: str) -> str:
     """A From/To value shortened for a list: the display name, else the address.

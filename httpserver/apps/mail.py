@@ -39,7 +39,7 @@ from collections import OrderedDict
 from email.utils import format_datetime
 
 from httpserver.templates import Markup, csrf_field, page, render
-from httpserver.web import HTTPError, Response, redirect
+from httpserver.web import HTTPError, Response, content_disposition, redirect
 from src import webmail
 from src.mailstore import MailStore, MailStoreError, NoSuchMessage
 from src.webmail import Attachment, ComposeError, Draft
@@ -246,7 +246,7 @@ class MailApp:
         # Always a download, never rendered by the browser on our origin (an
         # attached HTML or SVG file could otherwise run script here).
         return Response(200, data, headers=[
-            ("Content-Disposition", webmail.content_disposition(name)),
+            ("Content-Disposition", content_disposition(name)),
             ("X-Content-Type-Options", "nosniff"),
             ("Content-Security-Policy", "sandbox; default-src 'none'"),
             ("Cache-Control", "private, no-store"),
@@ -256,7 +256,7 @@ class MailApp:
         self.folder_of(slug)
         _, raw = self.load(req, slug, msg_id)
         return Response(200, raw, headers=[
-            ("Content-Disposition", webmail.content_disposition(f"message-{msg_id}.eml")),
+            ("Content-Disposition", content_disposition(f"message-{msg_id}.eml")),
             ("X-Content-Type-Options", "nosniff"),
             ("Cache-Control", "private, no-store"),
         ], content_type="message/rfc822")
