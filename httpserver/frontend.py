@@ -26,7 +26,7 @@ from httpserver.serve import HTTPServer
 from httpserver.sessions import SWEEP_EVERY_S, Sessions
 from src.throttle import LoginThrottle
 from httpserver.web import App, Router, StaticFiles
-from src.accounts import Accounts
+from src.accounts import ADMIN_USER, Accounts
 from src.config import Config, Node
 from src.drive import Drive
 from src.kv import KV, KVError
@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 
 APPS = ("accounts", "home", "drive", "mail", "admin")
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
-ADMIN_USER = "admin"
 ADMIN_PASSWORD_FILE = "admin.password"
 ADMIN_WAIT_S = 5.0
 

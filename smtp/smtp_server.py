@@ -34,7 +34,7 @@ from typing import Callable
 
 from smtp.smtp_proto import Envelope, Reply, Session, SMTPConnection, TemporaryFailure
 from src import mailfmt
-from src.accounts import RESERVED, Accounts, InvalidUsername, normalize_username
+from src.accounts import POSTMASTER_USER, RESERVED, Accounts, InvalidUsername, normalize_username
 from src.config import Config
 from src.kv import KV, KVError
 from src.mailstore import MailStore, MailStoreError
@@ -45,7 +45,6 @@ log = logging.getLogger(__name__)
 
 IDLE_TIMEOUT_S = 300.0  # RFC 5321 4.5.3.2.7 asks servers to wait 5 minutes for the next command
 RECV_BYTES = 64 * 1024
-POSTMASTER_USER = "admin"  # mail to postmaster@ (RFC 5321 4.5.1) goes to the administrator
 # Accounts are never deleted, so "this user exists" may be remembered a while:
 # it saves a store round trip per recipient. "Unknown" is never cached (sign-up).
 KNOWN_USER_CACHE_S = 60.0

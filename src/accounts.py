@@ -32,6 +32,8 @@ from src.kv import KV, Exists, Mismatch, NotFound
 
 USERNAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9._-]{0,30}[a-z0-9_-])?$")
 RESERVED = frozenset({"postmaster", "mailer-daemon", "abuse", "root", "nobody", "noreply"})
+ADMIN_USER = "admin"          # the administrator's account; every frontend makes sure it exists
+POSTMASTER_USER = ADMIN_USER  # who reads mail to postmaster@ (RFC 5321 4.5.1), by SMTP or webmail
 MIN_PASSWORD = 8
 MAX_PASSWORD = 1024
 

@@ -44,6 +44,7 @@ from email.utils import format_datetime, getaddresses, make_msgid, parsedate_to_
 from html.parser import HTMLParser
 
 from src import mailfmt
+from src.accounts import POSTMASTER_USER
 
 # Limits for what a user may type into the compose form.
 MAX_RECIPIENTS = 100
@@ -956,8 +957,6 @@ def display_address(value: str) -> str:
 
 
 # -- sending --------------------------------------------------------------------
-
-POSTMASTER_USER = "admin"  # who reads postmaster@ (the same as smtp/smtp_server.py)
 
 @dataclass
 class SendResult:
