@@ -26,17 +26,17 @@ starts with "." (after any LF, so clients that split lines on a bare LF see
 no early end either) and the terminating ".CRLF" follows a line end.
 
 Limits: a command line is at most 255 bytes with its CRLF (RFC 2449 section
-4), a SASL response line 12288; longer lines are read to their end and
-answered -ERR. After `max_bad_commands` errors the session ends.
+4), a SASL response line 12288 (smtp/sasl.py); longer lines are read to
+their end and answered -ERR. After `max_bad_commands` errors the session
+ends.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 from typing import Iterable, Iterator, Protocol
 
+from smtp import sasl
 from smtp.lines import TOO_LONG, next_line
 from smtp.smtp_proto import WEB_VERBS
 from src.throttle import Throttled
@@ -44,7 +44,6 @@ from src.throttle import Throttled
 log = logging.getLogger(__name__)
 
 MAX_COMMAND_LINE = 255
-MAX_AUTH_LINE = 12288
 MAX_BAD_COMMANDS = 20
 MAX_TOP_HEADER_BYTES = 1024 * 1024  # TOP reads at most this much of the header block
 
@@ -203,7 +202,7 @@ class POP3Connection:
         reply is sent lazily (a message), then a `_Later` for the rest."""
         out: list = []
         while not self.closed:
-            limit = MAX_AUTH_LINE if self._sasl else MAX_COMMAND_LINE
+            limit = sasl.MAX_AUTH_LINE if self._sasl else MAX_COMMAND_LINE
             line, self._skipping_line = next_line(self._buf, limit, self._skipping_line)
             if line is None:
                 break
@@ -303,13 +302,10 @@ class POP3Connection:
         if token == "*":
             return self._error("Authentication cancelled")
         try:
-            parts = base64.b64decode(token, validate=True).split(b"\0")
-            if len(parts) != 3:
-                raise ValueError
-            user, pw = parts[1].decode("utf-8"), parts[2].decode("utf-8")
-            if parts[0] and parts[0] != parts[1]:
-                return self._error("[AUTH] Acting as another user is not allowed")   # RFC 4616
-        except (binascii.Error, ValueError, UnicodeDecodeError):
+            user, pw = sasl.decode_plain(sasl.decode_response(token))
+        except sasl.OtherIdentity:
+            return self._error("[AUTH] Acting as another user is not allowed")
+        except sasl.SaslError:
             return self._error("Bad PLAIN response")
         return self._login(user, pw)
 

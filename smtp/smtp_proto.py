@@ -15,7 +15,7 @@ of aiosmtpd) checks credentials and addresses and stores the message.
 Limits (named below, all counted in bytes including the CRLF):
 
 - a command line is at most 512 bytes (RFC 5321 4.5.3.1.4), an AUTH line
-  12288 (RFC 4954 4); a longer line is read to its end and answered with 500;
+  12288 (RFC 4954 4, smtp/sasl.py); a longer line is read to its end and answered with 500;
 - a text line of a message is at most 1000 bytes (RFC 5321 4.5.3.1.6); a
   message with a longer line, or bigger than `max_message_bytes`, is read to
   its end and refused (500 / 552), never stored in part;
@@ -33,13 +33,12 @@ can be handed to POP3 or another server without ambiguity.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 import re
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
+from smtp import sasl
 from smtp.lines import TOO_LONG, next_line
 from src.throttle import Throttled
 
@@ -48,7 +47,6 @@ log = logging.getLogger(__name__)
 WEB_VERBS = frozenset({"GET", "POST", "PUT", "HEAD", "CONNECT", "OPTIONS", "HOST:"})   # HTTP, not mail
 
 MAX_COMMAND_LINE = 512
-MAX_AUTH_LINE = 12288
 MAX_TEXT_LINE = 1000
 MAX_RECIPIENTS = 100
 MAX_BAD_COMMANDS = 20
@@ -202,7 +200,7 @@ class SMTPConnection:
                     break
                 out += reply.encode()
                 continue
-            limit = MAX_AUTH_LINE if self._mode == "auth" else MAX_COMMAND_LINE
+            limit = sasl.MAX_AUTH_LINE if self._mode == "auth" else MAX_COMMAND_LINE
             line, self._skipping_line = next_line(self._buf, limit, self._skipping_line)
             if line is None:
                 break
@@ -472,30 +470,23 @@ class SMTPConnection:
             self._auth = None
             return Reply(501, "5.7.0 Authentication cancelled")
         try:
-            raw = b"" if token == "=" else base64.b64decode(token, validate=True)
-        except (binascii.Error, ValueError):
+            raw = sasl.decode_response(token)
+        except sasl.Malformed:
             self._auth = None
             return Reply(501, "5.5.2 Cannot decode the response")
-        if mech == "PLAIN":
-            parts = raw.split(b"\0")
-            if len(parts) != 3:
-                self._auth = None
-                return Reply(501, "5.5.2 Bad PLAIN response")
-            authzid, user_b, pw_b = parts
-            if authzid and authzid != user_b:
-                # RFC 4616: acting as another identity is not allowed here
-                self._auth = None
-                return Reply(535, "5.7.8 Authentication credentials invalid")
-        elif username is None:
+        if mech == "LOGIN" and username is None:
             self._auth = ("LOGIN", raw.decode("utf-8", "replace"))
             self._mode = "auth"
             return Reply(334, "UGFzc3dvcmQ6")  # "Password:"
-        else:
-            user_b, pw_b = username.encode("utf-8"), raw
         self._auth = None
         try:
-            user, pw = user_b.decode("utf-8"), pw_b.decode("utf-8")
-        except UnicodeDecodeError:
+            if mech == "PLAIN":
+                user, pw = sasl.decode_plain(raw)
+            else:
+                user, pw = username, raw.decode("utf-8")
+        except sasl.Malformed:
+            return Reply(501, "5.5.2 Bad PLAIN response")
+        except (sasl.OtherIdentity, sasl.NotUtf8, UnicodeDecodeError):
             return Reply(535, "5.7.8 Authentication credentials invalid")
         try:
             who = self.handler.handle_AUTH(self.session, user, pw)
