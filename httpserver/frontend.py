@@ -29,6 +29,7 @@ from httpserver.web import App, Router, StaticFiles
 from src.accounts import ADMIN_USER, Accounts
 from src.config import Config, Node
 from src.drive import Drive
+from src.fsutil import fsync_dir
 from src.kv import KV, KVError
 from src.mailsweep import lister_for
 
@@ -82,11 +83,7 @@ def admin_password(cfg: Config) -> str:
             os.fsync(f.fileno())
         try:
             os.link(tmp, path)
-            dfd = os.open(cfg.data_dir, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            fsync_dir(cfg.data_dir)
         except FileExistsError:
             pass
     finally:

@@ -31,10 +31,11 @@ import threading
 import time
 
 from src.config import StorageConfig
+from src.fsutil import fsync_dir
 
 from kvserver.checkpoint import BlockCache, CheckpointAborted
 from kvserver.tablet import Tablet, TabletError
-from kvserver.wal import CommitGroup, fsync_dir
+from kvserver.wal import CommitGroup
 
 log = logging.getLogger(__name__)
 

@@ -59,9 +59,11 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
+from src.fsutil import fsync_dir
+
 from kvserver.checkpoint import BigValue, BlockCache, CheckpointReader, Value, write_checkpoint
 from kvserver.wal import (
-    DELROW, SET, CommitGroup, Effect, LogError, LogRecord, TabletLog, fsync_dir, iter_segment,
+    DELROW, SET, CommitGroup, Effect, LogError, LogRecord, TabletLog, iter_segment,
     recover_segment, segment_first_seq, segment_name,
 )
 

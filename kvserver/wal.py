@@ -211,15 +211,6 @@ def recover_segment(path: str) -> SegmentScan:
 
 # -- file helpers ------------------------------------------------------------------
 
-def fsync_dir(path: str) -> None:
-    """Make a rename, creation or removal in directory `path` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def writev_all(fd: int, bufs: Sequence[bytes | memoryview]) -> None:
     """Write every buffer, in order, coping with short writes and IOV_MAX."""
     pending = [memoryview(b) for b in bufs if len(b)]

@@ -44,6 +44,7 @@ from lb.balancer import Balancer, UnknownFrontend
 from lb.proxy import RECV_BYTES, Channel, ChannelError, UpstreamPool, end_to_end, has_body, read_response_head, \
     stream_body, upstream_request
 from src.config import Config, Node
+from src.fsutil import atomic_write
 from src.heartbeat import CONTROL_PREFIX, SECRET_HEADER
 from src.server import TCPServer
 
@@ -114,19 +115,8 @@ class LoadBalancer:
             return []
 
     def _save_disabled(self, ids: list[str]) -> None:
-        d = os.path.dirname(self._state_path)
-        os.makedirs(d, exist_ok=True)
-        tmp = self._state_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"disabled": ids}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._state_path)
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        os.makedirs(os.path.dirname(self._state_path), exist_ok=True)
+        atomic_write(self._state_path, json.dumps({"disabled": ids}).encode())
 
     @staticmethod
     def _cluster_ips(cfg: Config) -> set[str]:

@@ -22,6 +22,7 @@ import json
 import os
 
 from master.placement import TabletView
+from src.fsutil import atomic_write
 
 VERSION = 1
 
@@ -67,18 +68,4 @@ class MasterState:
         data = json.dumps({"version": VERSION, "tablets": tablets, "replication": replication,
                            "servers": servers, "views": [views[t].to_json() for t in sorted(views)],
                            "boots": boots}, indent=1).encode()
-        tmp = self.path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
-        dfd = os.open(self.dir, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        atomic_write(self.path, data)
