@@ -55,7 +55,6 @@ KINDS = {SET: "SET", DEL: "DEL", DELROW: "DELROW"}
 HEADER = struct.Struct("<II")            # crc32, length
 BODY = struct.Struct("<QQBHHI")          # seq, epoch, kind, row_len, col_len, value_len
 LENGTH = struct.Struct("<I")
-MAX_RECORD_BYTES = 2**32 - 1             # the length field's range; real bound: the file's size
 IOV_MAX = 512                            # buffers per writev call (Linux allows 1024)
 
 
@@ -94,11 +93,6 @@ def encode_record(rec: LogRecord) -> list[bytes]:
     length = len(body) + len(e.value)
     crc = zlib.crc32(e.value, zlib.crc32(body, zlib.crc32(LENGTH.pack(length))))
     return [HEADER.pack(crc, length), body, e.value] if e.value else [HEADER.pack(crc, length), body]
-
-
-def encoded_size(rec: LogRecord) -> int:
-    e = rec.effect
-    return HEADER.size + BODY.size + len(e.row) + len(e.col) + len(e.value)
 
 
 def decode_payload(payload: bytes) -> LogRecord | None:

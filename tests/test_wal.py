@@ -11,9 +11,15 @@ import pytest
 from tests.harness import wait_until
 
 from kvserver.wal import (
-    DEL, DELROW, SET, SYNCFS, Effect, LogError, LogRecord, TabletLog, encode_record, encoded_size,
+    BODY, DEL, DELROW, HEADER, SET, SYNCFS, Effect, LogError, LogRecord, TabletLog, encode_record,
     read_segment, recover_segment, segment_first_seq, segment_name,
 )
+
+
+def encoded_size(rec: LogRecord) -> int:
+    """A record's size on disk by the grammar: header, body, then row, column and value."""
+    e = rec.effect
+    return HEADER.size + BODY.size + len(e.row) + len(e.col) + len(e.value)
 
 
 def recs(n, big=False):
