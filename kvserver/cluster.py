@@ -975,7 +975,9 @@ class ClusterNode:
         return self.server.loop.after_sync(conn, lambda: self._appended(g, pend, reply))
 
     def append_now(self, tablet, epoch, prev_seq, prev_epoch, meta, *values) -> bytes:
-        """cmd_REPL without a connection or a loop: returns once durable."""
+        """cmd_REPL without a connection or a loop: returns once durable.
+        For tests (tests/test_cluster_adversarial.py); the server's own REPL
+        path is cmd_REPL."""
         g, pend, reply = self._submit_append(tablet, epoch, prev_seq, prev_epoch, meta, values)
         return self._appended(g, pend, reply)
 
