@@ -39,11 +39,11 @@ import logging
 import time
 from urllib.parse import urlencode
 
-from httpserver.apps.admin_data import ClusterView, preview, show_name
+from httpserver.apps.admin_data import PREVIEW_BYTES, ClusterView, preview, show_name
 from httpserver.templates import Markup, csrf_field, page, render
 from httpserver.web import HTTPError, json_response, redirect, sign
 from src.heartbeat import LBControlError
-from src.kv import BadRequest, KVError, NotFound
+from src.kv import MAX_NAME_BYTES, BadRequest, KVError, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +96,8 @@ def _hex_arg(req, name: str) -> bytes:
         b = bytes.fromhex(v)
     except ValueError:
         raise HTTPError(400, "That link is damaged (a name must be hex).") from None
-    if not 1 <= len(b) <= 4096:
-        raise HTTPError(400, "That link is damaged (a name is 1 to 4096 bytes).")
+    if not 1 <= len(b) <= MAX_NAME_BYTES:
+        raise HTTPError(400, f"That link is damaged (a name is 1 to {MAX_NAME_BYTES} bytes).")
     return b
 
 
@@ -186,10 +186,9 @@ def _crumbs(*parts) -> Markup:
 def register(router, ctx) -> None:
     cfg = ctx.config
     view = ClusterView(cfg, ctx.kv)
-    servers = {n.id: n for n in cfg.kvservers}
 
     def server_or_404(server_id: str):
-        n = servers.get(server_id)
+        n = view.server_node(server_id)
         if n is None:
             raise HTTPError(404, "There is no tablet server by that name in this cluster.")
         return n
@@ -415,7 +414,7 @@ def register(router, ctx) -> None:
         except (KVError, OSError) as e:
             raise HTTPError(503, f"Could not read the cell: {e}") from None
         kind, text = preview(value)
-        shown = min(len(value), 4096)
+        shown = min(len(value), PREVIEW_BYTES)
         body = render(
             '{crumbs}<h1 class="adm-mono adm-name">{rname} <span class="adm-sub">/</span> {cname}</h1>'
             '<section class="card adm-card"><p><strong>{size}</strong> bytes{cut} · shown as {kind}</p>'

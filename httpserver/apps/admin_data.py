@@ -1,8 +1,9 @@
 """What the admin console shows, gathered from the running cluster.
 
-`ClusterView.snapshot()` asks every process what it is doing, all at once
-(one thread per process, a short timeout each, so one hung server costs the
-page a second, not a minute) and returns plain data (JSON-ready):
+`ClusterView.snapshot()` asks every process what it is doing, in parallel
+(up to PROBE_THREADS at a time, each waiting at most PROBE_TIMEOUT_S, so hung
+servers cost the page a few seconds, not a minute) and returns plain data
+(JSON-ready):
 
     master        PING, NODES and MAP on the master
     tablet server STATUS on each configured server (KV admin command)
@@ -37,6 +38,7 @@ from src.kvclient import ServerClient
 log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 1.5
+PROBE_THREADS = 8
 PREVIEW_BYTES = 4096
 
 
@@ -61,7 +63,7 @@ class ClusterView:
         self.secret = cfg.cluster.secret
         self._clients: dict[str, ServerClient] = {}
         self._clients_lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="admin-probe")
+        self._pool = ThreadPoolExecutor(max_workers=PROBE_THREADS, thread_name_prefix="admin-probe")
 
     def client(self, addr: str) -> ServerClient:
         """A short-timeout admin client of one server (master or tablet server)."""
@@ -72,6 +74,7 @@ class ClusterView:
             return c
 
     def server_node(self, server_id: str):
+        """The config's tablet server of that id, or None."""
         for n in self.cfg.kvservers:
             if n.id == server_id:
                 return n
