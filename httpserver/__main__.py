@@ -48,8 +48,7 @@ def main(argv: list[str] | None = None) -> int:
                          load, lb_beat_interval(cfg.lb.heartbeat_timeout_s)).start(),
              ProcessBeacon(kv, node.id, "web frontend", f"{node.host}:{fe.port}", load_fn=load).start()]
     process.announce_ready(fe.port)
-    while not stop.wait(1.0):
-        pass
+    process.wait_for(stop)
     log.info("stopping")
     for b in beats:
         b.stop()

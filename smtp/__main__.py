@@ -71,8 +71,7 @@ def main(argv=None) -> int:
                            f"{args.host or server.tcp.host}:{server.port}",
                            load_fn=lambda: server.tcp.connection_count).start()
     process.announce_ready(server.port)
-    while not stop.wait(0.5):
-        pass
+    process.wait_for(stop)
     log.info("stopping")
     beacon.stop()
     server.stop()
