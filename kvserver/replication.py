@@ -464,7 +464,7 @@ class TabletReplica:
                 return [CatchUp(peer, reply.seq, self._epoch_at(reply.seq))] + self._advance()
         return self._advance()
 
-    def _epoch_at(self, seq: int) -> int:
+    def _epoch_at(self, seq: int) -> int | None:
         rec = self.pending.get(seq)
         if rec is not None:
             return rec.epoch

@@ -42,9 +42,9 @@ log = logging.getLogger(__name__)
 CHECK_INTERVAL_S = 0.5        # how often the checkpointer looks even when not woken
 # A checkpoint rewrites the whole tablet. The periodic one is skipped while
 # the new writes are less than 1/16 of the checkpoint: else a big tablet that
-# gets a write now and then (the processes' once-a-second status cells) was
-# rewritten every checkpoint_interval_s, hundreds of MB every 5 minutes on an
-# idle cluster. The log-size and memory triggers still apply.
+# gets a write now and then (the processes' status cells, written every two
+# seconds: src/heartbeat.py) was rewritten every checkpoint_interval_s,
+# hundreds of MB every 5 minutes on an idle cluster. The log-size and memory triggers still apply.
 INTERVAL_REWRITE_LIMIT = 16
 MEM_RECHECK_S = 0.005         # how stale the writers' view of memtable memory may be
 

@@ -40,7 +40,9 @@ IDLE_TIMEOUT_S = 600.0  # RFC 1939 section 3: an autologout timer of at least 10
 LOCK_MARGIN_S = 30.0
 RECV_BYTES = 64 * 1024
 FOLDER = "Inbox"
-THIS_PROCESS = "pop3:" + os.urandom(4).hex()   # a lock owner's default "<process id>:<incarnation>"
+# Only the default `owner` of a MailboxLock made without one (the tests): the
+# server passes its own "<process id>:<incarnation>" (POP3Server.owner).
+THIS_PROCESS = "pop3:" + os.urandom(4).hex()
 
 
 class MailboxLock:

@@ -3,11 +3,12 @@
 Two senders, each a background thread (`while not stop.wait(interval)`):
 
 - `LBHeartbeat`: a frontend tells the LB "I am fe1, serving on port P, with
-  load L" every `lb_beat_interval(cfg)` seconds (a quarter of the LB's timeout,
-  at most 0.5 s), so a frontend that dies is out of the rotation within
-  `cfg.lb.heartbeat_timeout_s`. It is an HTTP request to the LB's control
-  endpoint (`POST /_lb/heartbeat`, urlencoded `id`, `port`, `load`), carrying
-  the cluster secret in the `X-PennCloud-Secret` header when one is set.
+  load L" every `lb_beat_interval(cfg.lb.heartbeat_timeout_s)` seconds (a
+  quarter of the LB's timeout, at most 0.5 s), so a frontend that dies is out
+  of the rotation within `cfg.lb.heartbeat_timeout_s`. It is an HTTP request
+  to the LB's control endpoint (`POST /_lb/heartbeat`, urlencoded `id`,
+  `port`, `load`), carrying the cluster secret in the `X-PennCloud-Secret`
+  header when one is set.
 - `ProcessBeacon`: any process (frontend, SMTP, POP3, relay) writes one cell
   into the KV store every `BEACON_INTERVAL_S`: row `sys/procs`, column = its
   config id, value = a small JSON object `{"role", "addr", "state", "load",

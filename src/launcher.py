@@ -5,7 +5,9 @@
     start   start every process of the config that is not running, wait until
             each one prints READY, print the URLs (idempotent: after a crash it
             starts only what is missing)
-    stop    SIGTERM every process (SIGKILL after a grace period)
+    stop    SIGTERM in waves: the LB, frontends and mail servers, then the
+            tablet servers, then the master (each wave SIGKILLed after
+            STOP_GRACE_S)
     status  one line per process: <name> <pid|-> <host:port> <up|down>
 
 Files (under the data dir: ./data, or $PENNCLOUD_DATA, or --data):
