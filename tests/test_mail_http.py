@@ -192,6 +192,7 @@ def test_attachment_over_the_limit_is_refused_and_nothing_is_sent(site):
     assert 'value="bob"' in r.text and 'value="keepme"' in r.text and "bodykeep\nline two" in r.text
     assert 'value="carol@example.com"' in r.text and "&lt;a@b.example&gt;" in r.text
     assert "\u201cbig.bin\u201d (3 MiB) is larger than the 256 KiB mail limit" in r.text
+    assert "Share" not in r.text                    # (the drive has no sharing)
     assert "choose the files to attach again" in r.text
     # Two files that fit one by one but not together: the one that does not fit is named.
     half = b"y" * (MAX_MESSAGE // 2 + 10)
@@ -212,7 +213,8 @@ def test_a_huge_attachment_is_not_read_to_its_end(site, monkeypatch):
     alice, _bob = user(fe, "alice"), user(fe, "bob")
     r = alice.send("bob", subject="huge", body="b",
                    files=[("attachment", "huge.bin", "application/octet-stream", b"x" * (MAX_MESSAGE + 5000))])
-    assert r.status == 413 and "mail-compose-form" not in r.text and "Share it from your drive" in r.text
+    assert r.status == 413 and "mail-compose-form" not in r.text and "too large to send by mail" in r.text
+    assert "Share" not in r.text                    # (the drive has no sharing)
     assert MailStore(kv).list("bob", "Inbox") == []
 
 

@@ -400,8 +400,6 @@ class MailApp:
                                   send_key=field("send_key"))
         except ComposeError as e:
             error = str(e)
-            if too_large is not None:
-                error += " Share big files from your drive instead."
             if uploads or too_large is not None:
                 error += " (Please choose the files to attach again.)"
             return self.compose_page(req, draft, error=error, fwd=fwd, status=413 if too_large else 400,
@@ -525,7 +523,7 @@ def _read_attachment(part, room: int, max_dropped: int) -> tuple[bytes | None, i
         if size <= room:
             buf += chunk
         elif size - room > max_dropped:
-            raise HTTPError(413, "That is too large to send by mail. Share it from your drive instead.")
+            raise HTTPError(413, "That is too large to send by mail.")
         elif buf:
             buf = bytearray()  # over the limit: keep nothing of it
 
@@ -539,7 +537,7 @@ def _read_bounded(part, limit: int) -> bytes:
             return bytes(buf)
         buf += chunk
         if len(buf) > limit:
-            raise HTTPError(413, "That is too large to send by mail. Share it from your drive instead.")
+            raise HTTPError(413, "That is too large to send by mail.")
 
 
 def page_arg(req) -> int:
