@@ -119,7 +119,9 @@ class KV(Protocol):
     """What the web apps and mail servers may ask of the store.
 
     Every method is atomic on its row and, against the real cluster,
-    linearizable and durable on return.
+    durable on return and linearizable, except in the resend cases that
+    src/kvclient.py lists: after an unknown outcome, a resent PUTNX or CPUT
+    can report success wrongly when its value is not unique to the call.
     """
 
     def get(self, row: bytes | str, col: bytes | str) -> bytes:
