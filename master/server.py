@@ -107,6 +107,8 @@ class Master:
         self._stop = threading.Event()
         self.tcp = TCPServer(self.node.host, self.node.port if port is None else port, self._handle, "master")
         self._detector: threading.Thread | None = None
+        self._last_pass = time.monotonic()   # the failure detector's last look
+        self._silence_from = 0.0             # silence before this proves nothing (the master stood still)
 
     # -- life cycle ----------------------------------------------------------------
 
@@ -185,9 +187,18 @@ class Master:
         """Declare dead every server silent for the failure timeout. All of
         one pass are marked dead before any tablet is re-elected, so servers
         that died together are not elected for each other."""
+        gap, self._last_pass = now - self._last_pass, now
+        if gap > self.cc.failure_timeout_s / 2:
+            # The master itself stood still (a paused VM, SIGSTOP, a swap
+            # storm): the heartbeats of that time wait unread in its sockets,
+            # so their silence proves nothing. Count it from now, as after a
+            # restart; a server that did die is found one timeout later.
+            self._silence_from = now
+            log.warning("the failure detector did not run for %.2fs: servers' silence counts from now", gap)
+
         def expired(s):
             timeout = self.cc.failure_timeout_s if s.heard else max(STARTUP_GRACE_S, 2 * self.cc.failure_timeout_s)
-            return s.alive and now - s.last_seen > timeout
+            return s.alive and now - max(s.last_seen, self._silence_from) > timeout
 
         if not any(expired(s) for s in self.servers.values()):
             return
