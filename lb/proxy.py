@@ -36,7 +36,7 @@ RECV_BYTES = 256 * 1024
 CONNECT_TIMEOUT_S = 2.0
 UPSTREAM_TIMEOUT_S = 60.0  # a frontend may wait on the KV store's own retries (15 s) and more
 RECV_SLICE_S = 1.0         # waiting for a frontend's answer, look this often whether it still beats
-POOL_IDLE_S = 4.0  # shorter than any frontend's keep-alive idle timeout
+POOL_IDLE_S = 4.0  # longest a pooled connection idles; UpstreamPool keeps it under the frontends' timeout
 POOL_MAX_PER_FRONTEND = 32
 
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
@@ -149,13 +149,19 @@ class Upstream(Channel):
 
 
 class UpstreamPool:
-    """Idle keep-alive connections to frontends, at most POOL_IDLE_S old."""
+    """Idle keep-alive connections to frontends, reused while younger than
+    `idle_s`: POOL_IDLE_S, or half the frontends' keep-alive idle timeout
+    (`http.idle_timeout_s`, which may be configured as low as 0.1 s) if that
+    is shorter. A connection kept longer than the frontend keeps it would
+    be closed under the LB's feet just as it sends the next request."""
 
-    def __init__(self, max_line: int, max_header: int, max_body: int, clock=time.monotonic):
+    def __init__(self, max_line: int, max_header: int, max_body: int, clock=time.monotonic,
+                 frontend_idle_timeout_s: float = float("inf")):
         self._idle: dict[str, list[Upstream]] = {}
         self._lock = threading.Lock()
         self._limits = (max_line, max_header, max_body)
         self._clock = clock
+        self.idle_s = min(POOL_IDLE_S, frontend_idle_timeout_s / 2)
 
     def _codec(self) -> Connection:
         return Connection(CLIENT, *self._limits)
@@ -169,7 +175,7 @@ class UpstreamPool:
                 idle = self._idle.get(fe_id, [])
                 while idle:
                     up = idle.pop()
-                    if now - up.idle_since < POOL_IDLE_S:
+                    if now - up.idle_since < self.idle_s:
                         up.reused, up.gone = True, gone
                         return up
                     up.close()

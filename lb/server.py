@@ -81,7 +81,8 @@ class LoadBalancer:
         self._lock = threading.Lock()  # guards balancer and the counters; never held across I/O
         self.requests = 0
         self.failures = 0  # frontends found dead by the proxy
-        self.pool = UpstreamPool(cfg.http.max_line_bytes, cfg.http.max_header_bytes, cfg.http.max_body_bytes)
+        self.pool = UpstreamPool(cfg.http.max_line_bytes, cfg.http.max_header_bytes, cfg.http.max_body_bytes,
+                                 frontend_idle_timeout_s=cfg.http.idle_timeout_s)
         self.allowed_ips = self._cluster_ips(cfg)
         self.server = TCPServer(node.host, node.port if port is None else port, self._handle, name=node.id)
 

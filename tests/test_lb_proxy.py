@@ -596,3 +596,26 @@ def test_the_lb_adds_itself_to_via(tmp_path, backends):
         assert json.loads(get(lb.port, headers={"Via": "1.0 corp-proxy"})[1])["via"] == "1.0 corp-proxy, 1.1 penncloud-lb"
     finally:
         lb.stop()
+
+
+def test_the_pool_keeps_connections_for_less_than_the_frontends_idle_timeout():
+    # http.idle_timeout_s may be set as low as 0.1 s: a pooled connection
+    # kept the usual 4 s would by then have been closed by the frontend, and
+    # the next request sent on it would meet a reset.
+    from lb.proxy import POOL_IDLE_S, UpstreamPool
+    listener = socket.create_server(("127.0.0.1", 0))
+    now = [100.0]
+    try:
+        addr = listener.getsockname()
+        for fe_timeout, idle, reused in ((0.5, 0.3, False), (0.5, 0.2, True), (30.0, POOL_IDLE_S - 0.5, True),
+                                         (30.0, POOL_IDLE_S + 0.5, False)):
+            pool = UpstreamPool(8192, 65536, 1 << 20, clock=lambda: now[0], frontend_idle_timeout_s=fe_timeout)
+            first = pool.get("fe1", addr, pooled_ok=True)
+            pool.put(first)
+            now[0] += idle
+            again = pool.get("fe1", addr, pooled_ok=True)
+            assert (again is first) == reused, (fe_timeout, idle)
+            again.close()
+            first.close()
+    finally:
+        listener.close()
