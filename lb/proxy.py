@@ -22,6 +22,7 @@ before that frontend is blamed.
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import threading
 import time
@@ -77,6 +78,23 @@ class Channel:
 
     def _recv(self) -> bytes:
         return self.sock.recv(RECV_BYTES)
+
+    def buffered_event(self):
+        """The next event already in the codec's buffer, or NEED_DATA (no recv)."""
+        try:
+            return self.conn.next_event()
+        except ProtocolError as e:
+            raise ChannelError(self.side, e) from e
+
+    def receive_some(self) -> None:
+        """One recv into the codec (after select said there is something)."""
+        try:
+            data = self._recv()
+            if data:
+                self.received_any = True
+            self.conn.receive_data(data)
+        except (OSError, ProtocolError) as e:
+            raise ChannelError(self.side, e) from e
 
     def send(self, *events) -> None:
         try:
@@ -239,12 +257,65 @@ def stream_body(src: Channel, dst: Channel) -> None:
             raise ChannelError(src.side, f"unexpected {ev!r} inside a body")
 
 
+def forward_body(client: Channel, up: Channel) -> Response | None:
+    """Stream the visitor's request body to the frontend, listening to the
+    frontend meanwhile. Its `100 Continue` goes on to a visitor that waits
+    for one; an answer it gives before the body has ended (a refusal: no
+    session, over quota, too large) is returned at once, the rest of the
+    body unsent, so the visitor hears it as soon as it would from the
+    frontend itself. None once the whole body went through."""
+    while True:
+        ev = client.buffered_event()
+        if ev is NEED_DATA:
+            if _first_readable(client, up) is client:
+                client.receive_some()
+                continue
+            answer = up.next_event()
+            if isinstance(answer, InformationalResponse):
+                if client.conn.they_are_waiting_for_100_continue:
+                    client.send(answer)
+                continue
+            if isinstance(answer, Response):
+                return answer
+            raise ChannelError("upstream", f"{answer!r} before the request ended")
+        if type(ev) is Data:
+            up.send(ev)
+            # Kept until the next piece has arrived: freed just before recv
+            # allocated the next 256 KiB, glibc handed the memory back and
+            # faulted it in again every time (half the upload speed, measured).
+            sent = ev  # noqa: F841
+        elif type(ev) is EndOfMessage:
+            up.send(EndOfMessage())
+            return None
+        elif ev is PAUSED or type(ev) is ConnectionClosed:
+            raise ChannelError("client", "message ended unexpectedly")
+        else:
+            raise ChannelError("client", f"unexpected {ev!r} inside a body")
+
+
+def _first_readable(client: Channel, up: Channel) -> Channel:
+    """Wait, at most the visitor's idle timeout, for either side to have
+    something to read; the frontend first when both do."""
+    try:
+        ready, _, _ = select.select([up.sock, client.sock], [], [], client.sock.gettimeout())
+    except (OSError, ValueError) as e:          # (ValueError: a socket closed meanwhile)
+        raise ChannelError("client", e) from e
+    if up.sock in ready:
+        return up
+    if client.sock in ready:
+        return client
+    raise ChannelError("client", socket.timeout("the request body stopped arriving"))
+
+
+# (Expect is dropped here and sent again only when the visitor waits for 100
+# Continue: then the frontend, which knows whether it wants the body, says.)
 _REFRAMED = frozenset({"expect", "content-length", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "via"})
 VIA = "1.1 penncloud-lb"     # RFC 9110 7.6.3: an intermediary adds itself to Via
 
 
-def upstream_request(req: Request, client_ip: str) -> Request:
-    """The request as sent to a frontend: end-to-end headers, our framing, X-Forwarded-*."""
+def upstream_request(req: Request, client_ip: str, expect_continue: bool = False) -> Request:
+    """The request as sent to a frontend: end-to-end headers, our framing,
+    X-Forwarded-*, and `Expect: 100-continue` when the visitor waits for it."""
     items, forwarded_for, host, length, chunked, via = [], None, None, None, False, []
     for n, v in end_to_end(req.headers):
         if n in _REFRAMED:
@@ -275,4 +346,6 @@ def upstream_request(req: Request, client_ip: str) -> Request:
         items.append(("Transfer-Encoding", "chunked"))
     elif length is not None:
         items.append(("Content-Length", length))
+    if expect_continue:
+        items.append(("Expect", "100-continue"))
     return Request(req.method, req.target, items)

@@ -41,8 +41,8 @@ from httpserver.http11 import (NEED_DATA, REASONS, SERVER, Connection, Data, End
 from httpserver.serve import linger
 from httpserver.web import parse_cookies
 from lb.balancer import Balancer, UnknownFrontend
-from lb.proxy import RECV_BYTES, Channel, ChannelError, UpstreamPool, end_to_end, has_body, read_response_head, \
-    stream_body, upstream_request
+from lb.proxy import RECV_BYTES, Channel, ChannelError, UpstreamPool, end_to_end, forward_body, has_body, \
+    read_response_head, stream_body, upstream_request
 from src.config import Config, Node
 from src.fsutil import atomic_write
 from src.heartbeat import CONTROL_PREFIX, SECRET_HEADER
@@ -351,7 +351,7 @@ class LoadBalancer:
         safe = req.method in SAFE_METHODS and not body
         tried: set[str] = set()
         fresh_for: set[str] = set()  # frontends whose pooled connection failed: use a new one
-        out = upstream_request(req, client_ip)
+        out = upstream_request(req, client_ip, expect_continue=client.conn.they_are_waiting_for_100_continue)
         while True:
             fe, assigned = self.pick(sticky, tried)
             if fe is None:
@@ -390,16 +390,18 @@ class LoadBalancer:
         """Send the request (streaming its body) and read the response head."""
         up.send(out)
         if body:
-            if client.conn.they_are_waiting_for_100_continue:
-                client.send(InformationalResponse(100))
             try:
-                stream_body(client, up)
+                early = forward_body(client, up)
             except ChannelError as e:
                 if e.side == "client":
                     raise
                 # The frontend stopped reading (e.g. it refused the upload early):
                 # its answer may still be there; the visitor's connection must close.
                 client.conn.keep_alive = False
+            else:
+                if early is not None:           # answered before the body ended: the rest stays unread
+                    client.conn.keep_alive = False
+                    return early
         else:
             up.send(EndOfMessage())
         return read_response_head(up)

@@ -325,7 +325,7 @@ def test_malformed_request_gets_400_and_lb_keeps_serving(tmp_path, backends):
         lb.stop()
 
 
-def test_expect_100_continue_is_answered_by_the_lb(tmp_path, backends):
+def test_expect_100_continue_is_passed_on_from_the_frontend(tmp_path, backends):
     cfg = make_cfg(tmp_path, [b.port for b in backends[:1]])
     lb = start_lb(cfg)
     try:
@@ -619,3 +619,76 @@ def test_the_pool_keeps_connections_for_less_than_the_frontends_idle_timeout():
             first.close()
     finally:
         listener.close()
+
+
+@pytest.fixture
+def real_frontend(tmp_path):
+    """One real PennCloud frontend (in-process, MemoryKV) behind an LB."""
+    from httpserver.frontend import Frontend
+    from src.kv import MemoryKV
+    fcfg = parse_config({"drive": {"quota_bytes": "1MiB"},
+                         "frontend": [{"id": "fe1", "host": "127.0.0.1", "port": 0}]}, data_dir=str(tmp_path))
+    fe = Frontend(fcfg, fcfg.node("fe1"), MemoryKV(), port=0)
+    fe.start()
+    cfg = make_cfg(tmp_path, [fe.port])
+    lb = start_lb(cfg)
+    LBControlClient("127.0.0.1", lb.port, "").heartbeat("fe1", fe.port, 0)
+    try:
+        yield lb
+    finally:
+        lb.stop()
+        fe.stop()
+
+
+def _answer_within(s, seconds):
+    s.settimeout(seconds)
+    got = b""
+    try:
+        while b"\r\n\r\n" not in got:
+            data = s.recv(65536)
+            if not data:
+                break
+            got += data
+    except socket.timeout:
+        pass
+    return got
+
+
+@pytest.mark.parametrize("expect", [False, True])
+def test_a_frontend_refusing_before_the_body_is_heard_at_once_through_the_lb(real_frontend, expect):
+    """Docs QA: the LB streamed the whole body before it read the frontend's
+    answer, so a refusal the frontend gives at once (here: no session, 401)
+    reached a visitor who sends the head and waits only at its idle
+    timeout, with no answer at all; and the LB said `100 Continue` itself,
+    so curl uploaded 55 MiB for nothing. The LB now listens to the frontend
+    while it streams, and lets it decide about 100 Continue."""
+    lb = real_frontend
+    with socket.create_connection(("127.0.0.1", lb.port), timeout=10) as s:
+        s.sendall(b"POST /drive/upload/x HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=zz\r\n"
+                  + (b"Expect: 100-continue\r\n" if expect else b"") + b"Content-Length: 100000000\r\n\r\n")
+        got = _answer_within(s, 5)
+    assert got.startswith(b"HTTP/1.1 401"), got[:200]
+
+
+def test_an_upload_over_quota_is_refused_before_its_body_through_the_lb(real_frontend):
+    lb = real_frontend
+    c = http.client.HTTPConnection("127.0.0.1", lb.port, timeout=10)
+    c.request("POST", "/signup", body="username=alice&password=correct+horse",
+              headers={"Content-Type": "application/x-www-form-urlencoded"})
+    r = c.getresponse()
+    r.read()
+    assert r.status == 303
+    cookies = "; ".join(v.split(";")[0] for k, v in r.getheaders() if k.lower() == "set-cookie")
+    c.request("GET", "/drive", headers={"Cookie": cookies})
+    page = c.getresponse().read().decode()
+    c.close()
+    import re
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+    folder = re.search(r'action="/drive/upload/([^"]+)"', page).group(1)
+    with socket.create_connection(("127.0.0.1", lb.port), timeout=10) as s:
+        s.sendall(f"POST /drive/upload/{folder} HTTP/1.1\r\nHost: x\r\nCookie: {cookies}\r\n"
+                  f"X-CSRF-Token: {csrf}\r\nContent-Type: multipart/form-data; boundary=zz\r\n"
+                  f"Content-Length: 5000000\r\n\r\n".encode())
+        s.sendall(b"--zz\r\n" + b"x" * 1000)            # a slow start of a body over the 1 MiB quota
+        got = _answer_within(s, 5)
+    assert got.startswith(b"HTTP/1.1 413"), got[:200]
