@@ -30,6 +30,7 @@ import logging
 import socket
 import threading
 import time
+import unicodedata
 from typing import Callable
 
 from smtp.smtp_proto import Envelope, Reply, Session, SMTPConnection, TemporaryFailure
@@ -50,6 +51,12 @@ RECV_BYTES = 64 * 1024
 KNOWN_USER_CACHE_S = 60.0
 KNOWN_USER_CACHE_MAX = 10_000
 
+
+def _for_the_eye(text: str) -> str:
+    """`text` as it looks: NFKC (compatibility forms such as a fullwidth
+    ＠ become what they look like) without format characters (Cf: zero-width
+    spaces and joiners), which show as nothing."""
+    return "".join(ch for ch in unicodedata.normalize("NFKC", text) if unicodedata.category(ch) != "Cf")
 
 class MailDelivery:
     """The SMTP handler: AUTH against Accounts, RCPT policy, storage into the MailStore."""
@@ -117,11 +124,20 @@ class MailDelivery:
         end = content.find(b"\r\n\r\n")
         head = content if end < 0 else content[:end]
         headers = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(head)
-        values = [str(v) for name in ("From", "Sender") for v in headers.get_all(name, [])]
+        as_written = [str(v) for name in ("From", "Sender") for v in headers.get_all(name, [])]
+        # ... and as the webmail shows them: encoded words decoded, control
+        # and bidi characters gone, and (for the eye) compatibility forms
+        # folded (a fullwidth ＠) and invisible format characters dropped.
+        # `=?utf-8?b?Ym9iQHBlbm5jbG91ZC5sb2NhbA==?=` or "bob@penncloud.local"
+        # followed by an ESC read as someone else's address to this check
+        # and as bob's on the page.
+        as_shown = [_for_the_eye(mailfmt.header_text(v)) for name, v in mailfmt.header_fields(head + b"\r\n\r\n")
+                    if name in (b"from", b"sender")]
         own = f"{session.auth_user}@{self.domain}" if session.auth_user else None
-        for _, addr in email.utils.getaddresses(values):
-            if addr and self._ours(addr) and addr.lower() != own:
-                return addr
+        for values in (as_written, as_shown):
+            for _, addr in email.utils.getaddresses(values):
+                if addr and self._ours(addr) and addr.lower() != own:
+                    return addr
         return None
 
     def handle_RCPT(self, session: Session, envelope: Envelope, address: str) -> Reply:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import email.utils
 import os
 from dataclasses import dataclass
+from typing import Iterator
 from email.errors import HeaderParseError
 from email.header import decode_header, make_header
 
@@ -75,30 +76,54 @@ def _text(value: bytes) -> str:
     return " ".join(s.split())[:1000]
 
 
-def summarize(raw: bytes) -> Summary:
-    """The From, To, Subject, Date and Message-ID of a message (first of each), decoded for display.
-
-    A small hand-written header reader rather than the `email` package: it
-    runs for every delivered message and only needs five fields.
-    """
-    found: dict[str, bytes] = {}
-    current: str | None = None
+def header_fields(raw: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """Every header field of `raw` as (lower-cased name, value with folding
+    undone), in order. A small hand-written reader rather than the `email`
+    package: it runs for every delivered message."""
+    name: bytes | None = None
+    value = b""
     for line in header_block(raw).split(b"\n"):
         line = line.rstrip(b"\r")
         if not line:
             break
         if line[:1] in (b" ", b"\t"):  # a folded continuation
-            if current is not None:
-                found[current] += b" " + line.strip()
+            if name is not None:
+                value += b" " + line.strip()
             continue
-        name, colon, value = line.partition(b":")
-        field = _SUMMARY_FIELDS.get(name.strip().lower()) if colon else None
+        if name is not None:
+            yield name, value
+        field, colon, rest = line.partition(b":")
+        name, value = (field.strip().lower(), rest.strip()) if colon else (None, b"")
+    if name is not None:
+        yield name, value
+
+
+def summarize(raw: bytes) -> Summary:
+    """The From, To, Subject, Date and Message-ID of a message (first of each), decoded for display."""
+    found: dict[str, bytes] = {}
+    for name, value in header_fields(raw):
+        field = _SUMMARY_FIELDS.get(name)
         if field is not None and field not in found:
-            found[field] = value.strip()
-            current = field
-        else:
-            current = None
+            found[field] = value
     return Summary(**{k: _text(v) for k, v in found.items()})
+
+
+def header_text(value: bytes) -> str:
+    """A header value as a person sees it: `_text`, and the characters the
+    webmail never shows (`without_hidden`) gone."""
+    return without_hidden(_text(value))
+
+
+# Never shown: C0 controls but TAB and LF (NUL, ESC...), DEL, the C1 controls,
+# and the bidi embeddings, overrides and isolates, which let a sender make
+# "gnp.exe" read "exe.png" or reverse whatever follows on the page.
+_HIDDEN = dict.fromkeys([*range(0x00, 0x09), *range(0x0b, 0x20), *range(0x7f, 0xa0),
+                         *range(0x202a, 0x202f), *range(0x2066, 0x206a)])
+
+
+def without_hidden(text: str) -> str:
+    """Text from a message made safe to show: the characters above removed."""
+    return text.translate(_HIDDEN)
 
 
 def new_message_id(domain: str) -> str:

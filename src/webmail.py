@@ -167,16 +167,8 @@ def one_line(text: str) -> str:
     return "".join(" " if (ord(ch) < 32 or ord(ch) == 127) else ch for ch in text).strip()
 
 
-# Never shown: C0 controls but TAB and LF (NUL, ESC...), DEL, the C1 controls,
-# and the bidi embeddings, overrides and isolates, which let a sender make
-# "gnp.exe" read "exe.png" or reverse whatever follows on the page.
-_HIDDEN = dict.fromkeys([*range(0x00, 0x09), *range(0x0b, 0x20), *range(0x7f, 0xa0),
-                         *range(0x202a, 0x202f), *range(0x2066, 0x206a)])
-
-
-def clean_text(text: str) -> str:
-    """Text from a message made safe to show: the characters above removed."""
-    return text.translate(_HIDDEN)
+# Text from a message made safe to show (control and bidi characters removed).
+clean_text = mailfmt.without_hidden
 
 
 def clean_line(text: str) -> str:

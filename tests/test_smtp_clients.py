@@ -180,6 +180,39 @@ def test_nobody_sends_as_a_local_user_without_being_them(mail):
     assert sorted(m.subject for m in mail.store.list("bob", "Inbox")) == ["from outside", "genuine"]
 
 
+@pytest.mark.parametrize("sender", [
+    b"=?utf-8?b?Ym9iQHBlbm5jbG91ZC5sb2NhbA==?=",            # an encoded word that decodes to bob's address
+    b"bob@=?utf-8?q?penncloud.local?=",
+    b"=?utf-8?q?bob=40penncloud=2Elocal?=",
+    b"bob@penncloud.local\x1b",                              # a control character the page removes
+    b"bob@penncloud.local\x7f",
+    b"bob@penncloud.local\xc2\x85",                          # U+0085 (NEL), raw UTF-8
+    b"Bob <bob@penncloud.local\xe2\x80\xae>",                # U+202E (bidi override)
+    b"bob@penncloud.local\xe2\x80\x8b",                      # U+200B, invisible
+    b"bob\xef\xbc\xa0penncloud.local",                        # a fullwidth at sign
+])
+def test_a_from_that_the_webmail_shows_as_a_local_user_is_refused_too(mail, sender):
+    """Mail QA: the check read From: as written, the webmail as shown
+    (encoded words decoded, control and bidi characters removed), so these
+    passed, unauthenticated, and were listed as "From bob@penncloud.local"
+    with Reply going to bob. After AUTH as alice they passed as well."""
+    raw = b"From: " + sender + b"\r\nSubject: lunch?\r\n\r\nsee you at 12\r\n"
+    with smtplib.SMTP("127.0.0.1", mail.smtp_port, timeout=10) as s:
+        with pytest.raises(smtplib.SMTPDataError) as e:
+            s.sendmail("someone@ext.test", ["bob@penncloud.local"], raw)
+        assert e.value.smtp_code == 550
+    with smtplib.SMTP("127.0.0.1", mail.smtp_port, timeout=10) as s:
+        s.login("alice", PW["alice"])
+        with pytest.raises(smtplib.SMTPDataError) as e:
+            s.sendmail("alice@penncloud.local", ["bob@penncloud.local"], raw)
+        assert e.value.smtp_code == 550
+    assert mail.store.list("bob", "Inbox") == []
+    with smtplib.SMTP("127.0.0.1", mail.smtp_port, timeout=10) as s:   # outsiders' encoded names still pass
+        s.sendmail("carol@example.org", ["bob@penncloud.local"],
+                   b"From: =?utf-8?q?Carol_K=C3=B6nig?= <carol@example.org>\r\nSubject: hi\r\n\r\nx\r\n")
+    assert [m.sender for m in mail.store.list("bob", "Inbox")] == ["Carol K\u00f6nig <carol@example.org>"]
+
+
 def test_auth_login_mechanism(mail):
     with smtplib.SMTP("127.0.0.1", mail.smtp_port, timeout=10) as s:
         s.ehlo("c")
