@@ -264,6 +264,7 @@ def forward_body(client: Channel, up: Channel) -> Response | None:
     session, over quota, too large) is returned at once, the rest of the
     body unsent, so the visitor hears it as soon as it would from the
     frontend itself. None once the whole body went through."""
+    last_piece = [None]
     while True:
         ev = client.buffered_event()
         if ev is NEED_DATA:
@@ -283,7 +284,7 @@ def forward_body(client: Channel, up: Channel) -> Response | None:
             # Kept until the next piece has arrived: freed just before recv
             # allocated the next 256 KiB, glibc handed the memory back and
             # faulted it in again every time (half the upload speed, measured).
-            sent = ev  # noqa: F841
+            last_piece[0] = ev
         elif type(ev) is EndOfMessage:
             up.send(EndOfMessage())
             return None

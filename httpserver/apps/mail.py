@@ -41,6 +41,7 @@ from email.utils import format_datetime
 from httpserver.templates import Markup, csrf_field, page, render
 from httpserver.web import HTTPError, Response, content_disposition, redirect
 from src import webmail
+from src.kv import KVError
 from src.mailstore import MailStore, MailStoreError, NoSuchMessage
 from src.webmail import Attachment, ComposeError, Draft
 
