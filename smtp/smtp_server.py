@@ -180,10 +180,18 @@ class MailDelivery:
             protocol="ESMTPA" if session.auth_user else ("ESMTP" if session.esmtp else "SMTP"),
             msg_id=trace_id, recipient=envelope.rcpt_tos[0] if len(envelope.rcpt_tos) == 1 else None,
             now=self.clock())
-        raw = received + envelope.content
+        content = envelope.content
+        if session.auth_user:        # a submission: what the client left out (mailfmt.submission_fields)
+            content = mailfmt.submission_fields(content, sender=f"{session.auth_user}@{self.domain}",
+                                                domain=self.domain, now=self.clock()) + content
+        raw = received + content
+        # Final delivery records the envelope sender on top (RFC 5321 4.4),
+        # `<>` for a bounce; a Return-Path the sender wrote is not ours.
+        local_raw = (f"Return-Path: <{envelope.mail_from or ''}>\r\n".encode() + received
+                     + mailfmt.without_fields(content, {b"return-path"})) if locals_ else b""
         try:
             for user in locals_:
-                self.store.deliver(user, "Inbox", raw)
+                self.store.deliver(user, "Inbox", local_raw)
             if remote:
                 self.store.enqueue_outgoing(session.auth_user or "", envelope.mail_from or "", remote, raw)
         except (KVError, MailStoreError, OSError) as e:

@@ -126,6 +126,40 @@ def without_hidden(text: str) -> str:
     return text.translate(_HIDDEN)
 
 
+def without_fields(raw: bytes, names: set[bytes]) -> bytes:
+    """`raw` with every header field named in `names` (lower case) removed,
+    continuation lines and all; the rest, body included, byte for byte."""
+    head = header_block(raw)
+    lines = head.split(b"\n")
+    kept, dropping = [], False
+    for line in lines[:-1]:                 # (the last piece is after the block's final LF)
+        if line[:1] in (b" ", b"\t") and line.strip():
+            if not dropping:
+                kept.append(line)
+            continue
+        dropping = line.split(b":", 1)[0].strip().lower() in names if b":" in line else False
+        if not dropping:
+            kept.append(line)
+    return b"\n".join(kept + lines[-1:]) + raw[len(head):]
+
+
+def submission_fields(raw: bytes, *, sender: str, domain: str, now: float) -> bytes:
+    """The header fields a submission server adds when the client left them
+    out (RFC 6409 8.2, 8.3: `Date:`, `Message-ID:`), and `From:` (RFC 5322
+    requires one; the logged-in user is the author), as bytes to put in
+    front of the message. Scripts and printers submit mail without them, and
+    other servers refuse or junk such mail."""
+    have = {name for name, _ in header_fields(raw)}
+    out = b""
+    if b"from" not in have:
+        out += f"From: <{sender}>\r\n".encode()
+    if b"date" not in have:
+        out += f"Date: {format_date(now)}\r\n".encode()
+    if b"message-id" not in have:
+        out += f"Message-ID: {new_message_id(domain)}\r\n".encode()
+    return out
+
+
 def new_message_id(domain: str) -> str:
     """A fresh `<...@domain>` Message-ID."""
     return f"<{os.urandom(12).hex()}@{domain}>"

@@ -5,6 +5,7 @@ any KV); process-level crash tests are in test_smtp_crash.py.
 """
 
 import base64
+import email
 import poplib
 import shutil
 import smtplib
@@ -53,10 +54,12 @@ MESSAGE = (b"From: Carol <carol@example.org>\r\nTo: bob@penncloud.local\r\nSubje
 
 
 def strip_received(raw: bytes) -> tuple[bytes, bytes]:
-    """Split off the Received header we add (first line plus its folded continuation lines)."""
-    assert raw.startswith(b"Received: from ")
+    """Split off the trace fields we add on delivery: Return-Path, then
+    Received (its first line plus its folded continuation lines)."""
+    assert raw.startswith(b"Return-Path: <")
     lines = raw.split(b"\r\n")
-    i = 1
+    assert lines[1].startswith(b"Received: from ")
+    i = 2
     while lines[i].startswith((b"\t", b" ")):
         i += 1
     return b"\r\n".join(lines[:i]) + b"\r\n", b"\r\n".join(lines[i:])
@@ -211,6 +214,45 @@ def test_a_from_that_the_webmail_shows_as_a_local_user_is_refused_too(mail, send
         s.sendmail("carol@example.org", ["bob@penncloud.local"],
                    b"From: =?utf-8?q?Carol_K=C3=B6nig?= <carol@example.org>\r\nSubject: hi\r\n\r\nx\r\n")
     assert [m.sender for m in mail.store.list("bob", "Inbox")] == ["Carol K\u00f6nig <carol@example.org>"]
+
+
+def test_final_delivery_records_the_envelope_sender_in_return_path(mail):
+    """Mail QA (RFC 5321 4.4): the envelope sender was recorded nowhere a
+    client could see, and a Return-Path the sender wrote survived as if we
+    had written it: a bounce from outside could not be told from mail."""
+    with smtplib.SMTP("127.0.0.1", mail.smtp_port, timeout=10) as s:
+        s.sendmail("envsender@ext.test", ["bob@penncloud.local"],
+                   b"Return-Path: <bob@penncloud.local>\r\nFrom: x@ext.test\r\nSubject: rp\r\n\r\n"
+                   b"Return-Path: in the body stays\r\n")
+        s.sendmail("", ["bob@penncloud.local"], b"From: MAILER-DAEMON@ext.test\r\nSubject: bounce\r\n\r\nx\r\n")
+    first, second = pop_retr(mail.pop_port, "bob", 1), pop_retr(mail.pop_port, "bob", 2)
+    assert first.startswith(b"Return-Path: <envsender@ext.test>\r\nReceived: from ")
+    assert first.count(b"Return-Path:") == 2 and b"Return-Path: <bob@" not in first
+    assert first.endswith(b"\r\n\r\nReturn-Path: in the body stays\r\n")
+    assert second.startswith(b"Return-Path: <>\r\n")
+
+
+def test_a_submission_without_date_message_id_or_from_gets_them(mail):
+    """Mail QA (RFC 6409 8.2, 8.3): a script's or printer's mail without
+    Date:, Message-ID: or From: went out as it was, and outside servers
+    refuse such mail. A message that has them is left as it is."""
+    bare = b"To: bob@penncloud.local\r\nSubject: nodate\r\n\r\nbody\r\n"
+    with smtplib.SMTP("127.0.0.1", mail.smtp_port, timeout=10) as s:
+        s.login("alice", PW["alice"])
+        s.sendmail("alice@penncloud.local", ["bob@penncloud.local", "y@ext.test"], bare)
+    _, local = strip_received(pop_retr(mail.pop_port, "bob"))
+    [queued] = mail.store.queue()
+    for copy in (local, mail.store.queue_raw(queued)):
+        msg = email.message_from_bytes(copy)
+        assert msg["From"] == "<alice@penncloud.local>" and msg["Date"]
+        assert msg["Message-ID"].endswith("@penncloud.local>")
+        assert copy.endswith(bare)
+    with smtplib.SMTP("127.0.0.1", mail.smtp_port, timeout=10) as s:
+        s.login("alice", PW["alice"])
+        full = MESSAGE.replace(b"Carol <carol@example.org>", b"Alice <alice@penncloud.local>")
+        s.sendmail("alice@penncloud.local", ["bob@penncloud.local"], full)
+    _, rest = strip_received(pop_retr(mail.pop_port, "bob", 2))
+    assert rest == full
 
 
 def test_auth_login_mechanism(mail):
