@@ -1007,8 +1007,9 @@ def send(store, accounts, user: str, domain: str, rcpts: list[str], raw: bytes,
             # Done before (the reply was lost): nothing to do again; in
             # particular no second trip through the relay queue.
             return SendResult(local=local, remote=remote, sent_id=msg_id, queue_id=None)
+    delivered = f"Return-Path: <{user}@{domain}>\r\n".encode() + raw   # final delivery's trace, as SMTP's
     for name in local:
-        store.deliver(name, "Inbox", raw, msg_id=msg_id)
+        store.deliver(name, "Inbox", delivered, msg_id=msg_id)
     qid = store.enqueue_outgoing(user, f"{user}@{domain}", remote, raw, qid=msg_id) if remote else None
     sent_id = store.deliver(user, "Sent", raw, read=True, msg_id=msg_id)
     return SendResult(local=local, remote=remote, sent_id=sent_id, queue_id=qid)

@@ -104,9 +104,9 @@ def test_send_list_view_reply_forward_delete(site):
     assert m["From"] == "alice@penncloud.local" and m["To"] == "bob@penncloud.local"
     assert m["Date"] and m["Message-ID"] and m["Subject"] == "Grüße, Bob"
     assert b"=?utf-8?" in raw.split(b"\r\n\r\n")[0]
-    # Alice has it in Sent, byte for byte.
+    # Alice has it in Sent, byte for byte (bob's copy has the delivery's Return-Path on top).
     [sent] = store.list("alice", "Sent")
-    assert store.get_raw("alice", "Sent", sent.id) == raw
+    assert raw == b"Return-Path: <alice@penncloud.local>\r\n" + store.get_raw("alice", "Sent", sent.id)
 
     # Reply: the form is pre-filled, the reply is threaded.
     r = bob.get(f"/mail/compose?reply=inbox/{mid}")
@@ -419,7 +419,7 @@ def test_web_mail_reaches_pop3_and_other_domains_unchanged(site):
         p.quit()
     finally:
         pop.stop()
-    assert b"\r\n".join(lines) + b"\r\n" == raw
+    assert b"\r\n".join(lines) + b"\r\n" == b"Return-Path: <alice@penncloud.local>\r\n" + raw
 
     records = {"remote.test": {"MX": ["10 mx.remote.test."]}, "mx.remote.test": {"A": ["127.0.0.1"]}}
     with DNSStub(records) as dns_server, SMTPPeer(PeerHandler()) as peer:

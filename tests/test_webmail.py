@@ -410,7 +410,7 @@ def test_send_delivers_locally_queues_remote_and_keeps_a_sent_copy():
     assert r.local == ["bob", "carol"] and r.remote == ["x@example.com"]
     for u in ("bob", "carol"):
         [m] = store.list(u, "Inbox")
-        assert store.get_raw(u, "Inbox", m.id) == raw and not m.read
+        assert store.get_raw(u, "Inbox", m.id) == b"Return-Path: <alice@penncloud.local>\r\n" + raw and not m.read
     [q] = store.queue()
     assert q.rcpts == ("x@example.com",) and q.mail_from == "alice@penncloud.local" and q.owner == "alice"
     assert store.queue_raw(q) == raw
