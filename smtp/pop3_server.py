@@ -27,7 +27,7 @@ import time
 from typing import Callable, Iterator
 
 from smtp.pop3_proto import MailboxInUse, MessageGone, POP3Connection, TemporaryFailure
-from src.accounts import Accounts
+from src.accounts import Accounts, mail_login_name
 from src.config import Config
 from src.kv import KV, Exists, KVError, Mismatch, NotFound
 from src.mailstore import MailStore, MailStoreError, NoSuchMessage
@@ -158,12 +158,15 @@ class KVMaildrop:
 class POP3Mailboxes:
     """The POP3 handler: log-in against Accounts, Inbox with a cross-process lock."""
 
-    def __init__(self, accounts: Accounts, store: MailStore, lock_ttl_s: float, process_id: str = "pop3"):
-        self.accounts, self.store, self.lock_ttl_s = accounts, store, lock_ttl_s
+    def __init__(self, accounts: Accounts, store: MailStore, lock_ttl_s: float, process_id: str = "pop3",
+                 domain: str = ""):
+        self.accounts, self.store, self.lock_ttl_s, self.domain = accounts, store, lock_ttl_s, domain
         self.owner = f"{process_id}:{os.urandom(4).hex()}"      # this incarnation of the process
         self.throttle = LoginThrottle()     # the web log-in's rule: POP3 must not be a way around it
 
     def authenticate(self, username: str, password: str, peer_ip: str = "") -> str | None:
+        if self.domain:
+            username = mail_login_name(username, self.domain)
         try:
             who = self.throttle.attempt(username, peer_ip, lambda: self.accounts.verify(username, password))
         except KVError as e:
@@ -176,6 +179,7 @@ class POP3Mailboxes:
         lock = MailboxLock(self.store.kv, user, self.lock_ttl_s, owner=self.owner)
         try:
             if not lock.acquire():
+                log.info("POP3 mailbox of %s is in use by another session: refused", user)
                 raise MailboxInUse(user)
         except KVError as e:
             log.warning("POP3 mailbox of %s: store unavailable: %s", user, e)
@@ -227,6 +231,7 @@ def make_pop3_server(cfg: Config, kv: KV, host: str | None = None, port: int | N
                      idle_timeout_s: float = IDLE_TIMEOUT_S, process_id: str = "pop3") -> POP3Server:
     """The POP3 server of `cfg` over `kv` (not started); host/port override cfg.mail.pop3."""
     store = MailStore(kv, chunk_bytes=cfg.drive.chunk_bytes)
-    handler = POP3Mailboxes(Accounts(kv), store, lock_ttl_s=idle_timeout_s + LOCK_MARGIN_S, process_id=process_id)
+    handler = POP3Mailboxes(Accounts(kv), store, lock_ttl_s=idle_timeout_s + LOCK_MARGIN_S, process_id=process_id,
+                            domain=cfg.mail.domain)
     return POP3Server(host or cfg.mail.pop3.host, cfg.mail.pop3.port if port is None else port, handler,
                       idle_timeout_s=idle_timeout_s)

@@ -35,7 +35,7 @@ from typing import Callable
 
 from smtp.smtp_proto import Envelope, Reply, Session, SMTPConnection, TemporaryFailure
 from src import mailfmt
-from src.accounts import POSTMASTER_USER, RESERVED, Accounts, InvalidUsername, normalize_username
+from src.accounts import POSTMASTER_USER, RESERVED, Accounts, InvalidUsername, mail_login_name, normalize_username
 from src.config import Config
 from src.kv import KV, KVError
 from src.mailstore import MailStore, MailStoreError
@@ -96,6 +96,7 @@ class MailDelivery:
         return normalize_username(local)
 
     def handle_AUTH(self, session: Session, username: str, password: str) -> str | None:
+        username = mail_login_name(username, self.domain)
         try:
             who = self.throttle.attempt(username, session.peer_ip, lambda: self.accounts.verify(username, password))
         except KVError as e:
@@ -181,7 +182,11 @@ class MailDelivery:
             msg_id=trace_id, recipient=envelope.rcpt_tos[0] if len(envelope.rcpt_tos) == 1 else None,
             now=self.clock())
         content = envelope.content
-        if session.auth_user:        # a submission: what the client left out (mailfmt.submission_fields)
+        if session.auth_user:
+            # A submission: what the client left out (mailfmt.submission_fields),
+            # and no Bcc: line, which would show every copy who else got one
+            # (mail clients remove it themselves; scripts often do not).
+            content = mailfmt.without_fields(content, {b"bcc"})
             content = mailfmt.submission_fields(content, sender=f"{session.auth_user}@{self.domain}",
                                                 domain=self.domain, now=self.clock()) + content
         raw = received + content

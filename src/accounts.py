@@ -70,6 +70,17 @@ def normalize_username(name: str) -> str:
     return u
 
 
+def mail_login_name(name: str, domain: str) -> str:
+    """A mail client's user name as the username it means: Thunderbird's
+    account wizard and most phones try the whole address first, so
+    `alice@penncloud.local` is `alice` (another domain's address is left as
+    it is, and fails as any unknown name does)."""
+    local, at, host = name.strip().rpartition("@")
+    if at and host.lower().rstrip(".") == domain.lower():
+        return local
+    return name
+
+
 def check_password_rules(password: str) -> None:
     if not MIN_PASSWORD <= len(password) <= MAX_PASSWORD:
         raise InvalidPassword(f"Passwords are {MIN_PASSWORD} to {MAX_PASSWORD} characters long.")

@@ -255,6 +255,29 @@ def test_a_submission_without_date_message_id_or_from_gets_them(mail):
     assert rest == full
 
 
+def test_mail_clients_may_log_in_with_the_whole_address_and_bcc_is_not_passed_on(mail):
+    """Mail QA: Thunderbird's wizard and phones try `alice@penncloud.local`
+    as the user name first (it failed, and counted toward the throttle);
+    and a Bcc: line a script left in the header reached every recipient."""
+    with smtplib.SMTP("127.0.0.1", mail.smtp_port, timeout=10) as s:
+        s.login("Alice@PennCloud.local", PW["alice"])
+        s.sendmail("alice@penncloud.local", ["bob@penncloud.local"],
+                   b"From: alice@penncloud.local\r\nTo: carol@example.org\r\nBcc: bob@penncloud.local\r\n"
+                   b"Subject: bcc\r\n\r\nBcc: in the body stays\r\n")
+    p = poplib.POP3("127.0.0.1", mail.pop_port, timeout=10)
+    try:
+        p.user("bob@penncloud.local")
+        p.pass_(PW["bob"])
+        raw = b"\r\n".join(p.retr(1)[1]) + b"\r\n"
+    finally:
+        p.quit()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert b"Bcc:" not in head and b"Subject: bcc" in head and body == b"Bcc: in the body stays\r\n"
+    with smtplib.SMTP("127.0.0.1", mail.smtp_port, timeout=10) as s:
+        with pytest.raises(smtplib.SMTPAuthenticationError):
+            s.login("alice@elsewhere.example", PW["alice"])
+
+
 def test_auth_login_mechanism(mail):
     with smtplib.SMTP("127.0.0.1", mail.smtp_port, timeout=10) as s:
         s.ehlo("c")
