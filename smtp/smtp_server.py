@@ -168,10 +168,14 @@ class MailDelivery:
                               + ("that is not your address" if session.auth_user else "log in (AUTH) first"))
         locals_: list[str] = []
         remote: list[str] = []
+        seen_remote: set[str] = set()
         for rcpt in envelope.rcpt_tos:
             user = self.local_user(rcpt)
             if user is None:
-                if rcpt not in remote:
+                # One mailbox once: a domain is case-insensitive, a local part is not.
+                local, _, host = rcpt.rpartition("@")
+                if (key := f"{local}@{host.lower()}") not in seen_remote:
+                    seen_remote.add(key)
                     remote.append(rcpt)
             elif user not in locals_:
                 locals_.append(user)
