@@ -624,7 +624,11 @@ class Drive:
             return self._state(user, fid) or state
 
     def _ensure_live(self, user: str, e: Entry) -> None:
-        """A visible file is committed: settle its state if its upload's owner crashed."""
+        """A visible file is committed: settle its state if its upload's owner crashed.
+
+        Only entries from before claims existed can still be unsettled here: an
+        upload's entry carries its claim until it has settled, and callers run
+        `_refuse_if_held` first, which answers 409 for such an entry."""
         if e.kind != "file":
             return
         st = self._state(user, e.id)
@@ -671,8 +675,9 @@ class Drive:
         st = self._state(user, fid)
         if st is None:
             # The owner died before settling. Committed iff its entry is visible
-            # in the folder it was going to (nothing can move it while unsettled:
-            # moves and renames settle first).
+            # in the folder it was going to (nothing can move or delete it while
+            # unsettled: its entry carries the upload's claim, so rename, move
+            # and delete answer 409 until this sweep).
             visible = False
             try:
                 row = _dir_row(user, intent["folder"])

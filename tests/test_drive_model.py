@@ -983,3 +983,34 @@ def test_the_folder_picker_lists_each_folder_once_while_a_hung_move_shows_it_twi
     ids = [fid for fid, _, _ in d.folders("alice")]
     assert sorted(ids) == sorted({root, m.id, dd.id}) and len(ids) == 3
     d.close()
+
+
+def test_a_file_whose_uploader_died_once_visible_is_busy_until_the_sweep(clock, monkeypatch):
+    """QA5 D-upload-claim-doc: the entry carries the upload's claim, so a
+    rename, move or delete of a file whose uploader died after the entry
+    became visible is refused (409), never half settled, until the sweeper
+    has decided the file live (docs/drive.md, Known limits)."""
+    kv = MemoryKV()
+    d = Drive(kv, chunk_bytes=CB, quota_bytes=10_000, clock=clock)
+    root = d.root("alice")
+    other = d.mkdir("alice", root, "other")
+
+    def dies(*a):
+        raise Crash()
+    monkeypatch.setattr(d, "_decide", dies)          # the owner dies right after the entry's PUTNX
+    with pytest.raises(Crash):
+        d.upload("alice", root, "a.txt", b"x" * 100)
+    monkeypatch.undo()
+    assert "a.txt" in visible_files(d, "alice", root)
+    for attempt in (lambda: d.rename("alice", root, "a.txt", "b.txt"),
+                    lambda: d.move("alice", root, "a.txt", other.id),
+                    lambda: d.delete("alice", root, "a.txt")):
+        with pytest.raises(Busy) as refused:
+            attempt()
+        assert refused.value.status == 409
+    clock.t += d.lease_s + 1
+    assert d.sweep() >= 1                             # settled: the entry was visible, so "live"
+    d.rename("alice", root, "a.txt", "b.txt")
+    e = visible_files(d, "alice", root)["b.txt"]
+    assert read_all(d, "alice", e) == b"x" * 100 and d.usage("alice").used == 100
+    d.close()
