@@ -34,10 +34,13 @@ How a sweep goes (one *round*, resumable page by page):
 Why it is safe:
 
 - Nothing makes an old body referenced again. A new delivery makes a new id
-  (young, so not swept); the only delivery under an old id is a pending
-  bounce, which the queue names until its index cell exists. So once a body
-  is old and unreferenced, it stays so, and the DELROW after the check is
-  not racing anybody.
+  (young, so not swept). Two deliveries reuse an older id: a pending bounce,
+  which the queue names until its index cell exists, and a webmail send
+  retried under its send key, whose id is as old as the key; keys are
+  removed after SEND_KEY_TTL_S (12 h), well before GRACE_S (24 h), so such
+  an id is at most half a day old (plus a round's wait) when its body is
+  written. So once a body is old and unreferenced, it stays so, and the
+  DELROW after the check is not racing anybody.
 - Any number of sweepers may run at once: a DELROW that finds nothing
   (another sweeper, or `MailStore.delete` finishing its own work) is fine.
 - A SIGKILL anywhere loses nothing: a sweep only ever removes rows that are
@@ -48,7 +51,7 @@ Why it is safe:
   the index through the `KV` interface, never the listing.
 
 The same rounds also walk the `msend/<user>` rows (webmail send keys, see
-MailStore.id_for_send_key) and remove keys older than SEND_KEY_TTL_S (a day):
+MailStore.id_for_send_key) and remove keys older than SEND_KEY_TTL_S (12 h):
 they guard a send against being repeated by a retry of its form, which
 happens within minutes; kept for ever, the row grew by one cell per message.
 
@@ -82,7 +85,13 @@ QUEUE_BODY_PREFIX = b"mqmsg/"
 SEND_KEY_PREFIX = b"msend/"
 PAGE_ROWS = 256                # row names per ROWS request (the server allows up to 10,000)
 GRACE_S = 24 * 3600.0          # a body younger than this is never swept
-SEND_KEY_TTL_S = 24 * 3600.0   # a webmail send key (msend/<user>) is kept this long
+# A webmail send key (msend/<user>) is kept this long. A retry under a key
+# delivers under the key's id, as old as the key, so the TTL (plus the wait
+# for the round that removes the key, SWEEP_EVERY_S and the round itself)
+# must stay well under GRACE_S: such a body is then hours away from being
+# sweepable while its delivery writes it. Equal to GRACE_S, a form re-sent a
+# day later could lose the body a concurrent round had just judged orphaned.
+SEND_KEY_TTL_S = 12 * 3600.0
 SWEEP_EVERY_S = 600.0          # the relay starts a round this long after the last one ended
 SWEEP_BUDGET_S = 5.0           # the relay gives a round at most this long per loop turn
 
@@ -378,8 +387,9 @@ class MailSweeper:
         A webmail send records its message id under the compose form's key
         (MailStore.id_for_send_key) so that sending the form again completes
         the send instead of repeating it. That matters for seconds (the
-        page's own retry) or minutes (the Back button); after a day the key
-        goes, or the row would grow by one cell per message sent for ever.
+        page's own retry) or minutes (the Back button); after SEND_KEY_TTL_S
+        (12 h, half the grace period: see there) the key goes, or the row
+        would grow by one cell per message sent for ever.
         The id says when the key was made (it is a MailStore.new_id)."""
         for col in self.kv.cols(row):
             try:

@@ -485,10 +485,10 @@ def test_sweep_over_a_replicated_cluster_after_a_primary_dies(procs, tmp_path):
         assert store.get_raw(u, "Inbox", mid) == BIG + u.encode()
 
 
-def test_webmail_send_keys_older_than_a_day_are_removed():
+def test_webmail_send_keys_older_than_their_ttl_are_removed():
     """Each webmail send leaves a key cell in msend/<user> so that sending the
     form again completes it without duplicates; QA's soak counted 1,391
-    cells after 1,391 sends. A day later they are of no use and go."""
+    cells after 1,391 sends. Half a day later they are of no use and go."""
     from src.mailsweep import SEND_KEY_TTL_S
     kv, clock, store, sweeper = make()
     old = [store.id_for_send_key("alice", "k%d" % i) for i in range(5)]
@@ -500,3 +500,24 @@ def test_webmail_send_keys_older_than_a_day_are_removed():
     assert sorted(kv.cols(b"msend/alice")) == [b"fresh", b"odd"]
     assert store.id_for_send_key("alice", "fresh") == fresh  # a young key still answers the same id
     assert len(set(old)) == 5
+
+
+def test_a_send_retried_as_late_as_its_key_allows_writes_a_body_the_sweep_leaves_alone():
+    """QA5 D-sweep-safety: a webmail send retried under its send key delivers
+    under the first attempt's id, as old as the key. The key may be used
+    until a round removes it (up to SEND_KEY_TTL_S plus a round's wait);
+    the body such a retry writes, stalled for an hour before its index cell
+    (the delivery's crash window), must still be too young to sweep. With
+    the TTL equal to the grace period the sweep took it."""
+    from src.mailsweep import SEND_KEY_TTL_S, SWEEP_EVERY_S
+    kv, clock, store, sweeper = make(CrashAfter())
+    msg_id = store.id_for_send_key("alice", "k")             # the first attempt, which failed
+    clock.t += SEND_KEY_TTL_S - 1                            # a sweep round has not removed the key yet
+    sweeper.sweep()
+    clock.t += SWEEP_EVERY_S                                 # the form is sent again just before the next round
+    assert store.id_for_send_key("alice", "k") == msg_id
+    crash(kv, 6, lambda: store.deliver("bob", "Inbox", BIG, msg_id=msg_id))   # body written, no index cell
+    assert body_rows(kv) == [f"mmsg/bob/{msg_id}".encode()]
+    clock.t += 3600                                          # the delivery stalls that long
+    assert sweeper.sweep().reclaimed == 0
+    assert body_rows(kv) == [f"mmsg/bob/{msg_id}".encode()]
