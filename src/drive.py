@@ -114,7 +114,9 @@ class _Unfinished(Exception):
 
 
 class Damaged(DriveError):
-    """A file whose chunks are missing (only after a crash mid-rename, see docs)."""
+    """A file whose chunks are missing or short although it is not deleted:
+    data lost in the store, or a bug. (A rename or move never touches chunks;
+    a file deleted while it is read raises ItemNotFound instead.)"""
 
     status = 500
 
