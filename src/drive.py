@@ -720,7 +720,8 @@ class Drive:
         """The bytes start..end (inclusive) of a file, chunk by chunk.
 
         Chunks are fetched WINDOW ahead in parallel; memory is bounded by
-        WINDOW chunks whatever the file size.
+        WINDOW + 1 chunks (WINDOW in flight and the one being handed out)
+        whatever the file size.
         """
         if e.kind != "file":
             raise ItemNotFound("That is a folder, not a file.")
@@ -910,7 +911,9 @@ class Drive:
 
     def _drop_chunks(self, user: str, fid: str, count: int | None, hint: int = 0) -> None:
         """Delete the chunks of a file: `count` of them, or (unknown count, an
-        abandoned upload) every one from 0 until WINDOW in a row are missing past `hint`."""
+        abandoned upload) every one from 0 until more than WINDOW in a row are
+        missing past `hint` (the upload had at most WINDOW in flight, so a gap
+        it left is shorter)."""
         n, misses = 0, 0
         while True:
             if count is not None and n >= count:

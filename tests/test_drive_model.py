@@ -1014,3 +1014,16 @@ def test_a_file_whose_uploader_died_once_visible_is_busy_until_the_sweep(clock, 
     e = visible_files(d, "alice", root)["b.txt"]
     assert read_all(d, "alice", e) == b"x" * 100 and d.usage("alice").used == 100
     d.close()
+
+
+def test_dropping_an_abandoned_uploads_chunks_crosses_a_gap_of_window_missing_ones(drive, kv):
+    """QA5 D-counts: the walk stops after more than WINDOW misses in a row
+    (docs/drive.md says so now; it said "4 in a row"): an upload with WINDOW
+    writes in flight can leave a gap of up to WINDOW - 1, never WINDOW + 1."""
+    w = drive.window
+    for n in [0, 1] + [2 + w] + [2 + w + 1 + w]:      # gaps of exactly WINDOW after chunk 1 and chunk 2+w
+        kv.put(f"drive/c/alice/f1/{n}", "d", b"x")
+    far = 2 + w + 1 + w + (w + 1) + 1                 # after a gap of WINDOW + 1: not reached
+    kv.put(f"drive/c/alice/f1/{far}", "d", b"x")
+    drive._drop_chunks("alice", "f1", None)
+    assert chunk_rows(kv, "alice") == [f"drive/c/alice/f1/{far}".encode()]
