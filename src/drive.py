@@ -6,8 +6,10 @@ the layout with pictures; the short version:
 
     drive/u/<user>            root  -> id of the user's root folder
                               used  -> {"total": bytes, "held": {file id: bytes}}
+                              treelock -> {"token", "expires"} while a folder moves between folders
     drive/d/<user>/<folder>   meta  -> {"name", "parent", "state": "live"|"dead", "created"}
-                              e/<name> -> {"id", "kind", "size", "mtime", "type", "cb"}
+                              e/<name> -> {"id", "kind", "size", "mtime", "type", "cb"[, "op"]}
+                                          ("op": the claim of the operation changing it)
     drive/f/<user>/<file>     state -> "live" | "dead"       (absent while uploading)
     drive/c/<user>/<file>/<n> d     -> bytes of chunk n      (one row per chunk)
     drive/j/<0..15>           <user>/<op id> -> an intent {"op", "expires", ...}
