@@ -889,7 +889,10 @@ class _TextExtractor(HTMLParser):
 
     def handle_starttag(self, tag, attrs):
         if tag in _DROP_CONTENT:
-            self.dropping += 1
+            # A void element (<link>, <meta>...) never gets an end tag: counted,
+            # it would drop the rest of the message (as in the sanitiser).
+            if tag not in _HTML_VOID:
+                self.dropping += 1
         elif tag in self._BLOCK:
             self.parts.append("\n")
         elif tag in ("td", "th"):
@@ -897,7 +900,8 @@ class _TextExtractor(HTMLParser):
 
     def handle_endtag(self, tag):
         if tag in _DROP_CONTENT:
-            self.dropping = max(0, self.dropping - 1)
+            if tag not in _HTML_VOID:
+                self.dropping = max(0, self.dropping - 1)
         elif tag in self._BLOCK:
             self.parts.append("\n")
 

@@ -619,6 +619,16 @@ def test_html_table_cells_become_separate_words():
     assert [ln for ln in text.split("\n") if ln] == ["cell1 cell2", "bold l"]
 
 
+@pytest.mark.parametrize("void", ["<link rel=x>", "<meta charset=utf-8>", "<base href=/>", "<embed src=x>",
+                                  "<link rel=x />"])
+def test_html_text_goes_on_after_a_void_element_whose_content_is_dropped(void):
+    """QA5 D-html-to-text: `<link>`, `<meta>`, `<base>` and `<embed>` have no
+    end tag, so counting them as "drop until the end tag" lost the rest of
+    the message from the text (the sanitiser had the rule, not this)."""
+    assert html_to_text(f"<p>Hello</p>{void}<p>world, the rest</p>") == "Hello\n\nworld, the rest"
+    assert html_to_text(f"{void}<script>x</script><p>after</p>") == "after"
+
+
 def test_deeply_nested_parts_are_still_shown():
     raw = (b"Content-Type: multipart/mixed; boundary=b0\r\n\r\n"
            + b"".join(b"--b%d\r\nContent-Type: multipart/alternative; boundary=b%d\r\n\r\n" % (i, i + 1)
