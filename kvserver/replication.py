@@ -7,9 +7,14 @@ messages dropped, delayed and reordered, without a single sleep.
 
 One `TabletReplica` per tablet per server. Its roles:
 
-    NONE --set_view(primary=me)--> PRIMARY --set_view(newer epoch, primary=other)--> REPLICA
-      |                               ^                                                |
-      +--set_view(primary=other)--> REPLICA ----set_view(primary=me)-------------------+
+    NONE    --set_view(primary=me)----------------------------> PRIMARY
+    NONE    --set_view(primary=other, me among its replicas)--> REPLICA
+    REPLICA --set_view(primary=me)----------------------------> PRIMARY
+    PRIMARY --set_view(newer epoch, primary=other)------------> REPLICA
+    PRIMARY --Append/Snapshot of a newer epoch (_adopt)-------> REPLICA
+              (deposed before the master's view arrives, story 8 of
+              docs/replication.md; its pending writes come out of take_aborted)
+    any     --set_view(me not among its replicas)-------------> NONE
 
 A replica that is in the master's view is a *member* (it holds every
 acknowledged write); one that is not is *recovering*. Both receive the
