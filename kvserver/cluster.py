@@ -269,8 +269,12 @@ class PeerStream:
         self.released = threading.Event()   # the loop let go of the socket
         self.down_since = time.monotonic()
         self.was_up = False
-        self.last_send = 0.0            # when something was last sent / answered:
-        self.last_reply = 0.0           # an idle stream is not a dead one
+        # Since when the peer owes an answer: the first send after its last
+        # reply (0: it owes none; an idle stream is not a dead one). Not the
+        # last send: the state machine re-probes a lagging peer every 0.6 s,
+        # and a peer that takes the bytes and never answers (its heartbeats
+        # go on, its loop or disk is stuck) would never count as silent.
+        self.owed_since = 0.0
         self.thread = threading.Thread(target=self._run, name=f"stream-{peer}-{lane}", daemon=True)
         self.thread.start()
 
@@ -322,7 +326,7 @@ class PeerStream:
         except OSError as e:
             self._broken(e)
             return
-        self.last_send = time.monotonic()
+        self.owed_since = self.owed_since or time.monotonic()
         if n < len(data):
             self._to_thread([("raw", memoryview(data)[n:])])
 
@@ -345,7 +349,7 @@ class PeerStream:
         if not data:
             self._broken(ConnectionError(f"{self.peer} closed the stream"))
             return
-        self.last_reply = time.monotonic()
+        self.owed_since = 0.0
         self.parser.feed(data)
         try:
             while (ev := self.parser.next_event()) is not NEED_DATA:
@@ -456,14 +460,12 @@ class PeerStream:
                     if self.owner == "thread":
                         self.owner = "loop"     # all sent: the loop sends again
                     self.cv.wait(0.5)
-                    if (self.last_send > self.last_reply
-                            and time.monotonic() - self.last_send > IO_TIMEOUT_S):
+                    if self.owed_since and time.monotonic() - self.owed_since > IO_TIMEOUT_S:
                         raise TimeoutError(f"{self.peer} did not answer for {IO_TIMEOUT_S:.0f}s")
                 if not self.connected or stop.is_set():
                     return
                 items = list(self.q)
                 self.q.clear()
-            self.last_send = time.monotonic()
             bufs: list = []
             for item in _coalesce(items):
                 if item[0] == "catchup":
@@ -478,7 +480,10 @@ class PeerStream:
                     bufs = []
             if bufs:
                 _sendall(sock, bufs)
-            self.last_send = time.monotonic()
+            # A long send (a catch-up, big values) was progress the peer made
+            # (a stuck one stops taking bytes, and _sendall gives up): its
+            # answer is owed from the end of the send.
+            self.owed_since = time.monotonic()
 
 
 def _sendall(sock, bufs) -> None:
