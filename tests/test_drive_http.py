@@ -670,3 +670,22 @@ def test_a_move_that_happened_says_so_even_if_its_target_is_deleted_right_after(
     monkeypatch.setattr(drive, "move", move_then_other_tab_deletes)
     r = c.post(f"/drive/move/{root}", {"name": "f.txt", "dest": target}, headers={"Accept": "application/json"})
     assert r.status == 200 and json.loads(r.text)["message"] == "Moved \u201cf.txt\u201d to \u201cSoon gone\u201d."
+
+
+def test_a_file_deleted_while_its_item_page_is_built_is_not_found_not_an_error(site, monkeypatch):
+    """QA5 D-small: the text preview read the file outside the page's error
+    handling, so a file another tab deleted between the entry read and the
+    preview gave a 500 page."""
+    fe, _ = site
+    c = login(fe.port, "alice")
+    root = root_of(c)
+    c.upload(root, [("notes.txt", b"hello " * 10)])
+    drive = fe.ctx.drive
+    real_folders = drive.folders
+
+    def folders_while_another_tab_deletes(user, *a, **kw):
+        drive.delete(user, root, "notes.txt")
+        return real_folders(user, *a, **kw)
+    monkeypatch.setattr(drive, "folders", folders_while_another_tab_deletes)
+    r = c.get(file_url(root, "notes.txt", "item"))
+    assert r.status == 404 and "deleted" in r.text

@@ -321,7 +321,12 @@ class DriveApp:
             options.append(render('<option value="{v}"{dis}>{label}</option>', v=fid,
                                   dis=Markup(" disabled" if fid == folder else ""),
                                   label=label + (" (here)" if fid == folder else "")))
-        preview = self._preview(req, folder, e)
+        try:
+            # Reads the file (a text preview): another tab may have deleted it
+            # since the entry was read, which is a 404 like any other, not a 500.
+            preview = self._preview(req, folder, e)
+        except DriveError as err:
+            raise HTTPError(err.status, str(err)) from None
         meta = ("Folder" if e.is_folder else f"{human_size(e.size)} · {e.type}") + f" · modified {fmt_time(e.mtime)}"
         what = "folder" if e.is_folder else "file"
         body = render(
