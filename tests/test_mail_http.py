@@ -248,6 +248,38 @@ def test_attach_from_the_drive(site):
     assert len(ids_in(bob)) == 1
 
 
+def test_drive_files_are_read_only_while_they_fit_the_message(site):
+    """Reader QA: each chosen drive file was checked against the whole mail
+    limit and read into memory before the sum was: a form naming twenty
+    25 MiB files (or one file twenty times) held 500 MiB in a frontend.
+    A file is read only if it fits in what is left, and each file once."""
+    import html as _html
+    from src.drive import Drive
+    fe, kv = site
+    alice, bob = user(fe, "alice"), user(fe, "bob")
+    drive = Drive(kv, chunk_bytes=64 * 1024, window=1)
+    root = drive.root("alice")
+    for name in ("a.bin", "b.bin", "c.bin"):
+        drive.upload("alice", root, name, os.urandom(100 * 1024))     # each fits, two do not (256 KiB)
+    refs = [_html.unescape(r) for r in re.findall(r'name="drive_file" value="([^"]+)"', alice.get("/mail/compose").text)]
+    assert len(refs) == 3
+    read = []
+    real_read = fe.ctx.drive.read
+
+    def counting_read(user_, e, *a, **k):
+        read.append(e.name)
+        return real_read(user_, e, *a, **k)
+    fe.ctx.drive.read = counting_read
+    r = alice.send("bob", subject="all", body="x", extra=[("drive_file", ref) for ref in refs])
+    assert r.status == 400 and "larger than the 256 KiB limit" in r.text
+    assert len(read) == 2                     # the third was refused by its size, unread
+    read.clear()
+    r = alice.send("bob", subject="one", body="x", extra=[("drive_file", refs[0])] * 20)
+    assert r.status == 303 and len(read) == 1
+    [mid] = ids_in(bob)
+    assert len(re.findall(rf"/mail/inbox/{mid}/part/\d+", bob.get(f"/mail/inbox/{mid}").text)) == 1
+
+
 # -- attacks ------------------------------------------------------------------------
 
 def test_one_user_cannot_reach_another_users_mail(site):
