@@ -527,9 +527,9 @@ class Drive:
             if charge:
                 if used["total"] + size > self.quota_bytes:
                     raise QuotaExceeded(
-                        f"Not enough space: this file needs {_human(size)} and "
-                        f"{_human(max(0, self.quota_bytes - used['total']))} of your "
-                        f"{_human(self.quota_bytes)} are free.")
+                        f"Not enough space: this file needs {human_size(size)} and "
+                        f"{human_size(max(0, self.quota_bytes - used['total']))} of your "
+                        f"{human_size(self.quota_bytes)} are free.")
                 used["total"] += size
             used["held"][fid] = size
             return True
@@ -670,8 +670,8 @@ class Drive:
         if size_hint is not None:
             free = self.quota_bytes - self.usage(user).used
             if size_hint > free and size_hint - free > 64 * 1024:  # the hint includes form overhead
-                raise QuotaExceeded(f"Not enough space: {_human(max(0, free))} of your "
-                                    f"{_human(self.quota_bytes)} are free.")
+                raise QuotaExceeded(f"Not enough space: {human_size(max(0, free))} of your "
+                                    f"{human_size(self.quota_bytes)} are free.")
         return Upload(self, user, folder, name)
 
     def _recover_upload(self, user: str, intent: dict) -> None:
@@ -1115,7 +1115,7 @@ class Upload:
         self.size += len(data)
         if self.size > self._free:
             raise QuotaExceeded(f"Not enough space: the file is larger than the "
-                                f"{_human(max(0, self._free))} you have free.")
+                                f"{human_size(max(0, self._free))} you have free.")
         self._renew()
         buf = self._buf
         if not buf and len(data) == self.cb:
@@ -1220,16 +1220,18 @@ class Upload:
             log.warning("could not clean up an aborted upload now; the sweeper will", exc_info=True)
 
 
-def _human(n: int) -> str:
-    """1536 -> "1.5 KiB": sizes as people read them."""
-    size = float(n)
-    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            if unit == "bytes":
-                return f"{int(size)} byte" + ("" if int(size) == 1 else "s")
-            return f"{size:.1f} {unit}"
+def human_size(n: int) -> str:
+    """1536 -> "1.5 KiB", 1024 -> "1 KiB", 1 -> "1 byte": sizes as people read
+    them, in binary units (the mail's "25 MiB" limit is 25 MiB). The drive's
+    and the mail's pages both use this one, so a file's size reads the same
+    on both."""
+    if n < 1024:
+        return f"{n} byte" + ("" if n == 1 else "s")
+    size = n / 1024
+    for unit in ("KiB", "MiB", "GiB"):
+        if size < 1024:
+            break
         size /= 1024
-    return f"{n} bytes"
-
-
-human_size = _human
+    else:
+        unit = "TiB"
+    return f"{size:.1f}".removesuffix(".0") + f" {unit}"

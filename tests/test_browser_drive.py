@@ -86,7 +86,7 @@ def test_drive_in_the_browser(site, tmp_path):
         page.wait_for_selector("table.items a.item span:text-is('dataset.bin')", timeout=10_000)
         for name in ("dataset.bin", "notes.txt", "photo.png"):
             assert row(page, name).count() == 1, name
-        assert "3.0 MiB" in row(page, "dataset.bin").inner_text()
+        assert "3 MiB" in row(page, "dataset.bin").inner_text()
         shot(page, "drive-folder.png")
 
         # Rename (the page's prompt).
