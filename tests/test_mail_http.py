@@ -779,3 +779,28 @@ def test_a_mail_page_without_its_unread_badge_when_the_read_marks_cannot_be_read
     finally:
         kv.cols = real_cols
     assert r.status == 200 and "mail-compose-form" in r.text
+
+
+def test_mail_sent_from_the_web_is_chunked_like_mail_received_by_smtp(tmp_path):
+    """QA5 D-webmail-chunk: SMTP, POP3 and the relay store bodies in chunks of
+    cfg.drive.chunk_bytes (docs/mail.md); the webmail's MailStore used the
+    1 MiB default, so the same message was stored two ways."""
+    from httpserver.frontend import Frontend
+    cfg = parse_config({"mail": {"domain": DOMAIN, "max_message_bytes": MAX_MESSAGE},
+                        "drive": {"chunk_bytes": 4096},
+                        "frontend": [{"id": "fe1", "host": "127.0.0.1", "port": 0}]},
+                       data_dir=str(tmp_path))
+    kv = MemoryKV()
+    fe = Frontend(cfg, cfg.node("fe1"), kv, port=0)
+    fe.start()
+    try:
+        alice, _ = user(fe, "alice"), user(fe, "bob")
+        blob = os.urandom(30_000)
+        r = alice.send("bob", subject="big", body="see the file",
+                       files=[("attachment", "data.bin", "application/octet-stream", blob)])
+        assert r.status == 303
+        [info] = MailStore(kv).list("bob", "Inbox")
+        chunks = [kv.get(f"mmsg/bob/{info.id}", c) for c in kv.cols(f"mmsg/bob/{info.id}")]
+        assert len(chunks) > 10 and max(len(c) for c in chunks) == 4096
+    finally:
+        fe.stop()

@@ -73,7 +73,9 @@ class MailApp:
         self.ctx = ctx
         self.cfg = ctx.config
         self.domain = ctx.config.mail.domain
-        self.store = MailStore(ctx.kv)
+        # Bodies in chunks of the configured size, as SMTP, POP3 and the relay
+        # store them (docs/mail.md), so a message is stored one way whoever wrote it.
+        self.store = MailStore(ctx.kv, chunk_bytes=ctx.config.drive.chunk_bytes)
         self.accounts = ctx.accounts
         self.previews = PreviewCache(PREVIEW_CACHE_ENTRIES)
 
