@@ -93,7 +93,7 @@ LANES = 1                      # streams (connections) per peer; tablet t uses l
 RECONNECT_S = 0.1
 SEND_INLINE_BYTES = 1 << 20    # a bigger batch of REPLs is sent by the stream's thread, not the loop
 RECV_BYTES = 256 * 1024
-INCOMING = "snapshot.incoming"
+INCOMING = "snapshot.incoming"   # + ".<epoch>": a snapshot being received (SNAPCHUNK)
 
 INTERNAL_COMMANDS = {
     "REPLSTREAM": CommandSpec(()),
@@ -1039,9 +1039,29 @@ class ClusterNode:
                 return error("RETRY", str(e))
         return run
 
+    @staticmethod
+    def _incoming(t: Tablet, epoch) -> str:
+        """Where a snapshot of `epoch` is written: one file per epoch, so the
+        chunks of a deposed primary's snapshot (its stream may still be
+        sending during a failover) never mix with the new primary's."""
+        return os.path.join(t.path, f"{INCOMING}.{int(epoch)}")
+
+    def _drop_incoming(self, t: Tablet, up_to_epoch: int) -> None:
+        """Remove the snapshot files of epochs up to `up_to_epoch` (used or stale)."""
+        for name in os.listdir(t.path):
+            stem, _, ep = name.rpartition(".")
+            if stem == INCOMING and ep.isdigit() and int(ep) <= up_to_epoch:
+                try:
+                    os.unlink(os.path.join(t.path, name))
+                except FileNotFoundError:
+                    pass
+
     def cmd_SNAPCHUNK(self, conn, tablet, epoch, offset, data):
         g = self._glue_for(tablet)
-        path = os.path.join(g.tablet.path, INCOMING)
+        with g.lock:
+            if int(epoch) < g.sm.epoch:         # rule 1, as for REPL and SNAPSHOT
+                raise Retry(f"tablet {g.tablet.id}: a snapshot of epoch {epoch}, older than {g.sm.epoch}")
+        path = self._incoming(g.tablet, epoch)
         off = int(offset)
         with open(path, "r+b" if off else "wb") as f:
             f.seek(off)
@@ -1052,7 +1072,7 @@ class ClusterNode:
         g = self._glue_for(tablet)
         t = g.tablet
         recs = decode_records(meta, list(values))
-        path = os.path.join(t.path, INCOMING)
+        path = self._incoming(t, epoch)
         size = int(total)
         chunks = []
         if size:
@@ -1087,10 +1107,7 @@ class ClusterNode:
             if t.last_seq != msg.seq:
                 log.error("tablet %d: snapshot ended at seq %d, expected %d", t.id, t.last_seq, msg.seq)
             log.info("tablet %d: installed a snapshot up to seq %d", t.id, t.last_seq)
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+        self._drop_incoming(t, int(epoch))
         return reply_text(reply)
 
     # -- heartbeats and the master ------------------------------------------------------------

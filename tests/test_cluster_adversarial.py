@@ -27,6 +27,7 @@ value and the recorded history of the shared cells must be linearizable.
 """
 
 import contextlib
+import os
 import socket
 import threading
 
@@ -574,6 +575,53 @@ def test_records_from_a_newer_primary_during_a_snapshot_install_are_not_misnumbe
         th.join(10)
         server.stop()
         prim.close()
+
+
+def test_a_deposed_primarys_snapshot_chunks_never_mix_with_the_new_primarys(tmp_path):
+    """Reader QA: SNAPCHUNK ignored its epoch and wrote one shared file, so
+    during a failover the old primary's stream (still sending) could
+    overwrite the new primary's chunks, and the new primary's SNAPSHOT
+    installed the mixture (same length: nothing noticed). Each epoch's
+    snapshot has its own file, and chunks of an older epoch than the
+    replica knows are refused."""
+    from kvserver import tablet as tablet_mod
+    from kvserver.checkpoint import BlockCache
+    from kvserver.cluster import cluster_server, encode_records
+    from kvserver.wal import SET, Effect
+    from src.config import load_config
+    from tests.clusterkit import write_config
+
+    def snapshot_of(name, value):
+        prim = tablet_mod.Tablet(0, str(tmp_path / name), BlockCache(1 << 20)).open()
+        prim.epoch = 1
+        for i in range(3):
+            prim.write(Effect(SET, b"k%d" % i, b"c", value + b"%d" % i))
+        prim.checkpoint()
+        snap = prim.snapshot()
+        chunk = b"".join(snap.checkpoint_chunks())
+        meta, values = encode_records(snap.records)
+        prim.close()
+        return chunk, meta, values, snap.last_seq
+
+    old_chunk, *_ = snapshot_of("deposed", b"old")
+    new_chunk, meta, values, last = snapshot_of("new", b"new")
+    assert len(old_chunk) == len(new_chunk) and old_chunk != new_chunk
+
+    cfg = load_config(write_config(tmp_path, servers=1, tablets=2, replication=1, timeout=5.0))
+    server = cluster_server(cfg, "kv1").start()
+    node = server.role
+    try:
+        node.cmd_SNAPCHUNK(None, "0", "3", "0", new_chunk)       # the new primary (epoch 3)
+        node.cmd_SNAPCHUNK(None, "0", "2", "0", old_chunk)       # the deposed one's stream, late
+        answer = node.cmd_SNAPSHOT(None, "0", "3", str(last), "1", str(len(new_chunk)), meta, *values)
+        assert answer.startswith(b"+OK ACK 0 3"), answer
+        t = node.glue[0].tablet
+        assert [t.get(b"k%d" % i, b"c") for i in range(3)] == [b"new0", b"new1", b"new2"]
+        with pytest.raises(kv.Retry):                            # now it knows epoch 3
+            node.cmd_SNAPCHUNK(None, "0", "2", "0", old_chunk)
+        assert not [n for n in os.listdir(t.path) if n.startswith("snapshot.incoming")]
+    finally:
+        server.stop()
 
 
 @pytest.mark.xfail(strict=True, reason=(

@@ -106,7 +106,7 @@ class MailApp:
         if found is None:
             try:
                 first = next(iter(self.store.iter_raw(user, folder, msg_id)), b"")
-            except (MailStoreError, StopIteration):
+            except MailStoreError:
                 return "", ("", "", "")
             for limit in PREVIEW_SCAN_BYTES:
                 d = webmail.parse_message(first[:limit])
@@ -257,8 +257,7 @@ class MailApp:
         ], content_type="application/octet-stream")
 
     def source(self, req, slug: str, msg_id: str) -> Response:
-        self.folder_of(slug)
-        _, raw = self.load(req, slug, msg_id)
+        _, raw = self.load(req, slug, msg_id)      # 404 for an unknown folder, as elsewhere
         return Response(200, raw, headers=[
             ("Content-Disposition", content_disposition(f"message-{msg_id}.eml")),
             ("X-Content-Type-Options", "nosniff"),
