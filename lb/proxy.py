@@ -264,7 +264,7 @@ def forward_body(client: Channel, up: Channel) -> Response | None:
     session, over quota, too large) is returned at once, the rest of the
     body unsent, so the visitor hears it as soon as it would from the
     frontend itself. None once the whole body went through."""
-    last_piece = [None]
+    last_piece = [None]     # (see below; a list, as a name only ever assigned would look like a slip)
     while True:
         ev = client.buffered_event()
         if ev is NEED_DATA:
