@@ -3,8 +3,9 @@
 `ClusterNode` plugs into `KVServer` (kvserver/server.py) through its two
 seams: it is the server's `role` (may this server serve tablet t now?) and
 its `writer` (make an effect durable on every member of the view, then
-apply it). It also adds the internal commands replicas answer, and runs three
-kinds of background threads:
+apply it). It also adds the internal commands replicas answer, and runs four
+kinds of background threads (`start` starts heartbeat, control and tick;
+each stream has its own):
 
     heartbeat   every heartbeat_interval_s: HEARTBEAT to the master with, per
                 tablet, the epoch and seq of the last log record; the answer
@@ -21,8 +22,10 @@ kinds of background threads:
                 records are enqueued at once and its ACK goes after the
                 turn's sync, which they share with every other write.
     control     view changes the state machine asks for (VIEWCHANGE to the
-                master), and the logical clock (`tick`) that re-probes
-                lagging replicas.
+                master).
+    tick        every TICK_S: `TabletReplica.tick()` for every tablet, the
+                logical clock that re-probes lagging replicas and times out
+                hand-overs.
 
 Locks: one per tablet (`TabletGlue.lock`), held while the state machine runs
 and while its actions are carried out: those never do I/O (a Send is a queue
@@ -827,7 +830,7 @@ class ClusterNode:
                 self._writes_may_settle()
             elif isinstance(a, rp.Aborted):
                 # Deposed: apply what is pending now, in seq order, before any
-                # record of the new primary can be (see write()).
+                # record of the new primary can be (see settle()).
                 for seq in a.seqs:
                     p = g.inflight.pop(seq, None)
                     if p is not None:
