@@ -71,6 +71,7 @@ import time
 from master.placement import initial_views
 from src.config import Config, ConfigError
 from src.kv import KVError, Moved, Retry
+from src.kvclient import split_addr
 from src.kvproto import (NEED_DATA, RAW, TEXT, VALUE, CommandSpec, Error, Listing, Ok, ProtocolErrorEvent,
                          ReplyParser, Request, encode_request, error, ok)
 
@@ -200,8 +201,7 @@ class Conn:
     """One request at a time over a socket (heartbeats, view changes)."""
 
     def __init__(self, addr: str, secret: str, timeout: float = IO_TIMEOUT_S):
-        host, port = addr.rsplit(":", 1)
-        self.sock = socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S)
+        self.sock = socket.create_connection(split_addr(addr), timeout=CONNECT_TIMEOUT_S)
         self.sock.settimeout(timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.parser = ReplyParser()
@@ -389,7 +389,7 @@ class PeerStream:
         stop = self.node.stopped
         while not stop.is_set():
             try:
-                sock = socket.create_connection(self.node.split(self.addr), timeout=CONNECT_TIMEOUT_S)
+                sock = socket.create_connection(split_addr(self.addr), timeout=CONNECT_TIMEOUT_S)
             except OSError:
                 self._failed(connect=True)
                 stop.wait(RECONNECT_S)
@@ -859,11 +859,6 @@ class ClusterNode:
             if s is None:
                 s = self.streams[key] = PeerStream(self, peer, self.addrs[peer], key[1])
             return s
-
-    @staticmethod
-    def split(addr: str):
-        host, port = addr.rsplit(":", 1)
-        return host, int(port)
 
     def peer_up(self, peer: str, lane: int) -> None:
         for g in self._lane(lane):

@@ -115,3 +115,13 @@ def test_stream_reader_as_the_servers_parser():
     r.feed(b"REPL 1 2 0 0 {9}\r\n")
     ev = r.next_event()
     assert isinstance(ev, ProtocolErrorEvent) and ev.close      # a literal over the limit
+
+
+@pytest.mark.parametrize("bad", ["no-port", "host:", "host:http"])
+def test_a_bad_peer_address_is_named_in_the_error(bad):
+    """QA5 D-addr-split: cluster.py split "host:port" by hand ("not enough
+    values to unpack"); it uses src.kvclient.split_addr now, which names the
+    address (and strips an IPv6 literal's brackets)."""
+    from kvserver.cluster import Conn
+    with pytest.raises(ValueError, match="address must be host:port"):
+        Conn(bad, "")
