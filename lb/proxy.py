@@ -22,6 +22,7 @@ before that frontend is blamed.
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import threading
 import time
@@ -36,7 +37,7 @@ RECV_BYTES = 256 * 1024
 CONNECT_TIMEOUT_S = 2.0
 UPSTREAM_TIMEOUT_S = 60.0  # a frontend may wait on the KV store's own retries (15 s) and more
 RECV_SLICE_S = 1.0         # waiting for a frontend's answer, look this often whether it still beats
-POOL_IDLE_S = 4.0  # shorter than any frontend's keep-alive idle timeout
+POOL_IDLE_S = 4.0  # longest a pooled connection idles; UpstreamPool keeps it under the frontends' timeout
 POOL_MAX_PER_FRONTEND = 32
 
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
@@ -77,6 +78,23 @@ class Channel:
 
     def _recv(self) -> bytes:
         return self.sock.recv(RECV_BYTES)
+
+    def buffered_event(self):
+        """The next event already in the codec's buffer, or NEED_DATA (no recv)."""
+        try:
+            return self.conn.next_event()
+        except ProtocolError as e:
+            raise ChannelError(self.side, e) from e
+
+    def receive_some(self) -> None:
+        """One recv into the codec (after select said there is something)."""
+        try:
+            data = self._recv()
+            if data:
+                self.received_any = True
+            self.conn.receive_data(data)
+        except (OSError, ProtocolError) as e:
+            raise ChannelError(self.side, e) from e
 
     def send(self, *events) -> None:
         try:
@@ -149,13 +167,19 @@ class Upstream(Channel):
 
 
 class UpstreamPool:
-    """Idle keep-alive connections to frontends, at most POOL_IDLE_S old."""
+    """Idle keep-alive connections to frontends, reused while younger than
+    `idle_s`: POOL_IDLE_S, or half the frontends' keep-alive idle timeout
+    (`http.idle_timeout_s`, which may be configured as low as 0.1 s) if that
+    is shorter. A connection kept longer than the frontend keeps it would
+    be closed under the LB's feet just as it sends the next request."""
 
-    def __init__(self, max_line: int, max_header: int, max_body: int, clock=time.monotonic):
+    def __init__(self, max_line: int, max_header: int, max_body: int, clock=time.monotonic,
+                 frontend_idle_timeout_s: float = float("inf")):
         self._idle: dict[str, list[Upstream]] = {}
         self._lock = threading.Lock()
         self._limits = (max_line, max_header, max_body)
         self._clock = clock
+        self.idle_s = min(POOL_IDLE_S, frontend_idle_timeout_s / 2)
 
     def _codec(self) -> Connection:
         return Connection(CLIENT, *self._limits)
@@ -169,7 +193,7 @@ class UpstreamPool:
                 idle = self._idle.get(fe_id, [])
                 while idle:
                     up = idle.pop()
-                    if now - up.idle_since < POOL_IDLE_S:
+                    if now - up.idle_since < self.idle_s:
                         up.reused, up.gone = True, gone
                         return up
                     up.close()
@@ -233,12 +257,66 @@ def stream_body(src: Channel, dst: Channel) -> None:
             raise ChannelError(src.side, f"unexpected {ev!r} inside a body")
 
 
+def forward_body(client: Channel, up: Channel) -> Response | None:
+    """Stream the visitor's request body to the frontend, listening to the
+    frontend meanwhile. Its `100 Continue` goes on to a visitor that waits
+    for one; an answer it gives before the body has ended (a refusal: no
+    session, over quota, too large) is returned at once, the rest of the
+    body unsent, so the visitor hears it as soon as it would from the
+    frontend itself. None once the whole body went through."""
+    last_piece = [None]     # (see below; a list, as a name only ever assigned would look like a slip)
+    while True:
+        ev = client.buffered_event()
+        if ev is NEED_DATA:
+            if _first_readable(client, up) is client:
+                client.receive_some()
+                continue
+            answer = up.next_event()
+            if isinstance(answer, InformationalResponse):
+                if client.conn.they_are_waiting_for_100_continue:
+                    client.send(answer)
+                continue
+            if isinstance(answer, Response):
+                return answer
+            raise ChannelError("upstream", f"{answer!r} before the request ended")
+        if type(ev) is Data:
+            up.send(ev)
+            # Kept until the next piece has arrived: freed just before recv
+            # allocated the next 256 KiB, glibc handed the memory back and
+            # faulted it in again every time (half the upload speed, measured).
+            last_piece[0] = ev
+        elif type(ev) is EndOfMessage:
+            up.send(EndOfMessage())
+            return None
+        elif ev is PAUSED or type(ev) is ConnectionClosed:
+            raise ChannelError("client", "message ended unexpectedly")
+        else:
+            raise ChannelError("client", f"unexpected {ev!r} inside a body")
+
+
+def _first_readable(client: Channel, up: Channel) -> Channel:
+    """Wait, at most the visitor's idle timeout, for either side to have
+    something to read; the frontend first when both do."""
+    try:
+        ready, _, _ = select.select([up.sock, client.sock], [], [], client.sock.gettimeout())
+    except (OSError, ValueError) as e:          # (ValueError: a socket closed meanwhile)
+        raise ChannelError("client", e) from e
+    if up.sock in ready:
+        return up
+    if client.sock in ready:
+        return client
+    raise ChannelError("client", socket.timeout("the request body stopped arriving"))
+
+
+# (Expect is dropped here and sent again only when the visitor waits for 100
+# Continue: then the frontend, which knows whether it wants the body, says.)
 _REFRAMED = frozenset({"expect", "content-length", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "via"})
 VIA = "1.1 penncloud-lb"     # RFC 9110 7.6.3: an intermediary adds itself to Via
 
 
-def upstream_request(req: Request, client_ip: str) -> Request:
-    """The request as sent to a frontend: end-to-end headers, our framing, X-Forwarded-*."""
+def upstream_request(req: Request, client_ip: str, expect_continue: bool = False) -> Request:
+    """The request as sent to a frontend: end-to-end headers, our framing,
+    X-Forwarded-*, and `Expect: 100-continue` when the visitor waits for it."""
     items, forwarded_for, host, length, chunked, via = [], None, None, None, False, []
     for n, v in end_to_end(req.headers):
         if n in _REFRAMED:
@@ -269,4 +347,6 @@ def upstream_request(req: Request, client_ip: str) -> Request:
         items.append(("Transfer-Encoding", "chunked"))
     elif length is not None:
         items.append(("Content-Length", length))
+    if expect_continue:
+        items.append(("Expect", "100-continue"))
     return Request(req.method, req.target, items)

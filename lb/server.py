@@ -41,9 +41,10 @@ from httpserver.http11 import (NEED_DATA, REASONS, SERVER, Connection, Data, End
 from httpserver.serve import linger
 from httpserver.web import parse_cookies
 from lb.balancer import Balancer, UnknownFrontend
-from lb.proxy import RECV_BYTES, Channel, ChannelError, UpstreamPool, end_to_end, has_body, read_response_head, \
-    stream_body, upstream_request
+from lb.proxy import RECV_BYTES, Channel, ChannelError, UpstreamPool, end_to_end, forward_body, has_body, \
+    read_response_head, stream_body, upstream_request
 from src.config import Config, Node
+from src.fsutil import atomic_write
 from src.heartbeat import CONTROL_PREFIX, SECRET_HEADER
 from src.server import TCPServer
 
@@ -80,7 +81,8 @@ class LoadBalancer:
         self._lock = threading.Lock()  # guards balancer and the counters; never held across I/O
         self.requests = 0
         self.failures = 0  # frontends found dead by the proxy
-        self.pool = UpstreamPool(cfg.http.max_line_bytes, cfg.http.max_header_bytes, cfg.http.max_body_bytes)
+        self.pool = UpstreamPool(cfg.http.max_line_bytes, cfg.http.max_header_bytes, cfg.http.max_body_bytes,
+                                 frontend_idle_timeout_s=cfg.http.idle_timeout_s)
         self.allowed_ips = self._cluster_ips(cfg)
         self.server = TCPServer(node.host, node.port if port is None else port, self._handle, name=node.id)
 
@@ -114,19 +116,8 @@ class LoadBalancer:
             return []
 
     def _save_disabled(self, ids: list[str]) -> None:
-        d = os.path.dirname(self._state_path)
-        os.makedirs(d, exist_ok=True)
-        tmp = self._state_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"disabled": ids}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._state_path)
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        os.makedirs(os.path.dirname(self._state_path), exist_ok=True)
+        atomic_write(self._state_path, json.dumps({"disabled": ids}).encode())
 
     @staticmethod
     def _cluster_ips(cfg: Config) -> set[str]:
@@ -360,7 +351,7 @@ class LoadBalancer:
         safe = req.method in SAFE_METHODS and not body
         tried: set[str] = set()
         fresh_for: set[str] = set()  # frontends whose pooled connection failed: use a new one
-        out = upstream_request(req, client_ip)
+        out = upstream_request(req, client_ip, expect_continue=client.conn.they_are_waiting_for_100_continue)
         while True:
             fe, assigned = self.pick(sticky, tried)
             if fe is None:
@@ -399,16 +390,18 @@ class LoadBalancer:
         """Send the request (streaming its body) and read the response head."""
         up.send(out)
         if body:
-            if client.conn.they_are_waiting_for_100_continue:
-                client.send(InformationalResponse(100))
             try:
-                stream_body(client, up)
+                early = forward_body(client, up)
             except ChannelError as e:
                 if e.side == "client":
                     raise
                 # The frontend stopped reading (e.g. it refused the upload early):
                 # its answer may still be there; the visitor's connection must close.
                 client.conn.keep_alive = False
+            else:
+                if early is not None:           # answered before the body ended: the rest stays unread
+                    client.conn.keep_alive = False
+                    return early
         else:
             up.send(EndOfMessage())
         return read_response_head(up)
