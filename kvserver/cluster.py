@@ -175,17 +175,22 @@ def parse_reply(text: str) -> rp.Reply:
     raise ValueError(f"bad replication reply {text!r}")
 
 
-def _refused_epoch(reply, asked: int) -> int:
-    """The view's epoch named by a refused VIEWCHANGE (`... (current epoch E)`);
-    `asked` when the refusal names none (it changed nothing)."""
-    text = getattr(reply, "text", "") or ""
+def _refused_epoch(reply) -> int | None:
+    """The view's epoch named by a refused VIEWCHANGE (`-ERR RETRY ... (current
+    epoch E)`), or None: the outcome is unknown. Only that answer proves the
+    master changed nothing; no answer, or any other (`-ERR INTERNAL` when the
+    change raised, say after its state file was renamed in), may come from a
+    change that was applied, and treating it as a refusal would stop counting
+    a peer the view may already hold as a member."""
+    if not isinstance(reply, Error) or reply.code != "RETRY":
+        return None
     marker = "current epoch "
-    i = text.rfind(marker)
+    i = reply.text.rfind(marker)
     if i >= 0:
-        digits = text[i + len(marker):].rstrip(")").strip()
+        digits = reply.text[i + len(marker):].rstrip(")").strip()
         if digits.isdigit():
             return int(digits)
-    return asked
+    return None
 
 
 def parse_view(line: str) -> View:
@@ -1205,8 +1210,8 @@ class ClusterNode:
                         log.info("tablet %d: hand-over to %s refused (%s): serving on", tid, a.peer, r)
                         self._act(g, g.sm.handover_refused())
                     else:
-                        # no answer: outcome unknown (None); a refusal names the view's epoch
-                        current = None if r is None else _refused_epoch(r, a.epoch)
+                        # a refusal names the view's epoch; anything else: outcome unknown (None)
+                        current = _refused_epoch(r)
                         self._act(g, g.sm.admit_refused(a.peer, a.epoch, current))
                 stop.wait(0.05)
 

@@ -492,12 +492,34 @@ def test_replica_dying_while_its_admission_is_asked_keeps_counting(answer):
 
 
 def test_a_refused_view_change_names_the_views_epoch():
+    """Only `-ERR RETRY ... (current epoch E)` is a refusal; any other answer,
+    like no answer, leaves the outcome unknown (None)."""
     from kvserver.cluster import _refused_epoch
+    from src.kvproto import Error, Listing
+
+    assert _refused_epoch(Error("RETRY", "view change refused (current epoch 17)")) == 17
+    for unknown in (None, Error("INTERNAL", "OSError"), Error("RETRY", "no such tablet"),
+                    Error("DENIED", "AUTH first"), Error("INTERNAL", "x (current epoch 4)"), Listing([])):
+        assert _refused_epoch(unknown) is None, unknown
+
+
+def test_an_admit_the_master_applied_but_answered_internal_keeps_the_peer_counting():
+    """QA5 D-small: the master answers `-ERR INTERNAL` when view_change raised,
+    possibly after the new view was saved. That answer was read as a refusal
+    in an unchanged view, so the primary stopped counting the peer it was
+    admitting, and a write acknowledged without it was missing on a member."""
+    from kvserver.cluster import _refused_epoch
+    from master import placement
     from src.kvproto import Error
 
-    assert _refused_epoch(Error("RETRY", "view change refused (current epoch 17)"), 3) == 17
-    assert _refused_epoch(Error("RETRY", "no such tablet"), 3) == 3
-    assert _refused_epoch(Error("DENIED", "AUTH first"), 5) == 5
+    net, a = _admission_asked()
+    net.run("a", a.peer_down("c"))
+    net.master_apply(placement.admit_member(net.view, 2, "c", "a", {"a", "b", "c"}))   # applied, saved
+    net.run("a", a.admit_refused("c", 2, _refused_epoch(Error("INTERNAL", "OSError"))))
+    net.propose("a", "w3")
+    net.wire = [m for m in net.wire if m[1] != "c"]
+    net.settle()
+    assert _on_every_member(net) == [], "a write was acknowledged without a member of the new view"
 
 
 # -- a new primary's records arriving while an old primary's snapshot installs ---------
