@@ -237,6 +237,17 @@ class Conn:
 
 
 class TabletGlue:
+    """One tablet's state in cluster mode: the store, its replication state
+    machine, and what the glue tracks around it.
+
+    `lock` is the tablet's lock of the module docstring: held while `sm` runs
+    and its actions are carried out, and while `tablet.submit` enqueues, so
+    seqs, the log and every stream stay in one order; never across I/O.
+    Everything below is read and written under it. `view_since` moves when
+    `_set_view` sees a new epoch from the master, not when a message's newer
+    epoch deposes this primary (`_adopt`): it only times hand-overs, which
+    only a primary begins."""
+
     def __init__(self, tablet: Tablet, me: str):
         self.tablet = tablet
         self.sm = TabletReplica(tablet.id, me, last_seq=tablet.last_seq, last_epoch=tablet.epoch)
