@@ -63,18 +63,10 @@ class Channel:
         self.received_any = False  # did the peer send any bytes since the last reset
 
     def next_event(self):
-        """The next event (never NEED_DATA). Raises ChannelError."""
-        try:
-            while True:
-                ev = self.conn.next_event()
-                if ev is not NEED_DATA:
-                    return ev
-                data = self._recv()
-                if data:
-                    self.received_any = True
-                self.conn.receive_data(data)
-        except (OSError, ProtocolError) as e:
-            raise ChannelError(self.side, e) from e
+        """The next event (never NEED_DATA), reading as needed. Raises ChannelError."""
+        while (ev := self.buffered_event()) is NEED_DATA:
+            self.receive_some()
+        return ev
 
     def _recv(self) -> bytes:
         return self.sock.recv(RECV_BYTES)
@@ -87,7 +79,7 @@ class Channel:
             raise ChannelError(self.side, e) from e
 
     def receive_some(self) -> None:
-        """One recv into the codec (after select said there is something)."""
+        """One recv into the codec (blocking, within the socket's timeout)."""
         try:
             data = self._recv()
             if data:
