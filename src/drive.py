@@ -462,13 +462,14 @@ class Drive:
             raise
         return e
 
-    def folders(self, user: str) -> list[tuple[str, str, int]]:
-        """Every live folder as (id, name, depth), depth-first from the root (the folder picker)."""
+    def folders(self, user: str, limit: int = MAX_TREE_FOLDERS) -> list[tuple[str, str, int]]:
+        """The first `limit` live folders as (id, name, depth), depth-first
+        from the root (the folder picker; one listing per folder)."""
         root = self.root(user)
         out: list[tuple[str, str, int]] = []
         seen: set[str] = set()
         stack = [(root, "", 0)]
-        while stack and len(out) < MAX_TREE_FOLDERS:
+        while stack and len(out) < limit:
             fid, name, depth = stack.pop()
             if fid in seen:
                 # Listed twice: a folder move cut short by a crash shows the

@@ -280,6 +280,28 @@ def test_drive_files_are_read_only_while_they_fit_the_message(site):
     assert len(re.findall(rf"/mail/inbox/{mid}/part/\d+", bob.get(f"/mail/inbox/{mid}").text)) == 1
 
 
+def test_the_compose_pages_drive_picker_walks_only_the_folders_it_shows(site):
+    """Reader QA: the picker walked up to 5,000 folders (a listing each) to
+    show files of the first 100, on every compose page."""
+    from httpserver.apps.mail import MAX_PICKER_FOLDERS
+    from src.drive import Drive
+    fe, kv = site
+    alice = user(fe, "alice")
+    drive = Drive(kv)
+    root = drive.root("alice")
+    for i in range(MAX_PICKER_FOLDERS + 60):
+        drive.mkdir("alice", root, f"f{i:04d}")
+    listed = []
+    real_listing = fe.ctx.drive.listing
+
+    def counting_listing(user_, folder_id):
+        listed.append(folder_id)
+        return real_listing(user_, folder_id)
+    fe.ctx.drive.listing = counting_listing
+    assert alice.get("/mail/compose").status == 200
+    assert len(listed) <= 2 * MAX_PICKER_FOLDERS
+
+
 # -- attacks ------------------------------------------------------------------------
 
 def test_one_user_cannot_reach_another_users_mail(site):

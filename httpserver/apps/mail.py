@@ -472,7 +472,7 @@ def drive_files(ctx, user: str) -> list[tuple[str, str, int]]:
     drive = ctx.drive   # the drive app's, set when it registered
     out: list[tuple[str, str, int]] = []
     try:
-        folders = drive.folders(user)[:MAX_PICKER_FOLDERS]
+        folders = drive.folders(user, limit=MAX_PICKER_FOLDERS)
     except DriveError:
         return out
     paths: dict[int, str] = {}
