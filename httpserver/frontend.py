@@ -20,7 +20,7 @@ import os
 import random
 import secrets
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from httpserver.serve import HTTPServer
 from httpserver.sessions import SWEEP_EVERY_S, Sessions
@@ -54,6 +54,7 @@ class AppContext:
     static: StaticFiles
     frontend: "Frontend | None" = None
     drive: Drive | None = None   # set by the drive app; the mail app attaches drive files from it
+    stop: threading.Event = field(default_factory=threading.Event)   # set when the frontend stops
 
 
 def admin_password(cfg: Config) -> str:
@@ -100,8 +101,10 @@ class Frontend:
         self.accounts = Accounts(kv)
         self.sessions = Sessions(kv, cfg.http.session_ttl_s)
         self.router = Router()
+        self._stop = threading.Event()
         self.ctx = AppContext(config=cfg, node=node, kv=kv, accounts=self.accounts, sessions=self.sessions,
-                              throttle=LoginThrottle(), static=StaticFiles(STATIC_DIR), frontend=self)
+                              throttle=LoginThrottle(), static=StaticFiles(STATIC_DIR), frontend=self,
+                              stop=self._stop)
         self.router.route("GET", "/static/<name:path>", login=False, session=False)(
             lambda req, name: self.ctx.static.serve(req, name))
         self.apps: list[str] = []
@@ -113,7 +116,6 @@ class Frontend:
         trusted = frozenset({cfg.lb.node.host})
         self.http = HTTPServer(node.host, node.port if port is None else port, self.app, cfg.http,
                                name=node.id, trusted_proxies=trusted)
-        self._stop = threading.Event()
         self._admin_thread: threading.Thread | None = None
 
     def start(self) -> "Frontend":

@@ -153,32 +153,18 @@ class DriveApp:
     # -- the sweeper ------------------------------------------------------------------
 
     def start_sweeper(self) -> None:
-        """Every frontend sweeps the drive journal now and then (docs/drive.md).
-
-        The thread checks once a second whether its frontend has stopped
-        (there is no stop hook for apps yet, so it looks at the frontend's
-        stop event) and holds only a weak reference to the app, so it ends
-        with either (in tests, many frontends come and go in one process).
-        """
+        """Every frontend sweeps the drive journal now and then (docs/drive.md),
+        until it stops (`ctx.stop`). The thread holds only a weak reference
+        to the app, so a frontend that is never stopped (a test's) does not
+        live on through it."""
         ref = weakref.ref(self)
-        frontend = weakref.ref(self.ctx.frontend) if getattr(self.ctx, "frontend", None) is not None else None
+        stop = self.ctx.stop
         interval = SWEEP_INTERVAL_S
-
-        def stopped() -> bool:
-            if ref() is None:
-                return True
-            if frontend is None:
-                return False
-            fe = frontend()
-            ev = getattr(fe, "_stop", None)
-            return fe is None or (isinstance(ev, threading.Event) and ev.is_set())
 
         def loop():
             # Start at a random point so frontends started together do not sweep in step.
             next_sweep = time.monotonic() + random.uniform(min(1.0, interval), interval)
-            while not self_stop.wait(SWEEPER_TICK_S):
-                if stopped():
-                    return
+            while not stop.wait(SWEEPER_TICK_S):
                 if time.monotonic() < next_sweep:
                     continue
                 next_sweep = time.monotonic() + interval
@@ -191,8 +177,6 @@ class DriveApp:
                     log.warning("drive sweep failed; will retry", exc_info=True)
                 del app
 
-        self_stop = threading.Event()
-        self._sweeper_stop = self_stop
         threading.Thread(target=loop, name="drive-sweeper", daemon=True).start()
 
     # -- pages -------------------------------------------------------------------------
