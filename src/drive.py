@@ -100,6 +100,9 @@ class QuotaExceeded(DriveError):
     status = 413
 
 
+FORM_OVERHEAD = 64 * 1024        # what a multipart body may add to the files' sizes (check_fits)
+
+
 class Busy(DriveError):
     """Another operation is working on this item (or on this user's folder tree) right now."""
 
@@ -659,20 +662,24 @@ class Drive:
             up.abort()
             raise
 
-    def start_upload(self, user: str, folder: str, name: str, size_hint: int | None = None) -> "Upload":
+    def check_fits(self, user: str, body_bytes: int, overhead: int = FORM_OVERHEAD) -> None:
+        """QuotaExceeded now, before any byte is read, if an upload whose
+        request body is `body_bytes` (files plus up to `overhead` of form
+        framing) can never fit in what is free. The real charge is made
+        chunk by chunk as the bytes arrive; this only spares a client the
+        upload of something that is refused in the end."""
+        free = self.quota_bytes - self.usage(user).used
+        if body_bytes - overhead > free:
+            raise QuotaExceeded(f"Not enough space: these files need about {human_size(body_bytes)} and "
+                                f"{human_size(max(0, free))} of your {human_size(self.quota_bytes)} are free.")
+
+    def start_upload(self, user: str, folder: str, name: str) -> "Upload":
         """Begin a streaming upload into `folder`; write() then commit() (or abort()).
 
-        The name is checked now, so a bad name fails before any byte is
-        stored; `size_hint` (e.g. the request's Content-Length) fails early
-        on a file that can never fit.
+        The name is checked now, so a bad name fails before any byte is stored.
         """
         name = check_name(name)
         self.folder_meta(user, folder)
-        if size_hint is not None:
-            free = self.quota_bytes - self.usage(user).used
-            if size_hint > free and size_hint - free > 64 * 1024:  # the hint includes form overhead
-                raise QuotaExceeded(f"Not enough space: {human_size(max(0, free))} of your "
-                                    f"{human_size(self.quota_bytes)} are free.")
         return Upload(self, user, folder, name)
 
     def _recover_upload(self, user: str, intent: dict) -> None:

@@ -367,7 +367,8 @@ def test_quota(kv, clock):
     d.upload("alice", root, "c", b"z" * 400)
     assert d.usage("alice").used == 1000
     with pytest.raises(QuotaExceeded):
-        d.start_upload("alice", root, "d", size_hint=10**6)
+        d.check_fits("alice", 10**6)            # (a request body that can never fit)
+    d.check_fits("alice", 1000)                 # (one that might: its form framing is not charged)
     d.delete("alice", root, "a")
     assert d.usage("alice").used == 400
     assert d.usage("bob").used == 0

@@ -52,7 +52,6 @@ READ_BYTES = 64 * 1024           # how much of an upload we take from the socket
 TEXT_PREVIEW_BYTES = 64 * 1024   # a text preview shows at most this much
 SWEEP_INTERVAL_S = 30.0
 SWEEPER_TICK_S = 1.0             # how often the sweeper thread looks whether its frontend stopped
-FORM_OVERHEAD = 64 * 1024        # what a multipart body may add to the files' sizes
 
 # Served inline with their own type for previews: none of these can run script.
 INLINE_TYPES = {
@@ -508,11 +507,7 @@ class DriveApp:
             self.drive.folder_meta(user, folder)
             length = req.headers.get("Content-Length")
             if length and length.isdigit():
-                free = self.drive.quota_bytes - self.drive.usage(user).used
-                if int(length) - FORM_OVERHEAD > free:
-                    raise QuotaRefusal(
-                        f"Not enough space: these files need about {human_size(int(length))} and "
-                        f"{human_size(max(0, free))} of your {human_size(self.drive.quota_bytes)} are free.")
+                self.drive.check_fits(user, int(length))
             saved, failed = [], []
             for part in req.multipart():
                 if part.filename is None:
@@ -575,10 +570,6 @@ def upload_name(filename: str) -> str:
 
 class NoFiles(DriveError):
     status = 400
-
-
-class QuotaRefusal(DriveError):
-    status = 413
 
 
 def _cut_if_deleted(chunks):
