@@ -108,7 +108,6 @@ class Master:
         self.tcp = TCPServer(self.node.host, self.node.port if port is None else port, self._handle, "master")
         self._detector: threading.Thread | None = None
         self._last_pass = time.monotonic()   # the failure detector's last look
-        self._silence_from = 0.0             # silence before this proves nothing (the master stood still)
 
     # -- life cycle ----------------------------------------------------------------
 
@@ -191,14 +190,18 @@ class Master:
         if gap > self.cc.failure_timeout_s / 2:
             # The master itself stood still (a paused VM, SIGSTOP, a swap
             # storm): the heartbeats of that time wait unread in its sockets,
-            # so their silence proves nothing. Count it from now, as after a
-            # restart; a server that did die is found one timeout later.
-            self._silence_from = now
-            log.warning("the failure detector did not run for %.2fs: servers' silence counts from now", gap)
+            # so its silence proves nothing. The time the master stood still
+            # is not counted (each server's silence is moved on by the gap),
+            # so a master that stutters still finds a server that stopped
+            # beating after one timeout of its own running time.
+            with self._change_lock:
+                for s in self.servers.values():
+                    s.last_seen = min(now, s.last_seen + gap)
+            log.warning("the failure detector did not run for %.2fs: that time is not counted as silence", gap)
 
         def expired(s):
             timeout = self.cc.failure_timeout_s if s.heard else max(STARTUP_GRACE_S, 2 * self.cc.failure_timeout_s)
-            return s.alive and now - max(s.last_seen, self._silence_from) > timeout
+            return s.alive and now - s.last_seen > timeout
 
         if not any(expired(s) for s in self.servers.values()):
             return
