@@ -333,6 +333,9 @@ class POP3Connection:
         deleted = [self._msgs[i][0] for i in sorted(self._deleted)]
         try:
             n = self._drop.commit(deleted) if deleted else 0
+        except MailboxInUse:
+            self.close()
+            return err("[IN-USE] This session lost the mailbox to another one; nothing was deleted")
         except Exception:
             self.close()
             return err("[SYS/TEMP] Some deleted messages were not removed")

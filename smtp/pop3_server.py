@@ -99,6 +99,22 @@ class MailboxLock:
         except (Mismatch, NotFound, KVError) as e:
             log.warning("could not renew the mailbox lock of %s: %s", self.row.decode(), e)
 
+    def still_mine(self) -> bool:
+        """Renew now, whatever the time: True if the lock is still this
+        session's. A session whose process stood still past the TTL (a
+        paused VM) may have lost it to another session, which listed the
+        same messages: it must then change nothing."""
+        if self._held is None:
+            return False
+        new = self._value()
+        try:
+            self.kv.cput(self.row, b"pop3", self._held, new)
+        except (Mismatch, NotFound):
+            self._held = None
+            return False
+        self._held, self._renewed_at = new, self.clock()
+        return True
+
     def release(self) -> None:
         held, self._held = self._held, None
         if held is None:
@@ -138,7 +154,12 @@ class KVMaildrop:
             pass
 
     def commit(self, deleted: list[str]) -> int:
-        """Delete at QUIT; a store failure part-way raises (the client hears -ERR [SYS/TEMP])."""
+        """Delete at QUIT, if the session still holds the mailbox (else
+        MailboxInUse, and nothing is deleted); a store failure part-way
+        raises (the client hears -ERR [SYS/TEMP])."""
+        if not self.lock.still_mine():
+            log.warning("POP3 session of %s lost its mailbox lock: its deletions are dropped", self.user)
+            raise MailboxInUse(self.user)
         n = 0
         for uid in deleted:
             try:

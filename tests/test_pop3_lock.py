@@ -56,3 +56,29 @@ def test_a_restarted_pop3_process_takes_its_dead_predecessors_locks_at_once():
     restarted = MailboxLock(kv, "bob", 630, clock, owner="pop3:0003")
     assert restarted.acquire()
     assert not MailboxLock(kv, "bob", 630, clock, owner="pop3:0003").acquire()
+
+
+def test_a_session_that_lost_its_lock_while_paused_deletes_nothing_at_quit():
+    """Gray-failure QA: a POP3 process paused past the lock's TTL resumed
+    and committed its DELEs at QUIT, deleting messages the session that had
+    taken the lock meanwhile had listed and was reading."""
+    from smtp.pop3_proto import MailboxInUse
+    from smtp.pop3_server import KVMaildrop
+    from src.mailstore import MailStore
+    kv, clock = MemoryKV(), Clock()
+    store = MailStore(kv, clock=clock)
+    ids = [store.deliver("bob", "Inbox", b"Subject: %d\r\n\r\nx\r\n" % i) for i in range(3)]
+    paused = MailboxLock(kv, "bob", 60, clock, owner="pop3b:0001")
+    assert paused.acquire()
+    drop = KVMaildrop(store, "bob", paused)
+    clock.t += 61                                            # ... it stood still past the TTL
+    other = MailboxLock(kv, "bob", 60, clock, owner="pop3:0002")
+    assert other.acquire()                                   # another session has the mailbox now
+    import pytest
+    with pytest.raises(MailboxInUse):
+        drop.commit(ids[:2])                                 # the paused one's QUIT
+    assert len(store.list("bob", "Inbox")) == 3
+    drop.release()
+    assert not MailboxLock(kv, "bob", 60, clock, owner="pop3c:0003").acquire()  # the other session keeps it
+    mine = KVMaildrop(store, "bob", other)
+    assert mine.commit(ids[:1]) == 1 and len(store.list("bob", "Inbox")) == 2
