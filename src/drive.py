@@ -1026,9 +1026,27 @@ class Drive:
         except ItemNotFound:
             self._done(user, opid)
             raise
-        self._finish_move(user, intent)
+        try:
+            self._finish_move(user, intent)
+        except MoveRefused:
+            self._done(user, opid)
+            raise
         self._done(user, opid)
         return moved
+
+    def _in_a_cycle(self, user: str, folder: str) -> bool:
+        """Does following `parent` up from `folder` come back round instead
+        of reaching the root? (A deleted ancestor ends the walk: no cycle.)"""
+        seen = set()
+        cur = folder
+        while cur and cur not in seen and len(seen) < MAX_DEPTH:
+            seen.add(cur)
+            try:
+                _, meta = self._meta(user, cur)
+            except ItemNotFound:
+                return False
+            cur = meta.get("parent")
+        return bool(cur)
 
     def _recover_move(self, user: str, intent: dict) -> None:
         """The sweeper's half of a move whose frontend died. A folder moved
@@ -1047,7 +1065,10 @@ class Drive:
                 if intent["id"] in trail:
                     self._undo_folder_move(user, intent)
                     return
-                self._finish_move(user, intent)
+                try:
+                    self._finish_move(user, intent)
+                except MoveRefused:
+                    pass                        # a cycle after all: _finish_move took it back
             return
         self._finish_move(user, intent)
 
@@ -1087,6 +1108,17 @@ class Drive:
         if intent["kind"] == "folder":
             self._place_folder(user, item, dst, new,
                                when=lambda meta: (meta.get("parent"), meta.get("name")) != (dst, new))
+            if intent["src"] != dst and self._in_a_cycle(user, item):
+                # The tree lock is a lease: a move whose process stood still
+                # longer than TREE_LOCK_S after its cycle check (a paused VM)
+                # writes after another move that its check did not see, and
+                # the two folders become each other's parents, unreachable.
+                # Whichever of the two writes its parent second sees the
+                # cycle here, and takes its move back (the old entry is
+                # still in place).
+                self._undo_folder_move(user, intent)
+                raise MoveRefused(f'"{intent["name"]}" was not moved: another move put the target inside '
+                                  f'it meanwhile.')
         self._remove_entry(user, intent["src"], intent["name"], item)
 
 

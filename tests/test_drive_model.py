@@ -1041,3 +1041,34 @@ def test_dropping_an_abandoned_uploads_chunks_crosses_a_gap_of_window_missing_on
     kv.put(f"drive/c/alice/f1/{far}", "d", b"x")
     drive._drop_chunks("alice", "f1", None)
     assert chunk_rows(kv, "alice") == [f"drive/c/alice/f1/{far}".encode()]
+
+
+def test_a_folder_move_that_stood_still_past_the_tree_lock_takes_itself_back(clock):
+    """Gray-failure QA: the tree lock is a lease. A frontend that stopped
+    (a paused VM) for longer than TREE_LOCK_S between its cycle check and
+    its writes, while the user moved the target into the folder from
+    another tab, made X and Y each other's parents: both vanished from My
+    Drive with everything in them. The move that writes its parent second
+    sees the cycle and takes its move back."""
+    from src.drive import TREE_LOCK_S
+    d = Drive(MemoryKV(), chunk_bytes=CB, clock=clock)
+    root = d.root("alice")
+    x, y = d.mkdir("alice", root, "X"), d.mkdir("alice", root, "Y")
+    d.upload("alice", x.id, "inX.bin", b"x" * 500)
+    real_move = d._move
+
+    def stands_still(user, folder, raw, e, dest, new_name):
+        if e.name == "X":
+            clock.t += TREE_LOCK_S + 1                 # its lease runs out meanwhile...
+            d.move("alice", root, "Y", x.id)           # ...and another tab moves Y into X
+        return real_move(user, folder, raw, e, dest, new_name)
+    d._move = stands_still
+    with pytest.raises(MoveRefused):
+        d.move("alice", root, "X", y.id)
+    d._move = real_move
+    assert [e.name for e in d.listing("alice", root)] == ["X"]
+    assert [e.name for e in d.listing("alice", x.id)] == ["Y", "inX.bin"]
+    assert [name for _, name in d.breadcrumbs("alice", y.id)] == ["", "X", "Y"]
+    assert d.usage("alice").used == 500
+    d.move("alice", root, "X", root, "X renamed")      # nothing is left held
+    assert d.sweep(now=clock() + 3600) == 0
