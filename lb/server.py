@@ -54,6 +54,8 @@ STICKY_COOKIE = "pcfe"
 FRONTEND_HEADER = "X-PennCloud-Frontend"
 MAX_CONTROL_BODY = 64 * 1024
 STARTUP_POLL_S = 0.05        # how often a request that came before any frontend's beat looks again
+CLOCK_TICK_S = 0.1           # the clock watcher looks this often...
+STALL_S = 1.0                # ...and a look this much later means the LB itself stood still
 SAFE_METHODS = ("GET", "HEAD")
 
 _PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8">
@@ -75,6 +77,9 @@ class LoadBalancer:
         self.mode = cfg.lb.mode
         self.clock = clock
         self.started = clock()
+        self._awake_since = self.started   # since the start, or since the LB last stood still
+        self._ticked = self.started        # the clock watcher's last look
+        self._stop = threading.Event()
         self._state_path = os.path.join(cfg.process_dir(node.id), "disabled.json")
         self.balancer = Balancer(cfg.frontends, cfg.lb.policy, cfg.lb.heartbeat_timeout_s,
                                  disabled=set(self._load_disabled()))
@@ -90,6 +95,7 @@ class LoadBalancer:
 
     def start(self) -> "LoadBalancer":
         self.server.start()
+        threading.Thread(target=self._watch_clock, name=f"{self.node.id}-clock", daemon=True).start()
         log.info("load balancer %s: mode %s, policy %s, %d frontends", self.node.id, self.mode,
                  self.balancer.policy, len(self.cfg.frontends))
         return self
@@ -99,8 +105,28 @@ class LoadBalancer:
         return self.server.port
 
     def stop(self) -> None:
+        self._stop.set()
         self.server.stop()
         self.pool.close_all()
+
+    def _watch_clock(self) -> None:
+        while not self._stop.wait(CLOCK_TICK_S):
+            with self._lock:
+                self._noticed_stall(self.clock())
+
+    def _noticed_stall(self, now: float) -> bool:
+        """(Under the lock.) Has the LB itself stood still (a paused VM,
+        SIGSTOP) since the watcher last looked? Then the frontends' beats of
+        that time wait unread in its socket, and for one heartbeat timeout
+        it judges nobody by them, as just after its start. Also asked by
+        requests, which may run before the watcher after a pause."""
+        stalled = now - self._ticked > STALL_S
+        if stalled:
+            self._awake_since = now
+            log.warning("the load balancer stood still for %.1fs: waiting for heartbeats before judging "
+                        "frontends", now - self._ticked)
+        self._ticked = now
+        return stalled
 
     # -- state -------------------------------------------------------------------------
 
@@ -146,14 +172,17 @@ class LoadBalancer:
         Just after the LB starts, no frontend has had time to beat yet (they
         beat every quarter of the timeout, and `./run_all.sh` starts the LB
         last): a request then waits for the first beat, up to the timeout,
-        instead of a 503 to whoever opens the page first."""
+        instead of a 503 to whoever opens the page first. The same after the
+        LB itself stood still (`_noticed_stall`)."""
         while True:
             with self._lock:
                 now = self.clock()
+                self._noticed_stall(now)
                 if sticky and sticky not in exclude and self.balancer.usable(sticky, now):
                     return self.balancer.get(sticky), False
                 fe = self.balancer.choose(now, exclude)
-            if fe is not None or exclude or now - self.started > self.balancer.timeout_s:
+                waking = now - self._awake_since <= self.balancer.timeout_s
+            if fe is not None or exclude or not waking:
                 return fe, True
             time.sleep(STARTUP_POLL_S)
 
@@ -163,7 +192,11 @@ class LoadBalancer:
         one other request to it failed may still be doing this one's work
         (cutting it would answer 502 for a POST it carried out)."""
         with self._lock:
-            return not self.balancer.get(fe_id).beating(self.clock(), self.balancer.timeout_s)
+            now = self.clock()
+            self._noticed_stall(now)
+            if now - self._awake_since <= self.balancer.timeout_s:
+                return False            # (the LB has just stood still itself: no judging yet)
+            return not self.balancer.get(fe_id).beating(now, self.balancer.timeout_s)
 
     def mark_failed(self, fe_id: str) -> None:
         with self._lock:

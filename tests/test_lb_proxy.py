@@ -692,3 +692,29 @@ def test_an_upload_over_quota_is_refused_before_its_body_through_the_lb(real_fro
         s.sendall(b"--zz\r\n" + b"x" * 1000)            # a slow start of a body over the 1 MiB quota
         got = _answer_within(s, 5)
     assert got.startswith(b"HTTP/1.1 413"), got[:200]
+
+
+def test_after_the_lb_itself_stood_still_it_waits_for_beats_instead_of_503(tmp_path, backends):
+    """Gray-failure QA: the LB paused 30 s (SIGSTOP, a paused VM) judged the
+    frontends on waking by heartbeats it had not yet read from its socket:
+    the requests that had waited through the pause got 503 "busy", every
+    frontend up. Like the master, it notices its own stall and waits for
+    a beat, as just after its start."""
+    class Clock:
+        t = 1000.0
+
+        def __call__(self):
+            return self.t
+    clock = Clock()
+    cfg = make_cfg(tmp_path, [b.port for b in backends[:1]])
+    lb = LoadBalancer(cfg, cfg.lb.node, clock=clock).start()
+    try:
+        beat(lb, cfg, backends[:1])
+        r, _ = get(lb.port, "/x")
+        assert r.status == 200
+        clock.t += 30.0                                   # the LB stood still; nothing was read
+        threading.Timer(0.3, lambda: beat(lb, cfg, backends[:1])).start()   # the beat that waited
+        r, body = get(lb.port, "/after")
+        assert r.status == 200 and json.loads(body)["path"] == "/after"
+    finally:
+        lb.stop()
