@@ -1026,6 +1026,13 @@ class Drive:
         except ItemNotFound:
             self._done(user, opid)
             raise
+        if self._intent_of(user, opid) is None:
+            # This frontend stood still past the intent's lease (a paused
+            # VM): the sweeper has settled the move as not done, and the
+            # item may since have been deleted. The entry just written would
+            # be a ghost (a deleted file listed again): take it back.
+            self._remove_entry(user, dest, new_name, e.id)
+            raise Busy(f'"{e.name}" was not moved: the move took too long and was cancelled.')
         try:
             self._finish_move(user, intent)
         except MoveRefused:

@@ -1072,3 +1072,28 @@ def test_a_folder_move_that_stood_still_past_the_tree_lock_takes_itself_back(clo
     assert d.usage("alice").used == 500
     d.move("alice", root, "X", root, "X renamed")      # nothing is left held
     assert d.sweep(now=clock() + 3600) == 0
+
+
+def test_a_file_move_that_stood_still_past_its_lease_leaves_no_ghost(clock):
+    """Gray-failure QA: a frontend stopped inside a file move for longer
+    than the intent's lease; the sweeper settled the move as not done and
+    the user deleted the file; the move then resumed and wrote the file's
+    entry into the target: a deleted file listed again, every download
+    failing, the quota saying 0 bytes used."""
+    d = Drive(MemoryKV(), chunk_bytes=CB, clock=clock)
+    root = d.root("alice")
+    target = d.mkdir("alice", root, "D")
+    d.upload("alice", root, "f.bin", b"f" * 300)
+    real_put = d._put_entry
+
+    def stands_still(user, folder, entry, op=None):
+        if op is not None and op.startswith("mv-"):
+            clock.t += d.lease_s + 1                      # its intent's lease runs out...
+            assert d.sweep() == 1                         # ...the sweeper settles it: not moved
+            d.delete("alice", root, "f.bin")              # ...and the user deletes the file
+        return real_put(user, folder, entry, op=op)
+    d._put_entry = stands_still
+    with pytest.raises(Busy):
+        d.move("alice", root, "f.bin", target.id)
+    assert d.listing("alice", target.id) == [] and [e.name for e in d.listing("alice", root)] == ["D"]
+    assert d.usage("alice").used == 0
