@@ -44,7 +44,8 @@ class Throttled(Exception):
     """A log-in attempt refused without checking the password: wait `wait_s`."""
 
     def __init__(self, wait_s: float):
-        super().__init__(f"Too many failed log-ins; try again in {math.ceil(wait_s)} seconds")
+        n = math.ceil(wait_s)
+        super().__init__(f"Too many failed log-ins; try again in {n} second{'' if n == 1 else 's'}")
         self.wait_s = wait_s
 
 

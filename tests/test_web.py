@@ -226,6 +226,7 @@ def test_throttle_rule():
         assert guess("Eve" if i % 2 else "eve", "1.2.3.4") == 0
     assert guess("eve", "1.2.3.4") == 0          # 5 failures are free; the 6th is checked, and locks
     assert guess(" EVE", "9.9.9.9") == pytest.approx(1.0)  # the account, from any address, however typed
+    assert str(Throttled(1.0)).endswith("try again in 1 second") and str(Throttled(1.5)).endswith("2 seconds")
     clock.t += 1.01
     assert guess("eve", "9.9.9.9") == 0
     assert guess("eve", "5.5.5.5") == pytest.approx(2.0)   # doubling
