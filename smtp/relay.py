@@ -47,7 +47,7 @@ from typing import Callable
 
 from smtp.mx import DNSError, mail_hosts, make_resolver
 from src import mailfmt
-from src.kv import KVError
+from src.kv import KVError, NotFound
 from src.mailstore import MailStore, MailStoreError, QueueItem
 from src.mailsweep import SWEEP_BUDGET_S, SWEEP_EVERY_S, MailSweeper, SweepStats, lister_for
 from src.process import wait_for
@@ -74,6 +74,10 @@ def status_of(code: int, text: str) -> str:
     m = _ENHANCED_RE.match(text)
     return m.group(1) if m else f"{code // 100}.0.0"
 
+
+
+class LeaseLost(Exception):
+    """The queue item's lease ran out and another worker took it."""
 
 class RelayWorker:
     """Takes due items from the queue and delivers them; `run(stop)` loops until `stop` is set."""
@@ -219,8 +223,31 @@ class RelayWorker:
         if item.next_at > now:
             self.store.update(item, lease_owner="", lease_until=0.0)
             return
-        raw = self.store.queue_raw(item)
-        delivered, failed, retry, last_error = self._attempt(item, raw)
+        try:
+            raw = self.store.queue_raw(item)
+        except NotFound:
+            # Finished by another worker meanwhile (this one stood still past
+            # its lease): its body went with it.
+            log.warning("queue item %s: finished by another worker meanwhile", item.id)
+            return
+        held = [item]
+
+        def still_mine() -> bool:
+            """Renew the item's lease (a CPUT): False if another worker has
+            it now. Asked before each remote domain is tried: a worker that
+            stood still past its lease (a paused VM) must not deliver what
+            the item's new holder delivers too."""
+            renewed = self.store.update(held[0], lease_until=self.clock() + self.lease_s)
+            if renewed is None:
+                return False
+            held[0] = renewed
+            return True
+        try:
+            delivered, failed, retry, last_error = self._attempt(item, raw, still_mine)
+        except LeaseLost:
+            log.warning("queue item %s: lost its lease before delivering; the new holder goes on", item.id)
+            return
+        item = held[0]
         now = self.clock()
         if retry and now >= item.created + self.retry_for_s:
             failed += [(r, "4.4.7", f"gave up after {item.attempts + 1} attempts; last error: {last_error}")
@@ -256,7 +283,10 @@ class RelayWorker:
             log.info("bounced %d recipients of queue item %s to %s", len(item.failed), item.id, item.owner)
         return self.store.update(item, failed=(), bounce_id="")
 
-    def _attempt(self, item: QueueItem, raw: bytes):
+    def _attempt(self, item: QueueItem, raw: bytes, still_mine: Callable[[], bool] = lambda: True):
+        """Try every recipient domain of `item` once; LeaseLost (before the
+        first) if the item is no longer this worker's: (delivered, failed,
+        retry, last_error)."""
         by_domain: dict[str, list[str]] = {}
         for r in item.rcpts:
             by_domain.setdefault(r.rpartition("@")[2].lower(), []).append(r)
@@ -269,6 +299,11 @@ class RelayWorker:
             if time.monotonic() >= deadline:
                 retry += rcpts
                 last_error = f"this attempt took more than {self.attempt_s:g} s; the rest waits for the next one"
+                continue
+            if not still_mine():
+                if not delivered and not failed:
+                    raise LeaseLost(item.id)
+                retry += rcpts           # (the new holder has them too; this worker's update will fail)
                 continue
             try:
                 addrs = mail_hosts(domain, self.resolver)

@@ -315,10 +315,10 @@ def test_a_poison_item_neither_blocks_the_queue_nor_loops(dns_server):
         store.enqueue_outgoing("alice", "alice@penncloud.local", ["fine@remote.test"], MSG)
         real = w._attempt
 
-        def buggy(item, raw):
+        def buggy(item, raw, *more):
             if item.rcpts == ("bug@remote.test",):
                 raise RuntimeError("a bug")
-            return real(item, raw)
+            return real(item, raw, *more)
         w._attempt = buggy
         w.retry_initial_s, w.retry_for_s = 600.0, 30.0
         assert w.run_once() == 2
@@ -473,3 +473,51 @@ def test_a_stopping_relay_cuts_its_delivery_under_way_and_the_mail_stays_queued(
     finally:
         stop.set()
         hole.close()
+
+
+def test_a_worker_that_lost_its_lease_while_standing_still_does_not_deliver(dns_server):
+    """Gray-failure QA: a relay worker paused past its lease right after its
+    claim resumed and delivered, while the worker that had taken the item
+    over delivered it too: the remote server got the message twice. The
+    lease is renewed (a CPUT) before each remote domain is tried."""
+    class Clock:
+        t = 1_000_000.0
+
+        def __call__(self):
+            return self.t
+    clock = Clock()
+    store = MailStore(MemoryKV(), clock=clock)
+    store.enqueue_outgoing("alice", "alice@penncloud.local", ["x@remote.test"], MSG)
+    with SMTPPeer(PeerHandler()) as peer:
+        paused = worker(store, dns_server, peer.port, worker_id="relay-a", clock=clock, lease_s=60)
+        other = worker(store, dns_server, peer.port, worker_id="relay-b", clock=clock, lease_s=60)
+        real_raw = store.queue_raw
+        taken = []
+
+        def stands_still(item):
+            if not taken:
+                taken.append(1)
+                clock.t += 61                                # relay-a stands still past its lease...
+                [it] = store.queue()
+                assert store.claim(it, "relay-b", 60)        # ...relay-b takes the item over
+            return real_raw(item)
+        store.queue_raw = stands_still
+        [item] = store.queue()
+        assert paused._claim_and_process(item) == 1         # relay-a goes on from its claim
+        assert peer.handler.received == []                   # and delivers nothing
+        assert other.run_once() == 1                         # relay-b does
+        assert len(peer.handler.received) == 1
+        store.enqueue_outgoing("alice", "alice@penncloud.local", ["y@remote.test"], MSG)
+        [item] = store.queue()
+        calls = []
+
+        def finished_meanwhile(it):
+            calls.append(1)
+            if len(calls) == 1:
+                clock.t += 61                                # relay-a stands still past its lease...
+                assert other.run_once() == 1                 # ...relay-b delivers and finishes the item
+            return real_raw(it)
+        store.queue_raw = finished_meanwhile
+        assert paused._claim_and_process(item) == 1          # the item is gone: nothing to do
+        assert len(peer.handler.received) == 2
+    assert store.queue() == []
