@@ -5,6 +5,7 @@ attacks: another user's ids, missing CSRF tokens, hostile HTML."""
 
 from __future__ import annotations
 
+import contextlib
 import email
 import os
 import re
@@ -34,11 +35,13 @@ class Client(webclient.Client):
                                                   ("body", body), *extra], files)
 
 
-@pytest.fixture
-def site(tmp_path):
+@contextlib.contextmanager
+def frontend(tmp_path, **sections):
+    """A started frontend on MemoryKV with this test file's mail settings
+    (plus `sections` of config), and its store: (fe, kv)."""
     from httpserver.frontend import Frontend
     cfg = parse_config({"mail": {"domain": DOMAIN, "max_message_bytes": MAX_MESSAGE},
-                        "frontend": [{"id": "fe1", "host": "127.0.0.1", "port": 0}]},
+                        "frontend": [{"id": "fe1", "host": "127.0.0.1", "port": 0}], **sections},
                        data_dir=str(tmp_path))
     kv = MemoryKV()
     fe = Frontend(cfg, cfg.node("fe1"), kv, port=0)
@@ -47,6 +50,12 @@ def site(tmp_path):
         yield fe, kv
     finally:
         fe.stop()
+
+
+@pytest.fixture
+def site(tmp_path):
+    with frontend(tmp_path) as started:
+        yield started
 
 
 def user(fe, name):
@@ -807,15 +816,7 @@ def test_mail_sent_from_the_web_is_chunked_like_mail_received_by_smtp(tmp_path):
     """QA5 D-webmail-chunk: SMTP, POP3 and the relay store bodies in chunks of
     cfg.drive.chunk_bytes (docs/mail.md); the webmail's MailStore used the
     1 MiB default, so the same message was stored two ways."""
-    from httpserver.frontend import Frontend
-    cfg = parse_config({"mail": {"domain": DOMAIN, "max_message_bytes": MAX_MESSAGE},
-                        "drive": {"chunk_bytes": 4096},
-                        "frontend": [{"id": "fe1", "host": "127.0.0.1", "port": 0}]},
-                       data_dir=str(tmp_path))
-    kv = MemoryKV()
-    fe = Frontend(cfg, cfg.node("fe1"), kv, port=0)
-    fe.start()
-    try:
+    with frontend(tmp_path, drive={"chunk_bytes": 4096}) as (fe, kv):
         alice, _ = user(fe, "alice"), user(fe, "bob")
         blob = os.urandom(30_000)
         r = alice.send("bob", subject="big", body="see the file",
@@ -824,5 +825,3 @@ def test_mail_sent_from_the_web_is_chunked_like_mail_received_by_smtp(tmp_path):
         [info] = MailStore(kv).list("bob", "Inbox")
         chunks = [kv.get(f"mmsg/bob/{info.id}", c) for c in kv.cols(f"mmsg/bob/{info.id}")]
         assert len(chunks) > 10 and max(len(c) for c in chunks) == 4096
-    finally:
-        fe.stop()
