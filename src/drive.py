@@ -1276,7 +1276,7 @@ def human_size(n: int) -> str:
         return f"{n} byte" + ("" if n == 1 else "s")
     size = n / 1024
     for unit in ("KiB", "MiB", "GiB"):
-        if size < 1024:
+        if round(size, 1) < 1024:      # (rounded first: 1 MiB - 1 byte is "1 MiB", not "1024 KiB")
             break
         size /= 1024
     else:

@@ -386,6 +386,9 @@ def test_quota(tmp_path):
         page = c.get(r.getheader("Location")).text
         assert "“d” was not uploaded" in html_unescape(page)
         assert sorted(listed(c, root)) == ["a", "c"]
+        assert c.upload(root, [("e", os.urandom(2 * CB - 100))]).status == 303
+        page = c.get("/drive").text          # nearly full: rounded down, and what is left said
+        assert 'aria-valuenow="99"' in page and "100 bytes free" in page
         c.post(f"/drive/delete/{root}", {"name": "a"})
         assert c.upload(root, [("b", os.urandom(5 * CB))]).status == 303
     finally:

@@ -155,7 +155,8 @@ def test_invisible_format_characters_are_refused(drive, monkeypatch):
 
 @pytest.mark.parametrize("n, shown", [(0, "0 bytes"), (1, "1 byte"), (1023, "1023 bytes"), (1024, "1 KiB"),
                                       (1536, "1.5 KiB"), (25 * 2**20, "25 MiB"), (int(28.6 * 2**20), "28.6 MiB"),
-                                      (3 * 2**30, "3 GiB"), (5 * 2**40, "5 TiB")])
+                                      (3 * 2**30, "3 GiB"), (5 * 2**40, "5 TiB"),
+                                      (2**20 - 1, "1 MiB"), (2**30 - 1, "1 GiB")])   # (UX QA: "1024 KiB")
 def test_one_size_format_for_the_drive_and_the_mail_pages(n, shown):
     """QA5 D-human-size: the drive said "1.0 KiB" and "1 byte", the mail page
     "1 KiB" and "1 bytes" (and "5120 GiB"), so one drive file's size read

@@ -611,11 +611,15 @@ def sort_items(items: list[Entry], key: str, desc: bool) -> list[Entry]:
 
 
 def quota_bar(u: Usage) -> Markup:
-    pct = int(round(100 * u.fraction))
-    return render('<div class="quota" title="{pct}% used"><div>{used} of {quota} used</div>'
+    # Rounded down, and with what is free once it is under a twentieth: "40 MiB
+    # of 40 MiB used", a full bar and 100% said nothing of the 20 KB left.
+    pct = int(100 * u.fraction)
+    free = max(0, u.quota - u.used)
+    return render('<div class="quota" title="{pct}% used"><div>{used} of {quota} used{left}</div>'
                   '<div class="quota-bar{full}" role="progressbar" aria-valuemin="0" aria-valuemax="100" '
                   'aria-valuenow="{pct}" aria-label="Storage used"><span style="width: {pct}%"></span></div></div>',
                   pct=pct, used=human_size(u.used), quota=human_size(u.quota),
+                  left=f" · {human_size(free)} free" if u.fraction >= 0.95 else "",
                   full=" full" if u.fraction >= 0.95 else "")
 
 

@@ -50,7 +50,7 @@ document.addEventListener("DOMContentLoaded", function () {
 
   function human(n) {
     var units = ["bytes", "KiB", "MiB", "GiB", "TiB"], i = 0;
-    while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+    while (Math.round(n * 10) / 10 >= 1024 && i < units.length - 1) { n /= 1024; i++; }
     // As the server's human_size (src/drive.py): "1 byte", "1.5 KiB", "3 MiB".
     if (i === 0) return n === 1 ? "1 byte" : n + " bytes";
     return (Math.round(n * 10) / 10) + " " + units[i];
