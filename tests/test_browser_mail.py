@@ -197,6 +197,17 @@ def test_a_file_too_large_for_mail_keeps_the_draft(tmp_path, javascript):
                 assert "once attached" in alert.inner_text()
                 page.set_input_files("input[name=attachment]", {**big, "buffer": b"x" * 1000})
                 alert.wait_for(state="hidden")
+                # A ticked drive file counts too (UX QA: it was refused only after Send).
+                fe.ctx.drive.upload("alice", fe.ctx.drive.root("alice"), "notes.bin", b"y" * 40_000)
+                page.goto("/mail/compose")
+                page.fill("input[name=to]", "bob")
+                page.set_input_files("input[name=attachment]", {**big, "buffer": b"x" * 20_000})
+                page.locator("details.mail-attach summary").click()
+                page.locator("input[name=drive_file]").check()
+                alert.wait_for()
+                assert "once attached" in alert.inner_text()
+                page.locator("input[name=drive_file]").uncheck()
+                alert.wait_for(state="hidden")
                 page.get_by_role("button", name="Send").click()
                 page.wait_for_url("**/mail/sent**")
             else:

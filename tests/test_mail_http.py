@@ -783,11 +783,15 @@ def test_a_drive_file_too_large_for_mail_cannot_be_ticked(site):
     root = drive.root("alice")
     drive.upload("alice", root, "small.txt", b"x" * 100)
     drive.upload("alice", root, "huge.bin", b"x" * (MAX_MESSAGE + 1))
+    drive.upload("alice", root, "encoded too big.bin", b"x" * (MAX_MESSAGE * 4 // 5))   # fits raw, not in base64
     page = alice.get("/mail/compose").text
-    small = re.search(r'<input type="checkbox" name="drive_file" value="[^"]*small\.txt"([^>]*)>', page).group(1)
-    huge = re.search(r'<input type="checkbox" name="drive_file" value="[^"]*huge\.bin"([^>]*)>', page)
-    assert "disabled" not in small
-    assert "disabled" in huge.group(1) and "too large for mail" in page[huge.end():huge.end() + 200]
+
+    def box(name):
+        return re.search(rf'<input type="checkbox" name="drive_file" value="[^"]*{re.escape(name)}"([^>]*)>', page)
+    assert "disabled" not in box("small.txt").group(1) and 'data-size="100"' in box("small.txt").group(1)
+    for name in ("huge.bin", "encoded too big.bin"):
+        m = box(name)
+        assert "disabled" in m.group(1) and "too large for mail" in page[m.end():m.end() + 200], name
 
 
 def test_a_mail_page_without_its_unread_badge_when_the_read_marks_cannot_be_read(site):

@@ -329,13 +329,14 @@ class MailApp:
         files = drive_files(self.ctx, req.user)
         if not files:
             return ""
-        # A file the mail limit cannot take is shown, but cannot be ticked:
-        # it was refused only after Send (UX QA). Its size is known here.
+        # A file the mail limit cannot take, once encoded, is shown but cannot
+        # be ticked: it was refused only after Send (UX QA). Its size is known
+        # here; mail.js adds the ticked ones' sizes to the chosen files'.
         limit = self.cfg.mail.max_message_bytes
-        items = Markup("".join(render(DRIVE_ITEM, ref=ref, path=path, size=human_size(size),
-                                      checked="checked" if ref in chosen and size <= limit else "",
-                                      disabled="disabled" if size > limit else "",
-                                      note=" \u00b7 too large for mail" if size > limit else "")
+        items = Markup("".join(render(DRIVE_ITEM, ref=ref, path=path, size=human_size(size), bytes=size,
+                                      checked="checked" if ref in chosen and mail_size(size) <= limit else "",
+                                      disabled="disabled" if mail_size(size) > limit else "",
+                                      note=" \u00b7 too large for mail" if mail_size(size) > limit else "")
                                for ref, path, size in files))
         return render(DRIVE_BLOCK, items=items, open="open" if chosen else "")
 
@@ -489,6 +490,12 @@ def drive_files(ctx, user: str) -> list[tuple[str, str, int]]:
                 if len(out) >= MAX_PICKER_FILES:
                     return out
     return out
+
+
+def mail_size(n: int) -> int:
+    """About how many bytes a file of `n` takes in a message: base64 (4 for
+    every 3) with a line break every 76 characters (mail.js estimates alike)."""
+    return -(-n // 3) * 4 * 78 // 76
 
 
 def drive_file(ctx, user: str, ref: str, limit: int, room: int) -> tuple[str, str, bytes] | None:
@@ -690,7 +697,7 @@ FWD_ITEM = """<label class="mail-check"><input type="checkbox" name="fwd_part" v
 
 DRIVE_BLOCK = """<details class="mail-attach" {open}><summary>Attach files from your drive</summary>{items}</details>"""
 
-DRIVE_ITEM = """<label class="mail-check"><input type="checkbox" name="drive_file" value="{ref}" {checked} {disabled}> <span class="mail-path">{path}</span> <span class="mail-muted">({size}{note})</span></label>"""
+DRIVE_ITEM = """<label class="mail-check"><input type="checkbox" name="drive_file" value="{ref}" data-size="{bytes}" {checked} {disabled}> <span class="mail-path">{path}</span> <span class="mail-muted">({size}{note})</span></label>"""
 
 
 def register(router, ctx) -> None:

@@ -56,8 +56,17 @@ document.addEventListener("DOMContentLoaded", function () {
     return (Math.round(n * 10) / 10) + " " + units[i];
   }
 
+  // ... the files from the computer and the ticked drive files together.
+  function chosenBytes() {
+    var total = fileBytes();
+    form.querySelectorAll("input[name=drive_file]:checked").forEach(function (box) {
+      total += parseInt(box.dataset.size, 10) || 0;
+    });
+    return total;
+  }
+
   function checkSize() {
-    var raw = fileBytes();
+    var raw = chosenBytes();
     var encoded = Math.ceil(raw / 3) * 4 * 78 / 76;
     var over = maxBytes > 0 && encoded > maxBytes;
     if (tooLarge) {
@@ -69,7 +78,7 @@ document.addEventListener("DOMContentLoaded", function () {
     }
     return !over;
   }
-  form.querySelectorAll("input[type=file]").forEach(function (input) {
+  form.querySelectorAll("input[type=file], input[name=drive_file]").forEach(function (input) {
     input.addEventListener("change", checkSize);
   });
 
