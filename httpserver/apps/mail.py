@@ -697,7 +697,7 @@ FWD_ITEM = """<label class="mail-check"><input type="checkbox" name="fwd_part" v
 
 DRIVE_BLOCK = """<details class="mail-attach" {open}><summary>Attach files from your drive</summary>{items}</details>"""
 
-DRIVE_ITEM = """<label class="mail-check"><input type="checkbox" name="drive_file" value="{ref}" data-size="{bytes}" {checked} {disabled}> <span class="mail-path">{path}</span> <span class="mail-muted">({size}{note})</span></label>"""
+DRIVE_ITEM = """<label class="mail-check"><input type="checkbox" name="drive_file" value="{ref}" {checked} {disabled} data-size="{bytes}"> <span class="mail-path">{path}</span> <span class="mail-muted">({size}{note})</span></label>"""
 
 
 def register(router, ctx) -> None:
