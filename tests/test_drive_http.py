@@ -320,6 +320,20 @@ def test_rename_move_delete_deep_tree(site):
     assert not [r for r in kv._rows if r.startswith(b"drive/c/")]
 
 
+def test_text_previews_read_other_encodings_and_say_when_a_file_is_empty(site):
+    """UX QA: a Latin-1 file showed "caf\ufffd", a UTF-16 one "\ufffd\ufffdhello",
+    and an empty file an empty white box."""
+    fe, _ = site
+    c = login(fe.port, "alice")
+    root = root_of(c)
+    c.upload(root, [("latin1.txt", "café naïve".encode("latin-1")), ("utf16.txt", "hello ✓".encode("utf-16")),
+                    ("empty.txt", b""), ("utf8.txt", "grüße ✓".encode())])
+    assert "café naïve" in c.get(file_url(root, "latin1.txt", "item")).text
+    assert "hello ✓" in c.get(file_url(root, "utf16.txt", "item")).text
+    assert "grüße ✓" in c.get(file_url(root, "utf8.txt", "item")).text
+    assert "This file is empty." in c.get(file_url(root, "empty.txt", "item")).text
+
+
 def test_item_page_and_preview(site):
     fe, _ = site
     c = login(fe.port, "alice")

@@ -829,3 +829,14 @@ def test_mail_sent_from_the_web_is_chunked_like_mail_received_by_smtp(tmp_path):
         [info] = MailStore(kv).list("bob", "Inbox")
         chunks = [kv.get(f"mmsg/bob/{info.id}", c) for c in kv.cols(f"mmsg/bob/{info.id}")]
         assert len(chunks) > 10 and max(len(c) for c in chunks) == 4096
+
+
+def test_sent_mail_offers_no_mark_unread(site):
+    """UX QA: "Mark unread" on one's own sent mail put an unread dot on it."""
+    fe, kv = site
+    alice, bob = user(fe, "alice"), user(fe, "bob")
+    assert alice.send("bob", subject="hi", body="x").status == 303
+    [sid] = ids_in(alice, "/mail/sent")
+    [mid] = ids_in(bob)
+    assert "Mark unread" not in alice.get(f"/mail/sent/{sid}").text
+    assert "Mark unread" in bob.get(f"/mail/inbox/{mid}").text

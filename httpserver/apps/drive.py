@@ -31,6 +31,7 @@ served inline with its own type (the preview shows it as text).
 
 from __future__ import annotations
 
+import codecs
 import hmac
 import logging
 import random
@@ -356,11 +357,13 @@ class DriveApp:
         if kind == "pdf":
             return render('<div class="preview"><iframe src="{s}" title="{n}"></iframe></div>', s=src, n=e.name)
         if kind == "text":
+            if e.size == 0:
+                return Markup('<div class="preview"><p>This file is empty.</p></div>')
             data = b"".join(bytes(p) for p in self.drive.read(req.user, e, 0, min(e.size, TEXT_PREVIEW_BYTES) - 1))
             more = render('<p class="item-meta">Showing the first {n}.</p>', n=human_size(TEXT_PREVIEW_BYTES)) \
                 if e.size > TEXT_PREVIEW_BYTES else Markup("")
             return render('<div class="preview"><pre>{t}</pre></div>{more}',
-                          t=data.decode("utf-8", errors="replace"), more=more)
+                          t=text_of(data, cut=e.size > len(data)), more=more)
         return Markup('<div class="preview"><p>No preview for this kind of file; download it to open it.</p></div>')
 
     # -- downloads -------------------------------------------------------------------------
@@ -608,6 +611,23 @@ def sort_items(items: list[Entry], key: str, desc: bool) -> list[Entry]:
     folders = sorted((e for e in items if e.is_folder), key=k, reverse=desc)
     files = sorted((e for e in items if not e.is_folder), key=k, reverse=desc)
     return folders + files
+
+
+def text_of(data: bytes, cut: bool) -> str:
+    """A text file's bytes as text to show: UTF-16 or UTF-8 when a byte-order
+    mark says so, else UTF-8 when they are UTF-8 (a character cut at the
+    end of a preview excepted), else Windows-1252, as old editors wrote
+    Latin-1 text (UX QA: "caf\ufffd" for a Latin-1 "café")."""
+    for bom, codec in ((codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"),
+                       (codecs.BOM_UTF16_BE, "utf-16")):
+        if data.startswith(bom):
+            return data.decode(codec, errors="replace")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if cut and e.start >= len(data) - 3:
+            return data[:e.start].decode("utf-8", errors="replace")
+        return data.decode("cp1252", errors="replace")
 
 
 def quota_bar(u: Usage) -> Markup:

@@ -218,7 +218,10 @@ class MailApp:
         body = render(
             VIEW, subject=d.subject or "(no subject)", from_=d.from_, to=d.to or "(undisclosed)", cc_row=cc_row,
             date_row=date_row, content=content, toggle=toggle, attachments=atts, slug=slug, id=msg_id,
-            csrf=csrf_field(req), back=folder_link(slug, page), page=page, folder=folder)
+            csrf=csrf_field(req), back=folder_link(slug, page), page=page, folder=folder,
+            # (one's own sent mail is never unread: UX QA)
+            unread_form="" if folder == "Sent" else render(UNREAD_FORM, slug=slug, id=msg_id, csrf=csrf_field(req),
+                                                            page=page))
         resp = self.mail_page(req, d.subject or "(no subject)", body, active_folder=slug, js=("mail.js",))
         # Belt and braces on top of the sanitiser: nothing remote may load.
         resp.headers.append(("Content-Security-Policy",
@@ -643,13 +646,15 @@ HEAD_ROW = """<tr><th>{k}</th><td>{v}</td></tr>"""
 ARRIVAL_ROW = """<tr><th>Received</th><td>{when} <span class="mail-muted">(the message has no Date header; \
 this is when it arrived)</span></td></tr>"""
 
+UNREAD_FORM = """<form method="post" action="/mail/{slug}/{id}/unread" class="mail-inline">{csrf}<input type="hidden" name="page" value="{page}"><button type="submit">Mark unread</button></form>"""
+
 VIEW = """<article class="mail-message">
 <header class="mail-head"><h1>{subject}</h1></header>
 <div class="mail-actions">
 <a class="button" href="/mail/compose?reply={slug}/{id}">↩ Reply</a>
 <a class="button" href="/mail/compose?replyall={slug}/{id}">↩ Reply all</a>
 <a class="button" href="/mail/compose?forward={slug}/{id}">↪ Forward</a>
-<form method="post" action="/mail/{slug}/{id}/unread" class="mail-inline">{csrf}<input type="hidden" name="page" value="{page}"><button type="submit">Mark unread</button></form>
+{unread_form}
 <form method="post" action="/mail/{slug}/{id}/delete" class="mail-inline" data-confirm="Delete this message? This cannot be undone.">{csrf}<input type="hidden" name="page" value="{page}"><button type="submit" class="danger">Delete</button></form>
 <a class="mail-back" href="{back}">← Back to {folder}</a>
 </div>
