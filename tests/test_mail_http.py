@@ -253,7 +253,7 @@ def test_attach_from_the_drive(site):
     # Another user's drive file reference finds nothing.
     eve = user(fe, "eve")
     r = eve.send("bob", subject="steal", body="x", extra=[("drive_file", _html.unescape(ref))])
-    assert r.status == 400 and "no longer exists" in r.text
+    assert r.status == 400 and "\u201creport.pdf\u201d, chosen from your drive, no longer exists" in r.text
     assert len(ids_in(bob)) == 1
 
 

@@ -432,7 +432,8 @@ class MailApp:
         for ref in refs:
             got = drive_file(self.ctx, req.user, ref, limit, room)
             if got is None:
-                raise ComposeError("A file chosen from the drive no longer exists.")
+                raise ComposeError(f"\u201c{ref.partition('/')[2]}\u201d, chosen from your drive, no longer exists "
+                                   f"(deleted or moved meanwhile?).")
             out.append(Attachment(*got))
             room -= len(got[2])
         return out
