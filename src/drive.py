@@ -530,10 +530,7 @@ class Drive:
                 return False
             if charge:
                 if used["total"] + size > self.quota_bytes:
-                    raise QuotaExceeded(
-                        f"Not enough space: this file needs {human_size(size)} and "
-                        f"{human_size(max(0, self.quota_bytes - used['total']))} of your "
-                        f"{human_size(self.quota_bytes)} are free.")
+                    raise QuotaExceeded(no_space(size, self.quota_bytes - used["total"], self.quota_bytes))
                 used["total"] += size
             used["held"][fid] = size
             return True
@@ -670,8 +667,7 @@ class Drive:
         upload of something that is refused in the end."""
         free = self.quota_bytes - self.usage(user).used
         if body_bytes - overhead > free:
-            raise QuotaExceeded(f"Not enough space: these files need about {human_size(body_bytes)} and "
-                                f"{human_size(max(0, free))} of your {human_size(self.quota_bytes)} are free.")
+            raise QuotaExceeded(no_space(body_bytes, free, self.quota_bytes, about=True))
 
     def start_upload(self, user: str, folder: str, name: str) -> "Upload":
         """Begin a streaming upload into `folder`; write() then commit() (or abort()).
@@ -1161,8 +1157,7 @@ class Upload:
             return
         self.size += len(data)
         if self.size > self._free:
-            raise QuotaExceeded(f"Not enough space: the file is larger than the "
-                                f"{human_size(max(0, self._free))} you have free.")
+            raise QuotaExceeded(no_space(self.size, self._free, self.drive.quota_bytes, at_least=True))
         self._renew()
         buf = self._buf
         if not buf and len(data) == self.cb:
@@ -1265,6 +1260,16 @@ class Upload:
             self.drive._done(self.user, self._opid)
         except Exception:
             log.warning("could not clean up an aborted upload now; the sweeper will", exc_info=True)
+
+
+def no_space(need: int, free: int, quota: int, about: bool = False, at_least: bool = False) -> str:
+    """The one wording of a quota refusal: what is needed (`about` it, for
+    a whole request's body; `at_least`, for a file refused part-way) and
+    what is free; in bytes when the two would read the same rounded."""
+    free = max(0, free)
+    shown = human_size if human_size(need) != human_size(free) else (lambda n: f"{n:,} bytes")
+    need_text = ("about " if about else "at least " if at_least else "") + shown(need)
+    return f"Not enough space: {need_text} needed, {shown(free)} free of your {human_size(quota)}."
 
 
 def human_size(n: int) -> str:

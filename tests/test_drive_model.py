@@ -1098,3 +1098,14 @@ def test_a_file_move_that_stood_still_past_its_lease_leaves_no_ghost(clock):
         d.move("alice", root, "f.bin", target.id)
     assert d.listing("alice", target.id) == [] and [e.name for e in d.listing("alice", root)] == ["D"]
     assert d.usage("alice").used == 0
+
+
+def test_one_wording_for_not_enough_space():
+    """UX QA: three wordings, "these files" for one file, and "larger than
+    the 8.5 MiB you have free" for a file that also read 8.5 MiB."""
+    from src.drive import no_space
+    assert no_space(9 * 2**20, int(8.5 * 2**20), 40 * 2**20) == \
+        "Not enough space: 9 MiB needed, 8.5 MiB free of your 40 MiB."
+    assert no_space(8_899_041, 8_898_041, 40 * 2**20, at_least=True) == \
+        "Not enough space: at least 8,899,041 bytes needed, 8,898,041 bytes free of your 40 MiB."
+    assert no_space(100, -5, 1000, about=True) == "Not enough space: about 100 bytes needed, 0 bytes free of your 1000 bytes."
