@@ -121,7 +121,7 @@ def test_compose_send_read_reply_forward_delete(site, tmp_path):
         assert "Forwarded message" in body and "Sounds good!" in body
         carol.once("dialog", lambda d: d.accept())          # "Delete this message?"
         carol.get_by_role("button", name="Delete").click()
-        carol.wait_for_url(re.compile(r"/mail$"))
+        carol.wait_for_url(re.compile(r"/mail\?deleted=1$"))
         assert "Your inbox is empty" in carol.content()
 
 
@@ -342,5 +342,5 @@ def test_deleting_a_message_asks_first(site):
         assert store.has_message("bob", "Inbox", mid)         # dismissed: still there
         bob.once("dialog", lambda d: d.accept())
         bob.get_by_role("button", name="Delete").click()
-        bob.wait_for_url("**/mail")
+        bob.wait_for_url("**/mail?deleted=1")
         assert not store.has_message("bob", "Inbox", mid)

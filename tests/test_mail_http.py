@@ -150,7 +150,8 @@ def test_send_list_view_reply_forward_delete(site):
 
     # Delete: gone from the list, 404 afterwards.
     r = bob.post_form(f"/mail/inbox/{mid}/delete", {})
-    assert r.status == 303 and r.getheader("Location") == "/mail"
+    assert r.status == 303 and r.getheader("Location") == "/mail?deleted=1"
+    assert "The message was deleted." in bob.get("/mail?deleted=1").text       # (UX QA: it said nothing)
     assert ids_in(bob) == []
     assert bob.get(f"/mail/inbox/{mid}").status == 404
     assert store.list("bob", "Inbox") == []
@@ -770,8 +771,9 @@ def test_back_delete_and_mark_unread_return_to_the_page_the_message_was_opened_f
     r = bob.post_form(f"/mail/inbox/{mid}/unread", {"page": "2"})
     assert r.status == 303 and r.headers["location"] == "/mail?page=2"
     r = bob.post_form(f"/mail/inbox/{mid}/delete", {"page": "2"})
-    assert r.status == 303 and r.headers["location"] == "/mail?page=2"
-    assert bob.post_form(f"/mail/inbox/{store.ids('bob', 'Inbox')[0]}/delete", {}).headers["location"] == "/mail"
+    assert r.status == 303 and r.headers["location"] == "/mail?page=2&deleted=1"
+    assert bob.post_form(f"/mail/inbox/{store.ids('bob', 'Inbox')[0]}/delete", {}).headers["location"] == \
+        "/mail?deleted=1"
 
 
 def test_a_drive_file_too_large_for_mail_cannot_be_ticked(site):

@@ -182,7 +182,8 @@ class MailApp:
                                n=n + 1) if n < pages else ""
             pager = render(PAGER, prev=prev_link, next=next_link, n=n, pages=pages)
         notice = render('<p class="mail-notice" role="status">Your message was sent.</p>') \
-            if req.arg("sent") else ""
+            if req.arg("sent") else render('<p class="mail-notice" role="status">The message was deleted.</p>') \
+            if req.arg("deleted") else ""
         body = render(FOLDER_PAGE, title=folder, count=plural(len(ids), "message"), notice=notice,
                       unread=f", {unread} unread" if folder == "Inbox" and unread else "", table=table, pager=pager)
         return self.mail_page(req, folder, body, active_folder=slug, unread=unread if folder == "Inbox" else None)
@@ -273,7 +274,7 @@ class MailApp:
             self.store.delete(req.user, folder, msg_id)
         except (NoSuchMessage, MailStoreError):
             raise HTTPError(404, "That message does not exist (it may have been deleted already).") from None
-        return redirect(folder_link(slug, page_arg(req)))
+        return redirect(folder_link(slug, page_arg(req), "deleted=1"))
 
     def unread(self, req, slug: str, msg_id: str) -> Response:
         folder = self.folder_of(slug)
@@ -572,9 +573,10 @@ def page_arg(req) -> int:
         return 1
 
 
-def folder_link(slug: str, page: int) -> str:
+def folder_link(slug: str, page: int, extra: str = "") -> str:
     base = "/mail" if slug == "inbox" else "/mail/sent"
-    return base + (f"?page={page}" if page > 1 else "")
+    query = "&".join(q for q in (f"page={page}" if page > 1 else "", extra) if q)
+    return base + (f"?{query}" if query else "")
 
 
 def plural(n: int, word: str) -> str:
