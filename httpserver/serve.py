@@ -44,7 +44,8 @@ log = logging.getLogger(__name__)
 RECV_BYTES = 256 * 1024
 DRAIN_LIMIT = 1024 * 1024          # unread body we will swallow to keep a connection alive
 MIN_BODY_RATE = 1024               # bytes/s a body must average over each idle_timeout_s window
-LINGER_S = 1.0
+LINGER_S = 2.0                     # at most this long, and...
+LINGER_BYTES = 64 * 1024 * 1024    # ...this much late input, is swallowed after a refused body (linger)
 
 
 class BodyStream:
@@ -295,7 +296,10 @@ def linger(sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_WR)
         deadline = time.monotonic() + LINGER_S
         seen = 0
-        while seen < DRAIN_LIMIT:
+        # Not DRAIN_LIMIT: an uploader at loopback speed sends 1 MiB in a
+        # millisecond, and a 2 MB answer (a big folder's page with its 413)
+        # was then cut by the reset (QA). 64 MiB take tens of milliseconds.
+        while seen < LINGER_BYTES:
             left = deadline - time.monotonic()
             if left <= 0:
                 break

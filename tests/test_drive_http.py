@@ -706,3 +706,52 @@ def test_a_file_deleted_while_its_item_page_is_built_is_not_found_not_an_error(s
     monkeypatch.setattr(drive, "folders", folders_while_another_tab_deletes)
     r = c.get(file_url(root, "notes.txt", "item"))
     assert r.status == 404 and "deleted" in r.text
+
+
+def test_a_big_refusal_reaches_an_uploader_that_keeps_sending(tmp_path):
+    """HTTP QA: an upload refused at once (413 over quota) is answered with
+    the folder page, 2 MB for a big folder; the client, at loopback speed,
+    kept sending its body, the server swallowed only 1 MiB of it before it
+    closed, and the close became a reset that cut the page (curl: "Recv
+    failure: Connection reset by peer", 8 times in 10 through the LB)."""
+    import threading
+    from httpserver.frontend import Frontend
+    from src.kv import MemoryKV
+    cfg = make_config(tmp_path, quota_bytes=10 * CB)
+    kv = MemoryKV()
+    fe = Frontend(cfg, cfg.node("fe1"), kv, port=0)
+    fe.start()
+    try:
+        c = login(fe.port, "carol")
+        root = root_of(c)
+        for i in range(2000):
+            fe.ctx.drive.mkdir("carol", root, f"{i:04d} " + "x" * 200)
+        cookie = "; ".join(f"{k}={v}" for k, v in c.cookies.items())
+        s = socket.create_connection(("127.0.0.1", fe.port), timeout=20)
+        s.sendall(f"POST /drive/upload/{root} HTTP/1.1\r\nHost: x\r\nCookie: {cookie}\r\n"
+                  f"X-CSRF-Token: {c.csrf}\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+                  f"Content-Length: {40 << 20}\r\n\r\n".encode())
+
+        def keep_sending():
+            try:
+                for _ in range(40):
+                    s.sendall(b"\0" * (1 << 20))
+            except OSError:
+                pass
+        sender = threading.Thread(target=keep_sending, daemon=True)
+        sender.start()
+        got = b""
+        while True:                         # a reader slower than the writer, as over a real network
+            data = s.recv(65536)
+            if not data:
+                break
+            got += data
+            time.sleep(0.005)
+        s.close()
+        sender.join(10)
+        head, _, body = got.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 413")
+        length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))
+        assert length > 4_000_000 and len(body) == length
+    finally:
+        fe.stop()
