@@ -92,9 +92,12 @@ class Channel:
         try:
             out = b"".join(self.conn.send(ev) for ev in events)
             if out:
-                self.sock.sendall(out)
+                self._sendall(out)
         except (OSError, ProtocolError) as e:
             raise ChannelError(self.side, e) from e
+
+    def _sendall(self, data: bytes) -> None:
+        self.sock.sendall(data)
 
     def close(self) -> None:
         try:
@@ -155,7 +158,31 @@ class Upstream(Channel):
                     if self.gone(self.fe_id):
                         raise socket.timeout(f"frontend {self.fe_id} stopped beating while we waited") from None
         finally:
-            self.sock.settimeout(UPSTREAM_TIMEOUT_S)   # sends to a slow reader keep the long timeout
+            self.sock.settimeout(UPSTREAM_TIMEOUT_S)
+
+    def _sendall(self, data: bytes) -> None:
+        """sendall in slices too: a frontend that froze while a request body
+        streams to it stops taking bytes, and the upload hung for the whole
+        UPSTREAM_TIMEOUT_S before its 502 (HTTP QA)."""
+        if self.gone is None:
+            self.sock.sendall(data)
+            return
+        view, waited = memoryview(data), 0.0
+        self.sock.settimeout(RECV_SLICE_S)
+        try:
+            while view:
+                try:
+                    n = self.sock.send(view)
+                except socket.timeout:
+                    waited += RECV_SLICE_S
+                    if waited >= UPSTREAM_TIMEOUT_S:
+                        raise
+                    if self.gone(self.fe_id):
+                        raise socket.timeout(f"frontend {self.fe_id} stopped beating while we sent") from None
+                    continue
+                view, waited = view[n:], 0.0
+        finally:
+            self.sock.settimeout(UPSTREAM_TIMEOUT_S)
 
 
 class UpstreamPool:
@@ -288,16 +315,28 @@ def forward_body(client: Channel, up: Channel) -> Response | None:
 
 def _first_readable(client: Channel, up: Channel) -> Channel:
     """Wait, at most the visitor's idle timeout, for either side to have
-    something to read; the frontend first when both do."""
-    try:
-        ready, _, _ = select.select([up.sock, client.sock], [], [], client.sock.gettimeout())
-    except (OSError, ValueError) as e:          # (ValueError: a socket closed meanwhile)
-        raise ChannelError("client", e) from e
-    if up.sock in ready:
-        return up
-    if client.sock in ready:
-        return client
-    raise ChannelError("client", socket.timeout("the request body stopped arriving"))
+    something to read; the frontend first when both do. In slices, asking
+    meanwhile whether the frontend still beats: one that froze gives the
+    visitor a 502 after the heartbeat timeout (a visitor waiting for its
+    100 Continue got nothing for 30 s, and the frontend was not blamed)."""
+    limit = client.sock.gettimeout() or UPSTREAM_TIMEOUT_S
+    gone = getattr(up, "gone", None)
+    waited = 0.0
+    while True:
+        step = min(RECV_SLICE_S, limit - waited)
+        try:
+            ready, _, _ = select.select([up.sock, client.sock], [], [], step)
+        except (OSError, ValueError) as e:          # (ValueError: a socket closed meanwhile)
+            raise ChannelError("client", e) from e
+        if up.sock in ready:
+            return up
+        if client.sock in ready:
+            return client
+        waited += step
+        if gone is not None and gone(up.fe_id):
+            raise ChannelError("upstream", socket.timeout(f"frontend {up.fe_id} stopped beating while we waited"))
+        if waited >= limit:
+            raise ChannelError("client", socket.timeout("the request body stopped arriving"))
 
 
 # (Expect is dropped here and sent again only when the visitor waits for 100

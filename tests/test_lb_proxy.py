@@ -718,3 +718,38 @@ def test_after_the_lb_itself_stood_still_it_waits_for_beats_instead_of_503(tmp_p
         assert r.status == 200 and json.loads(body)["path"] == "/after"
     finally:
         lb.stop()
+
+
+@pytest.mark.parametrize("how", ["waits for 100 Continue", "streams a big body"])
+def test_a_post_to_a_frontend_that_froze_gets_its_502_in_seconds(tmp_path, backends, how):
+    """HTTP QA: while the LB streamed an upload to a frontend that froze,
+    its send blocked for the whole 60 s upstream timeout; a visitor waiting
+    for 100 Continue got nothing for 30 s and then a bare close, and the
+    frontend was not blamed. Both now end once its heartbeats stop."""
+    hole = socket.socket()                  # accepts, never reads or answers: a frozen frontend
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(8)
+    cfg = make_cfg(tmp_path, [hole.getsockname()[1], backends[1].port], timeout=1.5)
+    lb = start_lb(cfg)
+    try:
+        LBControlClient("127.0.0.1", lb.port, cfg.cluster.secret).heartbeat("fe1", hole.getsockname()[1], 0)
+        size = 1000 if how == "waits for 100 Continue" else 64 << 20
+        s = socket.create_connection(("127.0.0.1", lb.port), timeout=20)
+        s.sendall(b"POST /up HTTP/1.1\r\nHost: x\r\nCookie: pcfe=fe1\r\nContent-Length: %d\r\n" % size
+                  + (b"Expect: 100-continue\r\n" if size == 1000 else b"") + b"\r\n")
+        if size > 1000:
+            def send_body():
+                try:
+                    for _ in range(64):
+                        s.sendall(b"x" * (1 << 20))
+                except OSError:
+                    pass
+            threading.Thread(target=send_body, daemon=True).start()
+        began = time.monotonic()
+        got = _answer_within(s, 15)
+        s.close()
+        assert got.startswith(b"HTTP/1.1 502"), got[:100]
+        assert time.monotonic() - began < 10
+    finally:
+        lb.stop()
+        hole.close()
