@@ -224,6 +224,12 @@ _VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])")
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _STATUS_LINE = re.compile(rb"HTTP/([0-9])\.([0-9]) ([0-9]{3})(?: ([\x09\x20-\x7e\x80-\xff]*))?")
 _HEX = re.compile(rb"[0-9A-Fa-f]+")
+# RFC 9112 7.1.1: chunk-ext = *( BWS ";" BWS token [ BWS "=" BWS ( token / quoted-string ) ] ).
+# Checked, not just skipped: a bare LF or CR in there is where a proxy that
+# ends lines at a bare LF and this parser would disagree (request smuggling).
+_CHUNK_EXT = re.compile(rb'(?:[ \t]*;[ \t]*[-!#$%&\'*+.^_`|~0-9A-Za-z]+'
+                        rb'(?:[ \t]*=[ \t]*(?:[-!#$%&\'*+.^_`|~0-9A-Za-z]+|"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]'
+                        rb'|\\[\t \x21-\x7e\x80-\xff])*"))?)*[ \t]*')
 
 
 def _parse_fields(lines: list[bytes], max_line: int, items: list) -> None:
@@ -345,9 +351,12 @@ class _ChunkedReader:
                     return None
                 line = bytes(buf[:i])
                 del buf[:i + 2]
-                size = line.split(b";", 1)[0].strip(b" \t")
+                size, semi, ext = line.partition(b";")
+                size = size.strip(b" \t")
                 if not _HEX.fullmatch(size) or len(size) > MAX_CHUNK_SIZE_DIGITS:
                     raise ProtocolError(400, "malformed chunk size")
+                if semi and not _CHUNK_EXT.fullmatch(semi + ext):
+                    raise ProtocolError(400, "malformed chunk extension")
                 n = int(size, 16)
                 if n == 0:
                     self.state = "trailers"

@@ -130,6 +130,18 @@ BAD = [
     ("chunk size line too long", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3;"
                                  + b"e" * 300 + b"\r\n", 400),
     ("unknown expectation", b"POST / HTTP/1.1\r\nHost: a\r\nExpect: 200-ok\r\nContent-Length: 1\r\n\r\n", 417),
+    # Chunk extensions must be token[=token|quoted-string] (HTTP QA: bare LF, CR, NUL and a whole
+    # request line were skipped over, the request-smuggling class behind a LF-ending proxy).
+    ("bare LF in a chunk extension", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                     b"3;a\nbc\r\nabc\r\n0\r\n\r\n", 400),
+    ("bare CR in a chunk extension", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                     b"3;a\rb\r\nabc\r\n0\r\n\r\n", 400),
+    ("NUL in a chunk extension", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                 b"3;a\x00b\r\nabc\r\n0\r\n\r\n", 400),
+    ("a request in the last chunk's extension", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                                b"3\r\nabc\r\n0;x\nGET /smuggled HTTP/1.1\r\n\r\n", 400),
+    ("a bare ; as a chunk extension", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                      b"3;\r\nabc\r\n0\r\n\r\n", 400),
 ]
 
 
