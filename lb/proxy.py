@@ -351,8 +351,8 @@ def upstream_request(req: Request, client_ip: str, expect_continue: bool = False
     items, forwarded_for, host, length, chunked, via = [], None, None, None, False, []
     for n, v in end_to_end(req.headers):
         if n in _REFRAMED:
-            if n == "x-forwarded-for":
-                forwarded_for = v
+            if n == "x-forwarded-for":    # (several lines are one list, RFC 9110 5.3)
+                forwarded_for = v if forwarded_for is None else f"{forwarded_for}, {v}"
             elif n == "via":
                 via.append(v)
             continue

@@ -594,6 +594,14 @@ def test_the_lb_adds_itself_to_via(tmp_path, backends):
         beat(lb, cfg, backends[:1])
         assert json.loads(get(lb.port)[1])["via"] == "1.1 penncloud-lb"
         assert json.loads(get(lb.port, headers={"Via": "1.0 corp-proxy"})[1])["via"] == "1.0 corp-proxy, 1.1 penncloud-lb"
+        # Several X-Forwarded-For lines are one list (HTTP QA: only the last was kept).
+        with socket.create_connection(("127.0.0.1", lb.port), timeout=10) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 10.0.0.1\r\n"
+                      b"X-Forwarded-For: 10.0.0.2\r\nConnection: close\r\n\r\n")
+            got = b""
+            while data := s.recv(65536):
+                got += data
+        assert json.loads(got.partition(b"\r\n\r\n")[2])["xff"] == "10.0.0.1, 10.0.0.2, 127.0.0.1"
     finally:
         lb.stop()
 
