@@ -346,8 +346,14 @@ def error_page(req: Request | None, status: int, message: str = "") -> Response:
     """A friendly page in the site's layout saying what went wrong (escaped)."""
     from httpserver.templates import page, render
     title = _ERROR_TITLES.get(status, REASONS.get(status, "Error"))
-    back = '<a href="/home">Back to your dashboard</a>' if req is not None and req.user else \
-        '<a href="/">Go to the start page</a>'
+    if req is None or not req.user:
+        back = '<a href="/">Go to the start page</a>'
+    elif req.path.startswith("/drive"):     # (UX QA: a drive 404 led only to the dashboard)
+        back = '<a href="/drive">Back to My Drive</a>'
+    elif req.path.startswith("/mail"):
+        back = '<a href="/mail">Back to your mail</a>'
+    else:
+        back = '<a href="/home">Back to your dashboard</a>'
     body = render('<section class="card error-card"><p class="status">Error {status}</p>'
                   '<h1>{title}</h1><p>{message}</p><p>{back}</p></section>',
                   status=status, title=title, message=message or REASONS.get(status, ""),

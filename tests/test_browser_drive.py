@@ -259,5 +259,6 @@ def test_a_download_of_a_file_another_tab_deleted_says_so(site):
         page.wait_for_load_state()
         assert "/drive/file/" in page.url
         assert 'There is no item named "report.txt" here.' in page.inner_text("body")
+        assert page.get_by_role("link", name="Back to My Drive").get_attribute("href") == "/drive"
         shot(page, "drive-download-gone.png")
         ctx.close()
