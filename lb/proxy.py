@@ -141,6 +141,7 @@ class Upstream(Channel):
         self.reused = reused
         self.idle_since = 0.0
         self.gone = gone
+        self.on_input: Callable[[], None] | None = None   # see _sendall
 
     def _recv(self) -> bytes:
         if self.gone is None:
@@ -163,26 +164,35 @@ class Upstream(Channel):
     def _sendall(self, data: bytes) -> None:
         """sendall in slices too: a frontend that froze while a request body
         streams to it stops taking bytes, and the upload hung for the whole
-        UPSTREAM_TIMEOUT_S before its 502 (HTTP QA)."""
-        if self.gone is None:
+        UPSTREAM_TIMEOUT_S before its 502 (HTTP QA). And while a send waits,
+        what the frontend says goes to `on_input` (forward_body's), which may
+        end the send: a frontend that answers instead of reading."""
+        if self.gone is None and self.on_input is None:
             self.sock.sendall(data)
             return
         view, waited = memoryview(data), 0.0
-        self.sock.settimeout(RECV_SLICE_S)
-        try:
-            while view:
+        poller = select.poll()
+        poller.register(self.sock, select.POLLOUT | (select.POLLIN if self.on_input else 0))
+        while view:
+            events = 0
+            for _, ev in poller.poll(RECV_SLICE_S * 1000):
+                events |= ev
+            if events & select.POLLIN and self.on_input is not None:
+                self.on_input()
+            if events & (select.POLLOUT | select.POLLERR | select.POLLHUP):
                 try:
-                    n = self.sock.send(view)
-                except socket.timeout:
-                    waited += RECV_SLICE_S
-                    if waited >= UPSTREAM_TIMEOUT_S:
-                        raise
-                    if self.gone(self.fe_id):
-                        raise socket.timeout(f"frontend {self.fe_id} stopped beating while we sent") from None
+                    n = self.sock.send(view, socket.MSG_DONTWAIT)
+                except (BlockingIOError, InterruptedError):
                     continue
                 view, waited = view[n:], 0.0
-        finally:
-            self.sock.settimeout(UPSTREAM_TIMEOUT_S)
+                continue
+            if events:
+                continue
+            waited += RECV_SLICE_S
+            if waited >= UPSTREAM_TIMEOUT_S:
+                raise socket.timeout(f"frontend {self.fe_id} took nothing for {UPSTREAM_TIMEOUT_S:.0f}s")
+            if self.gone is not None and self.gone(self.fe_id):
+                raise socket.timeout(f"frontend {self.fe_id} stopped beating while we sent")
 
 
 class UpstreamPool:
@@ -276,64 +286,91 @@ def stream_body(src: Channel, dst: Channel) -> None:
             raise ChannelError(src.side, f"unexpected {ev!r} inside a body")
 
 
-def forward_body(client: Channel, up: Channel) -> Response | None:
+class EarlyAnswer(Exception):
+    """The frontend answered before the request body was all sent."""
+
+    def __init__(self, response: Response):
+        super().__init__(f"{response.status} before the request ended")
+        self.response = response
+
+
+def forward_body(client: Channel, up: "Upstream") -> Response | None:
     """Stream the visitor's request body to the frontend, listening to the
-    frontend meanwhile. Its `100 Continue` goes on to a visitor that waits
-    for one; an answer it gives before the body has ended (a refusal: no
-    session, over quota, too large) is returned at once, the rest of the
-    body unsent, so the visitor hears it as soon as it would from the
-    frontend itself. None once the whole body went through."""
-    last_piece = [None]     # (see below; a list, as a name only ever assigned would look like a slip)
-    while True:
-        ev = client.buffered_event()
-        if ev is NEED_DATA:
-            if _first_readable(client, up) is client:
-                client.receive_some()
-                continue
-            answer = up.next_event()
+    frontend meanwhile (also while a send to it waits). Its `100 Continue`
+    goes on to a visitor that waits for one; an answer it gives before the
+    body has ended (a refusal: no session, over quota, too large) is
+    returned at once, the rest of the body unsent, so the visitor hears it
+    as soon as it would from the frontend itself. None once the whole body
+    went through."""
+
+    def frontend_spoke() -> None:
+        up.receive_some()
+        while (answer := up.buffered_event()) is not NEED_DATA:
             if isinstance(answer, InformationalResponse):
                 if client.conn.they_are_waiting_for_100_continue:
                     client.send(answer)
                 continue
             if isinstance(answer, Response):
-                return answer
+                raise EarlyAnswer(answer)
             raise ChannelError("upstream", f"{answer!r} before the request ended")
-        if type(ev) is Data:
-            up.send(ev)
-            # Kept until the next piece has arrived: freed just before recv
-            # allocated the next 256 KiB, glibc handed the memory back and
-            # faulted it in again every time (half the upload speed, measured).
-            last_piece[0] = ev
-        elif type(ev) is EndOfMessage:
-            up.send(EndOfMessage())
-            return None
-        elif ev is PAUSED or type(ev) is ConnectionClosed:
-            raise ChannelError("client", "message ended unexpectedly")
-        else:
-            raise ChannelError("client", f"unexpected {ev!r} inside a body")
+
+    # While a send waits, the frontend may be sending its answer instead of
+    # reading: both sides would wait on each other (a big refusal page).
+    up.on_input = frontend_spoke
+    last_piece = [None]     # (see below; a list, as a name only ever assigned would look like a slip)
+    try:
+        while True:
+            ev = client.buffered_event()
+            if ev is NEED_DATA:
+                if _first_readable(client, up) is client:
+                    client.receive_some()
+                else:
+                    frontend_spoke()
+                continue
+            if type(ev) is Data:
+                up.send(ev)
+                # Kept until the next piece has arrived: freed just before recv
+                # allocated the next 256 KiB, glibc handed the memory back and
+                # faulted it in again every time (half the upload speed, measured).
+                last_piece[0] = ev
+            elif type(ev) is EndOfMessage:
+                up.send(EndOfMessage())
+                return None
+            elif ev is PAUSED or type(ev) is ConnectionClosed:
+                raise ChannelError("client", "message ended unexpectedly")
+            else:
+                raise ChannelError("client", f"unexpected {ev!r} inside a body")
+    except EarlyAnswer as early:
+        return early.response
+    finally:
+        up.on_input = None
 
 
-def _first_readable(client: Channel, up: Channel) -> Channel:
+def _first_readable(client: Channel, up: "Upstream") -> Channel:
     """Wait, at most the visitor's idle timeout, for either side to have
     something to read; the frontend first when both do. In slices, asking
     meanwhile whether the frontend still beats: one that froze gives the
     visitor a 502 after the heartbeat timeout (a visitor waiting for its
-    100 Continue got nothing for 30 s, and the frontend was not blamed)."""
+    100 Continue got nothing for 30 s, and the frontend was not blamed).
+    poll, not select: select cannot watch a descriptor numbered 1024 or
+    more, and a busy LB has that many connections open."""
     limit = client.sock.gettimeout() or UPSTREAM_TIMEOUT_S
-    gone = getattr(up, "gone", None)
+    poller = select.poll()
+    poller.register(up.sock, select.POLLIN)
+    poller.register(client.sock, select.POLLIN)
     waited = 0.0
     while True:
         step = min(RECV_SLICE_S, limit - waited)
         try:
-            ready, _, _ = select.select([up.sock, client.sock], [], [], step)
-        except (OSError, ValueError) as e:          # (ValueError: a socket closed meanwhile)
+            ready = {fd for fd, _ in poller.poll(step * 1000)}
+        except OSError as e:
             raise ChannelError("client", e) from e
-        if up.sock in ready:
+        if up.sock.fileno() in ready:
             return up
-        if client.sock in ready:
+        if client.sock.fileno() in ready:
             return client
         waited += step
-        if gone is not None and gone(up.fe_id):
+        if up.gone is not None and up.gone(up.fe_id):
             raise ChannelError("upstream", socket.timeout(f"frontend {up.fe_id} stopped beating while we waited"))
         if waited >= limit:
             raise ChannelError("client", socket.timeout("the request body stopped arriving"))

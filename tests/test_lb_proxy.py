@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import http.client
 import json
+import os
 import select
 import socket
 import threading
@@ -641,6 +642,7 @@ def real_frontend(tmp_path):
     cfg = make_cfg(tmp_path, [fe.port])
     lb = start_lb(cfg)
     LBControlClient("127.0.0.1", lb.port, "").heartbeat("fe1", fe.port, 0)
+    lb.fe = fe                              # (for tests that set up the frontend's store)
     try:
         yield lb
     finally:
@@ -761,3 +763,89 @@ def test_a_post_to_a_frontend_that_froze_gets_its_502_in_seconds(tmp_path, backe
     finally:
         lb.stop()
         hole.close()
+
+
+def test_an_upload_is_answered_when_the_lb_has_more_than_1024_descriptors_open(tmp_path, backends):
+    """HTTP QA: with 1,000+ connections open, a POST whose body came in a
+    packet of its own got no answer at all: the LB waited on it with
+    select(), which cannot watch a descriptor numbered 1024 or more."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip("cannot open 1,200 descriptors here")
+    if soft != resource.RLIM_INFINITY and soft < 1200:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard) if hard != resource.RLIM_INFINITY else 4096, hard))
+    filler = [os.pipe() for _ in range(560)]           # the next sockets get numbers over 1024
+    cfg = make_cfg(tmp_path, [b.port for b in backends[:1]])
+    lb = start_lb(cfg)
+    try:
+        beat(lb, cfg, backends[:1])
+        with socket.create_connection(("127.0.0.1", lb.port), timeout=10) as s:
+            assert s.fileno() > 1024
+            s.sendall(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\n")
+            time.sleep(0.2)                              # the body in a packet of its own
+            s.sendall(b"hello")
+            got = _answer_within(s, 5)
+        assert got.startswith(b"HTTP/1.1 200"), got[:100]
+    finally:
+        lb.stop()
+        for r, w in filler:
+            os.close(r)
+            os.close(w)
+
+
+def test_a_big_refusal_through_the_lb_while_the_body_streams_is_not_a_deadlock(real_frontend):
+    """HTTP QA: a frontend refusing an upload with a big page (its folder
+    listing) wrote the page while the LB was blocked sending it more body:
+    each waited for the other, and the visitor got 127 KB of the page after
+    31 s. The LB now listens to the frontend while a send waits."""
+    import re
+    lb = real_frontend
+    c = http.client.HTTPConnection("127.0.0.1", lb.port, timeout=10)
+    c.request("POST", "/signup", body="username=carol&password=correct+horse",
+              headers={"Content-Type": "application/x-www-form-urlencoded"})
+    r = c.getresponse()
+    r.read()
+    cookies = "; ".join(v.split(";")[0] for k, v in r.getheaders() if k.lower() == "set-cookie")
+    c.request("GET", "/drive", headers={"Cookie": cookies})
+    page = c.getresponse().read().decode()
+    c.close()
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+    root = re.search(r'action="/drive/upload/([^"]+)"', page).group(1)
+    drive = lb.fe.ctx.drive
+    for i in range(6000):                   # a page bigger than the sockets' buffers
+        drive.mkdir("carol", root, f"{i:04d} " + "x" * 200)
+    s = socket.create_connection(("127.0.0.1", lb.port), timeout=20)
+    s.sendall(f"POST /drive/upload/{root} HTTP/1.1\r\nHost: x\r\nCookie: {cookies}\r\nX-CSRF-Token: {csrf}\r\n"
+              f"Content-Type: multipart/form-data; boundary=x\r\nContent-Length: {40 << 20}\r\n\r\n".encode())
+
+    def keep_sending():
+        try:
+            for _ in range(40):
+                s.sendall(b"\0" * (1 << 20))
+        except OSError:
+            pass
+    threading.Thread(target=keep_sending, daemon=True).start()
+    beating = threading.Event()
+
+    def beat_on():                          # the frontend is alive all along, as in production
+        ctl = LBControlClient("127.0.0.1", lb.port, "")
+        while not beating.wait(0.3):
+            ctl.heartbeat("fe1", lb.fe.port, 0)
+    threading.Thread(target=beat_on, daemon=True).start()
+    began = time.monotonic()
+    got = b""
+    s.settimeout(15)
+    try:
+        while True:
+            data = s.recv(1 << 20)
+            if not data:
+                break
+            got += data
+    finally:
+        beating.set()
+        s.close()
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413"), head[:100]
+    assert len(body) == int(re.search(rb"(?i)content-length: (\d+)", head).group(1)) > 12_000_000
+    assert time.monotonic() - began < 10
