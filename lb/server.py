@@ -239,8 +239,10 @@ class LoadBalancer:
                 if e.side == "client":
                     if isinstance(e.cause, ProtocolError) and client.conn.out_state == "idle":
                         try:  # a malformed body: answer it if nothing was answered yet
-                            self._reply(client, e.cause.status, "Bad request", "The request could not be read.",
-                                        close=True)
+                            too_large = e.cause.status == 413
+                            self._reply(client, e.cause.status, "Too large" if too_large else "Bad request",
+                                        "The request is larger than this site takes." if too_large
+                                        else "The request could not be read.", close=True)
                         except ChannelError:
                             pass
                     return
