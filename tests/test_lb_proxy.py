@@ -849,3 +849,22 @@ def test_a_big_refusal_through_the_lb_while_the_body_streams_is_not_a_deadlock(r
     assert head.startswith(b"HTTP/1.1 413"), head[:100]
     assert len(body) == int(re.search(rb"(?i)content-length: (\d+)", head).group(1)) > 12_000_000
     assert time.monotonic() - began < 10
+
+
+def test_a_body_over_the_limit_gets_a_too_large_page(tmp_path, backends):
+    """HTTP QA: the LB's page for a chunked body over the limit said "Bad request"."""
+    raw = {"frontend": [{"id": "fe1", "host": "127.0.0.1", "port": backends[0].port}],
+           "lb": {"id": "lb", "host": "127.0.0.1", "port": 0}, "http": {"max_body_bytes": 1000}}
+    cfg = parse_config(raw, str(tmp_path / "test.toml"), str(tmp_path / "data"))
+    lb = start_lb(cfg)
+    try:
+        beat(lb, cfg, backends[:1])
+        with socket.create_connection(("127.0.0.1", lb.port), timeout=10) as s:
+            s.sendall(b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n7D0\r\n" + b"x" * 2000
+                      + b"\r\n0\r\n\r\n")
+            got = _answer_within(s, 5)
+            while b"</html>" not in got and (more := s.recv(65536)):
+                got += more
+        assert got.startswith(b"HTTP/1.1 413") and b"Too large" in got and b"Bad request" not in got
+    finally:
+        lb.stop()
