@@ -16,10 +16,26 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from typing import Callable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def send_in_background(sock: socket.socket, mib: int, byte: bytes = b"x") -> threading.Thread:
+    """Send `mib` MiB on `sock` from a thread of its own (an uploader that
+    goes on sending while the test reads the answer); a closed or reset
+    connection just ends it."""
+    def send():
+        try:
+            for _ in range(mib):
+                sock.sendall(byte * (1 << 20))
+        except OSError:
+            pass
+    t = threading.Thread(target=send, daemon=True)
+    t.start()
+    return t
 
 
 def free_port() -> int:

@@ -19,7 +19,7 @@ from src.config import parse_config
 from src.drive import JOURNAL_SHARDS, LEASE_S, TOMB_LEASES, Drive
 from src.kv import MemoryKV
 from tests import webclient
-from tests.harness import wait_until
+from tests.harness import send_in_background, wait_until
 
 CB = 1000  # chunk bytes in these tests: "many chunks" stays small
 
@@ -714,7 +714,6 @@ def test_a_big_refusal_reaches_an_uploader_that_keeps_sending(tmp_path):
     kept sending its body, the server swallowed only 1 MiB of it before it
     closed, and the close became a reset that cut the page (curl: "Recv
     failure: Connection reset by peer", 8 times in 10 through the LB)."""
-    import threading
     from httpserver.frontend import Frontend
     from src.kv import MemoryKV
     cfg = make_config(tmp_path, quota_bytes=10 * CB)
@@ -731,15 +730,7 @@ def test_a_big_refusal_reaches_an_uploader_that_keeps_sending(tmp_path):
         s.sendall(f"POST /drive/upload/{root} HTTP/1.1\r\nHost: x\r\nCookie: {cookie}\r\n"
                   f"X-CSRF-Token: {c.csrf}\r\nContent-Type: multipart/form-data; boundary=x\r\n"
                   f"Content-Length: {40 << 20}\r\n\r\n".encode())
-
-        def keep_sending():
-            try:
-                for _ in range(40):
-                    s.sendall(b"\0" * (1 << 20))
-            except OSError:
-                pass
-        sender = threading.Thread(target=keep_sending, daemon=True)
-        sender.start()
+        sender = send_in_background(s, 40, b"\0")
         got = b""
         while True:                         # a reader slower than the writer, as over a real network
             data = s.recv(65536)

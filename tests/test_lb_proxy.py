@@ -21,7 +21,7 @@ import pytest
 from lb.server import LoadBalancer
 from src.config import parse_config
 from src.heartbeat import LBControlClient, LBControlError
-from tests.harness import wait_until
+from tests.harness import send_in_background, wait_until
 
 
 class Backend:
@@ -748,13 +748,7 @@ def test_a_post_to_a_frontend_that_froze_gets_its_502_in_seconds(tmp_path, backe
         s.sendall(b"POST /up HTTP/1.1\r\nHost: x\r\nCookie: pcfe=fe1\r\nContent-Length: %d\r\n" % size
                   + (b"Expect: 100-continue\r\n" if size == 1000 else b"") + b"\r\n")
         if size > 1000:
-            def send_body():
-                try:
-                    for _ in range(64):
-                        s.sendall(b"x" * (1 << 20))
-                except OSError:
-                    pass
-            threading.Thread(target=send_body, daemon=True).start()
+            send_in_background(s, 64)
         began = time.monotonic()
         got = _answer_within(s, 15)
         s.close()
@@ -818,14 +812,7 @@ def test_a_big_refusal_through_the_lb_while_the_body_streams_is_not_a_deadlock(r
     s = socket.create_connection(("127.0.0.1", lb.port), timeout=20)
     s.sendall(f"POST /drive/upload/{root} HTTP/1.1\r\nHost: x\r\nCookie: {cookies}\r\nX-CSRF-Token: {csrf}\r\n"
               f"Content-Type: multipart/form-data; boundary=x\r\nContent-Length: {40 << 20}\r\n\r\n".encode())
-
-    def keep_sending():
-        try:
-            for _ in range(40):
-                s.sendall(b"\0" * (1 << 20))
-        except OSError:
-            pass
-    threading.Thread(target=keep_sending, daemon=True).start()
+    send_in_background(s, 40, b"\0")
     beating = threading.Event()
 
     def beat_on():                          # the frontend is alive all along, as in production
