@@ -664,6 +664,23 @@ def _answer_within(s, seconds):
     return got
 
 
+
+def _signed_up(port, name):
+    """Sign `name` up through the LB: (its cookies, its CSRF token, its root folder id)."""
+    import re
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    c.request("POST", "/signup", body=f"username={name}&password=correct+horse",
+              headers={"Content-Type": "application/x-www-form-urlencoded"})
+    r = c.getresponse()
+    r.read()
+    assert r.status == 303
+    cookies = "; ".join(v.split(";")[0] for k, v in r.getheaders() if k.lower() == "set-cookie")
+    c.request("GET", "/drive", headers={"Cookie": cookies})
+    page = c.getresponse().read().decode()
+    c.close()
+    return (cookies, re.search(r'name="csrf" value="([^"]+)"', page).group(1),
+            re.search(r'action="/drive/upload/([^"]+)"', page).group(1))
+
 @pytest.mark.parametrize("expect", [False, True])
 def test_a_frontend_refusing_before_the_body_is_heard_at_once_through_the_lb(real_frontend, expect):
     """Docs QA: the LB streamed the whole body before it read the frontend's
@@ -682,19 +699,7 @@ def test_a_frontend_refusing_before_the_body_is_heard_at_once_through_the_lb(rea
 
 def test_an_upload_over_quota_is_refused_before_its_body_through_the_lb(real_frontend):
     lb = real_frontend
-    c = http.client.HTTPConnection("127.0.0.1", lb.port, timeout=10)
-    c.request("POST", "/signup", body="username=alice&password=correct+horse",
-              headers={"Content-Type": "application/x-www-form-urlencoded"})
-    r = c.getresponse()
-    r.read()
-    assert r.status == 303
-    cookies = "; ".join(v.split(";")[0] for k, v in r.getheaders() if k.lower() == "set-cookie")
-    c.request("GET", "/drive", headers={"Cookie": cookies})
-    page = c.getresponse().read().decode()
-    c.close()
-    import re
-    csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
-    folder = re.search(r'action="/drive/upload/([^"]+)"', page).group(1)
+    cookies, csrf, folder = _signed_up(lb.port, "alice")
     with socket.create_connection(("127.0.0.1", lb.port), timeout=10) as s:
         s.sendall(f"POST /drive/upload/{folder} HTTP/1.1\r\nHost: x\r\nCookie: {cookies}\r\n"
                   f"X-CSRF-Token: {csrf}\r\nContent-Type: multipart/form-data; boundary=zz\r\n"
@@ -795,17 +800,7 @@ def test_a_big_refusal_through_the_lb_while_the_body_streams_is_not_a_deadlock(r
     31 s. The LB now listens to the frontend while a send waits."""
     import re
     lb = real_frontend
-    c = http.client.HTTPConnection("127.0.0.1", lb.port, timeout=10)
-    c.request("POST", "/signup", body="username=carol&password=correct+horse",
-              headers={"Content-Type": "application/x-www-form-urlencoded"})
-    r = c.getresponse()
-    r.read()
-    cookies = "; ".join(v.split(";")[0] for k, v in r.getheaders() if k.lower() == "set-cookie")
-    c.request("GET", "/drive", headers={"Cookie": cookies})
-    page = c.getresponse().read().decode()
-    c.close()
-    csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
-    root = re.search(r'action="/drive/upload/([^"]+)"', page).group(1)
+    cookies, csrf, root = _signed_up(lb.port, "carol")
     drive = lb.fe.ctx.drive
     for i in range(6000):                   # a page bigger than the sockets' buffers
         drive.mkdir("carol", root, f"{i:04d} " + "x" * 200)
