@@ -667,7 +667,8 @@ class Drive:
         upload of something that is refused in the end."""
         free = self.quota_bytes - self.usage(user).used
         if body_bytes - overhead > free:
-            raise QuotaExceeded(no_space(body_bytes, free, self.quota_bytes, about=True))
+            raise QuotaExceeded(no_space(body_bytes, free, self.quota_bytes, about=True)
+                                + " Nothing was uploaded: choose fewer or smaller files.")
 
     def start_upload(self, user: str, folder: str, name: str) -> "Upload":
         """Begin a streaming upload into `folder`; write() then commit() (or abort()).

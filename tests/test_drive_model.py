@@ -367,7 +367,7 @@ def test_quota(kv, clock):
     assert len(chunk_rows(kv, "alice")) == -(-600 // CB)  # the refused upload left nothing
     d.upload("alice", root, "c", b"z" * 400)
     assert d.usage("alice").used == 1000
-    with pytest.raises(QuotaExceeded):
+    with pytest.raises(QuotaExceeded, match="Nothing was uploaded"):   # (UX QA G10: it did not say so)
         d.check_fits("alice", 10**6)            # (a request body that can never fit)
     d.check_fits("alice", 1000)                 # (one that might: its form framing is not charged)
     d.delete("alice", root, "a")
