@@ -153,13 +153,19 @@ class Upstream(Channel):
                 try:
                     return self.sock.recv(RECV_BYTES)
                 except socket.timeout:
-                    waited += RECV_SLICE_S
-                    if waited >= UPSTREAM_TIMEOUT_S:
-                        raise
-                    if self.gone(self.fe_id):
-                        raise socket.timeout(f"frontend {self.fe_id} stopped beating while we waited") from None
+                    waited = self._one_more_slice(waited, "waited")
         finally:
             self.sock.settimeout(UPSTREAM_TIMEOUT_S)
+
+    def _one_more_slice(self, waited: float, doing: str) -> float:
+        """A RECV_SLICE_S more spent on the frontend: the new total, or
+        socket.timeout once that is UPSTREAM_TIMEOUT_S or it stopped beating."""
+        waited += RECV_SLICE_S
+        if waited >= UPSTREAM_TIMEOUT_S:
+            raise socket.timeout(f"frontend {self.fe_id} did nothing for {UPSTREAM_TIMEOUT_S:.0f}s")
+        if self.gone is not None and self.gone(self.fe_id):
+            raise socket.timeout(f"frontend {self.fe_id} stopped beating while we {doing}")
+        return waited
 
     def _sendall(self, data: bytes) -> None:
         """sendall in slices too: a frontend that froze while a request body
@@ -186,13 +192,8 @@ class Upstream(Channel):
                     continue
                 view, waited = view[n:], 0.0
                 continue
-            if events:
-                continue
-            waited += RECV_SLICE_S
-            if waited >= UPSTREAM_TIMEOUT_S:
-                raise socket.timeout(f"frontend {self.fe_id} took nothing for {UPSTREAM_TIMEOUT_S:.0f}s")
-            if self.gone is not None and self.gone(self.fe_id):
-                raise socket.timeout(f"frontend {self.fe_id} stopped beating while we sent")
+            if not events:
+                waited = self._one_more_slice(waited, "sent")
 
 
 class UpstreamPool:

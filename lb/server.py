@@ -114,19 +114,17 @@ class LoadBalancer:
             with self._lock:
                 self._noticed_stall(self.clock())
 
-    def _noticed_stall(self, now: float) -> bool:
+    def _noticed_stall(self, now: float) -> None:
         """(Under the lock.) Has the LB itself stood still (a paused VM,
         SIGSTOP) since the watcher last looked? Then the frontends' beats of
         that time wait unread in its socket, and for one heartbeat timeout
         it judges nobody by them, as just after its start. Also asked by
         requests, which may run before the watcher after a pause."""
-        stalled = now - self._ticked > STALL_S
-        if stalled:
+        if now - self._ticked > STALL_S:
             self._awake_since = now
             log.warning("the load balancer stood still for %.1fs: waiting for heartbeats before judging "
                         "frontends", now - self._ticked)
         self._ticked = now
-        return stalled
 
     # -- state -------------------------------------------------------------------------
 
