@@ -75,9 +75,9 @@ def status_of(code: int, text: str) -> str:
     return m.group(1) if m else f"{code // 100}.0.0"
 
 
-
 class LeaseLost(Exception):
     """The queue item's lease ran out and another worker took it."""
+
 
 class RelayWorker:
     """Takes due items from the queue and delivers them; `run(stop)` loops until `stop` is set."""

@@ -58,6 +58,7 @@ def _for_the_eye(text: str) -> str:
     spaces and joiners), which show as nothing."""
     return "".join(ch for ch in unicodedata.normalize("NFKC", text) if unicodedata.category(ch) != "Cf")
 
+
 class MailDelivery:
     """The SMTP handler: AUTH against Accounts, RCPT policy, storage into the MailStore."""
 
