@@ -337,11 +337,14 @@ class MailApp:
         # be ticked: it was refused only after Send (UX QA). Its size is known
         # here; mail.js adds the ticked ones' sizes to the chosen files'.
         limit = self.cfg.mail.max_message_bytes
-        items = Markup("".join(render(DRIVE_ITEM, ref=ref, path=path, size=human_size(size), bytes=size,
-                                      checked="checked" if ref in chosen and mail_size(size) <= limit else "",
-                                      disabled="disabled" if mail_size(size) > limit else "",
-                                      note=" \u00b7 too large for mail" if mail_size(size) > limit else "")
-                               for ref, path, size in files))
+
+        def item(ref: str, path: str, size: int) -> Markup:
+            too_large = mail_size(size) > limit
+            return render(DRIVE_ITEM, ref=ref, path=path, size=human_size(size), bytes=size,
+                          checked="checked" if ref in chosen and not too_large else "",
+                          disabled="disabled" if too_large else "",
+                          note=" \u00b7 too large for mail" if too_large else "")
+        items = Markup("".join(item(*f) for f in files))
         return render(DRIVE_BLOCK, items=items, open="open" if chosen else "")
 
     def send(self, req) -> Response:
